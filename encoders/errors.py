@@ -1,0 +1,47 @@
+"""The encoders' exception tree.
+
+Every failure the node must turn into a rejection carries its DESIGN §3
+reason code as ``reason``, so the node maps errors to codes in one place
+without string matching, and third-party decoder errors are translated here,
+once, at the edge of each decoder.
+"""
+
+from __future__ import annotations
+
+
+class EncoderError(Exception):
+    """Root of every error raised by the encoders package."""
+
+    reason: str = "undecodable"
+
+
+class UndecodableError(EncoderError):
+    """The bytes are not a valid instance of their declared media type."""
+
+    reason = "undecodable"
+
+
+class MediaTooLargeError(EncoderError):
+    """The media exceeds a configured limit, detected before full decoding."""
+
+    reason = "too_large"
+
+
+class WeightsError(EncoderError):
+    """A weight file or manifest is missing, malformed or not the pinned one.
+
+    A node must refuse to start on this error: encoding with other weights
+    than the committee's would make its embeddings disagree with its peers'.
+    """
+
+    reason = "weights"
+
+
+class EncodingFailedError(EncoderError):
+    """Every encoder of the shard produced a non-finite embedding or loss.
+
+    Reported as ``undecodable`` because the item, not the node, is what
+    cannot be embedded; it is never expected with sane weights.
+    """
+
+    reason = "undecodable"

@@ -1,0 +1,64 @@
+"""PNG and JPEG decoding with the pixel limit checked before any pixel is read."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+import numpy.typing as npt
+from PIL import Image
+
+from encoders.errors import EncoderError, MediaTooLargeError, UndecodableError
+
+_SIGNATURES = {"image/png": b"\x89PNG\r\n\x1a\n", "image/jpeg": b"\xff\xd8\xff"}
+_FORMATS = {"image/png": "PNG", "image/jpeg": "JPEG"}
+_WIDE_MODES = {"I;16": 65535.0, "I;16L": 65535.0, "I;16B": 65535.0, "I": 65535.0, "F": 1.0}
+
+
+def decode_image(
+    mime: str, data: bytes, max_bytes: int, max_pixels: int, size: int
+) -> npt.NDArray[np.float32]:
+    """Decode to float32 ``[3, size, size]`` in [-1, 1], whole image resized.
+
+    Pillow's ``open`` reads only the header, so the pixel limit is enforced
+    before decoding; Pillow's own decompression-bomb guard is mapped to
+    ``too_large`` as well.
+    """
+    if len(data) > max_bytes:
+        raise MediaTooLargeError(f"image is {len(data)} bytes, limit {max_bytes}")
+    if not data.startswith(_SIGNATURES[mime]):
+        raise UndecodableError(f"bytes do not start with the {mime} signature")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=[_FORMATS[mime]])
+            width, height = image.size
+            if width * height > max_pixels:
+                raise MediaTooLargeError(
+                    f"image is {width}x{height} pixels, limit {max_pixels} pixels"
+                )
+            if width == 0 or height == 0:
+                raise UndecodableError(f"image has an empty size {width}x{height}")
+            if mime == "image/jpeg":
+                image.draft("RGB", (size, size))
+            image.load()
+            rgb = _to_rgb(image)
+            resized = rgb.resize((size, size), Image.Resampling.BILINEAR)
+    except Image.DecompressionBombError as exc:
+        raise MediaTooLargeError(f"image rejected as a decompression bomb: {exc}") from exc
+    except EncoderError:
+        raise
+    except Exception as exc:
+        raise UndecodableError(f"cannot decode {mime}: {exc}") from exc
+    pixels = np.asarray(resized, dtype=np.float32) / 127.5 - 1.0
+    return np.ascontiguousarray(pixels.transpose(2, 0, 1))
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Bring any mode to 8-bit RGB; Pillow clips 16-bit grey instead of scaling it."""
+    if image.mode in _WIDE_MODES:
+        grey = np.asarray(image, dtype=np.float64) / _WIDE_MODES[image.mode]
+        grey8 = np.clip(np.rint(grey * 255.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey8).convert("RGB")
+    return image.convert("RGB")

@@ -1,0 +1,135 @@
+"""The project's ImageBind-shaped encoder: one ``nn.Module`` for four modalities.
+
+Image, video and audio each have their own patch stem, learned positional
+embeddings, CLS token, transformer trunk and head into the shared space D.
+Text uses the frozen pretrained MiniLM (``text_backbone``) and a trainable
+head; the backbone is held by the shard, not by this module, because it is
+shared by every encoder of a shard and pinned by hash rather than stored in
+our weight files. Every output is L2-normalised.
+
+Encoding takes a keep-mask per variant of each item so the differential loss
+can evaluate ``E(x)``, ``E(x|m)`` and ``E(x|¬m)`` in one forward pass: masked
+tokens are hidden from attention, which for CLS pooling is the same as
+dropping them from the sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import cast
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from encoders.modality import Modality
+from encoders.patches import PATCH, TUBELET
+
+TEXT_FEATURES = 384
+"""Width of the MiniLM sentence embedding the text head reads."""
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """Architecture hyperparameters; stored per encoder in the manifest."""
+
+    dim: int
+    width: int
+    depth: int
+    heads: int
+    mlp_ratio: int
+    image_tokens: int
+    video_tokens: int
+    audio_tokens: int
+
+    def tokens(self, modality: Modality) -> int:
+        return {
+            Modality.IMAGE: self.image_tokens,
+            Modality.VIDEO: self.video_tokens,
+            Modality.AUDIO: self.audio_tokens,
+        }[modality]
+
+
+PATCH_FEATURES = {
+    Modality.IMAGE: 3 * PATCH * PATCH,
+    Modality.VIDEO: TUBELET * 3 * PATCH * PATCH,
+    Modality.AUDIO: PATCH * PATCH,
+}
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block whose attention ignores masked-out keys."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.norm2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(
+            nn.Linear(width, mlp_ratio * width), nn.GELU(), nn.Linear(mlp_ratio * width, width)
+        )
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        b, n, w = x.shape
+        qkv = self.qkv(self.norm1(x)).reshape(b, n, 3, self.heads, w // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :])
+        x = x + self.proj(attended.transpose(1, 2).reshape(b, n, w))
+        out: torch.Tensor = x + self.mlp(self.norm2(x))
+        return out
+
+
+class PatchTower(nn.Module):
+    """Stem, positional embedding, CLS token, trunk and head for one modality."""
+
+    def __init__(self, config: EncoderConfig, patch_features: int, n_tokens: int) -> None:
+        super().__init__()
+        self.stem = nn.Linear(patch_features, config.width)
+        self.cls = nn.Parameter(torch.randn(1, 1, config.width) * 0.02)
+        self.position = nn.Parameter(torch.randn(1, n_tokens + 1, config.width) * 0.02)
+        self.blocks = nn.ModuleList(
+            Block(config.width, config.heads, config.mlp_ratio) for _ in range(config.depth)
+        )
+        self.norm = nn.LayerNorm(config.width)
+        self.head = nn.Linear(config.width, config.dim)
+
+    def forward(self, patches: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """``patches [B, N, P]`` and ``keep [B, V, N]`` → unit embeddings ``[B, V, D]``."""
+        b, v, n = keep.shape
+        tokens = self.stem(patches) + self.position[:, 1:]
+        tokens = tokens.unsqueeze(1).expand(b, v, n, -1).reshape(b * v, n, -1)
+        cls = (self.cls + self.position[:, :1]).expand(b * v, 1, -1)
+        x = torch.cat([cls, tokens], dim=1)
+        mask = torch.cat([keep.new_ones(b * v, 1), keep.reshape(b * v, n)], dim=1)
+        for block in self.blocks:
+            x = block(x, mask)
+        out = self.head(self.norm(x[:, 0]))
+        return F.normalize(out, dim=-1).reshape(b, v, -1)
+
+
+class MultimodalEncoder(nn.Module):
+    """One encoder of a shard: maps any modality's tokens to the shared space."""
+
+    def __init__(self, config: EncoderConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.towers = nn.ModuleDict(
+            {
+                str(m): PatchTower(config, PATCH_FEATURES[m], config.tokens(m))
+                for m in (Modality.IMAGE, Modality.VIDEO, Modality.AUDIO)
+            }
+        )
+        self.text_head = nn.Linear(TEXT_FEATURES, config.dim)
+
+    def encode_patches(
+        self, modality: Modality, patches: torch.Tensor, keep: torch.Tensor
+    ) -> torch.Tensor:
+        """Image, video or audio tokens ``[B, N, P]`` with ``keep [B, V, N]`` → ``[B, V, D]``."""
+        tower = cast(PatchTower, self.towers[str(modality)])
+        return tower.forward(patches, keep)
+
+    def encode_text(self, sentence_features: torch.Tensor) -> torch.Tensor:
+        """Pooled MiniLM features ``[B, V, 384]`` (one per keep variant) → ``[B, V, D]``."""
+        return F.normalize(self.text_head(sentence_features), dim=-1)

@@ -1,0 +1,32 @@
+"""Tokenizing decoded arrays into patch sequences (DESIGN §4).
+
+Images become 16x16 patches, video 16x16x2 tubelets, audio 16x16 patches of
+its log-mel spectrogram; each token is the flattened pixels of its patch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+PATCH = 16
+TUBELET = 2
+
+
+def image_patches(images: torch.Tensor) -> torch.Tensor:
+    """``[B, 3, S, S]`` → ``[B, (S/16)², 3·16·16]``, row-major over the grid."""
+    b, c, h, w = images.shape
+    grid = images.reshape(b, c, h // PATCH, PATCH, w // PATCH, PATCH)
+    return grid.permute(0, 2, 4, 1, 3, 5).reshape(b, (h // PATCH) * (w // PATCH), -1)
+
+
+def video_tubelets(clips: torch.Tensor) -> torch.Tensor:
+    """``[B, F, 3, S, S]`` → ``[B, (F/2)·(S/16)², 2·3·16·16]``, time-major."""
+    b, f, c, h, w = clips.shape
+    grid = clips.reshape(b, f // TUBELET, TUBELET, c, h // PATCH, PATCH, w // PATCH, PATCH)
+    tokens = (f // TUBELET) * (h // PATCH) * (w // PATCH)
+    return grid.permute(0, 1, 4, 6, 2, 3, 5, 7).reshape(b, tokens, -1)
+
+
+def audio_patches(spectrograms: torch.Tensor) -> torch.Tensor:
+    """``[B, M, T]`` log-mel → ``[B, (M/16)·(T/16), 16·16]``."""
+    return image_patches(spectrograms.unsqueeze(1))

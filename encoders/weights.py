@@ -1,0 +1,212 @@
+"""Weight files and their manifest: creation, hashing and verification.
+
+A manifest pins every file a shard needs by SHA-256 (our encoder files and
+the pretrained MiniLM), and carries the preprocessing and the per-pair
+distance bounds δ, so that one manifest hash identifies everything that
+determines an embedding. Tensors are stored with safetensors only: a pickle
+would let a weight file run code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from encoders.errors import WeightsError
+from encoders.media import PreprocessSpec
+from encoders.modality import Modality
+from encoders.model import EncoderConfig, MultimodalEncoder
+from encoders.patches import PATCH, TUBELET
+from encoders.text_backbone import BACKBONE_FILE, BACKBONE_PACKAGE, backbone_dir
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+DEFAULT_PREPROCESS = PreprocessSpec(
+    image_size=64,
+    video_frames=8,
+    video_size=64,
+    audio_sample_rate=16_000,
+    n_mels=64,
+    audio_frames=256,
+    text_max_tokens=64,
+)
+UNCALIBRATED_NOTE = (
+    "Untrained weights: random initialisation from the listed seeds, stored as float16. "
+    "pair_delta cannot be calibrated on untrained encoders, so every pair uses 1.0 "
+    "(cosine distance above 1.0, i.e. a negative cosine, disqualifies a pair); "
+    "calibration on held-out matched and mismatched pairs replaces it once trained."
+)
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def pair_key(a: Modality, b: Modality) -> str:
+    """Manifest key of a modality pair: the two names sorted and joined by ``-``."""
+    return "-".join(sorted((str(a), str(b))))
+
+
+def config_for(spec: PreprocessSpec, dim: int, width: int, depth: int, heads: int) -> EncoderConfig:
+    """Architecture whose token counts match the preprocessing."""
+    image = (spec.image_size // PATCH) ** 2
+    video = (spec.video_frames // TUBELET) * (spec.video_size // PATCH) ** 2
+    audio = (spec.n_mels // PATCH) * (spec.audio_frames // PATCH)
+    return EncoderConfig(
+        dim=dim,
+        width=width,
+        depth=depth,
+        heads=heads,
+        mlp_ratio=4,
+        image_tokens=image,
+        video_tokens=video,
+        audio_tokens=audio,
+    )
+
+
+def create_untrained_shard(
+    out_dir: Path,
+    seeds: Sequence[int] = (0, 1),
+    dim: int = 256,
+    *,
+    spec: PreprocessSpec = DEFAULT_PREPROCESS,
+    width: int = 128,
+    depth: int = 2,
+    heads: int = 4,
+) -> Path:
+    """Write randomly initialised encoders and their manifest; return the manifest path.
+
+    The same seeds give byte-identical files on every machine (the global
+    torch RNG is forked, so callers' random state is left alone).
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = config_for(spec, dim, width, depth, heads)
+    encoders: list[dict[str, Any]] = []
+    files: list[dict[str, str]] = []
+    for index, seed in enumerate(seeds):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = MultimodalEncoder(config)
+        name = f"encoder-{index}.safetensors"
+        tensors = {
+            k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()
+        }
+        save_file(tensors, str(out_dir / name), metadata={"format": "pt"})
+        files.append({"path": name, "sha256": sha256_file(out_dir / name)})
+        encoders.append({"file": name, "seed": seed, "config": dataclasses.asdict(config)})
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "dim": dim,
+        "preprocess": dataclasses.asdict(spec),
+        "encoders": encoders,
+        "text_backbone": {
+            "package": BACKBONE_PACKAGE,
+            "file": BACKBONE_FILE,
+            "sha256": sha256_file(backbone_dir() / BACKBONE_FILE),
+        },
+        "files": files,
+        "trained": False,
+        "pair_delta": {pair_key(a, b): 1.0 for a, b in itertools.combinations(list(Modality), 2)},
+        "notes": UNCALIBRATED_NOTE,
+    }
+    path = out_dir / MANIFEST_NAME
+    path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return path
+
+
+@dataclass(frozen=True)
+class EncoderEntry:
+    """One encoder of the manifest: its verified file and architecture."""
+
+    path: Path
+    config: EncoderConfig
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A manifest whose files have all been checked against their hashes."""
+
+    sha256: str
+    dim: int
+    preprocess: PreprocessSpec
+    encoders: tuple[EncoderEntry, ...]
+    backbone_dir: Path
+    pair_delta: dict[frozenset[Modality], float]
+    trained: bool
+
+
+def verify_file(path: Path, expected: str) -> None:
+    """Raise ``WeightsError`` naming the file and both hashes unless they match."""
+    if not path.is_file():
+        raise WeightsError(f"weight file {path} is missing (expected sha256 {expected})")
+    actual = sha256_file(path)
+    if actual != expected.lower():
+        raise WeightsError(f"weight file {path} has sha256 {actual}, expected {expected}")
+
+
+def read_manifest(manifest_path: Path, manifest_sha256: str) -> Manifest:
+    """Verify the manifest and every file it names, then parse it."""
+    verify_file(manifest_path, manifest_sha256)
+    try:
+        raw = json.loads(manifest_path.read_text(encoding="utf-8"))
+        return _parse(raw, manifest_path, manifest_sha256.lower())
+    except WeightsError:
+        raise
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise WeightsError(f"manifest {manifest_path} is malformed: {exc!r}") from exc
+
+
+def _parse(raw: dict[str, Any], manifest_path: Path, sha: str) -> Manifest:
+    if raw["format_version"] != FORMAT_VERSION:
+        raise WeightsError(
+            f"manifest {manifest_path} has format {raw['format_version']}, "
+            f"this node reads {FORMAT_VERSION}"
+        )
+    base = manifest_path.parent
+    hashes = {entry["path"]: entry["sha256"] for entry in raw["files"]}
+    for relative, expected in hashes.items():
+        target = (base / relative).resolve()
+        if base.resolve() not in target.parents:
+            raise WeightsError(f"manifest {manifest_path} names {relative} outside its folder")
+        verify_file(target, expected)
+    backbone = raw["text_backbone"]
+    if backbone["package"] != BACKBONE_PACKAGE:
+        raise WeightsError(f"manifest {manifest_path} wants text backbone {backbone['package']}")
+    verify_file(backbone_dir() / backbone["file"], backbone["sha256"])
+    dim = int(raw["dim"])
+    entries = []
+    for encoder in raw["encoders"]:
+        if encoder["file"] not in hashes:
+            raise WeightsError(f"manifest {manifest_path} does not pin {encoder['file']}")
+        config = EncoderConfig(**encoder["config"])
+        if config.dim != dim:
+            raise WeightsError(f"{encoder['file']} has dim {config.dim}, manifest says {dim}")
+        entries.append(EncoderEntry(base / encoder["file"], config))
+    if not entries:
+        raise WeightsError(f"manifest {manifest_path} lists no encoder")
+    pair_delta = {}
+    for a, b in itertools.combinations(list(Modality), 2):
+        pair_delta[frozenset((a, b))] = float(raw["pair_delta"][pair_key(a, b)])
+    return Manifest(
+        sha256=sha,
+        dim=dim,
+        preprocess=PreprocessSpec(**raw["preprocess"]),
+        encoders=tuple(entries),
+        backbone_dir=backbone_dir(),
+        pair_delta=pair_delta,
+        trained=bool(raw["trained"]),
+    )

@@ -1,0 +1,189 @@
+"""The MQTT bus: one persistent session, QoS 1, reconnection with backoff.
+
+Incoming messages are acknowledged (PUBACK) only after the handler returns,
+that is after the submission is durably stored: paho's manual acknowledgement
+is switched on, so a crash between delivery and storage leaves the message
+with the broker, which delivers it again to the persistent session. The
+broker's in-flight window bounds how many unacknowledged messages reach the
+node, which is the back-pressure on the bus.
+
+Outgoing messages come from the store's outbox; :class:`OutboxPublisher`
+publishes them with a bounded window of concurrent QoS 1 publishes and
+deletes each only after its PUBACK.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+import aiomqtt
+from paho.mqtt.client import MQTT_CLEAN_START_FIRST_ONLY
+
+from node.config import BusSection
+from node.metrics import Metrics
+
+log = logging.getLogger("poc.bus")
+
+MessageHandler = Callable[[str, bytes], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class Topics:
+    """The topics of DESIGN.md §3 under a prefix."""
+
+    prefix: str
+
+    @property
+    def submissions(self) -> str:
+        return f"{self.prefix}/submissions"
+
+    def results(self, submitter: bytes) -> str:
+        return f"{self.prefix}/results/{submitter.hex()}"
+
+    def round(self, number: int) -> str:
+        return f"{self.prefix}/rounds/{number}"
+
+
+class Bus:
+    """A reconnecting aiomqtt client whose session survives restarts."""
+
+    def __init__(self, settings: BusSection, client_id: str, metrics: Metrics) -> None:
+        self._settings = settings
+        self._client_id = client_id
+        self._metrics = metrics
+        self._client: aiomqtt.Client | None = None
+        self.connected = asyncio.Event()
+        self._connections = 0
+
+    def _make_client(self) -> aiomqtt.Client:
+        client = aiomqtt.Client(
+            hostname=self._settings.host,
+            port=self._settings.port,
+            identifier=self._client_id,
+            username=self._settings.username,
+            password=self._settings.password,
+            clean_session=False,
+            clean_start=MQTT_CLEAN_START_FIRST_ONLY,
+            keepalive=self._settings.keepalive_s,
+            timeout=self._settings.connect_timeout_s,
+            max_inflight_messages=self._settings.max_inflight,
+            max_queued_outgoing_messages=0,
+        )
+        client.pending_calls_threshold = self._settings.publish_window + 16
+        # aiomqtt exposes no switch for manual PUBACK; paho's client under it has one.
+        client._client.manual_ack_set(True)
+        return client
+
+    async def run(self, subscriptions: Sequence[str], handler: MessageHandler) -> None:
+        """Stay connected, subscribed, and feed every message to ``handler``, in order."""
+        delay = self._settings.reconnect_min_s
+        while True:
+            try:
+                async with self._make_client() as client:
+                    self._client = client
+                    self._connections += 1
+                    if self._connections > 1:
+                        self._metrics.bus_reconnects.inc()
+                    for topic in subscriptions:
+                        await client.subscribe(topic, qos=1)
+                    self.connected.set()
+                    self._metrics.bus_connected.set(1)
+                    log.info(
+                        "event=bus_connected host=%s port=%d client_id=%s",
+                        self._settings.host,
+                        self._settings.port,
+                        self._client_id,
+                    )
+                    delay = self._settings.reconnect_min_s
+                    async for message in client.messages:
+                        payload = message.payload
+                        if not isinstance(payload, bytes | bytearray):
+                            payload = b"" if payload is None else str(payload).encode()
+                        await handler(str(message.topic), bytes(payload))
+                        if message.qos > 0:
+                            client._client.ack(message.mid, message.qos)
+            except aiomqtt.MqttError as error:
+                log.warning("event=bus_disconnected error=%r retry_in_s=%.1f", str(error), delay)
+            finally:
+                self._client = None
+                self.connected.clear()
+                self._metrics.bus_connected.set(0)
+            await asyncio.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, self._settings.reconnect_max_s)
+
+    async def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+        """Publish with QoS 1 and wait for the PUBACK; raises MqttError when disconnected."""
+        client = self._client
+        if client is None:
+            raise aiomqtt.MqttError("not connected")
+        await client.publish(
+            topic, payload, qos=1, retain=retain, timeout=self._settings.connect_timeout_s
+        )
+
+
+class OutboxPublisher:
+    """Drains the store's outbox onto the bus, at least once, in order of production."""
+
+    def __init__(
+        self,
+        bus: Bus,
+        fetch: Callable[[int, int], Awaitable[list[tuple[int, str, bytes, bool]]]],
+        done: Callable[[list[int]], Awaitable[None]],
+        window: int,
+        metrics: Metrics,
+    ) -> None:
+        self._bus = bus
+        self._fetch = fetch
+        self._done = done
+        self._window = window
+        self._metrics = metrics
+        self._wakeup = asyncio.Event()
+
+    def notify(self) -> None:
+        """New entries were committed to the outbox."""
+        self._wakeup.set()
+
+    async def run(self) -> None:
+        while True:
+            await self._bus.connected.wait()
+            self._wakeup.clear()
+            batch = await self._fetch(0, self._window)
+            if not batch:
+                try:
+                    async with asyncio.timeout(1.0):
+                        await self._wakeup.wait()
+                except TimeoutError:
+                    pass
+                continue
+            results = await asyncio.gather(
+                *(
+                    self._bus.publish(topic, payload, retain=retain)
+                    for _, topic, payload, retain in batch
+                ),
+                return_exceptions=True,
+            )
+            sent = [
+                entry[0]
+                for entry, outcome in zip(batch, results, strict=True)
+                if not isinstance(outcome, BaseException)
+            ]
+            if sent:
+                await self._done(sent)
+                self._metrics.published.inc(len(sent))
+            failures = [outcome for outcome in results if isinstance(outcome, BaseException)]
+            if failures:
+                if any(
+                    not isinstance(failure, aiomqtt.MqttError | TimeoutError)
+                    for failure in failures
+                ):
+                    raise next(
+                        f for f in failures if not isinstance(f, aiomqtt.MqttError | TimeoutError)
+                    )
+                log.warning(
+                    "event=publish_failed count=%d error=%r", len(failures), str(failures[0])
+                )
+                await asyncio.sleep(0.2)

@@ -1,0 +1,197 @@
+"""``poc-node``: the one command-line entry point.
+
+Every subcommand has ``--help``; bad usage exits 2 with a one-line error, an
+operational error (bad config, bad key, weights refused) exits 1 with one
+line naming the problem.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from node.errors import NodeError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with bad usage reported on one line."""
+
+    def error(self, message: str) -> Any:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="poc-node",
+        description="Proof of Curiosity validator node.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    keygen = commands.add_parser("keygen", help="create an Ed25519 key file (mode 0600)")
+    keygen.add_argument("--out", type=Path, required=True, help="where to write the key")
+
+    run = commands.add_parser("run", help="run the validator daemon")
+    run.add_argument("--config", type=Path, help="YAML file overriding config/default.yaml")
+    run.add_argument("--bus", help="mqtt://HOST:PORT (external) or embedded://HOST:PORT")
+    run.add_argument("--data-dir", type=Path, help="store and key directory")
+    run.add_argument("--metrics-port", type=int, help="port of /metrics, /healthz, /readyz")
+    run.add_argument("--key", type=Path, help="validator key file")
+    run.add_argument("--round-seconds", type=int, help="length of a round")
+
+    submit = commands.add_parser(
+        "submit", help="sign and publish a submission, then wait for its final result"
+    )
+    submit.add_argument("--key", type=Path, required=True, help="submitter key file")
+    submit.add_argument(
+        "--bus", default="mqtt://127.0.0.1:1883", help="broker URL (default mqtt://127.0.0.1:1883)"
+    )
+    submit.add_argument("--topic-prefix", default="poc/v1", help="topic prefix (default poc/v1)")
+    submit.add_argument(
+        "--timeout",
+        type=float,
+        default=120.0,
+        help="seconds to wait for the final result (default 120)",
+    )
+    submit.add_argument("--json", action="store_true", help="print results as JSON lines")
+    submit.add_argument(
+        "items",
+        nargs="+",
+        metavar="ITEM",
+        help='text:"..." or a PNG/JPEG/WAV/MP4/UTF-8 file (one or two)',
+    )
+
+    weights = commands.add_parser(
+        "init-weights", help="write seeded, untrained encoder weights and their manifest"
+    )
+    weights.add_argument("--out", type=Path, required=True, help="directory for the files")
+    weights.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[0, 1],
+        help="one seed per encoder of the shard (default 0 1)",
+    )
+
+    ledger = commands.add_parser("ledger", help="print submitters' balances from a store")
+    ledger.add_argument("--data-dir", type=Path, required=True)
+    ledger.add_argument("--submitter", help="one submitter's key, 64 hex characters")
+    ledger.add_argument("--json", action="store_true", help="print JSON")
+    return parser
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    from node.keys import SigningKey, write_key
+
+    key = SigningKey.generate()
+    write_key(key, args.out)
+    print(key.public_hex)
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from node.config import load_config
+    from node.daemon import Node
+
+    overrides: dict[str, Any] = {}
+    if args.bus is not None:
+        overrides["bus.url"] = args.bus
+    if args.data_dir is not None:
+        overrides["node.data_dir"] = str(args.data_dir)
+    if args.metrics_port is not None:
+        overrides["http.port"] = args.metrics_port
+    if args.key is not None:
+        overrides["node.key"] = str(args.key)
+    if args.round_seconds is not None:
+        overrides["rounds.round_seconds"] = args.round_seconds
+    config = load_config(args.config, overrides)
+    _configure_logging(config.node.log_level)
+
+    async def main() -> None:
+        await Node(config).run()
+
+    asyncio.run(main())
+    return 0
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from node.submitter import parse_item, run_submit
+
+    items = [parse_item(text) for text in args.items]
+    return asyncio.run(
+        run_submit(args.key, args.bus, args.topic_prefix, items, args.timeout, as_json=args.json)
+    )
+
+
+def _init_weights(args: argparse.Namespace) -> int:
+    from encoders.weights import create_untrained_shard, sha256_file
+
+    manifest = create_untrained_shard(args.out, seeds=tuple(args.seeds))
+    print(f"{manifest}\nmanifest_sha256: {sha256_file(manifest)}")
+    return 0
+
+
+def _ledger(args: argparse.Namespace) -> int:
+    from node.store import Store
+
+    path = args.data_dir / "node.sqlite3"
+    if not path.exists():
+        raise NodeError(f"no store at {path}")
+    submitter = None
+    if args.submitter is not None:
+        try:
+            submitter = bytes.fromhex(args.submitter)
+        except ValueError:
+            raise NodeError("--submitter must be 64 hex characters") from None
+        if len(submitter) != 32:
+            raise NodeError("--submitter must be 64 hex characters")
+    store = Store(path)
+    try:
+        balances = store.balances(submitter)
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps({key.hex(): amount for key, amount in balances.items()}, indent=2))
+    else:
+        for key, amount in balances.items():
+            print(f"{key.hex()}  {amount}")
+        if not balances:
+            print("no ledger entries")
+    return 0
+
+
+_COMMANDS = {
+    "keygen": _keygen,
+    "run": _run,
+    "submit": _submit,
+    "init-weights": _init_weights,
+    "ledger": _ledger,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    try:
+        return _COMMANDS[args.command](args)
+    except NodeError as error:
+        print(f"poc-node {args.command}: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,231 @@
+"""The node's configuration: one frozen, typed tree, validated in full at load.
+
+``config/default.yaml`` holds every key with its default and a comment; an
+operator's file overrides any subset of it, and command-line flags override
+both. Every invalid key is reported at once, each with its dotted path.
+Relative weight paths are resolved against the directory of the file that
+names them; ``node.data_dir`` and ``node.key`` against the working directory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from node.errors import ConfigError
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "config" / "default.yaml"
+
+_FILE_RELATIVE_PATHS = (("encoders", "manifest"),)
+
+PositiveInt = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class NodeSection(_Section):
+    data_dir: Path
+    key: Path | None = None
+    log_level: str = "INFO"
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        if value.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+            raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR")
+        return value.upper()
+
+
+class BusSection(_Section):
+    url: str
+    topic_prefix: str
+    client_id: str | None = None
+    username: str | None = None
+    password: str | None = None
+    keepalive_s: PositiveInt
+    connect_timeout_s: PositiveFloat
+    reconnect_min_s: PositiveFloat
+    reconnect_max_s: PositiveFloat
+    publish_window: PositiveInt
+    max_inflight: PositiveInt
+
+    @field_validator("url")
+    @classmethod
+    def _known_scheme(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in {"mqtt", "embedded"}:
+            raise ValueError("must be mqtt://HOST:PORT or embedded://HOST:PORT")
+        if not parts.hostname:
+            raise ValueError("names no host")
+        try:
+            parts.port  # noqa: B018 - parsing raises on a bad port
+        except ValueError as error:
+            raise ValueError(f"bad port: {error}") from None
+        return value
+
+    @field_validator("topic_prefix")
+    @classmethod
+    def _plain_prefix(cls, value: str) -> str:
+        if not value or any(char in value for char in "#+") or value.endswith("/"):
+            raise ValueError("must be a non-empty topic without wildcards or a trailing /")
+        return value
+
+    @property
+    def embedded(self) -> bool:
+        return urlsplit(self.url).scheme == "embedded"
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).hostname or "127.0.0.1"
+
+    @property
+    def port(self) -> int:
+        return urlsplit(self.url).port or 1883
+
+
+class HttpSection(_Section):
+    host: str
+    port: Annotated[int, Field(ge=0, le=65535)]
+
+
+class RoundsSection(_Section):
+    genesis_ms: Annotated[int, Field(ge=0)]
+    round_seconds: PositiveInt
+    epoch_rounds: PositiveInt
+    expiry_rounds: PositiveInt
+    finality_timeout_s: PositiveFloat
+
+
+class RateLimitSection(_Section):
+    per_minute: PositiveInt
+    burst: PositiveInt
+
+
+class IntakeSection(_Section):
+    stale_window_s: PositiveInt
+    queue_size: PositiveInt
+    rate_limit: RateLimitSection
+
+
+class LimitsSection(_Section):
+    message_bytes: PositiveInt
+    text_bytes: PositiveInt
+    image_bytes: PositiveInt
+    image_pixels: PositiveInt
+    audio_seconds: PositiveFloat
+    video_seconds: PositiveFloat
+    video_frames: PositiveInt
+
+
+class DecodeSection(_Section):
+    workers: PositiveInt
+    timeout_s: PositiveFloat
+    memory_mb: PositiveInt
+
+
+class EncodersSection(_Section):
+    manifest: Path
+    manifest_sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    device: str
+    threads: Annotated[int, Field(ge=0)]
+    batch_size: PositiveInt
+    batch_wait_ms: Annotated[int, Field(ge=0)]
+    queue_size: PositiveInt
+    tau: PositiveFloat
+    mask_count: PositiveInt
+
+
+class FusionSection(_Section):
+    alpha: dict[str, Fraction]
+
+    @field_validator("alpha")
+    @classmethod
+    def _every_modality(cls, value: dict[str, float]) -> dict[str, float]:
+        expected = {"text", "image", "audio", "video"}
+        if set(value) != expected:
+            raise ValueError(f"must give exactly the modalities {sorted(expected)}")
+        return value
+
+
+class ScoringSection(_Section):
+    k: PositiveInt
+    qualify_ratio: PositiveFloat
+    pair_bonus_ppm: PositiveInt
+    emission: Annotated[int, Field(ge=0)]
+    top_k: PositiveInt
+
+
+class Config(_Section):
+    node: NodeSection
+    bus: BusSection
+    http: HttpSection
+    rounds: RoundsSection
+    intake: IntakeSection
+    limits: LimitsSection
+    decode: DecodeSection
+    encoders: EncodersSection
+    fusion: FusionSection
+    scoring: ScoringSection
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise ConfigError(f"cannot read config {path}: {error.strerror}") from None
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path} is not valid YAML: {error}") from None
+    if document is None:
+        return {}
+    if not isinstance(document, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    base = path.resolve().parent
+    for section, key in _FILE_RELATIVE_PATHS:
+        value = (
+            document.get(section, {}).get(key) if isinstance(document.get(section), dict) else None
+        )
+        if isinstance(value, str) and not Path(value).is_absolute():
+            document[section][key] = str((base / value).resolve())
+    return document
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for problem in error.errors():
+        path = ".".join(str(part) for part in problem["loc"])
+        lines.append(f"  {path}: {problem['msg']}")
+    return "invalid configuration:\n" + "\n".join(lines)
+
+
+def load_config(path: Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Defaults, then ``path``, then ``overrides`` (dotted keys), validated in full."""
+    document = _read_yaml(DEFAULT_CONFIG)
+    if path is not None:
+        document = _merge(document, _read_yaml(path))
+    for dotted, value in (overrides or {}).items():
+        section, _, key = dotted.partition(".")
+        document = _merge(document, {section: {key: value}})
+    try:
+        return Config.model_validate(document)
+    except ValidationError as error:
+        raise ConfigError(_describe(error)) from None

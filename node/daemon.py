@@ -1,0 +1,280 @@
+"""The composition root: builds every part from the config and runs them together.
+
+One ``asyncio.TaskGroup`` holds every long-lived task, each named. SIGTERM
+and SIGINT start a graceful drain: intake stops, submissions already queued
+are prepared, the outbox is flushed while the broker is reachable, and the
+process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+from prometheus_client import CollectorRegistry
+
+from consensus.committee import Committee, Member
+from encoders.errors import WeightsError
+from encoders.shard import Shard
+from node.broker import embedded_broker
+from node.bus import Bus, OutboxPublisher, Topics
+from node.chain import BeaconChain
+from node.config import Config
+from node.encoding import EncoderService
+from node.errors import NodeError
+from node.http import http_server
+from node.intake import Clock, Intake
+from node.keys import SigningKey, load_key, write_key
+from node.metrics import Metrics
+from node.records import from_float16
+from node.rounds import RoundDriver
+from node.sandbox import DecoderPool
+from node.signing import MessageSigner
+from node.store import Store
+from rewards.history import HistoryIndex
+
+log = logging.getLogger("poc.node")
+
+T = TypeVar("T")
+
+DRAIN_TIMEOUT_S = 10.0
+
+
+class StoreThread:
+    """The store, confined to one thread; coroutines await calls on it."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
+
+    async def __call__(self, call: Callable[[Store], T]) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._thread, call, self.store)
+
+    def close(self) -> None:
+        self._thread.shutdown(wait=True)
+        self.store.close()
+
+
+def validator_key(config: Config) -> SigningKey:
+    """The configured key, or ``<data_dir>/validator.key``, created on first start."""
+    path = config.node.key or config.node.data_dir / "validator.key"
+    if config.node.key is None and not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_key(SigningKey.generate(), path)
+        log.info("event=key_created path=%s", path)
+    return load_key(path)
+
+
+def committee_of_one(config: Config, key: SigningKey) -> Committee:
+    rounds = config.rounds
+    return Committee(
+        genesis_ms=rounds.genesis_ms,
+        round_seconds=rounds.round_seconds,
+        epoch_rounds=rounds.epoch_rounds,
+        members=(Member("self", key.public_key, 1),),
+    )
+
+
+def load_shard(config: Config) -> Shard:
+    encoders = config.encoders
+    try:
+        return Shard.load(
+            encoders.manifest,
+            encoders.manifest_sha256,
+            device=encoders.device,
+            tau=encoders.tau,
+            mask_count=encoders.mask_count,
+        )
+    except WeightsError as error:
+        raise NodeError(f"encoder weights refused: {error}") from None
+
+
+class Node:
+    """A running validator."""
+
+    def __init__(self, config: Config, registry: CollectorRegistry | None = None) -> None:
+        self.config = config
+        self.metrics = Metrics(registry or CollectorRegistry())
+        self.key = validator_key(config)
+        self.signer = MessageSigner(self.key)
+        self.committee = committee_of_one(config, self.key)
+        self.topics = Topics(config.bus.topic_prefix)
+        self.http_port: int | None = None
+        self._stopping = asyncio.Event()
+        self._encoders_loaded = False
+
+    def ready(self) -> dict[str, bool]:
+        bus = getattr(self, "bus", None)
+        return {
+            "encoders_loaded": self._encoders_loaded,
+            "bus_connected": bus is not None and bus.connected.is_set(),
+        }
+
+    def stop(self) -> None:
+        """Begin a graceful drain (what SIGTERM does)."""
+        self._stopping.set()
+
+    async def run(self, install_signals: bool = True) -> None:
+        config = self.config
+        if install_signals:
+            loop = asyncio.get_running_loop()
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(signum, self.stop)
+        log.info(
+            "event=starting validator=%s committee=%s data_dir=%s",
+            self.key.public_hex,
+            self.committee.digest().hex()[:16],
+            config.node.data_dir,
+        )
+        async with AsyncExitStack() as stack:
+            self.http_port = await stack.enter_async_context(
+                http_server(config.http.host, config.http.port, self.metrics, self.ready)
+            )
+            store = StoreThread(Store(Path(config.node.data_dir) / "node.sqlite3"))
+            stack.callback(store.close)
+
+            if config.encoders.threads:
+                import torch
+
+                torch.set_num_threads(config.encoders.threads)
+            shard = await asyncio.to_thread(load_shard, config)
+            self._encoders_loaded = True
+            history = HistoryIndex(shard.dim)
+            vectors = await store(lambda s: s.history_vectors())
+            if vectors:
+                history.add(np.stack([from_float16(v) for v in vectors]))
+            self.metrics.history_size.set(len(history))
+            log.info(
+                "event=encoders_loaded weights=%s dim=%d history=%d",
+                shard.weights_id[:16],
+                shard.dim,
+                len(history),
+            )
+
+            if config.bus.embedded:
+                await stack.enter_async_context(embedded_broker(config.bus.host, config.bus.port))
+            decoders = DecoderPool(
+                config.decode.workers, config.decode.timeout_s, config.decode.memory_mb
+            )
+            stack.callback(decoders.close)
+            encoder = EncoderService(
+                shard,
+                config.encoders.batch_size,
+                config.encoders.batch_wait_ms,
+                config.encoders.queue_size,
+                self.metrics,
+            )
+            stack.callback(encoder.close)
+            client_id = config.bus.client_id or f"poc-node-{self.key.public_hex[:16]}"
+            self.bus = Bus(config.bus, client_id, self.metrics)
+
+            async def fetch(after: int, limit: int) -> list[tuple[int, str, bytes, bool]]:
+                entries = await store(lambda s: s.outbox(after, limit))
+                self.metrics.queue_depth.labels(queue="outbox").set(len(entries))
+                return [(e.seq, e.topic, e.payload, e.retain) for e in entries]
+
+            async def done(seqs: list[int]) -> None:
+                await store(lambda s: s.published(seqs))
+
+            publisher = OutboxPublisher(
+                self.bus, fetch, done, config.bus.publish_window, self.metrics
+            )
+            chain = BeaconChain(self.committee)
+            clock = Clock()
+            intake = Intake(
+                config,
+                self.signer,
+                store,
+                decoders,
+                encoder,
+                chain,
+                self.committee,
+                self.metrics,
+                self.topics,
+                publisher.notify,
+                clock,
+            )
+            driver = RoundDriver(
+                config,
+                self.committee,
+                self.signer,
+                store,
+                history,
+                chain,
+                self.metrics,
+                self.topics,
+                publisher.notify,
+                clock,
+            )
+            await driver.start()
+            await intake.resume()
+            await self._serve(intake, driver, encoder, publisher, store)
+        log.info("event=stopped")
+
+    async def _serve(
+        self,
+        intake: Intake,
+        driver: RoundDriver,
+        encoder: EncoderService,
+        publisher: OutboxPublisher,
+        store: StoreThread,
+    ) -> None:
+        async def on_message(topic: str, payload: bytes) -> None:
+            if topic == self.topics.submissions:
+                await intake.receive(payload)
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                bus_task = group.create_task(
+                    self.bus.run([self.topics.submissions], on_message), name="bus"
+                )
+                workers = [
+                    group.create_task(encoder.run(), name="encoder"),
+                    group.create_task(
+                        intake.run_preparers(self.config.decode.workers * 2), name="preparers"
+                    ),
+                    group.create_task(driver.run(), name="rounds"),
+                    group.create_task(publisher.run(), name="publisher"),
+                ]
+                group.create_task(
+                    self._drain_on_stop(bus_task, workers, intake, store), name="drain"
+                )
+        except* asyncio.CancelledError:
+            pass
+
+    async def _drain_on_stop(
+        self,
+        bus_task: asyncio.Task[Any],
+        workers: list[asyncio.Task[Any]],
+        intake: Intake,
+        store: StoreThread,
+    ) -> None:
+        """Stop taking messages, finish what is queued, flush Results, then stop.
+
+        Messages the bus delivers from now on are left unacknowledged, so the
+        broker keeps them for the next start of this persistent session.
+        """
+        await self._stopping.wait()
+        intake.stop_receiving()
+        log.info("event=draining queued=%d", intake.queue.qsize())
+        try:
+            async with asyncio.timeout(DRAIN_TIMEOUT_S):
+                while intake.queue.qsize() or intake.preparing:
+                    await asyncio.sleep(0.05)
+                while self.bus.connected.is_set() and await store(lambda s: s.outbox_size()):
+                    await asyncio.sleep(0.05)
+        except TimeoutError:
+            log.warning(
+                "event=drain_incomplete queued=%d (resumed at next start)", intake.queue.qsize()
+            )
+        bus_task.cancel()
+        for task in workers:
+            task.cancel()

@@ -1,0 +1,53 @@
+"""The operator's HTTP endpoints: /metrics, /healthz, /readyz (aiohttp)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from node.metrics import Metrics
+
+log = logging.getLogger("poc.http")
+
+
+@asynccontextmanager
+async def http_server(
+    host: str, port: int, metrics: Metrics, ready: Callable[[], dict[str, bool]]
+) -> AsyncIterator[int]:
+    """Serve the endpoints for the duration of the context; yields the bound port.
+
+    ``ready`` reports each readiness condition; /readyz is 200 only when all hold.
+    """
+
+    async def metrics_page(_: web.Request) -> web.Response:
+        body = generate_latest(metrics.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def healthz(_: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(_: web.Request) -> web.Response:
+        conditions = ready()
+        status = 200 if all(conditions.values()) else 503
+        return web.json_response({"ready": status == 200, **conditions}, status=status)
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics_page)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    server = site._server
+    sockets = getattr(server, "sockets", None) or []
+    bound = sockets[0].getsockname()[1] if sockets else port
+    log.info("event=http_listening host=%s port=%d", host, bound)
+    try:
+        yield int(bound)
+    finally:
+        await runner.cleanup()

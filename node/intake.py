@@ -1,0 +1,365 @@
+"""Intake and preparation: from bytes on the bus to an accepted submission.
+
+``receive`` runs for every message, in bus order, and returns only once the
+outcome is durable (the bus acknowledges the message after it): verified
+submissions are stored, refused ones are stored as rejections with their
+Result in the outbox. ``prepare`` then decodes (sandboxed), encodes
+(batched) and fuses each stored submission and marks it accepted.
+
+Check order (the first that fails names the reason): the stateless checks of
+:func:`node.wire.parse_submission`, then ``stale``, ``rate_limited``,
+``replay``, ``duplicate``; while preparing, ``too_large`` (media headers) and
+``undecodable``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from consensus.committee import Committee
+from encoders.errors import EncoderError
+from encoders.fusion import PairOutcome, fuse_pair
+from encoders.media import DecodedMedia, MediaLimits
+from encoders.modality import Modality
+from encoders.shard import EncodeRequest
+from node.bus import Topics
+from node.chain import BeaconChain
+from node.config import Config
+from node.encoding import EncoderService
+from node.errors import Reason, Rejected
+from node.metrics import Metrics
+from node.records import prepare
+from node.sandbox import DecoderPool
+from node.signing import MessageSigner
+from node.store import Admission, Outgoing, State, Store, StoredSubmission
+from node.wire import (
+    RESULT_DOMAIN,
+    Result,
+    Status,
+    Submission,
+    WireLimits,
+    parse_submission,
+    submission_id,
+)
+
+log = logging.getLogger("poc.intake")
+
+T = TypeVar("T")
+StoreCall = Callable[[Callable[[Store], T]], Awaitable[T]]
+
+
+class RateLimiter:
+    """A token bucket per submitter, remembering a bounded number of submitters."""
+
+    def __init__(self, per_minute: int, burst: int, capacity: int = 100_000) -> None:
+        self._rate = per_minute / 60.0
+        self._burst = float(burst)
+        self._capacity = capacity
+        self._buckets: OrderedDict[bytes, tuple[float, float]] = OrderedDict()
+
+    def allow(self, submitter: bytes, now_s: float) -> bool:
+        tokens, last = self._buckets.pop(submitter, (self._burst, now_s))
+        tokens = min(self._burst, tokens + (now_s - last) * self._rate)
+        allowed = tokens >= 1.0
+        self._buckets[submitter] = (tokens - 1.0 if allowed else tokens, now_s)
+        if len(self._buckets) > self._capacity:
+            self._buckets.popitem(last=False)
+        return allowed
+
+
+@dataclass(frozen=True)
+class Clock:
+    """Wall-clock milliseconds; a seam for tests."""
+
+    def now_ms(self) -> int:
+        return time.time_ns() // 1_000_000
+
+
+class Intake:
+    """Verifies, stores, prepares and answers submissions."""
+
+    def __init__(
+        self,
+        config: Config,
+        signer: MessageSigner,
+        store: StoreCall[Any],
+        decoders: DecoderPool,
+        encoder: EncoderService,
+        chain: BeaconChain,
+        committee: Committee,
+        metrics: Metrics,
+        topics: Topics,
+        on_outbox: Callable[[], None],
+        clock: Clock = Clock(),
+    ) -> None:
+        self._config = config
+        self._signer = signer
+        self._store = store
+        self._decoders = decoders
+        self._encoder = encoder
+        self._chain = chain
+        self._committee = committee
+        self._metrics = metrics
+        self._topics = topics
+        self._on_outbox = on_outbox
+        self._clock = clock
+        limits = config.limits
+        self._wire_limits = WireLimits(limits.message_bytes, limits.text_bytes, limits.image_bytes)
+        self._media_limits = MediaLimits(
+            text_bytes=limits.text_bytes,
+            image_bytes=limits.image_bytes,
+            image_pixels=limits.image_pixels,
+            audio_seconds=limits.audio_seconds,
+            video_seconds=limits.video_seconds,
+            video_frames=limits.video_frames,
+        )
+        self._rate = RateLimiter(
+            config.intake.rate_limit.per_minute, config.intake.rate_limit.burst
+        )
+        self._window_ms = config.intake.stale_window_s * 1000
+        self.queue: asyncio.Queue[StoredSubmission] = asyncio.Queue(
+            maxsize=config.intake.queue_size
+        )
+        self.preparing = 0
+        self._receiving = asyncio.Event()
+        self._receiving.set()
+
+    def stop_receiving(self) -> None:
+        """Leave new messages unhandled (and so unacknowledged) from now on."""
+        self._receiving.clear()
+
+    # -- answers --------------------------------------------------------------
+
+    def _result(self, result: Result, submitter: bytes) -> Outgoing:
+        self._metrics.results.labels(status=str(result.status)).inc()
+        payload = self._signer.signed_bytes(RESULT_DOMAIN.decode(), result.body())
+        return Outgoing(self._topics.results(submitter), payload)
+
+    async def _reject(
+        self,
+        identity: bytes,
+        submitter: bytes,
+        reason: Reason,
+        detail: str,
+        nonce: tuple[int, int] | None = None,
+        extra: Result | None = None,
+    ) -> None:
+        result = extra or Result(identity, self._signer.key.public_key, Status.REJECTED, reason)
+        outgoing = self._result(result, submitter)
+        now = self._clock.now_ms()
+        written = await self._store(
+            lambda store: store.reject(identity, submitter, reason, now, outgoing, nonce=nonce)
+        )
+        if written:
+            self._metrics.rejections.labels(reason=str(reason)).inc()
+            log.info(
+                "event=rejected submission=%s submitter=%s reason=%s detail=%r",
+                identity.hex()[:16],
+                submitter.hex()[:16],
+                reason,
+                detail,
+            )
+            self._on_outbox()
+
+    # -- receive --------------------------------------------------------------
+
+    async def receive(self, raw: bytes) -> None:
+        """Handle one message from the submissions topic; durable when it returns."""
+        await self._receiving.wait()
+        self._metrics.messages.inc()
+        started = time.perf_counter()
+        identity = submission_id(raw)
+        if await self._store(lambda store: store.knows(identity)):
+            self._metrics.redeliveries.inc()
+            return
+        try:
+            submission = await asyncio.to_thread(parse_submission, raw, self._wire_limits)
+        except Rejected as rejected:
+            if rejected.submitter is None:
+                self._metrics.unattributed.inc()
+                log.warning(
+                    "event=unattributed_message bytes=%d reason=%s detail=%r",
+                    len(raw),
+                    rejected.reason,
+                    rejected.detail,
+                )
+                return
+            await self._reject(identity, rejected.submitter, rejected.reason, rejected.detail)
+            return
+        finally:
+            self._metrics.stage_seconds.labels(stage="verify").observe(
+                time.perf_counter() - started
+            )
+        await self._admit(submission)
+
+    async def _admit(self, submission: Submission) -> None:
+        now = self._clock.now_ms()
+        identity = submission.id
+        if abs(submission.created_ms - now) > self._window_ms:
+            await self._reject(
+                identity,
+                submission.submitter,
+                Reason.STALE,
+                f"created_ms is {submission.created_ms - now} ms from now",
+            )
+            return
+        if not self._rate.allow(submission.submitter, now / 1000):
+            await self._reject(
+                identity, submission.submitter, Reason.RATE_LIMITED, "submitter exceeds its rate"
+            )
+            return
+        intake_round = max(self._committee.round_at(now), 0)
+        admission = await self._store(
+            lambda store: store.admit(
+                identity,
+                submission.submitter,
+                submission.nonce,
+                submission.created_ms,
+                [item.sha256 for item in submission.items],
+                submission.raw,
+                now,
+                intake_round,
+                self._window_ms,
+            )
+        )
+        if admission is Admission.KNOWN:
+            self._metrics.redeliveries.inc()
+        elif admission is Admission.REPLAY:
+            await self._reject(
+                identity,
+                submission.submitter,
+                Reason.REPLAY,
+                f"nonce {submission.nonce} was already used",
+            )
+        elif admission is Admission.DUPLICATE:
+            await self._reject(
+                identity,
+                submission.submitter,
+                Reason.DUPLICATE,
+                "an item's data was already submitted",
+                nonce=(submission.nonce, submission.created_ms),
+            )
+        else:
+            stored = StoredSubmission(
+                identity, submission.submitter, State.RECEIVED, submission.raw, intake_round, None
+            )
+            self._metrics.queue_depth.labels(queue="prepare").set(self.queue.qsize() + 1)
+            await self.queue.put(stored)
+
+    async def resume(self) -> None:
+        """Queue the submissions stored but not prepared before the last stop."""
+        pending = await self._store(lambda store: store.submissions_in(State.RECEIVED))
+        for stored in pending:
+            await self.queue.put(stored)
+        if pending:
+            log.info("event=resumed submissions=%d", len(pending))
+
+    # -- prepare --------------------------------------------------------------
+
+    async def run_preparers(self, concurrency: int) -> None:
+        async with asyncio.TaskGroup() as group:
+            for index in range(concurrency):
+                group.create_task(self._preparer(), name=f"preparer-{index}")
+
+    async def _preparer(self) -> None:
+        while True:
+            stored = await self.queue.get()
+            self._metrics.queue_depth.labels(queue="prepare").set(self.queue.qsize())
+            self.preparing += 1
+            try:
+                await self._prepare(stored)
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # one submission's failure never stops the node
+                log.exception("event=prepare_failed submission=%s", stored.id.hex()[:16])
+                # A check that cannot run rejects; it never passes.
+                await self._reject(
+                    stored.id,
+                    stored.submitter,
+                    Reason.UNDECODABLE,
+                    f"internal error while preparing: {type(error).__name__}",
+                )
+            finally:
+                self.preparing -= 1
+
+    async def _prepare(self, stored: StoredSubmission) -> None:
+        assert stored.raw is not None
+        submission = parse_submission(stored.raw, self._wire_limits)
+        shard = self._encoder.shard
+        intake_round = stored.intake_round or 0
+        epoch, beacon = await self._chain.epoch_beacon(self._committee.epoch_of(intake_round))
+        started = time.perf_counter()
+        try:
+            media = await asyncio.gather(
+                *(
+                    self._decoders.decode(
+                        item.modality, item.mime, item.data, self._media_limits, shard.preprocess
+                    )
+                    for item in submission.items
+                )
+            )
+        except EncoderError as error:
+            reason = (
+                Reason(error.reason)
+                if error.reason in Reason.__members__.values()
+                else Reason.UNDECODABLE
+            )
+            await self._reject(submission.id, submission.submitter, reason, str(error))
+            return
+        finally:
+            self._metrics.stage_seconds.labels(stage="decode").observe(
+                time.perf_counter() - started
+            )
+        requests = [
+            EncodeRequest(item.modality, decoded, item.sha256)
+            for item, decoded in zip(submission.items, media, strict=True)
+        ]
+        embeddings = await self._encoder.embed(requests, beacon)
+        started = time.perf_counter()
+        modalities = [item.modality for item in submission.items]
+        pair = self._fuse(modalities, embeddings) if len(modalities) == 2 else None
+        prepared = prepare(epoch, modalities, embeddings, pair)
+        self._metrics.stage_seconds.labels(stage="fuse").observe(time.perf_counter() - started)
+        result = Result(
+            submission.id,
+            self._signer.key.public_key,
+            Status.ACCEPTED,
+            None,
+            None,
+            prepared.entries(),
+            prepared.pair_distance_ppm,
+            None,
+            0,
+        )
+        outgoing = self._result(result, submission.submitter)
+        if await self._store(
+            lambda store: store.accept(submission.id, prepared.to_bytes(), outgoing)
+        ):
+            log.info(
+                "event=accepted submission=%s items=%d distance_ppm=%s",
+                submission.id.hex()[:16],
+                len(modalities),
+                prepared.pair_distance_ppm,
+            )
+            self._on_outbox()
+
+    def _fuse(self, modalities: list[Modality], embeddings: list[Any]) -> PairOutcome:
+        shard = self._encoder.shard
+        alpha = {Modality(name): value for name, value in self._config.fusion.alpha.items()}
+        return fuse_pair(
+            embeddings[0],
+            embeddings[1],
+            modalities[0],
+            modalities[1],
+            alpha,
+            shard.delta(modalities[0], modalities[1]),
+        )
+
+
+__all__ = ["Clock", "DecodedMedia", "Intake", "RateLimiter"]

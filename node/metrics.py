@@ -1,0 +1,102 @@
+"""Prometheus metrics, built on a registry the caller passes in (never the global one)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from node.errors import Reason
+
+_STAGE_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
+
+
+class Metrics:
+    """Every metric the node exports; tests read values back from ``registry``."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.messages = Counter(
+            "poc_messages_total", "Messages received on the submissions topic", registry=registry
+        )
+        self.rejections = Counter(
+            "poc_rejections_total",
+            "Submissions rejected, by reason code",
+            ["reason"],
+            registry=registry,
+        )
+        for reason in Reason:
+            self.rejections.labels(reason=str(reason))
+        self.unattributed = Counter(
+            "poc_unattributed_messages_total",
+            "Refused messages that name no submitter (logged, not answered)",
+            registry=registry,
+        )
+        self.results = Counter(
+            "poc_results_total", "Results produced, by status", ["status"], registry=registry
+        )
+        self.redeliveries = Counter(
+            "poc_redeliveries_total",
+            "Submissions received again with identical bytes",
+            registry=registry,
+        )
+        self.stage_seconds = Histogram(
+            "poc_stage_seconds",
+            "Time spent per pipeline stage",
+            ["stage"],
+            buckets=_STAGE_BUCKETS,
+            registry=registry,
+        )
+        self.queue_depth = Gauge(
+            "poc_queue_depth", "Items waiting, by queue", ["queue"], registry=registry
+        )
+        self.round = Gauge("poc_round", "The round the node's clock is in", registry=registry)
+        self.finalized_round = Gauge(
+            "poc_finalized_round", "The last finalized round", registry=registry
+        )
+        self.rounds = Counter(
+            "poc_rounds_total", "Rounds committed, by outcome", ["outcome"], registry=registry
+        )
+        self.history_size = Gauge(
+            "poc_history_size", "Embeddings in the history", registry=registry
+        )
+        self.rewards = Counter(
+            "poc_rewards_base_units_total", "Base units paid to submitters", registry=registry
+        )
+        self.bus_connected = Gauge(
+            "poc_bus_connected", "1 while connected to the MQTT broker", registry=registry
+        )
+        self.bus_reconnects = Counter(
+            "poc_bus_reconnects_total",
+            "Connections to the broker after the first",
+            registry=registry,
+        )
+        self.published = Counter(
+            "poc_published_total",
+            "Messages published and acknowledged by the broker",
+            registry=registry,
+        )
+        self.encoder_diff_loss = Histogram(
+            "poc_encoder_differential_loss",
+            "Differential loss per encoder and modality",
+            ["encoder", "modality"],
+            buckets=(0.01, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 4.0),
+            registry=registry,
+        )
+        self.ready = Gauge(
+            "poc_ready", "1 once encoders are loaded and the bus connected", registry=registry
+        )

@@ -1,0 +1,114 @@
+"""Media decoding in separate, capped worker processes.
+
+Each slot is a one-process pool whose process has an address-space cap. An
+item whose decoding crashes its process, or does not finish within the time
+limit, kills only that slot's process; the item is rejected as
+``undecodable`` and the slot is replaced. Decoders never share a process with
+torch, the store or the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import os
+import resource
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+
+from encoders.errors import EncoderError, UndecodableError
+from encoders.media import DecodedMedia, MediaLimits, PreprocessSpec, decode_media
+from encoders.modality import Modality
+
+log = logging.getLogger("poc.sandbox")
+
+
+def _limit_worker(memory_bytes: int) -> None:
+    """Runs first in every decoder process: one thread per library, capped memory."""
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ["OPENBLAS_NUM_THREADS"] = "1"
+    resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+
+def _decode(
+    modality: Modality, mime: str, data: bytes, limits: MediaLimits, spec: PreprocessSpec
+) -> DecodedMedia:
+    try:
+        return decode_media(modality, mime, data, limits, spec)
+    except EncoderError:
+        raise
+    except MemoryError:
+        raise UndecodableError("decoding needed more memory than the decoder is allowed") from None
+    except Exception as error:  # a decoder bug must cost this item only
+        raise UndecodableError(f"{type(error).__name__}: {error}") from None
+
+
+class DecoderPool:
+    """``workers`` sandboxed decoder processes, used one item at a time each."""
+
+    def __init__(self, workers: int, timeout_s: float, memory_mb: int) -> None:
+        self._timeout_s = timeout_s
+        self._memory_bytes = memory_mb * 1024 * 1024
+        self._context = multiprocessing.get_context("forkserver")
+        self._context.set_forkserver_preload(["encoders.media"])
+        self._free: asyncio.Queue[ProcessPoolExecutor] = asyncio.Queue()
+        for _ in range(workers):
+            self._free.put_nowait(self._new_slot())
+        self._all = workers
+
+    def _new_slot(self) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(
+            max_workers=1,
+            mp_context=self._context,
+            initializer=_limit_worker,
+            initargs=(self._memory_bytes,),
+        )
+
+    @property
+    def busy(self) -> int:
+        return self._all - self._free.qsize()
+
+    async def decode(
+        self,
+        modality: Modality,
+        mime: str,
+        data: bytes,
+        limits: MediaLimits,
+        spec: PreprocessSpec,
+    ) -> DecodedMedia:
+        """Decode one item; raises an :class:`EncoderError` subclass for a bad item."""
+        slot = await self._free.get()
+        loop = asyncio.get_running_loop()
+        healthy = True
+        try:
+            future = loop.run_in_executor(slot, _decode, modality, mime, data, limits, spec)
+            async with asyncio.timeout(self._timeout_s):
+                return await future
+        except TimeoutError:
+            healthy = False
+            raise UndecodableError(
+                f"decoding took longer than {self._timeout_s:g} s and was stopped"
+            ) from None
+        except BrokenProcessPool:
+            healthy = False
+            raise UndecodableError("the decoder process died on this item") from None
+        finally:
+            if healthy:
+                self._free.put_nowait(slot)
+            else:
+                self._kill(slot)
+                self._free.put_nowait(self._new_slot())
+
+    @staticmethod
+    def _kill(slot: ProcessPoolExecutor) -> None:
+        # The executor has no public way to stop a running call; kill its one process.
+        for process in list(getattr(slot, "_processes", {}).values()):
+            process.kill()
+        slot.shutdown(wait=False, cancel_futures=True)
+
+    def close(self) -> None:
+        while not self._free.empty():
+            slot = self._free.get_nowait()
+            self._kill(slot)

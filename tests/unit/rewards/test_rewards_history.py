@@ -1,0 +1,138 @@
+"""The exact history index and gap scores against a brute-force numpy reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from rewards import EmbeddingIndex, GapScore, HistoryIndex, gap_scores, submission_score
+
+DIM = 32
+
+
+def unit_rows(rng: np.random.Generator, n: int, dim: int = DIM) -> np.ndarray:
+    x = rng.standard_normal((n, dim))
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def brute_force(history: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    """Ids of the k nearest rows by float64 L2 on float16 values, ties by id."""
+    h = history.astype(np.float16).astype(np.float64)
+    q = queries.astype(np.float16).astype(np.float64)
+    d = ((q[:, None, :] - h[None, :, :]) ** 2).sum(axis=2)
+    ids = np.arange(len(h))
+    return np.stack([np.lexsort((ids, row))[:k] for row in d])
+
+
+def reference_score(history: np.ndarray, query: np.ndarray, k: int, ratio: float) -> GapScore:
+    h = history.astype(np.float16).astype(np.float64)
+    q = query.astype(np.float16).astype(np.float64)
+    nn = h[brute_force(history, query[None], k)[0]]
+    c = nn.mean(axis=0)
+    d_nn = float(np.linalg.norm(nn - c, axis=1).mean())
+    d_e = float(np.linalg.norm(q - c))
+    ok = d_e <= d_nn * ratio
+    return GapScore(ok, round(d_nn * 1e6) if ok else 0, d_nn, d_e)
+
+
+def test_history_is_an_embedding_index() -> None:
+    assert isinstance(HistoryIndex(DIM), EmbeddingIndex)
+
+
+def test_neighbours_match_brute_force() -> None:
+    rng = np.random.default_rng(1)
+    history, queries = unit_rows(rng, 2000), unit_rows(rng, 50)
+    index = HistoryIndex(DIM)
+    index.add(history)
+    assert len(index) == 2000
+    got = index.neighbours(queries, 16)
+    want = brute_force(history, queries, 16)
+    assert got.dtype == np.int64 and got.shape == (50, 16)
+    assert (np.sort(got, axis=1) == np.sort(want, axis=1)).all()
+
+
+def test_vectors_are_the_float16_values_added() -> None:
+    rng = np.random.default_rng(2)
+    history = unit_rows(rng, 10)
+    index = HistoryIndex(DIM)
+    index.add(history)
+    got = index.vectors(np.array([3, 0, 9]))
+    assert got.dtype == np.float64
+    assert (got == history[[3, 0, 9]].astype(np.float16).astype(np.float64)).all()
+
+
+def test_add_rejects_bad_shapes_and_non_finite_values() -> None:
+    index = HistoryIndex(DIM)
+    with pytest.raises(ValueError):
+        index.add(np.zeros((2, DIM + 1)))
+    with pytest.raises(ValueError):
+        index.add(np.full((1, DIM), np.nan))
+    with pytest.raises(ValueError):
+        index.add(np.full((1, DIM), 1e6))
+    with pytest.raises(IndexError):
+        index.vectors(np.array([0]))
+    assert len(index) == 0
+
+
+def test_neighbours_of_a_small_history_are_padded() -> None:
+    index = HistoryIndex(DIM)
+    index.add(unit_rows(np.random.default_rng(3), 3))
+    ids = index.neighbours(unit_rows(np.random.default_rng(4), 1), 5)
+    assert sorted(ids[0][:3].tolist()) == [0, 1, 2] and (ids[0][3:] == -1).all()
+
+
+def test_gap_scores_match_the_reference() -> None:
+    rng = np.random.default_rng(5)
+    history = unit_rows(rng, 3000)
+    index = HistoryIndex(DIM)
+    index.add(history)
+    queries = np.concatenate([unit_rows(rng, 20), history[:20] * 0.9 + history[20:40] * 0.1])
+    for k in (1, 4, 16):
+        got = gap_scores(index, queries, k=k)
+        for query, score in zip(queries, got, strict=True):
+            want = reference_score(history, query, k, 1 / 3)
+            assert score.qualified == want.qualified
+            assert score.score_ppm == want.score_ppm
+            assert score.d_nn == pytest.approx(want.d_nn, rel=1e-12)
+            assert score.d_e == pytest.approx(want.d_e, rel=1e-12, abs=1e-15)
+
+
+def test_query_at_the_centroid_of_its_neighbours_qualifies() -> None:
+    rng = np.random.default_rng(6)
+    centre = unit_rows(rng, 1)[0]
+    cluster = centre + 0.05 * unit_rows(rng, 16)
+    far = unit_rows(rng, 100) + 5.0
+    index = HistoryIndex(DIM)
+    index.add(np.concatenate([cluster, far]))
+    (score,) = gap_scores(index, cluster.astype(np.float16).astype(np.float64).mean(axis=0)[None])
+    assert score.qualified and score.score_ppm == round(score.d_nn * 1e6) > 0
+    (outside,) = gap_scores(index, (centre + 0.2 * unit_rows(rng, 1)[0])[None])
+    assert not outside.qualified and outside.score_ppm == 0
+
+
+def test_nothing_scores_while_history_is_smaller_than_k() -> None:
+    index = HistoryIndex(DIM)
+    index.add(unit_rows(np.random.default_rng(7), 15))
+    scores = gap_scores(index, unit_rows(np.random.default_rng(8), 3), k=16)
+    assert all(not s.qualified and s.score_ppm == 0 for s in scores)
+    assert gap_scores(index, np.empty((0, DIM)), k=4) == []
+
+
+def test_duplicate_history_rows_tie_break_by_id() -> None:
+    row = unit_rows(np.random.default_rng(9), 1)
+    index = HistoryIndex(DIM)
+    index.add(np.repeat(row, 40, axis=0))
+    (score,) = gap_scores(index, row, k=16)
+    assert score.qualified and score.score_ppm == 0 and score.d_nn == 0.0
+
+
+def test_submission_score_sums_qualified_items_and_applies_the_pair_bonus() -> None:
+    a = GapScore(True, 1_000_001, 1.0, 0.1)
+    b = GapScore(False, 0, 2.0, 1.9)
+    c = GapScore(True, 333_333, 0.33, 0.01)
+    assert submission_score([a, b, c], valid_pair=False) == 1_333_334
+    assert submission_score([a, c], valid_pair=True) == 1_333_334 * 3 // 2
+    assert submission_score([a], valid_pair=True, pair_bonus_ppm=1_000_000) == 1_000_001
+    assert submission_score([], valid_pair=True) == 0
+    with pytest.raises(ValueError):
+        submission_score([a], valid_pair=True, pair_bonus_ppm=-1)
