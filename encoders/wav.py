@@ -18,7 +18,8 @@ from encoders.errors import MediaTooLargeError, UndecodableError
 _PCM = 1
 _IEEE_FLOAT = 3
 _EXTENSIBLE = 0xFFFE
-_STREAMING_SIZES = (0, 0xFFFFFFFF)
+_STREAMING_SIZE = 0xFFFFFFFF
+"""Size written by streaming encoders that never patch the header: read to the end."""
 _MAX_CHANNELS = 16
 _RATE_RANGE = (1000, 384_000)
 
@@ -86,7 +87,7 @@ def parse_header(data: bytes) -> WavHeader:
         elif chunk_id == b"data":
             if fmt is None:
                 raise UndecodableError("WAV data chunk comes before its fmt chunk")
-            if size in _STREAMING_SIZES:
+            if size == _STREAMING_SIZE:
                 size = len(data) - body
             return _header(fmt, body, size)
         offset = body + size + (size & 1)

@@ -39,11 +39,14 @@ DEFAULT_PREPROCESS = PreprocessSpec(
     audio_frames=256,
     text_max_tokens=64,
 )
+UNCALIBRATED_DELTA = 2.0
+"""δ for untrained weights: disqualifying on noise would refuse honest pairs at random."""
 UNCALIBRATED_NOTE = (
     "Untrained weights: random initialisation from the listed seeds, stored as float16. "
-    "pair_delta cannot be calibrated on untrained encoders, so every pair uses 1.0 "
-    "(cosine distance above 1.0, i.e. a negative cosine, disqualifies a pair); "
-    "calibration on held-out matched and mismatched pairs replaces it once trained."
+    "pair_delta cannot be calibrated on untrained encoders, whose pair distances are "
+    "noise around 1.0, so every pair uses UNCALIBRATED_DELTA = 2.0, the largest cosine "
+    "distance: no pair is disqualified. Calibration on held-out matched and mismatched "
+    "pairs replaces it once trained."
 )
 
 
@@ -120,7 +123,7 @@ def create_untrained_shard(
         },
         "files": files,
         "trained": False,
-        "pair_delta": {pair_key(a, b): 1.0 for a, b in itertools.combinations(list(Modality), 2)},
+        "pair_delta": {pair_key(a, b): UNCALIBRATED_DELTA for a, b in itertools.combinations(list(Modality), 2)},
         "notes": UNCALIBRATED_NOTE,
     }
     path = out_dir / MANIFEST_NAME

@@ -84,6 +84,10 @@ def committee_of_one(config: Config, key: SigningKey) -> Committee:
 
 
 def load_shard(config: Config) -> Shard:
+    from transformers.utils import logging as transformers_logging
+
+    # A progress bar on stderr is noise in a daemon's log.
+    transformers_logging.disable_progress_bar()
     encoders = config.encoders
     try:
         return Shard.load(

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+import random
+from collections.abc import Callable, Mapping, Sequence
 from fractions import Fraction
 
 from hypothesis import given, settings
@@ -92,16 +93,13 @@ def test_no_two_certificates_for_different_values(stakes: list[int], data: st.Da
     st.sets(st.integers(0, 3), max_size=3),
 )
 def test_any_delivery_order_commits_one_value_per_round(
-    stakes: list[int], rnd: object, disagree: set[int]
+    stakes: list[int], rnd: random.Random, disagree: set[int]
 ) -> None:
     """Messages are delivered in random order, timeouts fire at random moments.
 
     Honest members may commit a proposal or a skip, but never two different
     things for one round, and every round they commit has a valid certificate.
     """
-    import random
-
-    assert isinstance(rnd, random.Random)
     cryptos = [HashCrypto(key(i)) for i in range(4)]
     c = Committee(
         0,
@@ -112,9 +110,12 @@ def test_any_delivery_order_commits_one_value_per_round(
             for i, (k, s) in enumerate(zip(cryptos, stakes, strict=True))
         ),
     )
+
+    def judge(i: int) -> Callable[[Sequence[bytes]], bool]:
+        return lambda records: i not in disagree
+
     machines = [
-        RoundMachine(c, k.public_key, k, records_agree=lambda r, i=i: i not in disagree)
-        for i, k in enumerate(cryptos)
+        RoundMachine(c, k.public_key, k, records_agree=judge(i)) for i, k in enumerate(cryptos)
     ]
     commits: list[dict[int, Commit]] = [{} for _ in machines]
     pending: list[tuple[int, SignedProposal | SignedVote]] = []

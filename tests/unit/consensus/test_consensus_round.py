@@ -201,7 +201,6 @@ def test_certified_proposal_never_received_is_fetched() -> None:
     late.online = False
     sim.close_round(0, [b"x"])
     late.online = True
-    late_index = sim.nodes.index(late)
     actions: list[object] = []
     for node in sim.nodes:
         if node is not late:

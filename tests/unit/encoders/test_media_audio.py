@@ -89,3 +89,8 @@ def test_long_audio_is_pooled_to_fixed_frames() -> None:
     assert spec.shape == (64, 256)
     short = log_mel(tone(0.01, 16_000, 1), 16_000, 64, 256)
     assert short.shape == (64, 256)
+
+
+def test_empty_data_chunk_is_undecodable() -> None:
+    with pytest.raises(UndecodableError, match="no complete sample"):
+        decode(wav_header_claiming(0)[:-64])

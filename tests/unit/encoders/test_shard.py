@@ -32,6 +32,7 @@ def requests() -> list[EncodeRequest]:
         request(Modality.TEXT, "text/plain", "une phrase en français, assez longue".encode()),
         request(Modality.IMAGE, "image/jpeg", image_bytes("L", "JPEG", size=(90, 120))),
         request(Modality.TEXT, "text/plain", b"x"),
+        request(Modality.TEXT, "text/plain", "\u200b".encode()),
     ]
 
 
@@ -82,3 +83,13 @@ def test_shard_exposes_weights_id_and_pair_bounds(shard: Shard, shard_manifest: 
     assert shard.delta(Modality.IMAGE, Modality.TEXT) == 1.0
     with pytest.raises(ValueError):
         shard.delta(Modality.TEXT, Modality.TEXT)
+
+
+def test_empty_call_embeds_nothing(shard: Shard) -> None:
+    assert shard.embed([], BEACON) == []
+
+
+def test_text_without_content_tokens_still_embeds(shard: Shard) -> None:
+    (item,) = shard.embed([request(Modality.TEXT, "text/plain", "\u200b".encode())], BEACON)
+    assert np.linalg.norm(item.vector) == pytest.approx(1.0, abs=1e-5)
+    assert item.diff_loss == pytest.approx(1.0, abs=1e-5)

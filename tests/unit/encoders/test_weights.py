@@ -8,7 +8,7 @@ import pytest
 
 from encoders.errors import WeightsError
 from encoders.shard import Shard
-from encoders.weights import read_manifest, sha256_file
+from encoders.weights import UNCALIBRATED_DELTA, read_manifest, sha256_file
 
 
 def test_manifest_pins_files_backbone_and_pairs(shard_manifest: Path) -> None:
@@ -23,7 +23,7 @@ def test_manifest_pins_files_backbone_and_pairs(shard_manifest: Path) -> None:
         "image-video",
         "text-video",
     ]
-    assert set(manifest["pair_delta"].values()) == {1.0}
+    assert set(manifest["pair_delta"].values()) == {UNCALIBRATED_DELTA}
     assert "calibrat" in manifest["notes"]
     for entry in manifest["files"]:
         assert sha256_file(shard_manifest.parent / entry["path"]) == entry["sha256"]

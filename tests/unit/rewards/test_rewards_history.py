@@ -12,7 +12,7 @@ DIM = 32
 
 def unit_rows(rng: np.random.Generator, n: int, dim: int = DIM) -> np.ndarray:
     x = rng.standard_normal((n, dim))
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
+    return np.asarray(x / np.linalg.norm(x, axis=1, keepdims=True))
 
 
 def brute_force(history: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:

@@ -1,0 +1,226 @@
+"""A peer that knows only DESIGN.md §3 drives a node process over a real Mosquitto.
+
+Every good submission reaches ``accepted`` then ``final``; every bad one gets
+its documented reason code; bytes naming no submitter are only counted; and
+the node keeps running through all of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import pytest
+
+from tests.conftest import Broker, NodeProcess, start_node, write_node_config
+from tests.media import image_bytes, mp4_bytes, png_header_only, wav_bytes
+from tests.peer import Peer, ResultListener, pack, submission_id
+
+pytestmark = pytest.mark.integration
+
+TEXT = ("text", "text/plain", b"a red circle on a white background")
+
+
+@pytest.fixture(scope="module")
+def node(mosquitto: Broker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
+    directory = tmp_path_factory.mktemp("node")
+    config = write_node_config(
+        directory / "node.yaml",
+        intake={"rate_limit": {"per_minute": 60, "burst": 5}},
+        limits={"message_bytes": 1_000_000, "image_pixels": 1_000_000},
+    )
+    process = start_node(directory, f"mqtt://127.0.0.1:{mosquitto.port}", config)
+    yield process
+    assert process.stop() == 0, process.log_text()
+
+
+def run(coro):  # noqa: ANN001, ANN201 - small sync bridge for module-scoped fixtures
+    return asyncio.run(coro)
+
+
+async def submit_and_wait(port: int, raws: list[bytes], timeout: float = 60.0) -> list[dict]:
+    async with ResultListener(port) as listener:
+        for raw in raws:
+            await listener.publish(raw)
+        return [await listener.final(submission_id(raw), timeout) for raw in raws]
+
+
+def test_pairs_of_every_kind_reach_accepted_then_final(node: NodeProcess, mosquitto: Broker):
+    peer = Peer()
+    raws = [
+        peer.submission([TEXT, ("image", "image/png", image_bytes("RGB"))]),
+        peer.submission([("text", "text/plain", b"a spoken word"),
+                         ("audio", "audio/wav", wav_bytes("PCM_16"))]),
+        peer.submission([("image", "image/jpeg", image_bytes("RGB", "JPEG")),
+                         ("video", "video/mp4", mp4_bytes())]),
+        peer.submission([("text", "text/plain", b"just one item")]),
+    ]
+
+    async def scenario() -> list[list[dict]]:
+        async with ResultListener(mosquitto.port) as listener:
+            for raw in raws:
+                await listener.publish(raw)
+            for raw in raws:
+                await listener.final(submission_id(raw))
+            return [listener.about(submission_id(raw)) for raw in raws]
+
+    histories = run(scenario())
+    for raw, results in zip(raws, histories, strict=True):
+        statuses = [r["status"] for r in results]
+        assert statuses[0] == "accepted" and statuses[-1] == "final", statuses
+        final = results[-1]
+        assert final["reason"] is None and isinstance(final["round"], int)
+        assert final["_topic_submitter"] == peer.public.hex()
+        count = len(msgpack.unpackb(raw, raw=False)["items"])
+        assert len(final["embeddings"]) == count and len(final["scores_ppm"]) == count
+        for embedding in final["embeddings"]:
+            vector = np.frombuffer(embedding["vector"], dtype="<f2").astype(np.float64)
+            assert vector.shape == (256,)
+            assert abs(np.linalg.norm(vector) - 1.0) < 1e-2
+            assert embedding["fused"] is (count == 2)
+        assert (final["pair_distance_ppm"] is None) is (count == 1)
+        assert final["reward"] >= 0
+
+
+def _bad_inputs(peer: Peer) -> list[tuple[str, bytes]]:
+    now = time.time_ns() // 10**6
+    good_png = image_bytes("RGB", size=(33, 21))
+    cases: list[tuple[str, bytes]] = []
+    body = peer.body([TEXT])
+    signed = msgpack.unpackb(peer.sign(body), raw=False)
+    cases.append(("non_canonical",
+                  msgpack.packb(dict(reversed(list(signed.items()))), use_bin_type=True)))
+    broken = peer.body([TEXT])
+    broken["v"] = 7
+    cases.append(("malformed", peer.sign(broken)))
+    cases.append(("bad_signature", Peer().sign(peer.body([("text", "text/plain", b"forged")]))))
+    lying = peer.body([("text", "text/plain", b"commitment")])
+    lying["items"][0]["sha256"] = hashlib.sha256(b"other").digest()
+    cases.append(("bad_commitment", peer.sign(lying)))
+    cases.append(("stale", peer.submission([("text", "text/plain", b"old news")],
+                                            created_ms=now - 3_600_000)))
+    cases.append(("too_large", peer.submission([("video", "video/mp4", b"\0" * 1_100_000)])))
+    cases.append(("too_large", peer.submission(
+        [("image", "image/png", png_header_only(100_000, 100_000))])))
+    cases.append(("unsupported_modality", peer.submission([("smell", "text/plain", b"x")])))
+    cases.append(("same_modality", peer.submission(
+        [("text", "text/plain", b"one"), ("text", "text/plain", b"two")])))
+    cases.append(("undecodable", peer.submission([("image", "image/png", b"\x89PNG garbage")])))
+    cases.append(("undecodable", peer.submission([("text", "text/plain", b"\xff\xfe\xfd")])))
+    cases.append(("undecodable", peer.submission(
+        [("text", "text/plain", b"caption"), ("video", "video/mp4", good_png)])))
+    return cases
+
+
+def test_every_bad_input_gets_its_reason_code(node: NodeProcess, mosquitto: Broker):
+    cases = _bad_inputs(Peer())
+    results = run(submit_and_wait(mosquitto.port, [raw for _, raw in cases]))
+    got = [(expected, result["status"], result["reason"])
+           for (expected, _), result in zip(cases, results, strict=True)]
+    assert got == [(expected, "rejected", expected) for expected, _ in cases]
+    assert node.metric("poc_rejections_total", 'reason="undecodable"') >= 3
+
+
+def test_replay_and_duplicate(node: NodeProcess, mosquitto: Broker):
+    peer = Peer()
+    data = b"the data of an original submission"
+    first = peer.submission([("text", "text/plain", data)], nonce=10)
+    replay = peer.submission([("text", "text/plain", b"new data, old nonce")], nonce=10)
+    duplicate = Peer().submission([("text", "text/plain", data)])
+
+    async def scenario() -> tuple[dict, dict, dict]:
+        async with ResultListener(mosquitto.port) as listener:
+            await listener.publish(first)
+            accepted = await listener.wait_for(submission_id(first), {"accepted"})
+            await listener.publish(replay)
+            await listener.publish(duplicate)
+            return (accepted, await listener.final(submission_id(replay)),
+                    await listener.final(submission_id(duplicate)))
+
+    accepted, replayed, duplicated = run(scenario())
+    assert accepted["status"] == "accepted"
+    assert (replayed["status"], replayed["reason"]) == ("rejected", "replay")
+    assert (duplicated["status"], duplicated["reason"]) == ("rejected", "duplicate")
+
+
+def test_the_same_bytes_again_are_not_answered_twice(node: NodeProcess, mosquitto: Broker):
+    raw = Peer().submission([("text", "text/plain", b"delivered twice by the bus")])
+
+    async def scenario() -> list[dict]:
+        async with ResultListener(mosquitto.port) as listener:
+            await listener.publish(raw)
+            await listener.final(submission_id(raw))
+            await listener.publish(raw)
+            await asyncio.sleep(3)
+            return listener.about(submission_id(raw))
+
+    statuses = [r["status"] for r in run(scenario())]
+    assert statuses == ["accepted", "final"]
+
+
+def test_a_flooding_submitter_is_rate_limited(node: NodeProcess, mosquitto: Broker):
+    peer = Peer()
+    raws = [peer.submission([("text", "text/plain", f"flood {i}".encode())]) for i in range(8)]
+    results = run(submit_and_wait(mosquitto.port, raws))
+    reasons = [r["reason"] for r in results]
+    assert reasons.count("rate_limited") >= 2
+    assert reasons.count(None) >= 5
+
+
+def test_bytes_naming_no_submitter_are_counted_not_answered(node: NodeProcess,
+                                                           mosquitto: Broker):
+    before = node.metric("poc_unattributed_messages_total")
+
+    async def scenario() -> None:
+        async with ResultListener(mosquitto.port) as listener:
+            for junk in (b"", b"\xc1", pack([1, 2, 3]), pack({"submitter": b"x"}),
+                         b"\xdd\xff\xff\xff\xff" + b"\0" * 10, b"\x91" * 50_000):
+                await listener.publish(junk)
+            await asyncio.sleep(2)
+            assert listener.results == []
+
+    run(scenario())
+    assert node.metric("poc_unattributed_messages_total") == before + 6
+    assert node.process.poll() is None
+
+
+def test_metrics_and_health_endpoints(node: NodeProcess):
+    text = node.metrics()
+    for name in ("poc_rejections_total", "poc_stage_seconds_bucket", "poc_queue_depth",
+                 "poc_round", "poc_history_size", "poc_bus_connected 1.0"):
+        assert name in text
+    import json
+    import urllib.request
+
+    for path in ("healthz", "readyz"):
+        with urllib.request.urlopen(f"http://127.0.0.1:{node.metrics_port}/{path}") as reply:
+            assert reply.status == 200
+            assert json.loads(reply.read())
+
+
+def test_what_arrives_while_the_node_is_down_is_processed_when_it_returns(
+        mosquitto: Broker, tmp_path: Path):
+    directory = tmp_path / "restart"
+    config = write_node_config(tmp_path / "restart.yaml")
+    bus = f"mqtt://127.0.0.1:{mosquitto.port}"
+    first = start_node(directory, bus, config)
+    assert first.stop(signal.SIGTERM) == 0
+    raw = Peer().submission([("text", "text/plain", b"sent while the validator was down")])
+
+    async def scenario() -> tuple[NodeProcess, dict]:
+        async with ResultListener(mosquitto.port) as listener:
+            await listener.publish(raw)
+            second = await asyncio.to_thread(start_node, directory, bus, config)
+            return second, await listener.final(submission_id(raw))
+
+    second, final = run(scenario())
+    try:
+        assert final["status"] == "final"
+    finally:
+        assert second.stop() == 0

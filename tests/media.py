@@ -1,0 +1,81 @@
+"""Builds real test media in memory, so tests need no fixture files."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import av
+import numpy as np
+import soundfile
+from PIL import Image
+
+
+def image_bytes(mode: str, fmt: str = "PNG", size: tuple[int, int] = (40, 30)) -> bytes:
+    """A gradient image in ``mode`` saved as ``fmt``."""
+    width, height = size
+    ramp = np.linspace(0, 255, width * height).reshape(height, width).astype(np.uint8)
+    rgb = Image.fromarray(np.stack([ramp, ramp[::-1], np.full_like(ramp, 90)], axis=-1))
+    if mode == "I;16":
+        image = Image.frombytes("I;16", size, (ramp.astype("<u2") * 257).tobytes())
+    elif mode == "LA":
+        image = rgb.convert("LA")
+    else:
+        image = rgb.convert(mode)
+    out = io.BytesIO()
+    image.save(out, format=fmt)
+    return out.getvalue()
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose IHDR claims ``width x height`` but which carries no pixel data."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        crc = zlib.crc32(kind + body) & 0xFFFFFFFF
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+def tone(seconds: float, rate: int, channels: int, hz: float = 440.0) -> np.ndarray:
+    t = np.arange(int(seconds * rate)) / rate
+    mono = 0.5 * np.sin(2 * np.pi * hz * t)
+    return np.stack([mono] * channels, axis=1) if channels > 1 else mono
+
+
+def wav_bytes(subtype: str, rate: int = 16_000, channels: int = 1, seconds: float = 0.5) -> bytes:
+    """A WAV tone written by libsndfile; subtype e.g. PCM_U8, PCM_16, PCM_24, PCM_32, FLOAT."""
+    out = io.BytesIO()
+    soundfile.write(out, tone(seconds, rate, channels), rate, subtype=subtype, format="WAV")
+    return out.getvalue()
+
+
+def wav_header_claiming(data_bytes: int, rate: int = 8000) -> bytes:
+    """A 16-bit mono WAV header whose data chunk claims ``data_bytes``, with 64 real bytes."""
+    fmt = struct.pack("<HHIIHH", 1, 1, rate, rate * 2, 2, 16)
+    header = b"RIFF" + struct.pack("<I", 36 + data_bytes) + b"WAVE"
+    header += b"fmt " + struct.pack("<I", 16) + fmt
+    return header + b"data" + struct.pack("<I", data_bytes) + bytes(64)
+
+
+def mp4_bytes(codec: str = "libx264", frames: int = 12, fps: int = 10, size: int = 48) -> bytes:
+    """A small moving-gradient MP4 encoded with ``codec`` (libx264 or mpeg4)."""
+    out = io.BytesIO()
+    with av.open(out, "w", format="mp4") as container:
+        stream = container.add_stream(codec, rate=fps)
+        assert isinstance(stream, av.VideoStream)
+        stream.width = size
+        stream.height = size
+        stream.pix_fmt = "yuv420p"
+        for i in range(frames):
+            pixels = np.zeros((size, size, 3), dtype=np.uint8)
+            pixels[:, :, 0] = (np.arange(size)[None, :] * 4 + i * 10) % 256
+            pixels[:, :, 1] = i * 255 // max(1, frames - 1)
+            frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return out.getvalue()
