@@ -123,7 +123,10 @@ def create_untrained_shard(
         },
         "files": files,
         "trained": False,
-        "pair_delta": {pair_key(a, b): UNCALIBRATED_DELTA for a, b in itertools.combinations(list(Modality), 2)},
+        "pair_delta": {
+            pair_key(a, b): UNCALIBRATED_DELTA
+            for a, b in itertools.combinations(list(Modality), 2)
+        },
         "notes": UNCALIBRATED_NOTE,
     }
     path = out_dir / MANIFEST_NAME

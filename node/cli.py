@@ -22,7 +22,7 @@ from node.errors import NodeError
 class _Parser(argparse.ArgumentParser):
     """argparse, with bad usage reported on one line."""
 
-    def error(self, message: str) -> Any:  # type: ignore[override]
+    def error(self, message: str) -> Any:
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 

@@ -87,7 +87,7 @@ def load_shard(config: Config) -> Shard:
     from transformers.utils import logging as transformers_logging
 
     # A progress bar on stderr is noise in a daemon's log.
-    transformers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     encoders = config.encoders
     try:
         return Shard.load(
@@ -271,10 +271,12 @@ class Node:
         log.info("event=draining queued=%d", intake.queue.qsize())
         try:
             async with asyncio.timeout(DRAIN_TIMEOUT_S):
-                while intake.queue.qsize() or intake.preparing:
-                    await asyncio.sleep(0.05)
-                while self.bus.connected.is_set() and await store(lambda s: s.outbox_size()):
-                    await asyncio.sleep(0.05)
+                await intake.idle()
+                while self.bus.connected.is_set():
+                    unpublished: int = await store(lambda s: s.outbox_size())
+                    if not unpublished:
+                        break
+                    await asyncio.sleep(0.05)  # the publisher deletes entries as PUBACKs arrive
         except TimeoutError:
             log.warning(
                 "event=drain_incomplete queued=%d (resumed at next start)", intake.queue.qsize()

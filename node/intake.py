@@ -81,6 +81,9 @@ class Clock:
         return time.time_ns() // 1_000_000
 
 
+SYSTEM_CLOCK = Clock()
+
+
 class Intake:
     """Verifies, stores, prepares and answers submissions."""
 
@@ -96,7 +99,7 @@ class Intake:
         metrics: Metrics,
         topics: Topics,
         on_outbox: Callable[[], None],
-        clock: Clock = Clock(),
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self._config = config
         self._signer = signer
@@ -126,9 +129,12 @@ class Intake:
         self.queue: asyncio.Queue[StoredSubmission] = asyncio.Queue(
             maxsize=config.intake.queue_size
         )
-        self.preparing = 0
         self._receiving = asyncio.Event()
         self._receiving.set()
+
+    async def idle(self) -> None:
+        """Wait until no submission is queued or being prepared."""
+        await self.queue.join()
 
     def stop_receiving(self) -> None:
         """Leave new messages unhandled (and so unacknowledged) from now on."""
@@ -271,7 +277,6 @@ class Intake:
         while True:
             stored = await self.queue.get()
             self._metrics.queue_depth.labels(queue="prepare").set(self.queue.qsize())
-            self.preparing += 1
             try:
                 await self._prepare(stored)
             except asyncio.CancelledError:
@@ -286,7 +291,7 @@ class Intake:
                     f"internal error while preparing: {type(error).__name__}",
                 )
             finally:
-                self.preparing -= 1
+                self.queue.task_done()
 
     async def _prepare(self, stored: StoredSubmission) -> None:
         assert stored.raw is not None

@@ -26,7 +26,7 @@ from node.chain import BeaconChain
 from node.codec import pack
 from node.config import Config
 from node.errors import Reason
-from node.intake import Clock
+from node.intake import SYSTEM_CLOCK, Clock
 from node.metrics import Metrics
 from node.records import Candidate, Prepared, RoundRecord, from_float16, score_round
 from node.signing import MessageSigner
@@ -54,7 +54,7 @@ class RoundDriver:
         metrics: Metrics,
         topics: Topics,
         on_outbox: Callable[[], None],
-        clock: Clock = Clock(),
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self._config = config
         self._committee = committee

@@ -20,6 +20,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 SCHEMA_VERSION = 1
 
@@ -350,15 +351,14 @@ class Store:
         return None if row is None else self._committed(row)
 
     @staticmethod
-    def _committed(row: tuple[object, ...]) -> CommittedRound:
+    def _committed(row: tuple[Any, ...]) -> CommittedRound:
         number, proposal_hash, beacon, certificate, summary = row
-        assert isinstance(number, int)
         return CommittedRound(
-            number,
-            None if proposal_hash is None else bytes(proposal_hash),  # type: ignore[arg-type]
-            bytes(beacon),  # type: ignore[arg-type]
-            bytes(certificate),  # type: ignore[arg-type]
-            bytes(summary),  # type: ignore[arg-type]
+            int(number),
+            None if proposal_hash is None else bytes(proposal_hash),
+            bytes(beacon),
+            bytes(certificate),
+            bytes(summary),
         )
 
     def commit_round(

@@ -102,8 +102,9 @@ def _is_uint64(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= UINT64_MAX
 
 
-def parse_submission(raw: bytes, limits: WireLimits = WireLimits()) -> Submission:
+def parse_submission(raw: bytes, limits: WireLimits | None = None) -> Submission:
     """Decode and verify a Submission, or raise :class:`Rejected` with its reason."""
+    limits = limits or WireLimits()
     if len(raw) > limits.message_bytes:
         raise Rejected(
             Reason.TOO_LARGE,

@@ -39,7 +39,8 @@ def wait_port(port: int, timeout: float = 10.0) -> None:
 
 def mosquitto_binary() -> str:
     found = shutil.which("mosquitto") or (
-        "/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None)
+        "/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None
+    )
     if found is None:
         pytest.fail("mosquitto is not installed: run the tests with `make test`")
     return found
@@ -57,8 +58,11 @@ class Broker:
             self.process.wait(10)
 
     def start(self) -> None:
-        self.process = subprocess.Popen([mosquitto_binary(), "-c", str(self.config)],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.process = subprocess.Popen(
+            [mosquitto_binary(), "-c", str(self.config)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         wait_port(self.port)
 
 
@@ -96,7 +100,9 @@ class NodeProcess:
     log: Path
 
     def metrics(self) -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5
+        ) as r:
             return r.read().decode()
 
     def metric(self, name: str, labels: str = "") -> float:
@@ -133,16 +139,29 @@ def write_node_config(path: Path, **sections: dict[str, object]) -> Path:
     return path
 
 
-def start_node(directory: Path, bus: str, config: Path | None = None,
-               ready_timeout: float = 120) -> NodeProcess:
+def start_node(
+    directory: Path, bus: str, config: Path | None = None, ready_timeout: float = 120
+) -> NodeProcess:
     directory.mkdir(parents=True, exist_ok=True)
     config = config or write_node_config(directory / "node.yaml")
     metrics_port = free_port()
     log = directory / "node.log"
     process = subprocess.Popen(
-        [str(POC_NODE), "run", "--config", str(config), "--bus", bus,
-         "--data-dir", str(directory / "data"), "--metrics-port", str(metrics_port)],
-        stdout=log.open("ab"), stderr=subprocess.STDOUT, cwd=ROOT,
+        [
+            str(POC_NODE),
+            "run",
+            "--config",
+            str(config),
+            "--bus",
+            bus,
+            "--data-dir",
+            str(directory / "data"),
+            "--metrics-port",
+            str(metrics_port),
+        ],
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
     )
     node = NodeProcess(process, directory / "data", metrics_port, log)
     deadline = time.monotonic() + ready_timeout

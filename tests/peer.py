@@ -42,10 +42,16 @@ class Peer:
     @property
     def public(self) -> bytes:
         return self.key.public_key().public_bytes(
-            serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        )
 
-    def body(self, items: list[tuple[str, str, bytes]], *, created_ms: int | None = None,
-             nonce: int | None = None) -> dict[str, Any]:
+    def body(
+        self,
+        items: list[tuple[str, str, bytes]],
+        *,
+        created_ms: int | None = None,
+        nonce: int | None = None,
+    ) -> dict[str, Any]:
         if nonce is None:
             self.nonce += 1
             nonce = self.nonce
@@ -54,8 +60,10 @@ class Peer:
             "submitter": self.public,
             "nonce": nonce,
             "created_ms": created_ms if created_ms is not None else time.time_ns() // 10**6,
-            "items": [{"modality": m, "mime": mime, "data": data,
-                       "sha256": hashlib.sha256(data).digest()} for m, mime, data in items],
+            "items": [
+                {"modality": m, "mime": mime, "data": data, "sha256": hashlib.sha256(data).digest()}
+                for m, mime, data in items
+            ],
         }
 
     def sign(self, body: dict[str, Any]) -> bytes:
@@ -77,7 +85,8 @@ def verify_result(raw: bytes) -> dict[str, Any]:
     assert pack(message) == raw, "result is not canonical"
     unsigned = {k: v for k, v in message.items() if k != "sig"}
     Ed25519PublicKey.from_public_bytes(message["validator"]).verify(
-        message["sig"], b"poc/v1/result" + pack(unsigned))
+        message["sig"], b"poc/v1/result" + pack(unsigned)
+    )
     return message
 
 
@@ -120,8 +129,9 @@ class ResultListener:
     def about(self, identity: bytes) -> list[dict[str, Any]]:
         return [r for r in self.results if r["submission_id"] == identity]
 
-    async def wait_for(self, identity: bytes, statuses: set[str], timeout: float = 60.0
-                       ) -> dict[str, Any]:
+    async def wait_for(
+        self, identity: bytes, statuses: set[str], timeout: float = 60.0
+    ) -> dict[str, Any]:
         async with asyncio.timeout(timeout):
             while True:
                 for result in self.about(identity):

@@ -40,7 +40,7 @@ def node(mosquitto: Broker, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     assert process.stop() == 0, process.log_text()
 
 
-def run(coro):  # noqa: ANN001, ANN201 - small sync bridge for module-scoped fixtures
+def run(coro):
     return asyncio.run(coro)
 
 
@@ -55,10 +55,15 @@ def test_pairs_of_every_kind_reach_accepted_then_final(node: NodeProcess, mosqui
     peer = Peer()
     raws = [
         peer.submission([TEXT, ("image", "image/png", image_bytes("RGB"))]),
-        peer.submission([("text", "text/plain", b"a spoken word"),
-                         ("audio", "audio/wav", wav_bytes("PCM_16"))]),
-        peer.submission([("image", "image/jpeg", image_bytes("RGB", "JPEG")),
-                         ("video", "video/mp4", mp4_bytes())]),
+        peer.submission(
+            [("text", "text/plain", b"a spoken word"), ("audio", "audio/wav", wav_bytes("PCM_16"))]
+        ),
+        peer.submission(
+            [
+                ("image", "image/jpeg", image_bytes("RGB", "JPEG")),
+                ("video", "video/mp4", mp4_bytes()),
+            ]
+        ),
         peer.submission([("text", "text/plain", b"just one item")]),
     ]
 
@@ -94,8 +99,9 @@ def _bad_inputs(peer: Peer) -> list[tuple[str, bytes]]:
     cases: list[tuple[str, bytes]] = []
     body = peer.body([TEXT])
     signed = msgpack.unpackb(peer.sign(body), raw=False)
-    cases.append(("non_canonical",
-                  msgpack.packb(dict(reversed(list(signed.items()))), use_bin_type=True)))
+    cases.append(
+        ("non_canonical", msgpack.packb(dict(reversed(list(signed.items()))), use_bin_type=True))
+    )
     broken = peer.body([TEXT])
     broken["v"] = 7
     cases.append(("malformed", peer.sign(broken)))
@@ -103,26 +109,41 @@ def _bad_inputs(peer: Peer) -> list[tuple[str, bytes]]:
     lying = peer.body([("text", "text/plain", b"commitment")])
     lying["items"][0]["sha256"] = hashlib.sha256(b"other").digest()
     cases.append(("bad_commitment", peer.sign(lying)))
-    cases.append(("stale", peer.submission([("text", "text/plain", b"old news")],
-                                            created_ms=now - 3_600_000)))
+    cases.append(
+        (
+            "stale",
+            peer.submission([("text", "text/plain", b"old news")], created_ms=now - 3_600_000),
+        )
+    )
     cases.append(("too_large", peer.submission([("video", "video/mp4", b"\0" * 1_100_000)])))
-    cases.append(("too_large", peer.submission(
-        [("image", "image/png", png_header_only(100_000, 100_000))])))
+    cases.append(
+        ("too_large", peer.submission([("image", "image/png", png_header_only(100_000, 100_000))]))
+    )
     cases.append(("unsupported_modality", peer.submission([("smell", "text/plain", b"x")])))
-    cases.append(("same_modality", peer.submission(
-        [("text", "text/plain", b"one"), ("text", "text/plain", b"two")])))
+    cases.append(
+        (
+            "same_modality",
+            peer.submission([("text", "text/plain", b"one"), ("text", "text/plain", b"two")]),
+        )
+    )
     cases.append(("undecodable", peer.submission([("image", "image/png", b"\x89PNG garbage")])))
     cases.append(("undecodable", peer.submission([("text", "text/plain", b"\xff\xfe\xfd")])))
-    cases.append(("undecodable", peer.submission(
-        [("text", "text/plain", b"caption"), ("video", "video/mp4", good_png)])))
+    cases.append(
+        (
+            "undecodable",
+            peer.submission([("text", "text/plain", b"caption"), ("video", "video/mp4", good_png)]),
+        )
+    )
     return cases
 
 
 def test_every_bad_input_gets_its_reason_code(node: NodeProcess, mosquitto: Broker):
     cases = _bad_inputs(Peer())
     results = run(submit_and_wait(mosquitto.port, [raw for _, raw in cases]))
-    got = [(expected, result["status"], result["reason"])
-           for (expected, _), result in zip(cases, results, strict=True)]
+    got = [
+        (expected, result["status"], result["reason"])
+        for (expected, _), result in zip(cases, results, strict=True)
+    ]
     assert got == [(expected, "rejected", expected) for expected, _ in cases]
     assert node.metric("poc_rejections_total", 'reason="undecodable"') >= 3
 
@@ -140,8 +161,11 @@ def test_replay_and_duplicate(node: NodeProcess, mosquitto: Broker):
             accepted = await listener.wait_for(submission_id(first), {"accepted"})
             await listener.publish(replay)
             await listener.publish(duplicate)
-            return (accepted, await listener.final(submission_id(replay)),
-                    await listener.final(submission_id(duplicate)))
+            return (
+                accepted,
+                await listener.final(submission_id(replay)),
+                await listener.final(submission_id(duplicate)),
+            )
 
     accepted, replayed, duplicated = run(scenario())
     assert accepted["status"] == "accepted"
@@ -173,14 +197,19 @@ def test_a_flooding_submitter_is_rate_limited(node: NodeProcess, mosquitto: Brok
     assert reasons.count(None) >= 5
 
 
-def test_bytes_naming_no_submitter_are_counted_not_answered(node: NodeProcess,
-                                                           mosquitto: Broker):
+def test_bytes_naming_no_submitter_are_counted_not_answered(node: NodeProcess, mosquitto: Broker):
     before = node.metric("poc_unattributed_messages_total")
 
     async def scenario() -> None:
         async with ResultListener(mosquitto.port) as listener:
-            for junk in (b"", b"\xc1", pack([1, 2, 3]), pack({"submitter": b"x"}),
-                         b"\xdd\xff\xff\xff\xff" + b"\0" * 10, b"\x91" * 50_000):
+            for junk in (
+                b"",
+                b"\xc1",
+                pack([1, 2, 3]),
+                pack({"submitter": b"x"}),
+                b"\xdd\xff\xff\xff\xff" + b"\0" * 10,
+                b"\x91" * 50_000,
+            ):
                 await listener.publish(junk)
             await asyncio.sleep(2)
             assert listener.results == []
@@ -192,8 +221,14 @@ def test_bytes_naming_no_submitter_are_counted_not_answered(node: NodeProcess,
 
 def test_metrics_and_health_endpoints(node: NodeProcess):
     text = node.metrics()
-    for name in ("poc_rejections_total", "poc_stage_seconds_bucket", "poc_queue_depth",
-                 "poc_round", "poc_history_size", "poc_bus_connected 1.0"):
+    for name in (
+        "poc_rejections_total",
+        "poc_stage_seconds_bucket",
+        "poc_queue_depth",
+        "poc_round",
+        "poc_history_size",
+        "poc_bus_connected 1.0",
+    ):
         assert name in text
     import json
     import urllib.request
@@ -205,7 +240,8 @@ def test_metrics_and_health_endpoints(node: NodeProcess):
 
 
 def test_what_arrives_while_the_node_is_down_is_processed_when_it_returns(
-        mosquitto: Broker, tmp_path: Path):
+    mosquitto: Broker, tmp_path: Path
+):
     directory = tmp_path / "restart"
     config = write_node_config(tmp_path / "restart.yaml")
     bus = f"mqtt://127.0.0.1:{mosquitto.port}"

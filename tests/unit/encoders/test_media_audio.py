@@ -9,8 +9,7 @@ from encoders.melspec import log_mel, resample
 from encoders.modality import Modality
 from encoders.wav import read_wav
 from encoders.weights import DEFAULT_PREPROCESS
-
-from .media_factory import tone, wav_bytes, wav_header_claiming
+from tests.media import tone, wav_bytes, wav_header_claiming
 
 LIMITS = MediaLimits()
 SHAPE = (DEFAULT_PREPROCESS.n_mels, DEFAULT_PREPROCESS.audio_frames)

@@ -7,8 +7,7 @@ from encoders.errors import MediaTooLargeError, UndecodableError
 from encoders.media import MediaLimits, decode_media
 from encoders.modality import Modality
 from encoders.weights import DEFAULT_PREPROCESS
-
-from .media_factory import image_bytes, png_header_only
+from tests.media import image_bytes, png_header_only
 
 LIMITS = MediaLimits()
 SIZE = DEFAULT_PREPROCESS.image_size

@@ -8,8 +8,7 @@ import pytest
 
 from encoders.errors import UndecodableError
 from encoders.media import media_type_of
-
-from .media_factory import image_bytes, mp4_bytes, wav_bytes
+from tests.media import image_bytes, mp4_bytes, wav_bytes
 
 
 @pytest.mark.parametrize(

@@ -7,8 +7,7 @@ from encoders.errors import MediaTooLargeError, UndecodableError
 from encoders.media import MediaLimits, decode_media
 from encoders.modality import Modality
 from encoders.weights import DEFAULT_PREPROCESS
-
-from .media_factory import mp4_bytes
+from tests.media import mp4_bytes
 
 LIMITS = MediaLimits()
 SPEC = DEFAULT_PREPROCESS

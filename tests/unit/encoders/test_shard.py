@@ -10,9 +10,8 @@ from encoders.embedding import EncodeRequest
 from encoders.media import MediaLimits, decode_media
 from encoders.modality import Modality
 from encoders.shard import Shard
-from encoders.weights import DEFAULT_PREPROCESS, sha256_file
-
-from .media_factory import image_bytes, mp4_bytes, wav_bytes
+from encoders.weights import DEFAULT_PREPROCESS, UNCALIBRATED_DELTA, sha256_file
+from tests.media import image_bytes, mp4_bytes, wav_bytes
 
 BEACON = b"epoch-7-beacon"
 
@@ -79,8 +78,8 @@ def test_beacon_changes_the_masks_and_so_the_loss(
 def test_shard_exposes_weights_id_and_pair_bounds(shard: Shard, shard_manifest: Path) -> None:
     assert shard.weights_id == sha256_file(shard_manifest)
     assert shard.preprocess == DEFAULT_PREPROCESS
-    assert shard.delta(Modality.TEXT, Modality.IMAGE) == 1.0
-    assert shard.delta(Modality.IMAGE, Modality.TEXT) == 1.0
+    assert shard.delta(Modality.TEXT, Modality.IMAGE) == UNCALIBRATED_DELTA
+    assert shard.delta(Modality.IMAGE, Modality.TEXT) == UNCALIBRATED_DELTA
     with pytest.raises(ValueError):
         shard.delta(Modality.TEXT, Modality.TEXT)
 

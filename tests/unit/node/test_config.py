@@ -7,8 +7,10 @@ from node.errors import ConfigError
 def test_defaults_load_and_resolve_weights_next_to_the_file():
     config = load_config()
     assert config.bus.embedded and config.bus.port == 1883 and config.bus.host == "127.0.0.1"
-    assert config.encoders.manifest == (DEFAULT_CONFIG.parent.parent / "weights" / "default"
-                                        / "manifest.json").resolve()
+    assert (
+        config.encoders.manifest
+        == (DEFAULT_CONFIG.parent.parent / "weights" / "default" / "manifest.json").resolve()
+    )
 
 
 def test_file_and_flags_override_in_that_order(tmp_path):

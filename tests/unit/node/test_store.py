@@ -22,8 +22,10 @@ def test_admission_replay_duplicate_and_redelivery(tmp_path):
     assert admit(store, b"a" * 32) is Admission.KNOWN
     assert admit(store, b"b" * 32, nonce=1, hashes=[b"x" * 32]) is Admission.REPLAY
     assert admit(store, b"c" * 32, nonce=2) is Admission.DUPLICATE
-    assert admit(store, b"d" * 32, nonce=2, submitter=b"t" * 32, hashes=[b"y" * 32]) \
+    assert (
+        admit(store, b"d" * 32, nonce=2, submitter=b"t" * 32, hashes=[b"y" * 32])
         is Admission.ADMITTED
+    )
 
 
 def test_state_survives_reopening(tmp_path):

@@ -5,6 +5,7 @@ import hashlib
 import msgpack
 import pytest
 
+from encoders.modality import Modality
 from node.errors import Reason, Rejected
 from node.keys import SigningKey
 from node.signing import MessageSigner
@@ -18,14 +19,13 @@ from node.wire import (
     parse_submission,
     verify_result,
 )
-from encoders.modality import Modality
 from tests.peer import Peer, pack
 
 TEXT = ("text", "text/plain", b"a red circle")
 PNG = ("image", "image/png", b"\x89PNG\r\n\x1a\n not really")
 
 
-def reason_of(raw: bytes, limits: WireLimits = WireLimits()) -> tuple[Reason, bytes | None]:
+def reason_of(raw: bytes, limits: WireLimits | None = None) -> tuple[Reason, bytes | None]:
     with pytest.raises(Rejected) as caught:
         parse_submission(raw, limits)
     return caught.value.reason, caught.value.submitter
@@ -55,10 +55,18 @@ def test_non_canonical_bytes_are_refused_and_attributed():
     assert reason_of(shuffled) == (Reason.NON_CANONICAL, peer.public)
 
 
-@pytest.mark.parametrize("field,value", [
-    ("v", 2), ("nonce", -1), ("nonce", "1"), ("created_ms", "now"), ("items", []),
-    ("items", [{"modality": "text"}]), ("extra", 1),
-])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("v", 2),
+        ("nonce", -1),
+        ("nonce", "1"),
+        ("created_ms", "now"),
+        ("items", []),
+        ("items", [{"modality": "text"}]),
+        ("extra", 1),
+    ],
+)
 def test_schema_violations_are_malformed(field, value):
     peer = Peer()
     body = peer.body([TEXT])
@@ -86,11 +94,14 @@ def test_bad_commitment():
     assert reason_of(peer.sign(body)) == (Reason.BAD_COMMITMENT, peer.public)
 
 
-@pytest.mark.parametrize("item,reason", [
-    (("smell", "text/plain", b"x"), Reason.UNSUPPORTED_MODALITY),
-    (("image", "image/gif", b"GIF89a"), Reason.UNSUPPORTED_MODALITY),
-    (("audio", "text/plain", b"x"), Reason.UNSUPPORTED_MODALITY),
-])
+@pytest.mark.parametrize(
+    "item,reason",
+    [
+        (("smell", "text/plain", b"x"), Reason.UNSUPPORTED_MODALITY),
+        (("image", "image/gif", b"GIF89a"), Reason.UNSUPPORTED_MODALITY),
+        (("audio", "text/plain", b"x"), Reason.UNSUPPORTED_MODALITY),
+    ],
+)
 def test_unsupported_modalities(item, reason):
     peer = Peer()
     assert reason_of(peer.submission([item]))[0] is reason
@@ -105,10 +116,14 @@ def test_same_modality_pair():
 def test_limits_are_checked_before_anything_is_decoded():
     peer = Peer()
     limits = WireLimits(message_bytes=1000, text_bytes=100, image_bytes=200)
-    assert reason_of(peer.submission([("text", "text/plain", b"x" * 101)]), limits)[0] \
+    assert (
+        reason_of(peer.submission([("text", "text/plain", b"x" * 101)]), limits)[0]
         is Reason.TOO_LARGE
-    assert reason_of(peer.submission([("image", "image/png", b"x" * 201)]), limits)[0] \
+    )
+    assert (
+        reason_of(peer.submission([("image", "image/png", b"x" * 201)]), limits)[0]
         is Reason.TOO_LARGE
+    )
     big = peer.submission([("video", "video/mp4", b"x" * 5000)])
     assert reason_of(big, limits) == (Reason.TOO_LARGE, peer.public)
 
@@ -123,8 +138,17 @@ def test_claimed_submitter_of_a_truncated_message():
 def test_result_is_signed_canonical_and_verifiable_by_the_peer():
     key = SigningKey.generate()
     signer = MessageSigner(key)
-    result = Result(b"i" * 32, key.public_key, Status.FINAL, None, 7,
-                    (EmbeddingEntry(Modality.TEXT, b"\x00\x3c" * 4, True),), 120_000, (5, 0), 42)
+    result = Result(
+        b"i" * 32,
+        key.public_key,
+        Status.FINAL,
+        None,
+        7,
+        (EmbeddingEntry(Modality.TEXT, b"\x00\x3c" * 4, True),),
+        120_000,
+        (5, 0),
+        42,
+    )
     raw = signer.signed_bytes(RESULT_DOMAIN.decode(), result.body())
     assert verify_result(raw) == result
     from tests.peer import verify_result as peer_verify

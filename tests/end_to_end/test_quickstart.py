@@ -1,0 +1,114 @@
+"""The README's quick start, as a newcomer runs it: embedded broker, keygen, submit."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageDraw
+
+from tests.conftest import POC_NODE, ROOT, free_port, start_node, write_node_config
+
+pytestmark = pytest.mark.integration
+
+
+def poc(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(POC_NODE), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        check=False,
+    )
+
+
+def test_keygen_submit_through_the_embedded_broker(tmp_path: Path):
+    port = free_port()
+    node = start_node(
+        tmp_path / "node", f"embedded://127.0.0.1:{port}", write_node_config(tmp_path / "node.yaml")
+    )
+    try:
+        keygen = poc("keygen", "--out", str(tmp_path / "me.key"))
+        assert keygen.returncode == 0, keygen.stderr
+        public = keygen.stdout.strip()
+        assert len(public) == 64 and int(public, 16) >= 0
+        assert stat.S_IMODE(os.stat(tmp_path / "me.key").st_mode) == 0o600
+
+        image = Image.new("RGB", (96, 96), "white")
+        ImageDraw.Draw(image).ellipse((16, 16, 80, 80), fill="red")
+        image.save(tmp_path / "circle.png")
+        bus = f"mqtt://127.0.0.1:{port}"
+        submitted = poc(
+            "submit",
+            "--key",
+            str(tmp_path / "me.key"),
+            "--bus",
+            bus,
+            "text:a red circle",
+            str(tmp_path / "circle.png"),
+        )
+        assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+        lines = submitted.stdout.splitlines()
+        assert lines[0].startswith("submission ") and public in lines[0]
+        assert lines[1].startswith("accepted")
+        assert lines[2].startswith("final") and "round=" in lines[2] and "reward=" in lines[2]
+
+        as_json = poc(
+            "submit",
+            "--key",
+            str(tmp_path / "me.key"),
+            "--bus",
+            bus,
+            "--json",
+            "text:a green square",
+        )
+        assert as_json.returncode == 0, as_json.stderr
+        final = json.loads(as_json.stdout.splitlines()[-1])
+        assert final["status"] == "final" and final["embeddings"][0]["dim"] == 256
+
+        again = poc(
+            "submit", "--key", str(tmp_path / "me.key"), "--bus", bus, "text:a green square"
+        )
+        assert again.returncode == 1 and "reason=duplicate" in again.stdout
+    finally:
+        assert node.stop() == 0, node.log_text()
+
+    ledger = poc("ledger", "--data-dir", str(node.data_dir), "--json")
+    assert ledger.returncode == 0 and isinstance(json.loads(ledger.stdout), dict)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["run", "--round-seconds", "zero"], "invalid int value"),
+        (["submit", "--key", "/nonexistent.key", "text:x"], "cannot read key"),
+        (["frobnicate"], "invalid choice"),
+        (["keygen"], "required"),
+        (["submit", "--key", "k", "/no/such/file.png"], "neither"),
+    ],
+)
+def test_bad_usage_is_one_line_and_non_zero(args: list[str], message: str):
+    result = poc(*args, timeout=60)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_a_bad_config_names_every_bad_key(tmp_path: Path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("rounds:\n  round_seconds: 0\nbus:\n  topic_prefix: 'a/#'\nnope: 1\n")
+    result = poc("run", "--config", str(config), "--data-dir", str(tmp_path))
+    assert result.returncode == 1
+    for path in ("rounds.round_seconds", "bus.topic_prefix", "nope"):
+        assert path in result.stderr
+
+
+def test_every_subcommand_has_help():
+    for command in ("keygen", "run", "submit", "ledger", "init-weights"):
+        result = poc(command, "--help", timeout=60)
+        assert result.returncode == 0 and "usage: poc-node " + command in result.stdout

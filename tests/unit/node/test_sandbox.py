@@ -1,0 +1,75 @@
+"""Decoding in capped worker processes: a bad item costs only itself."""
+
+import asyncio
+
+import pytest
+
+from encoders.errors import MediaTooLargeError, UndecodableError
+from encoders.media import MediaLimits
+from encoders.modality import Modality
+from encoders.weights import DEFAULT_PREPROCESS
+from node.sandbox import DecoderPool
+from tests.media import image_bytes, mp4_bytes, png_header_only
+
+LIMITS = MediaLimits()
+
+
+async def decode(pool: DecoderPool, modality: Modality, mime: str, data: bytes):
+    return await pool.decode(modality, mime, data, LIMITS, DEFAULT_PREPROCESS)
+
+
+def test_decodes_and_reports_reasons_from_the_worker():
+    async def scenario() -> None:
+        pool = DecoderPool(workers=1, timeout_s=30, memory_mb=1024)
+        try:
+            image = await decode(pool, Modality.IMAGE, "image/png", image_bytes("RGB"))
+            assert image.shape == (3, DEFAULT_PREPROCESS.image_size, DEFAULT_PREPROCESS.image_size)
+            with pytest.raises(MediaTooLargeError):
+                await decode(pool, Modality.IMAGE, "image/png", png_header_only(100_000, 100_000))
+            with pytest.raises(UndecodableError):
+                await decode(pool, Modality.IMAGE, "image/png", b"\x89PNG nope")
+        finally:
+            pool.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_hung_or_killed_decoder_costs_one_item_and_the_slot_is_replaced():
+    async def scenario() -> None:
+        pool = DecoderPool(workers=1, timeout_s=0.001, memory_mb=1024)
+        try:
+            with pytest.raises(UndecodableError, match="longer than"):
+                await decode(pool, Modality.VIDEO, "video/mp4", mp4_bytes(frames=40))
+            pool._timeout_s = 30
+            slot = await pool._free.get()
+            pool._free.put_nowait(slot)
+            task = asyncio.create_task(
+                decode(pool, Modality.VIDEO, "video/mp4", mp4_bytes(frames=60, size=128))
+            )
+            while not getattr(slot, "_processes", None):
+                await asyncio.sleep(0.01)
+            for process in list(slot._processes.values()):
+                process.kill()
+            with pytest.raises(UndecodableError, match="died"):
+                await task
+            image = await decode(pool, Modality.IMAGE, "image/png", image_bytes("L"))
+            assert image.shape[0] == 3
+        finally:
+            pool.close()
+
+    asyncio.run(scenario())
+
+
+def test_memory_cap_turns_an_allocation_failure_into_undecodable():
+    async def scenario() -> None:
+        pool = DecoderPool(workers=1, timeout_s=60, memory_mb=320)
+        try:
+            big = image_bytes("RGB", size=(3900, 3900))
+            with pytest.raises(UndecodableError):
+                await decode(pool, Modality.IMAGE, "image/png", big)
+            small = await decode(pool, Modality.IMAGE, "image/png", image_bytes("RGB"))
+            assert small.shape[0] == 3
+        finally:
+            pool.close()
+
+    asyncio.run(scenario())
