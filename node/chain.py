@@ -47,8 +47,12 @@ class BeaconChain:
             if saved_round > round_number:
                 round_number, beacon = saved_round, checkpoint[8:]
         target = max(now_round, round_number)
+        if target - round_number > 10_000:
+            log.info("event=beacon_walk rounds=%d (once; checkpointed)", target - round_number)
+        keep_from = target - 2 * self._committee.epoch_rounds
         while round_number < target:
-            self._learn(round_number, beacon)
+            if round_number >= keep_from:
+                self._learn(round_number, beacon)
             beacon = next_beacon(beacon, SKIP_HASH)
             round_number += 1
         store.set_meta(_CHECKPOINT, round_number.to_bytes(8, "big") + beacon)

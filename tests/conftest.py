@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -126,12 +127,30 @@ class NodeProcess:
         return self.log.read_text(errors="replace")
 
 
+_TEST_WEIGHTS: dict[str, str] = {}
+
+
+def session_weights() -> dict[str, str]:
+    """Seeded, untrained weights made once per test session.
+
+    Their δ never disqualifies a pair, so protocol tests do not depend on what
+    the shipped (trained) weights think of synthetic test media.
+    """
+    if not _TEST_WEIGHTS:
+        from encoders.weights import create_untrained_shard, sha256_file
+
+        directory = Path(tempfile.mkdtemp(prefix="poc-test-weights-"))
+        manifest = create_untrained_shard(directory / "weights", seeds=(0, 1))
+        _TEST_WEIGHTS.update(manifest=str(manifest), manifest_sha256=sha256_file(manifest))
+    return dict(_TEST_WEIGHTS)
+
+
 def write_node_config(path: Path, **sections: dict[str, object]) -> Path:
-    """A node config for tests: rounds start now and last two seconds."""
+    """A node config for tests: untrained weights, rounds start now and last two seconds."""
     base: dict[str, dict[str, object]] = {
         "rounds": {"genesis_ms": (time.time_ns() // 10**6) - 60_000, "round_seconds": 2},
         "node": {"log_level": "INFO"},
-        "encoders": {"batch_wait_ms": 5},
+        "encoders": {"batch_wait_ms": 5, **session_weights()},
     }
     for name, values in sections.items():
         base.setdefault(name, {}).update(values)

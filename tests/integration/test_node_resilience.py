@@ -14,13 +14,17 @@ from pathlib import Path
 import pytest
 
 from encoders.weights import sha256_file
-from tests.conftest import POC_NODE, ROOT, start_mosquitto, start_node, write_node_config
+from tests.conftest import (
+    POC_NODE,
+    session_weights,
+    start_mosquitto,
+    start_node,
+    write_node_config,
+)
 from tests.media import image_bytes
 from tests.peer import Peer, ResultListener, submission_id
 
 pytestmark = pytest.mark.integration
-
-DEFAULT_WEIGHTS = ROOT / "weights" / "default"
 
 
 def readiness(port: int) -> dict[str, object]:
@@ -73,7 +77,7 @@ def test_the_node_reconnects_when_the_broker_comes_back(tmp_path: Path):
 
 
 def _weights_with_delta(directory: Path, delta: float) -> Path:
-    shutil.copytree(DEFAULT_WEIGHTS, directory)
+    shutil.copytree(Path(session_weights()["manifest"]).parent, directory)
     manifest = directory / "manifest.json"
     document = json.loads(manifest.read_text())
     document["pair_delta"] = {key: delta for key in document["pair_delta"]}
@@ -119,7 +123,7 @@ def test_the_node_refuses_to_start_on_weights_that_do_not_match(tmp_path: Path):
         tmp_path / "node.yaml",
         encoders={
             "manifest": str(manifest),
-            "manifest_sha256": sha256_file(DEFAULT_WEIGHTS / "manifest.json"),
+            "manifest_sha256": session_weights()["manifest_sha256"],
         },
     )
     result = subprocess.run(
