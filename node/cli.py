@@ -43,6 +43,11 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--metrics-port", type=int, help="port of /metrics, /healthz, /readyz")
     run.add_argument("--key", type=Path, help="validator key file")
     run.add_argument("--round-seconds", type=int, help="length of a round")
+    run.add_argument(
+        "--committee",
+        type=Path,
+        help="committee file shared by every member (default: a committee of one)",
+    )
 
     submit = commands.add_parser(
         "submit", help="sign and publish a submission, then wait for its final result"
@@ -117,6 +122,8 @@ def _run(args: argparse.Namespace) -> int:
         overrides["node.key"] = str(args.key)
     if args.round_seconds is not None:
         overrides["rounds.round_seconds"] = args.round_seconds
+    if args.committee is not None:
+        overrides["node.committee"] = str(args.committee)
     config = load_config(args.config, overrides)
     _configure_logging(config.node.log_level)
 

@@ -34,6 +34,7 @@ class _Section(BaseModel):
 class NodeSection(_Section):
     data_dir: Path
     key: Path | None = None
+    committee: Path | None = None
     log_level: str = "INFO"
 
     @field_validator("log_level")
@@ -163,6 +164,13 @@ class ScoringSection(_Section):
     top_k: PositiveInt
 
 
+class ConsensusSection(_Section):
+    embedding_tolerance: Annotated[float, Field(ge=0.0, le=2.0)]
+    distance_tolerance_ppm: Annotated[int, Field(ge=0)]
+    score_tolerance_ppm: Annotated[int, Field(ge=0)]
+    sync_timeout_s: PositiveFloat
+
+
 class Config(_Section):
     node: NodeSection
     bus: BusSection
@@ -174,6 +182,7 @@ class Config(_Section):
     encoders: EncodersSection
     fusion: FusionSection
     scoring: ScoringSection
+    consensus: ConsensusSection
 
 
 def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:

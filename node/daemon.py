@@ -17,6 +17,7 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any, TypeVar
 
+import aiomqtt
 import numpy as np
 from prometheus_client import CollectorRegistry
 
@@ -26,6 +27,7 @@ from encoders.shard import Shard
 from node.broker import embedded_broker
 from node.bus import Bus, OutboxPublisher, Topics
 from node.chain import BeaconChain
+from node.committee_file import load_committee
 from node.config import Config
 from node.encoding import EncoderService
 from node.errors import NodeError
@@ -38,6 +40,8 @@ from node.rounds import RoundDriver
 from node.sandbox import DecoderPool
 from node.signing import MessageSigner
 from node.store import Store
+from node.sync import SyncService
+from node.verify import RecordVerifier, Tolerances
 from rewards.history import HistoryIndex
 
 log = logging.getLogger("poc.node")
@@ -109,7 +113,18 @@ class Node:
         self.metrics = Metrics(registry or CollectorRegistry())
         self.key = validator_key(config)
         self.signer = MessageSigner(self.key)
-        self.committee = committee_of_one(config, self.key)
+        if config.node.committee is None:
+            self.committee = committee_of_one(config, self.key)
+        else:
+            self.committee = load_committee(config.node.committee)
+            if self.committee.member(self.key.public_key) is None:
+                raise NodeError(
+                    f"this validator's key {self.key.public_hex} is not a member of the "
+                    f"committee in {config.node.committee}"
+                )
+        self.metrics.committee.labels(
+            digest=self.committee.digest().hex(), members=str(len(self.committee.members))
+        ).set(1)
         self.topics = Topics(config.bus.topic_prefix)
         self.http_port: int | None = None
         self._stopping = asyncio.Event()
@@ -121,6 +136,13 @@ class Node:
             "encoders_loaded": self._encoders_loaded,
             "bus_connected": bus is not None and bus.connected.is_set(),
         }
+
+    async def _publish_now(self, topic: str, payload: bytes) -> None:
+        """Publish what needs no durability (sync traffic); dropped while disconnected."""
+        try:
+            await self.bus.publish(topic, payload)
+        except (aiomqtt.MqttError, TimeoutError) as error:
+            log.info("event=sync_publish_failed topic=%s error=%r", topic, str(error))
 
     def stop(self) -> None:
         """Begin a graceful drain (what SIGTERM does)."""
@@ -206,6 +228,21 @@ class Node:
                 publisher.notify,
                 clock,
             )
+            history_lock = asyncio.Lock()
+            sync = SyncService(
+                self.signer, self.committee, self.topics.prefix, store, self._publish_now
+            )
+            verifier = RecordVerifier(
+                store,
+                intake.compute_prepared,
+                lambda ids: sync.fetch_submissions(ids, config.consensus.sync_timeout_s),
+                shard.delta,
+                history,
+                config.scoring,
+                Tolerances.of(config.consensus),
+                intake.wire_limits,
+                history_lock,
+            )
             driver = RoundDriver(
                 config,
                 self.committee,
@@ -216,8 +253,12 @@ class Node:
                 self.metrics,
                 self.topics,
                 publisher.notify,
-                clock,
+                verifier=verifier,
+                sync=sync,
+                history_lock=history_lock,
+                clock=clock,
             )
+            self._sync = sync
             await driver.start()
             await intake.resume()
             await self._serve(intake, driver, encoder, publisher, store)
@@ -234,18 +275,29 @@ class Node:
         async def on_message(topic: str, payload: bytes) -> None:
             if topic == self.topics.submissions:
                 await intake.receive(payload)
+            else:
+                await driver.on_message(topic, payload)
 
+        subscriptions = [self.topics.submissions]
+        if len(self.committee.members) > 1:
+            prefix = self.topics.prefix
+            subscriptions += [
+                f"{prefix}/consensus/proposals",
+                f"{prefix}/consensus/votes",
+                f"{prefix}/consensus/evidence",
+                self._sync.request_topic,
+                self._sync.reply_topic,
+            ]
         try:
             async with asyncio.TaskGroup() as group:
-                bus_task = group.create_task(
-                    self.bus.run([self.topics.submissions], on_message), name="bus"
-                )
+                bus_task = group.create_task(self.bus.run(subscriptions, on_message), name="bus")
                 workers = [
                     group.create_task(encoder.run(), name="encoder"),
                     group.create_task(
                         intake.run_preparers(self.config.decode.workers * 2), name="preparers"
                     ),
                     group.create_task(driver.run(), name="rounds"),
+                    group.create_task(driver.sync_loop(), name="sync"),
                     group.create_task(publisher.run(), name="publisher"),
                 ]
                 group.create_task(

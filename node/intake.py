@@ -34,7 +34,7 @@ from node.config import Config
 from node.encoding import EncoderService
 from node.errors import Reason, Rejected
 from node.metrics import Metrics
-from node.records import prepare
+from node.records import Prepared, prepare
 from node.sandbox import DecoderPool
 from node.signing import MessageSigner
 from node.store import Admission, Outgoing, State, Store, StoredSubmission
@@ -293,12 +293,14 @@ class Intake:
             finally:
                 self.queue.task_done()
 
-    async def _prepare(self, stored: StoredSubmission) -> None:
-        assert stored.raw is not None
-        submission = parse_submission(stored.raw, self._wire_limits)
+    async def compute_prepared(self, submission: Submission, epoch: int) -> Prepared:
+        """Decode (sandboxed), encode (batched) and fuse; the pure, expensive path.
+
+        Raises :class:`EncoderError` for an item that cannot be decoded. Used
+        for this node's own intake and to recompute a leader's records.
+        """
         shard = self._encoder.shard
-        intake_round = stored.intake_round or 0
-        epoch, beacon = await self._chain.epoch_beacon(self._committee.epoch_of(intake_round))
+        epoch, beacon = await self._chain.epoch_beacon(epoch)
         started = time.perf_counter()
         try:
             media = await asyncio.gather(
@@ -309,14 +311,6 @@ class Intake:
                     for item in submission.items
                 )
             )
-        except EncoderError as error:
-            reason = (
-                Reason(error.reason)
-                if error.reason in Reason.__members__.values()
-                else Reason.UNDECODABLE
-            )
-            await self._reject(submission.id, submission.submitter, reason, str(error))
-            return
         finally:
             self._metrics.stage_seconds.labels(stage="decode").observe(
                 time.perf_counter() - started
@@ -331,6 +325,18 @@ class Intake:
         pair = self._fuse(modalities, embeddings) if len(modalities) == 2 else None
         prepared = prepare(epoch, modalities, embeddings, pair)
         self._metrics.stage_seconds.labels(stage="fuse").observe(time.perf_counter() - started)
+        return prepared
+
+    async def _prepare(self, stored: StoredSubmission) -> None:
+        assert stored.raw is not None
+        submission = parse_submission(stored.raw, self._wire_limits)
+        epoch = self._committee.epoch_of(stored.intake_round or 0)
+        try:
+            prepared = await self.compute_prepared(submission, epoch)
+        except EncoderError as error:
+            reason = Reason(error.reason) if error.reason in set(Reason) else Reason.UNDECODABLE
+            await self._reject(submission.id, submission.submitter, reason, str(error))
+            return
         result = Result(
             submission.id,
             self._signer.key.public_key,
@@ -349,10 +355,14 @@ class Intake:
             log.info(
                 "event=accepted submission=%s items=%d distance_ppm=%s",
                 submission.id.hex()[:16],
-                len(modalities),
+                len(prepared.items),
                 prepared.pair_distance_ppm,
             )
             self._on_outbox()
+
+    @property
+    def wire_limits(self) -> WireLimits:
+        return self._wire_limits
 
     def _fuse(self, modalities: list[Modality], embeddings: list[Any]) -> PairOutcome:
         shard = self._encoder.shard

@@ -97,6 +97,36 @@ class Metrics:
             buckets=(0.01, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 4.0),
             registry=registry,
         )
+        self.committee = Gauge(
+            "poc_committee_info",
+            "The committee this node runs (its digest) and its size",
+            ["digest", "members"],
+            registry=registry,
+        )
+        self.votes = Counter(
+            "poc_votes_total", "Valid votes seen, by member", ["member"], registry=registry
+        )
+        self.finality_seconds = Histogram(
+            "poc_time_to_finality_seconds",
+            "From a round's end to its commit",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300),
+            registry=registry,
+        )
+        self.record_mismatches = Counter(
+            "poc_record_mismatches_total",
+            "Leader proposals refused after recomputation",
+            registry=registry,
+        )
+        self.equivocations = Counter(
+            "poc_equivocations_total",
+            "Equivocations proven (evidence recorded)",
+            registry=registry,
+        )
+        self.sync_lag = Gauge(
+            "poc_sync_lag_rounds",
+            "Rounds between the clock and the last finalized round",
+            registry=registry,
+        )
         self.ready = Gauge(
             "poc_ready", "1 once encoders are loaded and the bus connected", registry=registry
         )

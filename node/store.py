@@ -54,12 +54,21 @@ CREATE TABLE IF NOT EXISTS data_claims (
 CREATE TABLE IF NOT EXISTS rounds (
     round INTEGER PRIMARY KEY,
     proposal_hash BLOB,
+    proposal BLOB,
     beacon_after BLOB NOT NULL,
     certificate BLOB NOT NULL,
     summary BLOB NOT NULL,
     committed_ms INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS votes (round INTEGER PRIMARY KEY, vote BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS proposals (round INTEGER PRIMARY KEY, proposal BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS evidence (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    round INTEGER NOT NULL,
+    offender BLOB NOT NULL,
+    evidence BLOB NOT NULL UNIQUE,
+    recorded_ms INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS history (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     round INTEGER NOT NULL,
@@ -144,11 +153,14 @@ class Finalization:
 
 @dataclass(frozen=True)
 class CommittedRound:
+    """A finalized round: its certificate, and the proposal it certified (None: skipped)."""
+
     round: int
     proposal_hash: bytes | None
     beacon_after: bytes
     certificate: bytes
     summary: bytes
+    proposal: bytes | None = None
 
 
 class Store:
@@ -335,31 +347,98 @@ class Store:
         row = self._db.execute("SELECT vote FROM votes WHERE round = ?", (round_number,)).fetchone()
         return None if row is None else bytes(row[0])
 
+    _ROUND_COLUMNS = "round, proposal_hash, beacon_after, certificate, summary, proposal"
+
     def last_round(self) -> CommittedRound | None:
         row = self._db.execute(
-            "SELECT round, proposal_hash, beacon_after, certificate, summary FROM rounds "
-            "ORDER BY round DESC LIMIT 1"
+            f"SELECT {self._ROUND_COLUMNS} FROM rounds ORDER BY round DESC LIMIT 1"
         ).fetchone()
         return None if row is None else self._committed(row)
 
     def committed_round(self, round_number: int) -> CommittedRound | None:
         row = self._db.execute(
-            "SELECT round, proposal_hash, beacon_after, certificate, summary FROM rounds "
-            "WHERE round = ?",
-            (round_number,),
+            f"SELECT {self._ROUND_COLUMNS} FROM rounds WHERE round = ?", (round_number,)
         ).fetchone()
         return None if row is None else self._committed(row)
 
+    def committed_rounds(self, first: int, last: int, limit: int) -> list[CommittedRound]:
+        rows = self._db.execute(
+            f"SELECT {self._ROUND_COLUMNS} FROM rounds WHERE round BETWEEN ? AND ? "
+            "ORDER BY round LIMIT ?",
+            (first, last, limit),
+        ).fetchall()
+        return [self._committed(row) for row in rows]
+
     @staticmethod
     def _committed(row: tuple[Any, ...]) -> CommittedRound:
-        number, proposal_hash, beacon, certificate, summary = row
+        number, proposal_hash, beacon, certificate, summary, proposal = row
         return CommittedRound(
             int(number),
             None if proposal_hash is None else bytes(proposal_hash),
             bytes(beacon),
             bytes(certificate),
             bytes(summary),
+            None if proposal is None else bytes(proposal),
         )
+
+    def record_proposal(self, round_number: int, proposal: bytes) -> bytes:
+        """Durably record the proposal signed as leader, or return the one already signed."""
+        with self._transaction():
+            row = self._db.execute(
+                "SELECT proposal FROM proposals WHERE round = ?", (round_number,)
+            ).fetchone()
+            if row is not None:
+                return bytes(row[0])
+            self._db.execute(
+                "INSERT INTO proposals (round, proposal) VALUES (?, ?)", (round_number, proposal)
+            )
+        return proposal
+
+    def signed_proposal(self, round_number: int) -> bytes | None:
+        row = self._db.execute(
+            "SELECT proposal FROM proposals WHERE round = ?", (round_number,)
+        ).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def record_evidence(
+        self, round_number: int, offender: bytes, evidence: bytes, now_ms: int
+    ) -> bool:
+        """Keep proof of an equivocation; False if this exact proof is already kept."""
+        cursor = self._db.execute(
+            "INSERT OR IGNORE INTO evidence (round, offender, evidence, recorded_ms) "
+            "VALUES (?, ?, ?, ?)",
+            (round_number, offender, evidence, now_ms),
+        )
+        return cursor.rowcount == 1
+
+    def evidence(self) -> list[tuple[int, bytes, bytes]]:
+        rows = self._db.execute("SELECT round, offender, evidence FROM evidence ORDER BY seq")
+        return [(int(r[0]), bytes(r[1]), bytes(r[2])) for r in rows]
+
+    def raw_submission(self, submission_id: bytes) -> bytes | None:
+        row = self._db.execute(
+            "SELECT raw FROM submissions WHERE id = ?", (submission_id,)
+        ).fetchone()
+        return None if row is None or row[0] is None else bytes(row[0])
+
+    def prepared_of(self, submission_id: bytes) -> tuple[State, bytes | None] | None:
+        row = self._db.execute(
+            "SELECT state, prepared FROM submissions WHERE id = ?", (submission_id,)
+        ).fetchone()
+        return None if row is None else (State(row[0]), None if row[1] is None else bytes(row[1]))
+
+    def ledger_entries(self) -> list[tuple[int, bytes, bytes, int]]:
+        rows = self._db.execute(
+            "SELECT round, submitter, submission_id, amount FROM ledger "
+            "ORDER BY round, submission_id"
+        )
+        return [(int(r[0]), bytes(r[1]), bytes(r[2]), int(r[3])) for r in rows]
+
+    def history_rows(self) -> list[tuple[int, bytes, int, bytes]]:
+        rows = self._db.execute(
+            "SELECT round, submission_id, item, vector FROM history ORDER BY seq"
+        )
+        return [(int(r[0]), bytes(r[1]), int(r[2]), bytes(r[3])) for r in rows]
 
     def commit_round(
         self,
@@ -377,21 +456,30 @@ class Store:
                 return False
             self._db.execute(
                 "INSERT INTO rounds (round, proposal_hash, beacon_after, certificate, summary, "
-                "committed_ms) VALUES (?, ?, ?, ?, ?, ?)",
+                "proposal, committed_ms) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (
                     committed.round,
                     committed.proposal_hash,
                     committed.beacon_after,
                     committed.certificate,
                     committed.summary,
+                    committed.proposal,
                     now_ms,
                 ),
             )
             for outcome in outcomes:
+                # A final submission keeps its bytes: peers fetch them by sync, and an
+                # audit recomputes its record from them.
                 self._db.execute(
-                    "UPDATE submissions SET state = ?, reason = ?, round = ?, raw = NULL "
-                    "WHERE id = ?",
-                    (outcome.state, outcome.reason, committed.round, outcome.submission_id),
+                    "UPDATE submissions SET state = ?, reason = ?, round = ?, "
+                    "raw = CASE WHEN ? THEN raw END WHERE id = ?",
+                    (
+                        outcome.state,
+                        outcome.reason,
+                        committed.round,
+                        outcome.state is State.FINAL,
+                        outcome.submission_id,
+                    ),
                 )
                 if outcome.state is State.REJECTED:
                     self._db.execute(

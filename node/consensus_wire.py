@@ -1,0 +1,74 @@
+"""Consensus messages on the bus: canonical msgpack bodies with their signature.
+
+A proposal or vote travels as its body (``consensus.messages``) plus a
+``sig`` field; a certificate and an evidence record as their bodies (they
+carry the members' signatures inside). See docs/PROTOCOL.md.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from consensus.messages import (
+    MalformedMessage,
+    Proposal,
+    QuorumCertificate,
+    SignedProposal,
+    SignedVote,
+    Vote,
+)
+from node.codec import CodecError, DecodeLimits, pack, unpack
+
+_LIMITS = DecodeLimits(max_bytes=64 * 1024 * 1024, max_container_len=100_000)
+
+
+class ConsensusWireError(ValueError):
+    """Bytes that are not a well-formed consensus message."""
+
+
+def _decode(raw: bytes) -> dict[str, Any]:
+    try:
+        body = unpack(raw, _LIMITS)
+    except CodecError as error:
+        raise ConsensusWireError(str(error)) from None
+    if not isinstance(body, dict):
+        raise ConsensusWireError("a consensus message is a map")
+    return body
+
+
+def encode_proposal(signed: SignedProposal) -> bytes:
+    return pack({**signed.proposal.body(), "sig": signed.signature})
+
+
+def decode_proposal(raw: bytes) -> SignedProposal:
+    body = _decode(raw)
+    try:
+        signature = body.pop("sig")
+        return SignedProposal(Proposal.from_body(body), signature)
+    except (KeyError, MalformedMessage, TypeError) as error:
+        raise ConsensusWireError(f"bad proposal: {error}") from None
+
+
+def encode_vote(signed: SignedVote) -> bytes:
+    return pack({**signed.vote.body(), "sig": signed.signature})
+
+
+def decode_vote(raw: bytes) -> SignedVote:
+    body = _decode(raw)
+    try:
+        signature = body.pop("sig")
+        return SignedVote(Vote.from_body(body), signature)
+    except (KeyError, MalformedMessage, TypeError) as error:
+        raise ConsensusWireError(f"bad vote: {error}") from None
+
+
+def encode_certificate(certificate: QuorumCertificate) -> bytes:
+    return pack(certificate.body())
+
+
+def decode_certificate(raw: bytes) -> QuorumCertificate:
+    body = _decode(raw)
+    try:
+        return QuorumCertificate.from_body(body)
+    except (KeyError, MalformedMessage, TypeError) as error:
+        raise ConsensusWireError(f"bad certificate: {error}") from None
