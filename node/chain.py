@@ -57,6 +57,8 @@ class BeaconChain:
             round_number += 1
         store.set_meta(_CHECKPOINT, round_number.to_bytes(8, "big") + beacon)
         self._learn(round_number, beacon)
+        for epoch, epoch_beacon in self._epochs.items():
+            store.set_meta(f"epoch_beacon/{epoch}", epoch_beacon)
         for epoch in range(
             max(0, self._committee.epoch_of(round_number) - 1),
             self._committee.epoch_of(round_number) + 1,

@@ -83,6 +83,20 @@ def _build_parser() -> argparse.ArgumentParser:
         help="one seed per encoder of the shard (default 0 1)",
     )
 
+    audit = commands.add_parser(
+        "audit", help="re-verify a store's finalized rounds: certificates and recomputed records"
+    )
+    audit.add_argument("--data-dir", type=Path, required=True)
+    audit.add_argument("--rounds", help="A..B (inclusive), A.. or ..B; all by default")
+    audit.add_argument(
+        "--config", type=Path, help="the node's config (weights, limits, tolerances)"
+    )
+    audit.add_argument(
+        "--committee",
+        type=Path,
+        help="committee file (default: the committee recorded in the store)",
+    )
+
     ledger = commands.add_parser("ledger", help="print submitters' balances from a store")
     ledger.add_argument("--data-dir", type=Path, required=True)
     ledger.add_argument("--submitter", help="one submitter's key, 64 hex characters")
@@ -151,6 +165,26 @@ def _init_weights(args: argparse.Namespace) -> int:
     return 0
 
 
+def _audit(args: argparse.Namespace) -> int:
+    from node.audit import parse_range, run_audit
+    from node.committee_file import load_committee
+    from node.config import load_config
+
+    first, last = parse_range(args.rounds)
+    config = load_config(args.config)
+    _configure_logging("WARNING")
+    committee = None if args.committee is None else load_committee(args.committee)
+    report = asyncio.run(run_audit(config, args.data_dir, committee, first, last))
+    if report.bad_round is not None:
+        print(
+            f"round {report.bad_round}: {report.reason} "
+            f"({report.checked} rounds before it verified)"
+        )
+        return 1
+    print(f"{report.checked} rounds verified")
+    return 0
+
+
 def _ledger(args: argparse.Namespace) -> int:
     from node.store import Store
 
@@ -186,6 +220,7 @@ _COMMANDS = {
     "submit": _submit,
     "init-weights": _init_weights,
     "ledger": _ledger,
+    "audit": _audit,
 }
 
 

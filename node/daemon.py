@@ -27,6 +27,7 @@ from encoders.shard import Shard
 from node.broker import embedded_broker
 from node.bus import Bus, OutboxPublisher, Topics
 from node.chain import BeaconChain
+from node.codec import pack, unpack
 from node.committee_file import load_committee
 from node.config import Config
 from node.encoding import EncoderService
@@ -84,6 +85,28 @@ def committee_of_one(config: Config, key: SigningKey) -> Committee:
         round_seconds=rounds.round_seconds,
         epoch_rounds=rounds.epoch_rounds,
         members=(Member("self", key.public_key, 1),),
+    )
+
+
+def describe_committee(committee: Committee) -> bytes:
+    """The committee as stored in a node's metadata, for offline audits."""
+    return pack(
+        {
+            "genesis_ms": committee.genesis_ms,
+            "round_seconds": committee.round_seconds,
+            "epoch_rounds": committee.epoch_rounds,
+            "members": [[m.name, m.public_key, m.stake] for m in committee.members],
+        }
+    )
+
+
+def committee_from_description(raw: bytes) -> Committee:
+    body = unpack(raw)
+    return Committee(
+        genesis_ms=body["genesis_ms"],
+        round_seconds=body["round_seconds"],
+        epoch_rounds=body["epoch_rounds"],
+        members=tuple(Member(name, key, stake) for name, key, stake in body["members"]),
     )
 
 
@@ -174,6 +197,8 @@ class Node:
             shard = await asyncio.to_thread(load_shard, config)
             self._encoders_loaded = True
             history = HistoryIndex(shard.dim)
+            described = describe_committee(self.committee)
+            await store(lambda s: s.set_meta("committee", described))
             vectors = await store(lambda s: s.history_vectors())
             if vectors:
                 history.add(np.stack([from_float16(v) for v in vectors]))
@@ -234,7 +259,7 @@ class Node:
             )
             verifier = RecordVerifier(
                 store,
-                intake.compute_prepared,
+                intake.preparer.prepare,
                 lambda ids: sync.fetch_submissions(ids, config.consensus.sync_timeout_s),
                 shard.delta,
                 history,

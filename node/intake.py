@@ -24,17 +24,14 @@ from typing import Any, TypeVar
 
 from consensus.committee import Committee
 from encoders.errors import EncoderError
-from encoders.fusion import PairOutcome, fuse_pair
-from encoders.media import DecodedMedia, MediaLimits
-from encoders.modality import Modality
-from encoders.shard import EncodeRequest
+from encoders.media import DecodedMedia
 from node.bus import Topics
 from node.chain import BeaconChain
 from node.config import Config
 from node.encoding import EncoderService
 from node.errors import Reason, Rejected
 from node.metrics import Metrics
-from node.records import Prepared, prepare
+from node.prepare import Preparer, fusion_alpha, media_limits
 from node.sandbox import DecoderPool
 from node.signing import MessageSigner
 from node.store import Admission, Outgoing, State, Store, StoredSubmission
@@ -104,9 +101,9 @@ class Intake:
         self._config = config
         self._signer = signer
         self._store = store
-        self._decoders = decoders
-        self._encoder = encoder
-        self._chain = chain
+        self.preparer = Preparer(
+            decoders, encoder, chain, media_limits(config), fusion_alpha(config), metrics
+        )
         self._committee = committee
         self._metrics = metrics
         self._topics = topics
@@ -114,14 +111,6 @@ class Intake:
         self._clock = clock
         limits = config.limits
         self._wire_limits = WireLimits(limits.message_bytes, limits.text_bytes, limits.image_bytes)
-        self._media_limits = MediaLimits(
-            text_bytes=limits.text_bytes,
-            image_bytes=limits.image_bytes,
-            image_pixels=limits.image_pixels,
-            audio_seconds=limits.audio_seconds,
-            video_seconds=limits.video_seconds,
-            video_frames=limits.video_frames,
-        )
         self._rate = RateLimiter(
             config.intake.rate_limit.per_minute, config.intake.rate_limit.burst
         )
@@ -293,46 +282,12 @@ class Intake:
             finally:
                 self.queue.task_done()
 
-    async def compute_prepared(self, submission: Submission, epoch: int) -> Prepared:
-        """Decode (sandboxed), encode (batched) and fuse; the pure, expensive path.
-
-        Raises :class:`EncoderError` for an item that cannot be decoded. Used
-        for this node's own intake and to recompute a leader's records.
-        """
-        shard = self._encoder.shard
-        epoch, beacon = await self._chain.epoch_beacon(epoch)
-        started = time.perf_counter()
-        try:
-            media = await asyncio.gather(
-                *(
-                    self._decoders.decode(
-                        item.modality, item.mime, item.data, self._media_limits, shard.preprocess
-                    )
-                    for item in submission.items
-                )
-            )
-        finally:
-            self._metrics.stage_seconds.labels(stage="decode").observe(
-                time.perf_counter() - started
-            )
-        requests = [
-            EncodeRequest(item.modality, decoded, item.sha256)
-            for item, decoded in zip(submission.items, media, strict=True)
-        ]
-        embeddings = await self._encoder.embed(requests, beacon)
-        started = time.perf_counter()
-        modalities = [item.modality for item in submission.items]
-        pair = self._fuse(modalities, embeddings) if len(modalities) == 2 else None
-        prepared = prepare(epoch, modalities, embeddings, pair)
-        self._metrics.stage_seconds.labels(stage="fuse").observe(time.perf_counter() - started)
-        return prepared
-
     async def _prepare(self, stored: StoredSubmission) -> None:
         assert stored.raw is not None
         submission = parse_submission(stored.raw, self._wire_limits)
         epoch = self._committee.epoch_of(stored.intake_round or 0)
         try:
-            prepared = await self.compute_prepared(submission, epoch)
+            prepared = await self.preparer.prepare(submission, epoch)
         except EncoderError as error:
             reason = Reason(error.reason) if error.reason in set(Reason) else Reason.UNDECODABLE
             await self._reject(submission.id, submission.submitter, reason, str(error))
@@ -363,18 +318,6 @@ class Intake:
     @property
     def wire_limits(self) -> WireLimits:
         return self._wire_limits
-
-    def _fuse(self, modalities: list[Modality], embeddings: list[Any]) -> PairOutcome:
-        shard = self._encoder.shard
-        alpha = {Modality(name): value for name, value in self._config.fusion.alpha.items()}
-        return fuse_pair(
-            embeddings[0],
-            embeddings[1],
-            modalities[0],
-            modalities[1],
-            alpha,
-            shard.delta(modalities[0], modalities[1]),
-        )
 
 
 __all__ = ["Clock", "DecodedMedia", "Intake", "RateLimiter"]

@@ -468,8 +468,8 @@ class Store:
                 ),
             )
             for outcome in outcomes:
-                # A final submission keeps its bytes: peers fetch them by sync, and an
-                # audit recomputes its record from them.
+                # A certified submission keeps its bytes: peers fetch them by sync,
+                # and an audit recomputes its record from them.
                 self._db.execute(
                     "UPDATE submissions SET state = ?, reason = ?, round = ?, "
                     "raw = CASE WHEN ? THEN raw END WHERE id = ?",
@@ -477,7 +477,7 @@ class Store:
                         outcome.state,
                         outcome.reason,
                         committed.round,
-                        outcome.state is State.FINAL,
+                        outcome.reason != "expired",
                         outcome.submission_id,
                     ),
                 )

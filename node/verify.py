@@ -73,8 +73,11 @@ class RecordVerifier:
         tolerances: Tolerances,
         wire_limits: WireLimits,
         history_lock: asyncio.Lock,
+        *,
+        recompute_always: bool = False,
     ) -> None:
         self._history_lock = history_lock
+        self._recompute_always = recompute_always
         self._store = store
         self._recompute = recompute
         self._fetch = fetch
@@ -99,7 +102,14 @@ class RecordVerifier:
             await asyncio.to_thread(self._check_scores, decoded)
 
     async def _mine(self, record: RoundRecord) -> Prepared:
-        known = await self._store(lambda store: store.prepared_of(record.submission_id))
+        """This node's own computation of the record's submission.
+
+        ``recompute_always`` (an audit of committed rounds) ignores what was
+        stored and recomputes from the submission's bytes.
+        """
+        known = None
+        if not self._recompute_always:
+            known = await self._store(lambda store: store.prepared_of(record.submission_id))
         if known is not None:
             state, prepared = known
             if state is State.FINAL:

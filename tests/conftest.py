@@ -154,6 +154,7 @@ def write_node_config(path: Path, **sections: dict[str, object]) -> Path:
     }
     for name, values in sections.items():
         base.setdefault(name, {}).update(values)
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(base))
     return path
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import stat
 import subprocess
 from pathlib import Path
@@ -29,9 +30,8 @@ def poc(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
 
 def test_keygen_submit_through_the_embedded_broker(tmp_path: Path):
     port = free_port()
-    node = start_node(
-        tmp_path / "node", f"embedded://127.0.0.1:{port}", write_node_config(tmp_path / "node.yaml")
-    )
+    config = write_node_config(tmp_path / "node.yaml")
+    node = start_node(tmp_path / "node", f"embedded://127.0.0.1:{port}", config)
     try:
         keygen = poc("keygen", "--out", str(tmp_path / "me.key"))
         assert keygen.returncode == 0, keygen.stderr
@@ -81,6 +81,21 @@ def test_keygen_submit_through_the_embedded_broker(tmp_path: Path):
     ledger = poc("ledger", "--data-dir", str(node.data_dir), "--json")
     assert ledger.returncode == 0 and isinstance(json.loads(ledger.stdout), dict)
 
+    audit = poc("audit", "--data-dir", str(node.data_dir), "--config", str(config))
+    assert audit.returncode == 0, audit.stdout + audit.stderr
+    assert audit.stdout.strip().endswith("rounds verified")
+
+    database = sqlite3.connect(node.data_dir / "node.sqlite3")
+    round_number, vector = database.execute(
+        "SELECT round, vector FROM history ORDER BY seq LIMIT 1").fetchone()
+    database.execute("UPDATE history SET vector = ? WHERE round = ? AND item = 0",
+                     (bytes(len(vector)), round_number))
+    database.commit()
+    database.close()
+    tampered = poc("audit", "--data-dir", str(node.data_dir), "--config", str(config))
+    assert tampered.returncode == 1
+    assert tampered.stdout.startswith(f"round {round_number}: stored history differs")
+
 
 @pytest.mark.parametrize(
     "args,message",
@@ -109,6 +124,6 @@ def test_a_bad_config_names_every_bad_key(tmp_path: Path):
 
 
 def test_every_subcommand_has_help():
-    for command in ("keygen", "run", "submit", "ledger", "init-weights"):
+    for command in ("keygen", "run", "submit", "ledger", "init-weights", "audit"):
         result = poc(command, "--help", timeout=60)
         assert result.returncode == 0 and "usage: poc-node " + command in result.stdout

@@ -1,0 +1,226 @@
+"""``poc-node audit``: re-verify what a node's store says was finalized.
+
+For every stored round, in order: the quorum certificate (members'
+signatures, stake, one vote per member), the certified proposal (its hash,
+its leader's signature, the leader drawn from the beacon), and every record
+recomputed from the submission's stored bytes (decode, encode, fuse, gap
+scores against the history replayed up to that round, payout) within the
+consensus tolerances; then that the stored history and ledger of the round
+are exactly the certified records. The first bad round is named and the
+command exits non-zero.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from prometheus_client import CollectorRegistry
+
+from consensus.beacon import leader_of
+from consensus.committee import Committee
+from consensus.messages import Proposal
+from node.config import Config
+from node.consensus_wire import ConsensusWireError, decode_certificate, decode_proposal
+from node.daemon import StoreThread, committee_from_description, load_shard
+from node.encoding import EncoderService
+from node.errors import NodeError
+from node.keys import SigningKey
+from node.metrics import Metrics
+from node.prepare import Preparer, fusion_alpha, media_limits
+from node.records import RoundRecord, from_float16
+from node.sandbox import DecoderPool
+from node.signing import MessageSigner
+from node.store import CommittedRound, Store
+from node.verify import Mismatch, RecordVerifier, Tolerances
+from node.wire import WireLimits
+from rewards.history import HistoryIndex
+
+log = logging.getLogger("poc.audit")
+
+
+class _StoredBeacons:
+    """Epoch beacons as the audited node recorded them."""
+
+    def __init__(self, store: StoreThread) -> None:
+        self._store = store
+
+    async def epoch_beacon(self, epoch: int) -> tuple[int, bytes]:
+        beacon = await self._store(lambda s: s.get_meta(f"epoch_beacon/{epoch}"))
+        if beacon is None:
+            raise Mismatch(f"the beacon of epoch {epoch} is not in the store")
+        return epoch, beacon
+
+
+@dataclass(frozen=True)
+class AuditReport:
+    checked: int
+    bad_round: int | None
+    reason: str | None
+
+
+def _check_certificate(
+    committed: CommittedRound,
+    committee: Committee,
+    crypto: MessageSigner,
+    previous: CommittedRound | None,
+) -> Proposal | None:
+    try:
+        certificate = decode_certificate(committed.certificate)
+    except ConsensusWireError as error:
+        raise Mismatch(f"certificate unreadable: {error}") from None
+    if certificate.round != committed.round:
+        raise Mismatch("certificate is for another round")
+    why = certificate.why_invalid(committee, crypto)
+    if why is not None:
+        raise Mismatch(f"certificate invalid: {why}")
+    if certificate.proposal_hash != committed.proposal_hash:
+        raise Mismatch("certificate certifies another proposal")
+    if certificate.proposal_hash is None:
+        return None
+    if committed.proposal is None:
+        raise Mismatch("the certified proposal is not stored")
+    signed = decode_proposal(committed.proposal)
+    if signed.proposal.digest(crypto) != certificate.proposal_hash or not signed.verify(crypto):
+        raise Mismatch("stored proposal does not match its certificate or signature")
+    if (
+        len(committee.members) > 1
+        and previous is not None
+        and previous.round == committed.round - 1
+    ):
+        leader = leader_of(previous.beacon_after, committee)
+        if leader.public_key != signed.proposal.leader:
+            raise Mismatch("the proposal is not from the round's leader")
+    return signed.proposal
+
+
+async def run_audit(
+    config: Config, data_dir: Path, committee: Committee | None, first: int, last: int
+) -> AuditReport:
+    path = data_dir / "node.sqlite3"
+    if not path.exists():
+        raise NodeError(f"no store at {path}")
+    store = StoreThread(Store(path))
+    try:
+        if committee is None:
+            described = await store(lambda s: s.get_meta("committee"))
+            if described is None:
+                raise NodeError("the store names no committee; pass --committee")
+            committee = committee_from_description(described)
+        return await _audit(config, store, committee, first, last)
+    finally:
+        store.close()
+
+
+async def _audit(
+    config: Config, store: StoreThread, committee: Committee, first: int, last: int
+) -> AuditReport:
+    crypto = MessageSigner(SigningKey.generate())  # verification only
+    shard = await asyncio.to_thread(load_shard, config)
+    metrics = Metrics(CollectorRegistry())
+    history = HistoryIndex(shard.dim)
+    rows = await store(lambda s: s.history_rows())
+    before = [from_float16(vector) for number, _, _, vector in rows if number < first]
+    if before:
+        history.add(np.stack(before))
+    decoders = DecoderPool(config.decode.workers, config.decode.timeout_s, config.decode.memory_mb)
+    encoder = EncoderService(
+        shard, config.encoders.batch_size, 0, config.encoders.queue_size, metrics
+    )
+    preparer = Preparer(
+        decoders,
+        encoder,
+        _StoredBeacons(store),
+        media_limits(config),
+        fusion_alpha(config),
+        metrics,
+    )
+
+    async def no_fetch(_: list[bytes]) -> dict[bytes, bytes]:
+        return {}
+
+    verifier = RecordVerifier(
+        store,
+        preparer.prepare,
+        no_fetch,
+        shard.delta,
+        history,
+        config.scoring,
+        Tolerances.of(config.consensus),
+        WireLimits(
+            config.limits.message_bytes, config.limits.text_bytes, config.limits.image_bytes
+        ),
+        asyncio.Lock(),
+        recompute_always=True,
+    )
+    ledger = await store(lambda s: s.ledger_entries())
+    rounds = await store(lambda s: s.committed_rounds(first, last, 10**9))
+    previous = await store(lambda s: s.committed_round(first - 1)) if first > 0 else None
+    checked = 0
+    runner = asyncio.create_task(encoder.run())
+    try:
+        for committed in rounds:
+            try:
+                proposal = _check_certificate(committed, committee, crypto, previous)
+                records = [] if proposal is None else list(proposal.records)
+                await verifier.check(records)
+                decoded = [RoundRecord.from_bytes(raw) for raw in records]
+                _check_stored(committed.round, decoded, rows, ledger)
+            except (Mismatch, ConsensusWireError) as error:
+                return AuditReport(checked, committed.round, str(error))
+            vectors = [from_float16(v) for record in decoded for v in record.history_vectors]
+            if vectors:
+                history.add(np.stack(vectors))
+            checked += 1
+            previous = committed
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+        encoder.close()
+        decoders.close()
+    return AuditReport(checked, None, None)
+
+
+def _check_stored(
+    round_number: int,
+    records: list[RoundRecord],
+    rows: list[tuple[int, bytes, int, bytes]],
+    ledger: list[tuple[int, bytes, bytes, int]],
+) -> None:
+    expected_history = [
+        (record.submission_id, index, vector)
+        for record in records
+        for index, vector in enumerate(record.history_vectors)
+    ]
+    stored_history = [
+        (sid, index, vector) for number, sid, index, vector in rows if number == round_number
+    ]
+    if sorted(expected_history) != sorted(stored_history):
+        raise Mismatch("stored history differs from the certified records")
+    expected_ledger = sorted(
+        (r.submitter, r.submission_id, r.reward) for r in records if r.reward > 0
+    )
+    stored_ledger = sorted(
+        (submitter, sid, amount)
+        for number, submitter, sid, amount in ledger
+        if number == round_number
+    )
+    if expected_ledger != stored_ledger:
+        raise Mismatch("stored ledger differs from the certified records")
+
+
+def parse_range(text: str | None) -> tuple[int, int]:
+    """``A..B`` (inclusive), ``A..`` or ``..B``; everything when None."""
+    if text is None:
+        return 0, 2**62
+    start, separator, end = text.partition("..")
+    try:
+        if not separator:
+            value = int(text)
+            return value, value
+        return (int(start) if start else 0, int(end) if end else 2**62)
+    except ValueError:
+        raise NodeError(f"--rounds {text!r} is not A..B") from None

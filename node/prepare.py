@@ -1,0 +1,105 @@
+"""The pure, expensive path of a submission: decode, encode, fuse.
+
+Shared by intake (a node's own submissions), by the check of a leader's
+records, and by ``poc-node audit``: each recomputes a submission the same
+way, from its signed bytes and the beacon of its epoch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping
+from typing import Protocol
+
+from encoders.embedding import EncodeRequest
+from encoders.fusion import fuse_pair
+from encoders.media import MediaLimits
+from encoders.modality import Modality
+from node.config import Config
+from node.encoding import EncoderService
+from node.metrics import Metrics
+from node.records import Prepared, prepare
+from node.sandbox import DecoderPool
+from node.wire import Submission
+
+
+class EpochBeacons(Protocol):
+    """Where the beacon of an epoch comes from (the live chain, or a store under audit)."""
+
+    async def epoch_beacon(self, epoch: int) -> tuple[int, bytes]: ...
+
+
+def media_limits(config: Config) -> MediaLimits:
+    limits = config.limits
+    return MediaLimits(
+        text_bytes=limits.text_bytes,
+        image_bytes=limits.image_bytes,
+        image_pixels=limits.image_pixels,
+        audio_seconds=limits.audio_seconds,
+        video_seconds=limits.video_seconds,
+        video_frames=limits.video_frames,
+    )
+
+
+def fusion_alpha(config: Config) -> dict[Modality, float]:
+    return {Modality(name): value for name, value in config.fusion.alpha.items()}
+
+
+class Preparer:
+    """Decodes in the sandbox, encodes in micro-batches, fuses pairs."""
+
+    def __init__(
+        self,
+        decoders: DecoderPool,
+        encoder: EncoderService,
+        beacons: EpochBeacons,
+        limits: MediaLimits,
+        alpha: Mapping[Modality, float],
+        metrics: Metrics,
+    ) -> None:
+        self._decoders = decoders
+        self._encoder = encoder
+        self._beacons = beacons
+        self._limits = limits
+        self._alpha = dict(alpha)
+        self._metrics = metrics
+
+    async def prepare(self, submission: Submission, epoch: int) -> Prepared:
+        """Raises :class:`encoders.errors.EncoderError` for an item that cannot be decoded."""
+        shard = self._encoder.shard
+        epoch, beacon = await self._beacons.epoch_beacon(epoch)
+        started = time.perf_counter()
+        try:
+            media = await asyncio.gather(
+                *(
+                    self._decoders.decode(
+                        item.modality, item.mime, item.data, self._limits, shard.preprocess
+                    )
+                    for item in submission.items
+                )
+            )
+        finally:
+            self._metrics.stage_seconds.labels(stage="decode").observe(
+                time.perf_counter() - started
+            )
+        requests = [
+            EncodeRequest(item.modality, decoded, item.sha256)
+            for item, decoded in zip(submission.items, media, strict=True)
+        ]
+        embeddings = await self._encoder.embed(requests, beacon)
+        started = time.perf_counter()
+        modalities = [item.modality for item in submission.items]
+        pair = None
+        if len(modalities) == 2:
+            pair = fuse_pair(
+                embeddings[0],
+                embeddings[1],
+                modalities[0],
+                modalities[1],
+                self._alpha,
+                shard.delta(modalities[0], modalities[1]),
+            )
+        prepared = prepare(epoch, modalities, embeddings, pair)
+        self._metrics.stage_seconds.labels(stage="fuse").observe(time.perf_counter() - started)
+        return prepared

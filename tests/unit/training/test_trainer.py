@@ -1,0 +1,60 @@
+from __future__ import annotations
+
+import torch
+
+from encoders.modality import Modality
+from encoders.weights import DEFAULT_PREPROCESS
+from training.corpus import Corpus
+from training.losses import multi_positive_nce
+from training.trainer import EpochReport, TrainSettings, motion_maps, train
+
+from .conftest import random_table
+
+
+def test_multi_positive_nce_is_clip_loss_with_one_positive() -> None:
+    logits = torch.tensor([[2.0, 0.5, -1.0], [0.0, 1.0, 0.3], [0.2, 0.1, 3.0]])
+    expected = torch.nn.functional.cross_entropy(logits, torch.arange(3))
+    assert torch.allclose(multi_positive_nce(logits, torch.eye(3, dtype=torch.bool)), expected)
+
+
+def test_motion_maps_swap_directions(micro_corpus: Corpus) -> None:
+    flip, reverse = motion_maps(micro_corpus.moving)
+    moving = micro_corpus.moving
+    for i, concept in enumerate(moving):
+        flipped, reversed_ = moving[int(flip[i])], moving[int(reverse[i])]
+        assert (flipped.colour, flipped.shape) == (concept.colour, concept.shape)
+        assert {concept.motion, flipped.motion} in ({"left", "right"}, {"up"}, {"down"})
+        assert {concept.motion, reversed_.motion} in ({"left", "right"}, {"up", "down"})
+
+
+def test_training_lowers_the_loss_on_a_tiny_corpus(micro_corpus: Corpus) -> None:
+    torch.set_num_threads(1)
+    settings = TrainSettings(
+        seed=0,
+        encoder_seeds=(0,),
+        dim=16,
+        width=32,
+        depth=1,
+        heads=2,
+        epochs=10,
+        batch_size=4,
+        learning_rate=3e-3,
+        warmup_steps=1,
+        masked_share=0.3,
+        schedule=("image", "audio", "video"),
+    )
+    reports: list[EpochReport] = []
+    models = train(
+        micro_corpus,
+        DEFAULT_PREPROCESS,
+        random_table(micro_corpus.still),
+        random_table(micro_corpus.moving),
+        settings,
+        on_epoch=reports.append,
+    )
+    assert len(models) == 1 and len(reports) == 10
+    first, last = reports[0].loss, reports[-1].loss
+    assert last[Modality.IMAGE] < first[Modality.IMAGE]
+    assert sum(last.values()) < sum(first.values())
+    assert all(0.0 <= r <= 1.0 for r in reports[-1].recall.values())
+    assert not any(p.requires_grad for p in models[0].parameters())
