@@ -229,7 +229,7 @@ class RoundDriver:
             elif topic == f"{prefix}/consensus/proposals":
                 self._spawn(self._on_proposal(decode_proposal(payload)))
             elif topic == f"{prefix}/consensus/evidence":
-                log.info("event=evidence_seen bytes=%d", len(payload))
+                log.debug("event=evidence_seen bytes=%d", len(payload))
             elif self._sync is not None and topic == self._sync.request_topic:
                 self._spawn(self._sync.on_request(payload))
             elif self._sync is not None and topic == self._sync.reply_topic:

@@ -421,11 +421,14 @@ class Store:
         ).fetchone()
         return None if row is None or row[0] is None else bytes(row[0])
 
-    def prepared_of(self, submission_id: bytes) -> tuple[State, bytes | None] | None:
+    def prepared_of(self, submission_id: bytes) -> tuple[State, bytes, bytes | None] | None:
+        """(state, submitter, prepared form) of a submission this node stored."""
         row = self._db.execute(
-            "SELECT state, prepared FROM submissions WHERE id = ?", (submission_id,)
+            "SELECT state, submitter, prepared FROM submissions WHERE id = ?", (submission_id,)
         ).fetchone()
-        return None if row is None else (State(row[0]), None if row[1] is None else bytes(row[1]))
+        if row is None:
+            return None
+        return State(row[0]), bytes(row[1]), None if row[2] is None else bytes(row[2])
 
     def ledger_entries(self) -> list[tuple[int, bytes, bytes, int]]:
         rows = self._db.execute(

@@ -111,9 +111,11 @@ class RecordVerifier:
         if not self._recompute_always:
             known = await self._store(lambda store: store.prepared_of(record.submission_id))
         if known is not None:
-            state, prepared = known
+            state, submitter, prepared = known
             if state is State.FINAL:
                 raise Mismatch(f"{record.submission_id.hex()[:16]} was finalized before")
+            if submitter != record.submitter:
+                raise Mismatch(f"{record.submission_id.hex()[:16]} names another submitter")
             if prepared is not None:
                 return Prepared.from_bytes(prepared)
         raw = await self._store(lambda store: store.raw_submission(record.submission_id))

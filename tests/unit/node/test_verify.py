@@ -1,0 +1,126 @@
+"""A leader's records against this node's own computation."""
+
+import asyncio
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from encoders.modality import Modality
+from node.config import load_config
+from node.records import Candidate, Prepared, PreparedItem, RoundRecord, score_round, to_float16
+from node.store import Store
+from node.verify import Mismatch, RecordVerifier, Tolerances
+from node.wire import WireLimits
+from rewards.history import HistoryIndex
+
+CONFIG = load_config()
+DELTA = 0.5
+
+
+CENTRE = np.ones(16) / 4.0
+
+
+def unit(seed: int, spread: float = 0.005) -> np.ndarray:
+    """Near the centre of the history's cluster, so that items qualify and earn."""
+    vector = CENTRE + spread * np.random.default_rng(seed).standard_normal(16)
+    return vector / np.linalg.norm(vector)
+
+
+def prepared(seed: int, pair: bool, distance: float = 0.3) -> Prepared:
+    modalities = [Modality.TEXT, Modality.IMAGE] if pair else [Modality.TEXT]
+    too_far = pair and distance > DELTA
+    items = tuple(PreparedItem(m, to_float16(unit(seed + i)), pair and not too_far, 900_000)
+                  for i, m in enumerate(modalities))
+    return Prepared(0, items, round(distance * 1e6) if pair else None, too_far)
+
+
+def make(tmp_path: Path, mine: dict[bytes, Prepared], history_size: int = 80):
+    store = Store(tmp_path / "s.db")
+    for identity, prep in mine.items():
+        store.admit(identity, b"s" * 32, int.from_bytes(identity[:4], "big"), 0,
+                    [identity], b"raw", 0, 0, 600_000)
+        store.accept(identity, prep.to_bytes(), _outgoing())
+    history = HistoryIndex(16)
+    history.add(np.stack([unit(1000 + i, 0.05) for i in range(history_size)]))
+
+    async def call(function):
+        return function(store)
+
+    async def no_recompute(submission, epoch):
+        raise AssertionError("everything is prepared locally")
+
+    async def no_fetch(ids):
+        return {}
+
+    scoring = CONFIG.scoring.model_copy(update={"k": 16})
+    verifier = RecordVerifier(call, no_recompute, no_fetch, lambda a, b: DELTA, history,
+                              scoring, Tolerances(0.02, 20_000, 1_000), WireLimits(),
+                              asyncio.Lock())
+    candidates = [Candidate(i, b"s" * 32, p) for i, p in mine.items()]
+    records = score_round(candidates, history, scoring)
+    return verifier, records
+
+
+def _outgoing():
+    from node.store import Outgoing
+
+    return Outgoing("t", b"x")
+
+
+def check(verifier: RecordVerifier, records: list[RoundRecord]) -> None:
+    asyncio.run(verifier.check([r.to_bytes() for r in records]))
+
+
+MINE = {bytes([i]) * 32: prepared(i * 10, pair=i % 2 == 0) for i in range(1, 6)}
+
+
+def test_the_leaders_honest_records_are_accepted(tmp_path: Path):
+    verifier, records = make(tmp_path, MINE)
+    assert any(r.reward for r in records)
+    check(verifier, records)
+
+
+@pytest.mark.parametrize("tamper", [
+    lambda r: dataclasses.replace(r, reward=r.reward + 1),
+    lambda r: dataclasses.replace(r, score=r.score + 5),
+    lambda r: dataclasses.replace(r, scores_ppm=tuple(s + 5000 for s in r.scores_ppm)),
+    lambda r: dataclasses.replace(r, embeddings=tuple(
+        dataclasses.replace(e, vector=to_float16(-unit(999))) for e in r.embeddings)),
+    lambda r: dataclasses.replace(r, submitter=b"x" * 32),
+])
+def test_a_false_record_is_refused(tmp_path: Path, tamper):
+    verifier, records = make(tmp_path, MINE)
+    best = max(range(len(records)), key=lambda i: records[i].reward)
+    records[best] = tamper(records[best])
+    with pytest.raises(Mismatch):
+        check(verifier, records)
+
+
+def test_unsorted_records_and_unknown_submissions_are_refused(tmp_path: Path):
+    verifier, records = make(tmp_path, MINE)
+    with pytest.raises(Mismatch, match="sorted"):
+        check(verifier, records[::-1])
+    stranger = dataclasses.replace(records[0], submission_id=b"\xff" * 32)
+    with pytest.raises(Mismatch, match="unknown"):
+        check(verifier, records + [stranger])
+
+
+def test_a_decision_near_delta_follows_the_leader(tmp_path: Path):
+    identity = b"\x07" * 32
+    near = prepared(70, pair=True, distance=DELTA + 0.01)  # mine: too far
+    verifier, _ = make(tmp_path, {identity: near})
+    leader_view = dataclasses.replace(
+        near, too_far=False, pair_distance_ppm=round((DELTA - 0.005) * 1e6),
+        items=tuple(dataclasses.replace(i, fused=True) for i in near.items))
+    history = HistoryIndex(16)
+    history.add(np.stack([unit(1000 + i, 0.05) for i in range(80)]))
+    records = score_round([Candidate(identity, b"s" * 32, leader_view)], history,
+                          CONFIG.scoring.model_copy(update={"k": 16}))
+    check(verifier, records)
+    far_view = dataclasses.replace(leader_view, pair_distance_ppm=round((DELTA - 0.2) * 1e6))
+    records = score_round([Candidate(identity, b"s" * 32, far_view)], history,
+                          CONFIG.scoring.model_copy(update={"k": 16}))
+    with pytest.raises(Mismatch):
+        check(verifier, records)
