@@ -104,7 +104,7 @@ def test_unsorted_records_and_unknown_submissions_are_refused(tmp_path: Path):
         check(verifier, records[::-1])
     stranger = dataclasses.replace(records[0], submission_id=b"\xff" * 32)
     with pytest.raises(Mismatch, match="unknown"):
-        check(verifier, records + [stranger])
+        check(verifier, [*records, stranger])
 
 
 def test_a_decision_near_delta_follows_the_leader(tmp_path: Path):
