@@ -355,8 +355,11 @@ class Node:
                         break
                     await asyncio.sleep(0.05)  # the publisher deletes entries as PUBACKs arrive
         except TimeoutError:
+            unpublished = await store(lambda s: s.outbox_size())
             log.warning(
-                "event=drain_incomplete queued=%d (resumed at next start)", intake.queue.qsize()
+                "event=drain_incomplete queued=%d unpublished=%d (both resumed at next start)",
+                intake.queue.qsize(),
+                unpublished,
             )
         bus_task.cancel()
         for task in workers:

@@ -127,3 +127,14 @@ def test_every_subcommand_has_help():
     for command in ("keygen", "run", "submit", "ledger", "init-weights", "audit"):
         result = poc(command, "--help", timeout=60)
         assert result.returncode == 0 and "usage: poc-node " + command in result.stdout
+
+
+def test_a_key_outside_the_committee_refuses_to_start(tmp_path: Path):
+    keygen = poc("keygen", "--out", str(tmp_path / "stranger.key"))
+    assert keygen.returncode == 0
+    committee = ROOT / "config" / "committee.example.yaml"
+    result = poc("run", "--committee", str(committee), "--key", str(tmp_path / "stranger.key"),
+                 "--data-dir", str(tmp_path / "data"), "--bus", "mqtt://127.0.0.1:9")
+    assert result.returncode == 1
+    assert "is not a member of the committee" in result.stderr
+    assert keygen.stdout.strip() in result.stderr
