@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import os
 import shutil
 import signal
@@ -80,6 +81,9 @@ def start_mosquitto(directory: Path) -> Broker:
         "message_size_limit 0\n"
         "persistence true\n"
         f"persistence_location {directory}/\n"
+        # Started as root, Mosquitto drops to user `mosquitto`, which could not
+        # write its persistence file here: stay the user who runs the tests.
+        f"user {getpass.getuser()}\n"
     )
     broker = Broker(port, None, config)  # type: ignore[arg-type]
     broker.start()
