@@ -244,8 +244,8 @@ class Intake:
             stored = StoredSubmission(
                 identity, submission.submitter, State.RECEIVED, submission.raw, intake_round, None
             )
-            self._metrics.queue_depth.labels(queue="prepare").set(self.queue.qsize() + 1)
-            await self.queue.put(stored)
+            await self.queue.put(stored)  # waits while full: the bus stops being acknowledged
+            self._metrics.queue_depth.labels(queue="prepare").set(self.queue.qsize())
 
     async def resume(self) -> None:
         """Queue the submissions stored but not prepared before the last stop."""

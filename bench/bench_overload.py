@@ -1,0 +1,154 @@
+"""Overload: measure the sustainable rate, then flood at ten times it.
+
+Starts a Mosquitto and a node process (committee of one) on loopback,
+measures how many submissions per second the node finalizes, floods it at
+``--factor`` times that rate for ``--seconds`` from many submitters (plus
+one submitter far over its own rate), and prints: peak RSS of the node and
+its decoder processes, finalized rounds during the flood, what was shed and
+how, and how long the node took to drain the backlog and answer again.
+
+    .venv/bin/python bench/bench_overload.py [--seconds 60] [--factor 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.conftest import start_mosquitto, start_node, write_node_config  # noqa: E402
+from tests.peer import Peer, ResultListener, submission_id  # noqa: E402
+
+
+def rss_kib(pid: int) -> int:
+    """Resident memory of a process and its children, in KiB."""
+    total = 0
+    pids = [pid]
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        pids += [int(child) for child in children]
+        for child in list(pids[1:]):
+            grand = Path(f"/proc/{child}/task/{child}/children").read_text().split()
+            pids += [int(g) for g in grand]
+    except OSError:
+        pass
+    for process in pids:
+        try:
+            for line in Path(f"/proc/{process}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            continue
+    return total
+
+
+async def measure_rate(port: int, count: int) -> float:
+    peers = [Peer() for _ in range(count)]
+    raws = [peer.submission([("text", "text/plain", f"calibration {i}".encode())])
+            for i, peer in enumerate(peers)]
+    async with ResultListener(port) as listener:
+        started = time.monotonic()
+        for raw in raws:
+            await listener.publish(raw)
+        for raw in raws:
+            await listener.wait_for(submission_id(raw), {"accepted", "rejected"}, 300)
+        return count / (time.monotonic() - started)
+
+
+async def flood(port: int, rate: float, seconds: float, stats: dict[str, int]) -> list[bytes]:
+    greedy = Peer()
+    sent: list[bytes] = []
+    async with ResultListener(port) as listener:
+        started = time.monotonic()
+        index = 0
+        while time.monotonic() - started < seconds:
+            if index % 10 == 0:
+                raw = greedy.submission([("text", "text/plain", f"greedy {index}".encode())])
+            else:
+                raw = Peer().submission([("text", "text/plain", f"flood {index}".encode())])
+            await listener.publish(raw)
+            sent.append(raw)
+            index += 1
+            delay = started + index / rate - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+        stats["published"] = index
+        await asyncio.sleep(2)
+        reasons: dict[str, int] = {}
+        for result in listener.results:
+            key = result["reason"] or result["status"]
+            reasons[key] = reasons.get(key, 0) + 1
+        stats.update({f"result:{k}": v for k, v in reasons.items()})
+    return sent
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--factor", type=float, default=10.0)
+    parser.add_argument("--calibration", type=int, default=60)
+    args = parser.parse_args()
+
+    directory = Path(tempfile.mkdtemp(prefix="poc-overload-"))
+    broker = start_mosquitto(directory)
+    config = write_node_config(directory / "node.yaml", rounds={"round_seconds": 2},
+                               node={"log_level": "WARNING"})
+    node = start_node(directory / "node", f"mqtt://127.0.0.1:{broker.port}", config)
+    try:
+        rate = asyncio.run(measure_rate(broker.port, args.calibration))
+        print(f"sustainable rate        {rate:8.1f} submissions/s (text, verified and encoded)")
+        flood_rate = rate * args.factor
+        print(f"flood rate              {flood_rate:8.1f} submissions/s for {args.seconds:g} s")
+        peak = rss_kib(node.process.pid)
+        baseline = peak
+        stats: dict[str, int] = {}
+        finalized_before = node.metric("poc_finalized_round")
+        done = threading.Event()
+
+        def sample() -> None:
+            nonlocal peak
+            while not done.is_set():
+                peak = max(peak, rss_kib(node.process.pid))
+                time.sleep(0.25)
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        try:
+            asyncio.run(flood(broker.port, flood_rate, args.seconds, stats))
+            finalized_during = node.metric("poc_finalized_round") - finalized_before
+            flood_end = time.monotonic()
+            probe = Peer().submission([("text", "text/plain", b"are you still there?")])
+
+            async def answered() -> None:
+                async with ResultListener(broker.port) as listener:
+                    await listener.publish(probe)
+                    await listener.final(submission_id(probe), 3600)
+
+            asyncio.run(answered())
+            recovery = time.monotonic() - flood_end
+        finally:
+            done.set()
+            sampler.join()
+        print(f"node RSS before flood   {baseline / 1024:8.1f} MiB (node and decoder processes)")
+        print(f"node RSS peak           {peak / 1024:8.1f} MiB  ratio {peak / baseline:.2f}")
+        print(f"rounds finalized        {finalized_during:8.0f} during the flood")
+        print(f"published               {stats.get('published', 0):8d}")
+        for key in sorted(k for k in stats if k.startswith("result:")):
+            print(f"  {key[7:]:<22}{stats[key]:8d} results seen during the flood")
+        print(f"recovery                {recovery:8.1f} s from the flood's end to a new final")
+        depth = node.metric("poc_queue_depth", 'queue="prepare"')
+        print(f"queue depth now         {depth:8.0f}")
+    finally:
+        node.stop()
+        broker.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""A burst far above what the node can encode: bounded queues push back on the bus.
+
+The node's own queues never exceed their bounds (the backlog waits, unacknowledged,
+in the broker), rounds keep finalizing during the burst, and every submission is
+answered once it is over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import start_mosquitto, start_node, write_node_config
+from tests.peer import Peer, ResultListener, submission_id
+
+pytestmark = pytest.mark.integration
+
+QUEUE = 3
+
+
+def test_a_burst_is_absorbed_with_bounded_queues(tmp_path: Path):
+    broker = start_mosquitto(tmp_path)
+    node = start_node(tmp_path / "node", f"mqtt://127.0.0.1:{broker.port}",
+                      write_node_config(tmp_path / "node.yaml", rounds={"round_seconds": 1},
+                                        intake={"queue_size": QUEUE},
+                                        encoders={"queue_size": QUEUE}))
+    raws = [Peer().submission([("text", "text/plain", f"burst {i}".encode())])
+            for i in range(150)]
+    depths: list[float] = []
+    rounds: list[float] = []
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            depths.append(node.metric("poc_queue_depth", 'queue="prepare"'))
+            rounds.append(node.metric("poc_finalized_round"))
+            time.sleep(0.1)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+
+    async def scenario() -> list[dict]:
+        async with ResultListener(broker.port) as listener:
+            for raw in raws:
+                await listener.publish(raw)
+            return [await listener.final(submission_id(raw), 180) for raw in raws]
+
+    try:
+        finals = asyncio.run(scenario())
+    finally:
+        stop.set()
+        watcher.join()
+        assert node.stop() == 0, node.log_text()[-3000:]
+        broker.stop()
+    assert all(result["status"] == "final" for result in finals)
+    assert max(depths) <= QUEUE
+    assert rounds[-1] - rounds[0] >= 3, "rounds stopped finalizing during the burst"
