@@ -126,7 +126,12 @@ async def _audit(
     before = [from_float16(vector) for number, _, _, vector in rows if number < first]
     if before:
         history.add(np.stack(before))
-    decoders = DecoderPool(config.decode.workers, config.decode.timeout_s, config.decode.memory_mb)
+    decoders = DecoderPool(
+        config.decode.workers,
+        config.decode.timeout_s,
+        config.decode.memory_mb,
+        config.decode.cpu_seconds,
+    )
     encoder = EncoderService(
         shard, config.encoders.batch_size, 0, config.encoders.queue_size, metrics
     )

@@ -10,6 +10,11 @@ node, which is the back-pressure on the bus.
 Outgoing messages come from the store's outbox; :class:`OutboxPublisher`
 publishes them with a bounded window of concurrent QoS 1 publishes and
 deletes each only after its PUBACK.
+
+With ``bus.tls_ca`` set or an ``mqtts://`` URL the connection is TLS (server
+certificate and host name verified, TLS 1.2 at least), optionally with a client
+certificate; :func:`tls_context` builds the context once, at start, and names
+the file and the key of anything it cannot use.
 """
 
 from __future__ import annotations
@@ -17,13 +22,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import ssl
+import stat
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import aiomqtt
 from paho.mqtt.client import MQTT_CLEAN_START_FIRST_ONLY
 
 from node.config import BusSection
+from node.errors import ConfigError
 from node.metrics import Metrics
 
 log = logging.getLogger("poc.bus")
@@ -48,6 +57,62 @@ class Topics:
         return f"{self.prefix}/rounds/{number}"
 
 
+def tls_context(
+    ca: Path | None,
+    cert: Path | None,
+    key: Path | None,
+    names: tuple[str, str, str] = ("bus.tls_ca", "bus.tls_cert", "bus.tls_key"),
+) -> ssl.SSLContext:
+    """A client TLS context: trust ``ca`` (the system CAs without it), present ``cert``.
+
+    ``names`` are how the three settings are called where they came from
+    (config keys or command-line flags), for the error messages. A client key
+    readable by group or others is refused, as the node's own key is.
+    """
+    ca_name, cert_name, key_name = names
+    if (cert is None) != (key is None):
+        raise ConfigError(f"{cert_name} and {key_name} must be given together")
+    try:
+        if ca is None:
+            context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+        else:
+            context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca))
+    except OSError as error:
+        if isinstance(error, ssl.SSLError):
+            raise ConfigError(
+                f"{ca_name}: TLS CA file {ca} holds no usable PEM certificate ({error.reason})"
+            ) from None
+        raise ConfigError(f"{ca_name}: cannot read TLS CA file {ca}: {error.strerror}") from None
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if cert is not None and key is not None:
+        try:
+            mode = key.stat().st_mode
+        except OSError as error:
+            raise ConfigError(
+                f"{key_name}: cannot read TLS key file {key}: {error.strerror}"
+            ) from None
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise ConfigError(
+                f"{key_name}: TLS key file {key} has mode {stat.S_IMODE(mode):04o}; it must be "
+                f"readable by its owner only (chmod 600 {key})"
+            )
+        for path, name, what in ((cert, cert_name, "certificate"), (key, key_name, "key")):
+            try:
+                path.read_bytes()
+            except OSError as error:
+                raise ConfigError(
+                    f"{name}: cannot read TLS {what} file {path}: {error.strerror}"
+                ) from None
+        try:
+            context.load_cert_chain(str(cert), str(key))
+        except ssl.SSLError as error:
+            raise ConfigError(
+                f"{cert_name}, {key_name}: TLS certificate {cert} and key {key} are not a "
+                f"matching PEM certificate and private key ({error.reason})"
+            ) from None
+    return context
+
+
 class Bus:
     """A reconnecting aiomqtt client whose session survives restarts."""
 
@@ -55,6 +120,11 @@ class Bus:
         self._settings = settings
         self._client_id = client_id
         self._metrics = metrics
+        self._tls = (
+            tls_context(settings.tls_ca, settings.tls_cert, settings.tls_key)
+            if settings.tls
+            else None
+        )
         self._client: aiomqtt.Client | None = None
         self.connected = asyncio.Event()
         self._connections = 0
@@ -66,6 +136,7 @@ class Bus:
             identifier=self._client_id,
             username=self._settings.username,
             password=self._settings.password,
+            tls_context=self._tls,
             clean_session=False,
             clean_start=MQTT_CLEAN_START_FIRST_ONLY,
             keepalive=self._settings.keepalive_s,
@@ -93,10 +164,12 @@ class Bus:
                     self.connected.set()
                     self._metrics.bus_connected.set(1)
                     log.info(
-                        "event=bus_connected host=%s port=%d client_id=%s",
+                        "event=bus_connected host=%s port=%d client_id=%s tls=%s username=%s",
                         self._settings.host,
                         self._settings.port,
                         self._client_id,
+                        self._tls is not None,
+                        self._settings.username,
                     )
                     delay = self._settings.reconnect_min_s
                     async for message in client.messages:

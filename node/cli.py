@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -54,7 +55,30 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     submit.add_argument("--key", type=Path, required=True, help="submitter key file")
     submit.add_argument(
-        "--bus", default="mqtt://127.0.0.1:1883", help="broker URL (default mqtt://127.0.0.1:1883)"
+        "--bus",
+        default="mqtt://127.0.0.1:1883",
+        help="broker URL, mqtt://HOST:PORT or mqtts://HOST:PORT for TLS "
+        "(default mqtt://127.0.0.1:1883)",
+    )
+    submit.add_argument(
+        "--tls-ca",
+        type=Path,
+        help="CA certificate (PEM) of the broker; implies TLS (mqtts:// without it trusts "
+        "the system CAs)",
+    )
+    submit.add_argument(
+        "--tls-cert", type=Path, help="client certificate (PEM), for brokers that require one"
+    )
+    submit.add_argument("--tls-key", type=Path, help="its private key (PEM, mode 0600)")
+    submit.add_argument(
+        "--username",
+        help="broker username; default, when TLS or a password is given: the submitter's "
+        "public key hex",
+    )
+    submit.add_argument(
+        "--password",
+        default=os.environ.get("POC_BUS_PASSWORD"),
+        help="broker password (default: $POC_BUS_PASSWORD, which keeps it out of the process list)",
     )
     submit.add_argument("--topic-prefix", default="poc/v1", help="topic prefix (default poc/v1)")
     submit.add_argument(
@@ -149,11 +173,20 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _submit(args: argparse.Namespace) -> int:
-    from node.submitter import parse_item, run_submit
+    from node.submitter import Access, parse_item, run_submit
 
     items = [parse_item(text) for text in args.items]
+    access = Access(args.tls_ca, args.tls_cert, args.tls_key, args.username, args.password)
     return asyncio.run(
-        run_submit(args.key, args.bus, args.topic_prefix, items, args.timeout, as_json=args.json)
+        run_submit(
+            args.key,
+            args.bus,
+            args.topic_prefix,
+            items,
+            args.timeout,
+            as_json=args.json,
+            access=access,
+        )
     )
 
 

@@ -31,6 +31,8 @@ class DecodeLimits:
     max_bytes: int = 8 * 1024 * 1024
     max_container_len: int = 1024
     max_str_len: int = 64 * 1024
+    max_depth: int = 32
+    """Nesting of maps and arrays; msgpack allows ~1000, past Python's recursion limit."""
 
 
 def _canonical(value: Any) -> Any:
@@ -63,18 +65,20 @@ def pack(value: Any) -> bytes:
     return packed
 
 
-def _reject_foreign(value: Any, depth: int = 0) -> None:
+def _reject_foreign(value: Any, max_depth: int, depth: int = 0) -> None:
     """Refuse values that msgpack decodes but the protocol never sends."""
+    if isinstance(value, dict | list) and depth >= max_depth:
+        raise CodecError(f"containers are nested deeper than {max_depth} levels")
     if isinstance(value, float):
         raise CodecError("floats are not allowed")
     if isinstance(value, dict):
         for key, item in value.items():
             if not isinstance(key, str):
                 raise CodecError("map keys must be strings")
-            _reject_foreign(item, depth + 1)
+            _reject_foreign(item, max_depth, depth + 1)
     elif isinstance(value, list):
         for item in value:
-            _reject_foreign(item, depth + 1)
+            _reject_foreign(item, max_depth, depth + 1)
     elif isinstance(value, msgpack.ExtType):
         raise CodecError("extension types are not allowed")
 
@@ -102,7 +106,7 @@ def unpack(raw: bytes, limits: DecodeLimits = DecodeLimits()) -> Any:
         )
     except (ValueError, TypeError, msgpack.UnpackException, RecursionError) as error:
         raise CodecError(f"not a msgpack value: {error}") from error
-    _reject_foreign(value)
+    _reject_foreign(value, limits.max_depth)
     try:
         again = pack(value)
     except CodecError as error:  # pragma: no cover - _reject_foreign already refused it

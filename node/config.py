@@ -14,7 +14,14 @@ from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from node.errors import ConfigError
 
@@ -50,7 +57,10 @@ class BusSection(_Section):
     topic_prefix: str
     client_id: str | None = None
     username: str | None = None
-    password: str | None = None
+    password: str | None = Field(default=None, validate_default=True)
+    tls_ca: Path | None = Field(default=None, validate_default=True)
+    tls_cert: Path | None = None
+    tls_key: Path | None = Field(default=None, validate_default=True)
     keepalive_s: PositiveInt
     connect_timeout_s: PositiveFloat
     reconnect_min_s: PositiveFloat
@@ -62,8 +72,10 @@ class BusSection(_Section):
     @classmethod
     def _known_scheme(cls, value: str) -> str:
         parts = urlsplit(value)
-        if parts.scheme not in {"mqtt", "embedded"}:
-            raise ValueError("must be mqtt://HOST:PORT or embedded://HOST:PORT")
+        if parts.scheme not in {"mqtt", "mqtts", "embedded"}:
+            raise ValueError(
+                "must be mqtt://HOST:PORT, mqtts://HOST:PORT (TLS) or embedded://HOST:PORT"
+            )
         if not parts.hostname:
             raise ValueError("names no host")
         try:
@@ -79,9 +91,38 @@ class BusSection(_Section):
             raise ValueError("must be a non-empty topic without wildcards or a trailing /")
         return value
 
+    @field_validator("password")
+    @classmethod
+    def _password_needs_username(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and info.data.get("username") is None:
+            raise ValueError("is set but bus.username is not")
+        return value
+
+    @field_validator("tls_ca")
+    @classmethod
+    def _no_tls_when_embedded(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        url = info.data.get("url")
+        if value is not None and url is not None and urlsplit(url).scheme == "embedded":
+            raise ValueError(
+                "the embedded broker speaks no TLS: use mqtts://HOST:PORT with an external broker"
+            )
+        return value
+
+    @field_validator("tls_key")
+    @classmethod
+    def _key_with_certificate(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if (value is None) != (info.data.get("tls_cert") is None) and "tls_cert" in info.data:
+            raise ValueError("bus.tls_cert and bus.tls_key must be given together")
+        return value
+
     @property
     def embedded(self) -> bool:
         return urlsplit(self.url).scheme == "embedded"
+
+    @property
+    def tls(self) -> bool:
+        """TLS when the URL says mqtts:// or a CA is given."""
+        return urlsplit(self.url).scheme == "mqtts" or self.tls_ca is not None
 
     @property
     def host(self) -> str:
@@ -89,7 +130,7 @@ class BusSection(_Section):
 
     @property
     def port(self) -> int:
-        return urlsplit(self.url).port or 1883
+        return urlsplit(self.url).port or (8883 if urlsplit(self.url).scheme == "mqtts" else 1883)
 
 
 class HttpSection(_Section):
@@ -129,6 +170,7 @@ class LimitsSection(_Section):
 class DecodeSection(_Section):
     workers: PositiveInt
     timeout_s: PositiveFloat
+    cpu_seconds: PositiveFloat
     memory_mb: PositiveInt
 
 

@@ -213,7 +213,10 @@ class Node:
             if config.bus.embedded:
                 await stack.enter_async_context(embedded_broker(config.bus.host, config.bus.port))
             decoders = DecoderPool(
-                config.decode.workers, config.decode.timeout_s, config.decode.memory_mb
+                config.decode.workers,
+                config.decode.timeout_s,
+                config.decode.memory_mb,
+                config.decode.cpu_seconds,
             )
             stack.callback(decoders.close)
             encoder = EncoderService(

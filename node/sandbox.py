@@ -1,8 +1,9 @@
 """Media decoding in separate, capped worker processes.
 
-Each slot is a one-process pool whose process has an address-space cap. An
-item whose decoding crashes its process, or does not finish within the time
-limit, kills only that slot's process; the item is rejected as
+Each slot is a one-process pool whose process has an address-space cap and,
+for every item, a CPU-time cap (the kernel kills a decoder that spins). An
+item whose decoding crashes its process, exceeds a cap, or does not finish
+within the wall-clock limit, costs only that slot's process; the item is rejected as
 ``undecodable`` and the slot is replaced. Decoders never share a process with
 torch, the store or the event loop.
 """
@@ -32,9 +33,26 @@ def _limit_worker(memory_bytes: int) -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
+def _cap_cpu(seconds: float) -> None:
+    """Let this item use at most ``seconds`` more CPU time; past it the kernel kills us."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    spent = usage.ru_utime + usage.ru_stime
+    _, hard = resource.getrlimit(resource.RLIMIT_CPU)
+    soft = int(spent + seconds) + 1
+    if hard != resource.RLIM_INFINITY:
+        soft = min(soft, hard)
+    resource.setrlimit(resource.RLIMIT_CPU, (soft, hard))
+
+
 def _decode(
-    modality: Modality, mime: str, data: bytes, limits: MediaLimits, spec: PreprocessSpec
+    modality: Modality,
+    mime: str,
+    data: bytes,
+    limits: MediaLimits,
+    spec: PreprocessSpec,
+    cpu_seconds: float,
 ) -> DecodedMedia:
+    _cap_cpu(cpu_seconds)
     try:
         return decode_media(modality, mime, data, limits, spec)
     except EncoderError:
@@ -48,8 +66,11 @@ def _decode(
 class DecoderPool:
     """``workers`` sandboxed decoder processes, used one item at a time each."""
 
-    def __init__(self, workers: int, timeout_s: float, memory_mb: int) -> None:
+    def __init__(
+        self, workers: int, timeout_s: float, memory_mb: int, cpu_seconds: float | None = None
+    ) -> None:
         self._timeout_s = timeout_s
+        self._cpu_seconds = cpu_seconds if cpu_seconds is not None else timeout_s
         self._memory_bytes = memory_mb * 1024 * 1024
         self._context = multiprocessing.get_context("forkserver")
         self._context.set_forkserver_preload(["encoders.media"])
@@ -83,7 +104,9 @@ class DecoderPool:
         loop = asyncio.get_running_loop()
         healthy = True
         try:
-            future = loop.run_in_executor(slot, _decode, modality, mime, data, limits, spec)
+            future = loop.run_in_executor(
+                slot, _decode, modality, mime, data, limits, spec, self._cpu_seconds
+            )
             async with asyncio.timeout(self._timeout_s):
                 return await future
         except TimeoutError:

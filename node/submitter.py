@@ -3,6 +3,10 @@
 Signs a Submission, subscribes to its own results topic *before* publishing
 (so no Result can be missed), publishes with QoS 1 and prints every Result
 about the submission until a final or rejected one arrives.
+
+Against a secured broker (``config/mosquitto/``) it connects over TLS and
+logs in: the username defaults to the submitter's public key in hex, which is
+what the broker's ACL lets read ``results/<that key>``.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import json
 import secrets
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -22,6 +27,7 @@ import numpy as np
 from encoders.errors import EncoderError
 from encoders.media import media_type_of
 from encoders.modality import MEDIA_TYPES, Modality
+from node.bus import tls_context
 from node.codec import CodecError
 from node.errors import NodeError
 from node.keys import load_key
@@ -48,6 +54,23 @@ def parse_item(text: str) -> tuple[Modality, str, bytes]:
     except EncoderError as error:
         raise NodeError(str(error)) from None
     return MEDIA_TYPES[mime], mime, path.read_bytes()
+
+
+@dataclass(frozen=True)
+class Access:
+    """How ``submit`` reaches a secured broker; all optional."""
+
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    username: str | None = None
+    password: str | None = None
+
+    def wants_tls(self, scheme: str) -> bool:
+        return scheme == "mqtts" or self.tls_ca is not None or self.tls_cert is not None
+
+    def wants_login(self, scheme: str) -> bool:
+        return self.wants_tls(scheme) or self.username is not None or self.password is not None
 
 
 def describe(result: Result) -> dict[str, Any]:
@@ -106,22 +129,44 @@ async def run_submit(
     timeout_s: float,
     *,
     as_json: bool = False,
+    access: Access | None = None,
 ) -> int:
-    """Publish one submission and print its Results; 0 once final, 1 if rejected."""
+    """Publish one submission and print its Results; 0 once final, 1 if rejected.
+
+    With TLS or credentials requested (``access``, or an ``mqtts://`` URL) the
+    username defaults to the submitter's public key hex.
+    """
     if not 1 <= len(items) <= 2:
         raise NodeError("a submission has one or two items")
+    access = access or Access()
+    parts = urlsplit(bus_url)
+    if parts.scheme not in {"mqtt", "mqtts", "embedded"} or not parts.hostname:
+        raise NodeError(f"--bus {bus_url!r} is not mqtt://HOST:PORT or mqtts://HOST:PORT")
+    tls = (
+        tls_context(
+            access.tls_ca, access.tls_cert, access.tls_key, ("--tls-ca", "--tls-cert", "--tls-key")
+        )
+        if access.wants_tls(parts.scheme)
+        else None
+    )
     key = load_key(key_path)
     signer = MessageSigner(key)
     body = submission_body(key.public_key, secrets.randbits(63), time.time_ns() // 1_000_000, items)
     raw = signer.signed_bytes(SUBMISSION_DOMAIN.decode(), body)
     identity = submission_id(raw)
-    parts = urlsplit(bus_url)
-    if parts.scheme not in {"mqtt", "embedded"} or not parts.hostname:
-        raise NodeError(f"--bus {bus_url!r} is not mqtt://HOST:PORT")
+    username = (access.username or key.public_hex) if access.wants_login(parts.scheme) else None
+    port = parts.port or (8883 if parts.scheme == "mqtts" else 1883)
     if not as_json:
         print(f"submission {identity.hex()} from {key.public_hex}", flush=True)
     try:
-        async with aiomqtt.Client(parts.hostname, parts.port or 1883, timeout=10) as client:
+        async with aiomqtt.Client(
+            parts.hostname,
+            port,
+            username=username,
+            password=access.password,
+            tls_context=tls,
+            timeout=10,
+        ) as client:
             await client.subscribe(f"{prefix}/results/{key.public_hex}", qos=1)
             await client.publish(f"{prefix}/submissions", raw, qos=1)
             async with asyncio.timeout(timeout_s):

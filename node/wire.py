@@ -129,7 +129,11 @@ def parse_submission(raw: bytes, limits: WireLimits | None = None) -> Submission
         f"fields must be exactly {sorted(_SUBMISSION_FIELDS)}",
         named,
     )
-    _require(message["v"] == VERSION, f"unsupported version {message['v']!r}", named)
+    _require(
+        _is_uint64(message["v"]) and message["v"] == VERSION,
+        f"unsupported version {message['v']!r}",
+        named,
+    )
     _require(_is_uint64(message["nonce"]), "nonce must be a uint64", named)
     _require(_is_uint64(message["created_ms"]), "created_ms must be a uint64", named)
     _require(

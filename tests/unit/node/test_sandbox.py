@@ -73,3 +73,18 @@ def test_memory_cap_turns_an_allocation_failure_into_undecodable():
             pool.close()
 
     asyncio.run(scenario())
+
+
+def test_a_spinning_decoder_is_killed_by_its_cpu_cap():
+    import signal
+    import subprocess
+    import sys
+
+    spin = (
+        "from node.sandbox import _cap_cpu\n"
+        "_cap_cpu(0.1)\n"
+        "while True:\n"
+        "    pass\n"
+    )
+    result = subprocess.run([sys.executable, "-c", spin], timeout=30, check=False)
+    assert result.returncode == -signal.SIGXCPU
