@@ -39,7 +39,9 @@ def decode_mp4(
                 raise UndecodableError("MP4 has no video stream")
             stream = container.streams.video[0]
             _check_header(container, stream, max_seconds, max_frames, max_pixels)
-            frames = _decode_small_frames(container, stream, max_seconds, max_frames, size)
+            frames = _decode_small_frames(
+                container, stream, max_seconds, max_frames, max_pixels, size
+            )
     except EncoderError:
         raise
     except Exception as exc:
@@ -84,6 +86,7 @@ def _decode_small_frames(
     stream: av.video.stream.VideoStream,
     max_seconds: float,
     max_frames: int,
+    max_pixels: int,
     size: int,
 ) -> list[npt.NDArray[np.uint8]]:
     frames: list[npt.NDArray[np.uint8]] = []
@@ -91,6 +94,11 @@ def _decode_small_frames(
     for frame in container.decode(stream):
         if len(frames) >= max_frames:
             raise MediaTooLargeError(f"video decodes to more than {max_frames} frames")
+        if frame.width * frame.height > max_pixels:
+            # An in-band parameter set can change the resolution the header declared.
+            raise MediaTooLargeError(
+                f"video frame is {frame.width}x{frame.height} pixels, limit {max_pixels} pixels"
+            )
         if frame.pts is not None and frame.time_base is not None:
             stamp = Fraction(frame.pts) * frame.time_base
             start = stamp if start is None else min(start, stamp)

@@ -123,7 +123,8 @@ def _parse_fmt(chunk: bytes) -> tuple[int, int, int, int]:
 
 def _samples(payload: bytes, encoding: int, bits: int) -> npt.NDArray[np.float64]:
     if encoding == _IEEE_FLOAT:
-        values = np.frombuffer(payload, dtype="<f4" if bits == 32 else "<f8").astype(np.float64)
+        with np.errstate(invalid="ignore"):  # a signalling NaN warns on the cast; refused below
+            values = np.frombuffer(payload, dtype="<f4" if bits == 32 else "<f8").astype(np.float64)
         if not np.all(np.isfinite(values)):
             raise UndecodableError("WAV float samples are not finite")
         return np.clip(values, -1.0, 1.0)

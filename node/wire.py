@@ -283,7 +283,14 @@ def parse_result(raw: bytes) -> tuple[Result, bytes]:
     message = unpack(raw)
     if not isinstance(message, dict):
         raise CodecError("a result is a msgpack map")
-    result = Result(
+    try:
+        return _result_of(message), message["sig"]
+    except (KeyError, ValueError, TypeError) as error:
+        raise CodecError(f"not a Result: {error!r}") from None
+
+
+def _result_of(message: dict[str, Any]) -> Result:
+    return Result(
         submission_id=message["submission_id"],
         validator=message["validator"],
         status=Status(message["status"]),
@@ -297,13 +304,16 @@ def parse_result(raw: bytes) -> tuple[Result, bytes]:
         scores_ppm=None if message["scores_ppm"] is None else tuple(message["scores_ppm"]),
         reward=message["reward"],
     )
-    return result, message["sig"]
 
 
 def verify_result(raw: bytes) -> Result:
     """Parse a Result and check the validator's signature over it."""
     message = unpack(raw)
     result, sig = parse_result(raw)
-    if not verify_signature(result.validator, signing_bytes(RESULT_DOMAIN, message), sig):
+    if (
+        not isinstance(sig, bytes)
+        or not isinstance(result.validator, bytes)
+        or not verify_signature(result.validator, signing_bytes(RESULT_DOMAIN, message), sig)
+    ):
         raise CodecError("result signature does not verify")
     return result

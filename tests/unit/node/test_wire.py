@@ -165,3 +165,11 @@ def test_a_missing_submitter_is_unattributed():
     body = peer.body([TEXT])
     body["submitter"] = None
     assert reason_of(peer.sign(body)) == (Reason.MALFORMED, None)
+
+
+@pytest.mark.parametrize("body", [{"status": "final"}, {"v": 1, "sig": 5}, [1]])
+def test_a_malformed_result_is_a_codec_error(body):
+    from node.codec import CodecError
+
+    with pytest.raises(CodecError):
+        verify_result(pack(body))
