@@ -149,15 +149,17 @@ class Node:
             digest=self.committee.digest().hex(), members=str(len(self.committee.members))
         ).set(1)
         self.topics = Topics(config.bus.topic_prefix)
+        # Built here so that a bad TLS file is refused before the encoders load.
+        client_id = config.bus.client_id or f"poc-node-{self.key.public_hex[:16]}"
+        self.bus = Bus(config.bus, client_id, self.metrics)
         self.http_port: int | None = None
         self._stopping = asyncio.Event()
         self._encoders_loaded = False
 
     def ready(self) -> dict[str, bool]:
-        bus = getattr(self, "bus", None)
         return {
             "encoders_loaded": self._encoders_loaded,
-            "bus_connected": bus is not None and bus.connected.is_set(),
+            "bus_connected": self.bus.connected.is_set(),
         }
 
     async def _publish_now(self, topic: str, payload: bytes) -> None:
@@ -227,8 +229,6 @@ class Node:
                 self.metrics,
             )
             stack.callback(encoder.close)
-            client_id = config.bus.client_id or f"poc-node-{self.key.public_hex[:16]}"
-            self.bus = Bus(config.bus, client_id, self.metrics)
 
             async def fetch(after: int, limit: int) -> list[tuple[int, str, bytes, bool]]:
                 entries = await store(lambda s: s.outbox(after, limit))
