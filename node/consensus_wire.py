@@ -7,7 +7,8 @@ carry the members' signatures inside). See docs/PROTOCOL.md.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from consensus.messages import (
     MalformedMessage,
@@ -19,6 +20,7 @@ from consensus.messages import (
 )
 from node.codec import CodecError, DecodeLimits, pack, unpack
 
+T = TypeVar("T")
 _LIMITS = DecodeLimits(max_bytes=64 * 1024 * 1024, max_container_len=100_000)
 
 
@@ -36,17 +38,23 @@ def _decode(raw: bytes) -> dict[str, Any]:
     return body
 
 
+def _decode_signed(raw: bytes, kind: str, build: Callable[[dict[str, Any], bytes], T]) -> T:
+    body = _decode(raw)
+    try:
+        signature = body.pop("sig")
+        return build(body, signature)
+    except (KeyError, MalformedMessage, TypeError) as error:
+        raise ConsensusWireError(f"bad {kind}: {error}") from None
+
+
 def encode_proposal(signed: SignedProposal) -> bytes:
     return pack({**signed.proposal.body(), "sig": signed.signature})
 
 
 def decode_proposal(raw: bytes) -> SignedProposal:
-    body = _decode(raw)
-    try:
-        signature = body.pop("sig")
-        return SignedProposal(Proposal.from_body(body), signature)
-    except (KeyError, MalformedMessage, TypeError) as error:
-        raise ConsensusWireError(f"bad proposal: {error}") from None
+    return _decode_signed(
+        raw, "proposal", lambda body, sig: SignedProposal(Proposal.from_body(body), sig)
+    )
 
 
 def encode_vote(signed: SignedVote) -> bytes:
@@ -54,12 +62,7 @@ def encode_vote(signed: SignedVote) -> bytes:
 
 
 def decode_vote(raw: bytes) -> SignedVote:
-    body = _decode(raw)
-    try:
-        signature = body.pop("sig")
-        return SignedVote(Vote.from_body(body), signature)
-    except (KeyError, MalformedMessage, TypeError) as error:
-        raise ConsensusWireError(f"bad vote: {error}") from None
+    return _decode_signed(raw, "vote", lambda body, sig: SignedVote(Vote.from_body(body), sig))
 
 
 def encode_certificate(certificate: QuorumCertificate) -> bytes:

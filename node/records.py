@@ -165,10 +165,7 @@ class RoundRecord:
             status=body["status"],
             reason=None if body["reason"] is None else Reason(body["reason"]),
             epoch=body["epoch"],
-            embeddings=tuple(
-                EmbeddingEntry(Modality(entry["modality"]), entry["vector"], entry["fused"])
-                for entry in body["embeddings"]
-            ),
+            embeddings=tuple(EmbeddingEntry.from_body(entry) for entry in body["embeddings"]),
             pair_distance_ppm=body["pair_distance_ppm"],
             scores_ppm=None if body["scores_ppm"] is None else tuple(body["scores_ppm"]),
             score=body["score"],

@@ -248,6 +248,10 @@ class EmbeddingEntry:
     def body(self) -> dict[str, Any]:
         return {"modality": str(self.modality), "vector": self.vector, "fused": self.fused}
 
+    @classmethod
+    def from_body(cls, body: dict[str, Any]) -> EmbeddingEntry:
+        return cls(Modality(body["modality"]), body["vector"], body["fused"])
+
 
 @dataclass(frozen=True)
 class Result:
@@ -296,10 +300,7 @@ def _result_of(message: dict[str, Any]) -> Result:
         status=Status(message["status"]),
         reason=None if message["reason"] is None else Reason(message["reason"]),
         round=message["round"],
-        embeddings=tuple(
-            EmbeddingEntry(Modality(entry["modality"]), entry["vector"], entry["fused"])
-            for entry in message["embeddings"]
-        ),
+        embeddings=tuple(EmbeddingEntry.from_body(entry) for entry in message["embeddings"]),
         pair_distance_ppm=message["pair_distance_ppm"],
         scores_ppm=None if message["scores_ppm"] is None else tuple(message["scores_ppm"]),
         reward=message["reward"],
