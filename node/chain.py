@@ -78,9 +78,6 @@ class BeaconChain:
         async with self._changed:
             self._changed.notify_all()
 
-    def known_epoch_beacons(self) -> dict[int, bytes]:
-        return dict(self._epochs)
-
     async def epoch_beacon(self, epoch: int) -> tuple[int, bytes]:
         """The beacon of ``epoch`` (waiting for it if it lies ahead), as (epoch, beacon).
 

@@ -24,7 +24,6 @@ from typing import Any, TypeVar
 
 from consensus.committee import Committee
 from encoders.errors import EncoderError
-from encoders.media import DecodedMedia
 from node.bus import Topics
 from node.chain import BeaconChain
 from node.config import Config
@@ -319,5 +318,3 @@ class Intake:
     def wire_limits(self) -> WireLimits:
         return self._wire_limits
 
-
-__all__ = ["Clock", "DecodedMedia", "Intake", "RateLimiter"]

@@ -510,10 +510,6 @@ class Store:
             bytes(row[0]) for row in self._db.execute("SELECT vector FROM history ORDER BY seq")
         ]
 
-    def history_size(self) -> int:
-        row = self._db.execute("SELECT COUNT(*) FROM history").fetchone()
-        return int(row[0])
-
     # -- ledger -------------------------------------------------------------
 
     def balances(self, submitter: bytes | None = None) -> dict[bytes, int]:
