@@ -117,3 +117,50 @@ def test_kill_9_anywhere_loses_nothing_and_pays_nothing_twice(tmp_path: Path):
         [str(POC_NODE), "audit", "--data-dir", str(directory / "data"), "--config", str(config)],
         capture_output=True, text=True, timeout=300, check=False)
     assert audit.returncode == 0, audit.stdout + audit.stderr
+
+
+def _descendants(pid: int) -> set[int]:
+    found: set[int] = set()
+    pending = [pid]
+    while pending:
+        current = pending.pop()
+        try:
+            tasks = Path(f"/proc/{current}/task").iterdir()
+            children = {int(c) for t in tasks for c in (t / "children").read_text().split()}
+        except OSError:
+            continue
+        pending += list(children - found)
+        found |= children
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_a_killed_node_leaves_no_decoder_processes_behind(tmp_path: Path):
+    broker = start_mosquitto(tmp_path)
+    node = start_node(tmp_path / "node", f"mqtt://127.0.0.1:{broker.port}",
+                      write_node_config(tmp_path / "node.yaml"))
+    try:
+        raw = Peer().submission([("image", "image/png", image_bytes("RGB", size=(30, 31)))])
+
+        async def decode_one() -> None:
+            async with ResultListener(broker.port) as listener:
+                await listener.publish(raw)
+                await listener.wait_for(submission_id(raw), {"accepted"})
+
+        asyncio.run(decode_one())  # the decoder processes now exist
+        helpers = _descendants(node.process.pid)
+        assert len(helpers) >= 2, "the decoder sandbox should run in processes of its own"
+        node.stop(signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while any(_alive(pid) for pid in helpers):
+            assert time.monotonic() < deadline, [p for p in helpers if _alive(p)]
+            time.sleep(0.2)
+    finally:
+        broker.stop()
