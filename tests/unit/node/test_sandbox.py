@@ -20,7 +20,7 @@ async def decode(pool: DecoderPool, modality: Modality, mime: str, data: bytes):
 
 def test_decodes_and_reports_reasons_from_the_worker():
     async def scenario() -> None:
-        pool = DecoderPool(workers=1, timeout_s=30, memory_mb=1024)
+        pool = DecoderPool(workers=1, timeout_s=30, memory_mb=350)
         try:
             image = await decode(pool, Modality.IMAGE, "image/png", image_bytes("RGB"))
             assert image.shape == (3, DEFAULT_PREPROCESS.image_size, DEFAULT_PREPROCESS.image_size)
@@ -36,7 +36,7 @@ def test_decodes_and_reports_reasons_from_the_worker():
 
 def test_a_hung_or_killed_decoder_costs_one_item_and_the_slot_is_replaced():
     async def scenario() -> None:
-        pool = DecoderPool(workers=1, timeout_s=0.001, memory_mb=1024)
+        pool = DecoderPool(workers=1, timeout_s=0.001, memory_mb=350)
         try:
             with pytest.raises(UndecodableError, match="longer than"):
                 await decode(pool, Modality.VIDEO, "video/mp4", mp4_bytes(frames=40))
@@ -62,7 +62,7 @@ def test_a_hung_or_killed_decoder_costs_one_item_and_the_slot_is_replaced():
 
 def test_memory_cap_turns_an_allocation_failure_into_undecodable():
     async def scenario() -> None:
-        pool = DecoderPool(workers=1, timeout_s=60, memory_mb=320)
+        pool = DecoderPool(workers=1, timeout_s=60, memory_mb=350)
         try:
             big = image_bytes("RGB", size=(3900, 3900))
             with pytest.raises(UndecodableError):
