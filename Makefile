@@ -9,7 +9,7 @@ TORCH := torch==2.13.0
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: install install-test run test lint mosquitto weights clean
+.PHONY: install install-test run test system-deps weights train clean
 
 install: $(STAMP)
 
@@ -26,23 +26,31 @@ $(TEST_STAMP): $(STAMP)
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@
 
-install-test: $(TEST_STAMP) mosquitto
+install-test: $(TEST_STAMP) system-deps
 
-mosquitto:
-	@command -v mosquitto >/dev/null || test -x /usr/sbin/mosquitto || \
-	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null; }
+# Mosquitto for the integration tests, espeak-ng for the training corpus' speech.
+system-deps:
+	@{ command -v mosquitto >/dev/null || test -x /usr/sbin/mosquitto; } && \
+	  command -v espeak-ng >/dev/null || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	    apt-get install -y -qq mosquitto espeak-ng >/dev/null; }
 
 run: install
 	$(BIN)/poc-node run
 
 test: install-test
-	$(BIN)/ruff check node consensus encoders rewards tests bench
+	$(BIN)/ruff check node consensus encoders rewards training tests bench
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
+# Untrained, seeded weights (what the first version shipped; tests make their own).
 weights: install
-	$(BIN)/poc-node init-weights --out weights/default
+	$(BIN)/poc-node init-weights --out var/untrained-weights
+
+# Reproduce the shipped trained weights (needs espeak-ng; ~20 min on 2 cores).
+train: install system-deps
+	$(BIN)/poc-node train --out weights/default
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache .hypothesis

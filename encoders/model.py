@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from encoders.interface import TextVariants
 from encoders.modality import Modality
 from encoders.patches import PATCH, TUBELET
 
@@ -110,7 +111,14 @@ class PatchTower(nn.Module):
 
 
 class MultimodalEncoder(nn.Module):
-    """One encoder of a shard: maps any modality's tokens to the shared space."""
+    """One encoder of a shard: maps any modality's tokens to the shared space.
+
+    It satisfies ``encoders.interface.Encoder`` (``embed_text``,
+    ``embed_patches``); ``encode_text``/``encode_patches`` are the same
+    computations on plain tensors, for training.
+    """
+
+    modalities = frozenset(Modality)
 
     def __init__(self, config: EncoderConfig) -> None:
         super().__init__()
@@ -122,6 +130,18 @@ class MultimodalEncoder(nn.Module):
             }
         )
         self.text_head = nn.Linear(TEXT_FEATURES, config.dim)
+
+    @property
+    def dim(self) -> int:
+        return self.config.dim
+
+    def embed_text(self, text: TextVariants) -> torch.Tensor:
+        return self.encode_text(text.features)
+
+    def embed_patches(
+        self, modality: Modality, patches: torch.Tensor, keep: torch.Tensor
+    ) -> torch.Tensor:
+        return self.encode_patches(modality, patches, keep)
 
     def encode_patches(
         self, modality: Modality, patches: torch.Tensor, keep: torch.Tensor

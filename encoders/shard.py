@@ -21,15 +21,17 @@ from safetensors.torch import load_file
 from encoders.embedding import EncodeRequest, ItemEmbedding
 from encoders.ensemble import EnsembleRule, combine
 from encoders.errors import WeightsError
+from encoders.interface import Encoder, EncoderSpec, TextVariants
 from encoders.masks import MASK_SHARES, token_masks
 from encoders.media import PreprocessSpec
 from encoders.modality import Modality
-from encoders.model import MultimodalEncoder
+from encoders.model import EncoderConfig, MultimodalEncoder
 from encoders.patches import audio_patches, image_patches, video_tubelets
-from encoders.text_backbone import TextBackbone
+from encoders.registry import loader_for
+from encoders.text_backbone import TextBackbone, TextTokens
 from encoders.weights import read_manifest
 
-__all__ = ["EncodeRequest", "ItemEmbedding", "Shard"]
+__all__ = ["EncodeRequest", "ItemEmbedding", "Shard", "load_poc_encoder"]
 
 _PATCHIFY = {
     Modality.IMAGE: image_patches,
@@ -47,7 +49,7 @@ class Shard:
         weights_id: str,
         preprocess: PreprocessSpec,
         pair_delta: Mapping[frozenset[Modality], float],
-        encoders: Sequence[MultimodalEncoder],
+        encoders: Sequence[Encoder],
         backbone: TextBackbone,
         rule: EnsembleRule,
         mask_count: int,
@@ -55,7 +57,13 @@ class Shard:
     ) -> None:
         if mask_count < 1:
             raise ValueError(f"mask_count={mask_count} must be at least 1")
-        self.dim = encoders[0].config.dim
+        if not encoders:
+            raise ValueError("a shard needs at least one encoder")
+        self.dim = encoders[0].dim
+        if any(encoder.dim != self.dim for encoder in encoders):
+            raise WeightsError(
+                f"the encoders of a shard must share one dim, not {[e.dim for e in encoders]}"
+            )
         self.weights_id = weights_id
         self.preprocess = preprocess
         self.pair_delta = dict(pair_delta)
@@ -79,16 +87,13 @@ class Shard:
         manifest = read_manifest(manifest_path, manifest_sha256)
         encoders = []
         for entry in manifest.encoders:
-            model = MultimodalEncoder(entry.config)
-            try:
-                tensors = load_file(str(entry.path))
-                model.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=True)
-            except (SafetensorError, RuntimeError, OSError) as exc:
+            spec = EncoderSpec(entry.kind, entry.path, entry.config, manifest.files, device)
+            encoder = loader_for(entry.kind)(spec)
+            if encoder.dim != manifest.dim:
                 raise WeightsError(
-                    f"weight file {entry.path} does not fit its config: {exc}"
-                ) from exc
-            model.requires_grad_(False)
-            encoders.append(model.eval().to(device))
+                    f"{entry.path} gives dim {encoder.dim}, manifest says {manifest.dim}"
+                )
+            encoders.append(encoder)
         backbone = TextBackbone(manifest.backbone_dir, manifest.preprocess.text_max_tokens, device)
         return cls(
             weights_id=manifest.sha256,
@@ -128,14 +133,25 @@ class Shard:
         """Embeddings ``[J, B, 1+2K, D]``: full input, then each mask and its complement."""
         share = MASK_SHARES[modality]
         if modality is Modality.TEXT:
-            tokens = self._backbone.tokenize([_text(r) for r in batch])
+            texts = tuple(_text(r) for r in batch)
+            tokens = self._backbone.tokenize(list(texts))
             masks = [
                 token_masks(n, share, epoch_beacon, r.data_sha256, self._mask_count)
                 for n, r in zip(tokens.n_tokens, batch, strict=True)
             ]
             keep = self._backbone.keep_variants(tokens, masks)
-            features = self._backbone.sentence_features(tokens, keep)
-            outputs = [encoder.encode_text(features) for encoder in self._encoders]
+            variants = TextVariants(
+                texts,
+                lambda: self._backbone.sentence_features(tokens, keep),
+                lambda: _variant_strings(self._backbone, tokens, keep),
+            )
+            shape = (len(batch), keep.shape[1], self.dim)
+            outputs = [
+                encoder.embed_text(variants)
+                if modality in encoder.modalities
+                else torch.full(shape, float("nan"))
+                for encoder in self._encoders
+            ]
         else:
             arrays = np.stack([_array(r) for r in batch])
             patches = _PATCHIFY[modality](torch.from_numpy(arrays)).to(self._device)
@@ -150,11 +166,47 @@ class Shard:
                     rows.extend((mask, ~mask))
                 keep_rows.append(np.stack(rows))
             keep = torch.from_numpy(np.stack(keep_rows)).to(self._device)
+            shape = (len(batch), keep.shape[1], self.dim)
             outputs = [
-                encoder.encode_patches(modality, patches, keep) for encoder in self._encoders
+                encoder.embed_patches(modality, patches, keep)
+                if modality in encoder.modalities
+                else torch.full(shape, float("nan"))
+                for encoder in self._encoders
             ]
-        stacked: npt.NDArray[np.float64] = torch.stack(outputs).double().cpu().numpy()
+        stacked: npt.NDArray[np.float64] = (
+            torch.stack([output.cpu() for output in outputs]).double().numpy()
+        )
         return stacked
+
+
+def load_poc_encoder(spec: EncoderSpec) -> MultimodalEncoder:
+    """Loader of kind ``"poc"``: a ``MultimodalEncoder`` from its safetensors file."""
+    try:
+        model = MultimodalEncoder(EncoderConfig(**spec.config))
+        tensors = load_file(str(spec.path))
+        model.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=True)
+    except (SafetensorError, RuntimeError, OSError, TypeError) as exc:
+        raise WeightsError(f"weight file {spec.path} does not fit its config: {exc}") from exc
+    model.requires_grad_(False)
+    return model.eval().to(spec.device)
+
+
+def _variant_strings(
+    backbone: TextBackbone, tokens: TextTokens, keep: torch.Tensor
+) -> tuple[tuple[str, ...], ...]:
+    """Each variant's kept wordpieces, detokenized (``[CLS]``/``[SEP]`` dropped)."""
+    out = []
+    for i in range(keep.shape[0]):
+        ids = tokens.input_ids[i]
+        content = torch.zeros_like(tokens.attention[i])
+        content[1 : 1 + tokens.n_tokens[i]] = True
+        out.append(
+            tuple(
+                str(backbone.tokenizer.decode(ids[keep[i, v] & content].tolist()))
+                for v in range(keep.shape[1])
+            )
+        )
+    return tuple(out)
 
 
 def _differential_losses(variants: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:

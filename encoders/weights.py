@@ -13,7 +13,7 @@ import dataclasses
 import hashlib
 import itertools
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,8 @@ from encoders.text_backbone import BACKBONE_FILE, BACKBONE_PACKAGE, backbone_dir
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+DEFAULT_KIND = "poc"
+"""Encoder kind of the project's own ``MultimodalEncoder`` (``encoders.registry``)."""
 DEFAULT_PREPROCESS = PreprocessSpec(
     image_size=64,
     video_frames=8,
@@ -96,39 +98,74 @@ def create_untrained_shard(
     The same seeds give byte-identical files on every machine (the global
     torch RNG is forked, so callers' random state is left alone).
     """
-    out_dir.mkdir(parents=True, exist_ok=True)
     config = config_for(spec, dim, width, depth, heads)
-    encoders: list[dict[str, Any]] = []
-    files: list[dict[str, str]] = []
-    for index, seed in enumerate(seeds):
+    models = []
+    for seed in seeds:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = MultimodalEncoder(config)
+            models.append((seed, MultimodalEncoder(config)))
+    return write_shard(
+        out_dir,
+        models,
+        spec=spec,
+        pair_delta={
+            frozenset((a, b)): UNCALIBRATED_DELTA
+            for a, b in itertools.combinations(list(Modality), 2)
+        },
+        trained=False,
+        notes=UNCALIBRATED_NOTE,
+    )
+
+
+def write_shard(
+    out_dir: Path,
+    models: Sequence[tuple[int, MultimodalEncoder]],
+    *,
+    spec: PreprocessSpec,
+    pair_delta: Mapping[frozenset[Modality], float],
+    trained: bool,
+    notes: str,
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write encoders (float16 safetensors) and a manifest pinning them; return its path.
+
+    ``models`` pairs each encoder with the seed it was initialised from;
+    ``extra`` adds informative manifest keys (training settings, corpus
+    version, evaluation figures) that loading ignores.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dim = models[0][1].config.dim
+    encoders: list[dict[str, Any]] = []
+    files: list[dict[str, str]] = []
+    for index, (seed, model) in enumerate(models):
         name = f"encoder-{index}.safetensors"
         tensors = {
             k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()
         }
         save_file(tensors, str(out_dir / name), metadata={"format": "pt"})
         files.append({"path": name, "sha256": sha256_file(out_dir / name)})
-        encoders.append({"file": name, "seed": seed, "config": dataclasses.asdict(config)})
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "dim": dim,
-        "preprocess": dataclasses.asdict(spec),
-        "encoders": encoders,
-        "text_backbone": {
-            "package": BACKBONE_PACKAGE,
-            "file": BACKBONE_FILE,
-            "sha256": sha256_file(backbone_dir() / BACKBONE_FILE),
-        },
-        "files": files,
-        "trained": False,
-        "pair_delta": {
-            pair_key(a, b): UNCALIBRATED_DELTA
-            for a, b in itertools.combinations(list(Modality), 2)
-        },
-        "notes": UNCALIBRATED_NOTE,
-    }
+        encoders.append({"file": name, "seed": seed, "config": dataclasses.asdict(model.config)})
+    manifest: dict[str, Any] = dict(extra or {})
+    manifest.update(
+        {
+            "format_version": FORMAT_VERSION,
+            "dim": dim,
+            "preprocess": dataclasses.asdict(spec),
+            "encoders": encoders,
+            "text_backbone": {
+                "package": BACKBONE_PACKAGE,
+                "file": BACKBONE_FILE,
+                "sha256": sha256_file(backbone_dir() / BACKBONE_FILE),
+            },
+            "files": files,
+            "trained": trained,
+            "pair_delta": {
+                pair_key(a, b): float(pair_delta[frozenset((a, b))])
+                for a, b in itertools.combinations(list(Modality), 2)
+            },
+            "notes": notes,
+        }
+    )
     path = out_dir / MANIFEST_NAME
     path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return path
@@ -136,10 +173,15 @@ def create_untrained_shard(
 
 @dataclass(frozen=True)
 class EncoderEntry:
-    """One encoder of the manifest: its verified file and architecture."""
+    """One encoder of the manifest: its verified file, kind and configuration.
+
+    ``kind`` names the loader (``encoders.registry``); for the project's own
+    ``"poc"`` encoders ``config`` is an ``EncoderConfig``'s fields.
+    """
 
     path: Path
-    config: EncoderConfig
+    kind: str
+    config: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -150,6 +192,7 @@ class Manifest:
     dim: int
     preprocess: PreprocessSpec
     encoders: tuple[EncoderEntry, ...]
+    files: dict[str, Path]
     backbone_dir: Path
     pair_delta: dict[frozenset[Modality], float]
     trained: bool
@@ -198,10 +241,13 @@ def _parse(raw: dict[str, Any], manifest_path: Path, sha: str) -> Manifest:
     for encoder in raw["encoders"]:
         if encoder["file"] not in hashes:
             raise WeightsError(f"manifest {manifest_path} does not pin {encoder['file']}")
-        config = EncoderConfig(**encoder["config"])
-        if config.dim != dim:
-            raise WeightsError(f"{encoder['file']} has dim {config.dim}, manifest says {dim}")
-        entries.append(EncoderEntry(base / encoder["file"], config))
+        kind = str(encoder.get("kind", DEFAULT_KIND))
+        config = dict(encoder["config"])
+        if kind == DEFAULT_KIND:
+            poc = EncoderConfig(**config)
+            if poc.dim != dim:
+                raise WeightsError(f"{encoder['file']} has dim {poc.dim}, manifest says {dim}")
+        entries.append(EncoderEntry(base / encoder["file"], kind, config))
     if not entries:
         raise WeightsError(f"manifest {manifest_path} lists no encoder")
     pair_delta = {}
@@ -212,6 +258,7 @@ def _parse(raw: dict[str, Any], manifest_path: Path, sha: str) -> Manifest:
         dim=dim,
         preprocess=PreprocessSpec(**raw["preprocess"]),
         encoders=tuple(entries),
+        files={relative: base / relative for relative in hashes},
         backbone_dir=backbone_dir(),
         pair_delta=pair_delta,
         trained=bool(raw["trained"]),

@@ -13,11 +13,12 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from node.errors import NodeError
+from training.commands import register as register_training
 
 
 class _Parser(argparse.ArgumentParser):
@@ -120,6 +121,8 @@ def _build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="committee file (default: the committee recorded in the store)",
     )
+
+    _TRAINING.update(register_training(commands))
 
     ledger = commands.add_parser("ledger", help="print submitters' balances from a store")
     ledger.add_argument("--data-dir", type=Path, required=True)
@@ -247,6 +250,9 @@ def _ledger(args: argparse.Namespace) -> int:
     return 0
 
 
+_TRAINING: dict[str, Callable[[argparse.Namespace], int]] = {}
+"""``train``, ``eval`` and ``embed``, which live in the ``training`` package."""
+
 _COMMANDS = {
     "keygen": _keygen,
     "run": _run,
@@ -260,7 +266,7 @@ _COMMANDS = {
 def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     try:
-        return _COMMANDS[args.command](args)
+        return {**_COMMANDS, **_TRAINING}[args.command](args)
     except NodeError as error:
         print(f"poc-node {args.command}: error: {error}", file=sys.stderr)
         return 1

@@ -15,7 +15,7 @@ def test_separated_sets_give_the_middle_of_the_gap() -> None:
 
 def test_overlap_maximises_acceptance_plus_rejection() -> None:
     matched = [0.1, 0.2, 0.3, 0.6]
-    mismatched = [0.5, 0.7, 0.8, 0.9]
+    mismatched = [0.5, 0.55, 0.7, 0.8, 0.9]
     delta = calibrate_delta(matched, mismatched)
     assert 0.3 < delta < 0.5
     measured = rates(matched, mismatched, delta)

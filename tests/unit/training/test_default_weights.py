@@ -51,5 +51,5 @@ def test_matched_text_image_pairs_are_closer_than_mismatched(default_shard: Shar
     delta = default_shard.delta(Modality.TEXT, Modality.IMAGE)
     for i, image in enumerate(images):
         distances = np.array([cosine_distance(image.vector, t.vector) for t in texts])
-        assert int(np.argmin(distances)) == i
-        assert distances[i] <= delta < np.delete(distances, i).min()
+        assert distances[i] < np.delete(distances, i).min()
+        assert distances[i] <= delta

@@ -10,8 +10,8 @@ from training.world import (
     caption,
     moving_concepts,
     still_concepts,
-    test_captions,
     training_captions,
+    unseen_captions,
 )
 
 
@@ -36,9 +36,9 @@ def test_every_caption_names_colour_and_shape() -> None:
     rng = random.Random(0)
     for concept in (Concept("red", "star"), Concept("orange", "cross", "up")):
         phrasings = [caption(concept, rng) for _ in range(20)]
-        phrasings += training_captions(concept) + test_captions(concept)
+        phrasings += training_captions(concept) + unseen_captions(concept)
         for text in phrasings:
             assert concept.colour in text.lower() and concept.shape in text
-    assert not set(test_captions(Concept("red", "star"))) & set(
+    assert not set(unseen_captions(Concept("red", "star"))) & set(
         training_captions(Concept("red", "star"))
     )

@@ -1,0 +1,1 @@
+"""Adapters that let pretrained model families join a shard (see docs/ENCODERS.md)."""

@@ -1,0 +1,202 @@
+"""Drawing shapes with varied renderings: the pixels change, the concept does not.
+
+Each drawing varies colour tone, background (flat, gradient or noisy),
+size, position, rotation, aspect of the diamond, outline, blur and noise.
+Rotations stay within ±30° so that a square never turns into a diamond nor
+a cross into an X: those are different concepts in this world.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+from PIL import Image, ImageDraw, ImageFilter
+
+from training.world import COLOURS
+
+RGB = tuple[int, int, int]
+_SUPERSAMPLE = 4
+_MIN_CONTRAST = 110.0
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a shape sits on its canvas, in canvas pixels."""
+
+    cx: float
+    cy: float
+    radius: float
+    rotation: float
+    aspect: float
+
+
+def shape_polygon(shape: str, p: Placement, steps: int = 48) -> list[tuple[float, float]]:
+    """The outline of ``shape`` as polygon vertices (a circle is a 48-gon)."""
+    if shape == "circle":
+        unit = [
+            (math.cos(2 * math.pi * i / steps), math.sin(2 * math.pi * i / steps))
+            for i in range(steps)
+        ]
+    elif shape == "square":
+        unit = [(-0.8, -0.8), (0.8, -0.8), (0.8, 0.8), (-0.8, 0.8)]
+    elif shape == "triangle":
+        unit = [(0.0, -1.0), (0.92, 0.65), (-0.92, 0.65)]
+    elif shape == "star":
+        unit = []
+        for i in range(10):
+            r = 1.0 if i % 2 == 0 else 0.42
+            angle = -math.pi / 2 + i * math.pi / 5
+            unit.append((r * math.cos(angle), r * math.sin(angle)))
+    elif shape == "diamond":
+        unit = [(0.0, -1.0), (p.aspect, 0.0), (0.0, 1.0), (-p.aspect, 0.0)]
+    elif shape == "cross":
+        a, b = 0.3, 0.95
+        unit = [
+            (-a, -b),
+            (a, -b),
+            (a, -a),
+            (b, -a),
+            (b, a),
+            (a, a),
+            (a, b),
+            (-a, b),
+            (-a, a),
+            (-b, a),
+            (-b, -a),
+            (-a, -a),
+        ]
+    else:
+        raise ValueError(f"unknown shape {shape!r}")
+    cos, sin = math.cos(p.rotation), math.sin(p.rotation)
+    return [
+        (p.cx + p.radius * (x * cos - y * sin), p.cy + p.radius * (x * sin + y * cos))
+        for x, y in unit
+    ]
+
+
+def shape_colour(colour: str, rng: random.Random) -> RGB:
+    """The named colour with a small random change of tone."""
+    base = COLOURS[colour]
+    scale = rng.uniform(0.88, 1.08)
+    return tuple(  # type: ignore[return-value]
+        int(min(255, max(0, round(v * scale + rng.uniform(-16, 16))))) for v in base
+    )
+
+
+def _distance(a: RGB, b: RGB) -> float:
+    return math.dist(a, b)
+
+
+def background(size: int, fill: RGB, rng: random.Random) -> Image.Image:
+    """A neutral background far from ``fill``: flat, gradient or noisy."""
+    while True:
+        level = rng.uniform(40, 215)
+        tint = [rng.uniform(-25, 25) for _ in range(3)]
+        first: RGB = tuple(int(min(255, max(0, level + t))) for t in tint)  # type: ignore[assignment]
+        if _distance(first, fill) >= _MIN_CONTRAST:
+            break
+    kind = rng.random()
+    base = np.empty((size, size, 3), dtype=np.float64)
+    base[:] = first
+    if kind < 0.35:
+        second = np.array(first) + rng.uniform(-30, 30)
+        ramp = np.linspace(0.0, 1.0, size)
+        grad = ramp[:, None] if rng.random() < 0.5 else ramp[None, :]
+        base = base * (1 - grad[..., None]) + second * grad[..., None]
+    elif kind < 0.6:
+        base += np.random.default_rng(rng.getrandbits(32)).normal(0, rng.uniform(4, 14), base.shape)
+    return Image.fromarray(np.clip(base, 0, 255).astype(np.uint8), "RGB")
+
+
+def random_placement(size: int, rng: random.Random, lo: float, hi: float) -> Placement:
+    radius = size * rng.uniform(lo, hi) / 2
+    margin = radius * 0.9
+    return Placement(
+        cx=rng.uniform(margin, size - margin),
+        cy=rng.uniform(margin, size - margin),
+        radius=radius,
+        rotation=math.radians(rng.uniform(-30, 30)),
+        aspect=rng.uniform(0.5, 0.68),
+    )
+
+
+def draw_shape(
+    canvas: Image.Image, shape: str, fill: RGB, p: Placement, outline: RGB | None
+) -> Image.Image:
+    """Draw ``shape`` anti-aliased (by supersampling) onto a copy of ``canvas``."""
+    size = canvas.size[0]
+    big = canvas.resize((size * _SUPERSAMPLE, size * _SUPERSAMPLE), Image.Resampling.NEAREST)
+    scaled = Placement(
+        p.cx * _SUPERSAMPLE, p.cy * _SUPERSAMPLE, p.radius * _SUPERSAMPLE, p.rotation, p.aspect
+    )
+    width = max(1, round(scaled.radius * 0.08)) if outline else 0
+    ImageDraw.Draw(big).polygon(
+        shape_polygon(shape, scaled), fill=fill, outline=outline, width=width
+    )
+    return big.resize((size, size), Image.Resampling.LANCZOS)
+
+
+def _finish(image: Image.Image, rng: random.Random) -> Image.Image:
+    if rng.random() < 0.4:
+        image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.6) * image.size[0] / 96))
+    if rng.random() < 0.3:
+        noisy = np.asarray(image, dtype=np.float64)
+        noisy = noisy + np.random.default_rng(rng.getrandbits(32)).normal(
+            0, rng.uniform(2, 10), noisy.shape
+        )
+        image = Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8), "RGB")
+    return image
+
+
+def _outline(fill: RGB, rng: random.Random) -> RGB | None:
+    if rng.random() >= 0.25:
+        return None
+    shade = rng.uniform(0.5, 0.8)
+    return tuple(int(v * shade) for v in fill)  # type: ignore[return-value]
+
+
+def render_image(colour: str, shape: str, rng: random.Random) -> tuple[str, bytes]:
+    """One still picture as ``(media type, file bytes)``: PNG or JPEG of varied size."""
+    size = rng.choice((64, 80, 96, 128, 160, 200))
+    fill = shape_colour(colour, rng)
+    canvas = background(size, fill, rng)
+    placement = random_placement(size, rng, 0.35, 0.85)
+    image = _finish(draw_shape(canvas, shape, fill, placement, _outline(fill, rng)), rng)
+    out = io.BytesIO()
+    if rng.random() < 0.5:
+        image.save(out, format="PNG")
+        return "image/png", out.getvalue()
+    image.save(out, format="JPEG", quality=rng.randint(40, 95))
+    return "image/jpeg", out.getvalue()
+
+
+_MOTION_VECTORS = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0)}
+
+
+def render_frames(
+    colour: str, shape: str, motion: str, rng: random.Random, size: int, frames: int
+) -> list[npt.NDArray[np.uint8]]:
+    """RGB frames of a shape crossing a still background in ``motion``'s direction."""
+    fill = shape_colour(colour, rng)
+    canvas = background(size, fill, rng)
+    outline = _outline(fill, rng)
+    radius = size * rng.uniform(0.22, 0.4) / 2
+    dx, dy = _MOTION_VECTORS[motion]
+    travel = rng.uniform(0.4, 0.65) * size
+    across = rng.uniform(radius, size - radius)
+    start = (size - travel) / 2 + rng.uniform(-0.08, 0.08) * size
+    rotation = math.radians(rng.uniform(-30, 30))
+    aspect = rng.uniform(0.5, 0.68)
+    out = []
+    for i in range(frames):
+        along = start + travel * i / (frames - 1)
+        pos = along if (dx > 0 or dy > 0) else size - along
+        cx, cy = (pos, across) if dx else (across, pos)
+        placement = Placement(cx, cy, radius, rotation, aspect)
+        out.append(np.asarray(draw_shape(canvas, shape, fill, placement, outline), dtype=np.uint8))
+    return out
