@@ -148,3 +148,18 @@ def media_type_of(path: pathlib.Path) -> str:
     except UnicodeDecodeError as exc:
         raise UndecodableError(f"{path} is not PNG, JPEG, WAV, MP4 nor UTF-8 text") from exc
     return "text/plain"
+
+
+def read_item(text: str) -> tuple[Modality, str, bytes]:
+    """A command-line item: ``text:...`` or a file, as (modality, media type, data).
+
+    A file's media type comes from its content (:func:`media_type_of`);
+    raises :class:`UndecodableError` naming the problem otherwise.
+    """
+    if text.startswith("text:"):
+        return Modality.TEXT, "text/plain", text[len("text:") :].encode("utf-8")
+    path = pathlib.Path(text)
+    if not path.is_file():
+        raise UndecodableError(f'{text!r} is neither text:"..." nor a readable file')
+    mime = media_type_of(path)
+    return MEDIA_TYPES[mime], mime, path.read_bytes()

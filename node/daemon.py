@@ -111,10 +111,6 @@ def committee_from_description(raw: bytes) -> Committee:
 
 
 def load_shard(config: Config) -> Shard:
-    from transformers.utils import logging as transformers_logging
-
-    # A progress bar on stderr is noise in a daemon's log.
-    transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     encoders = config.encoders
     try:
         return Shard.load(

@@ -25,8 +25,8 @@ import aiomqtt
 import numpy as np
 
 from encoders.errors import EncoderError
-from encoders.media import media_type_of
-from encoders.modality import MEDIA_TYPES, Modality
+from encoders.media import read_item
+from encoders.modality import Modality
 from node.bus import tls_context
 from node.codec import CodecError
 from node.errors import NodeError
@@ -44,16 +44,10 @@ from node.wire import (
 
 def parse_item(text: str) -> tuple[Modality, str, bytes]:
     """``text:...`` or a file path, as (modality, media type, data)."""
-    if text.startswith("text:"):
-        return Modality.TEXT, "text/plain", text[len("text:") :].encode("utf-8")
-    path = Path(text)
-    if not path.is_file():
-        raise NodeError(f'{text!r} is neither text:"..." nor a readable file')
     try:
-        mime = media_type_of(path)
+        return read_item(text)
     except EncoderError as error:
         raise NodeError(str(error)) from None
-    return MEDIA_TYPES[mime], mime, path.read_bytes()
 
 
 @dataclass(frozen=True)

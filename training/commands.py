@@ -163,7 +163,7 @@ def _embed(args: argparse.Namespace) -> int:
     import hashlib
 
     from encoders.embedding import EncodeRequest
-    from encoders.media import MediaLimits, decode_media
+    from encoders.media import MediaLimits, decode_media, read_item
     from encoders.shard import Shard
 
     try:
@@ -171,7 +171,7 @@ def _embed(args: argparse.Namespace) -> int:
     except ValueError:
         return _fail("embed", "--beacon must be hex")
     try:
-        modality, mime, data = parse_item(args.item)
+        modality, mime, data = read_item(args.item)
         manifest, sha = _pinned(args)
         shard = Shard.load(manifest, sha)
         media = decode_media(modality, mime, data, MediaLimits(), shard.preprocess)
@@ -193,20 +193,6 @@ def _embed(args: argparse.Namespace) -> int:
     }
     print(json.dumps(out))
     return 0
-
-
-def parse_item(text: str) -> tuple[Any, str, bytes]:
-    """``text:...`` or a file path, as (modality, media type, data), read as ``submit`` reads it."""
-    from encoders.media import media_type_of
-    from encoders.modality import MEDIA_TYPES, Modality
-
-    if text.startswith("text:"):
-        return Modality.TEXT, "text/plain", text[len("text:") :].encode("utf-8")
-    path = Path(text)
-    if not path.is_file():
-        raise ValueError(f'{text!r} is neither text:"..." nor a readable file')
-    mime = media_type_of(path)
-    return MEDIA_TYPES[mime], mime, path.read_bytes()
 
 
 class _Parser(argparse.ArgumentParser):
