@@ -284,7 +284,6 @@ class Node:
             )
             self._sync = sync
             await driver.start()
-            await intake.resume()
             await self._serve(intake, driver, encoder, publisher, store)
         log.info("event=stopped")
 
@@ -322,6 +321,9 @@ class Node:
                     ),
                     group.create_task(driver.run(), name="rounds"),
                     group.create_task(driver.sync_loop(), name="sync"),
+                    # After the preparers started: the queue is bounded, and more
+                    # submissions may await preparation than it holds.
+                    group.create_task(intake.resume(), name="resume"),
                     group.create_task(publisher.run(), name="publisher"),
                 ]
                 group.create_task(

@@ -8,6 +8,8 @@ answered once it is over.
 from __future__ import annotations
 
 import asyncio
+import signal
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -59,3 +61,41 @@ def test_a_burst_is_absorbed_with_bounded_queues(tmp_path: Path):
     assert all(result["status"] == "final" for result in finals)
     assert max(depths) <= QUEUE
     assert rounds[-1] - rounds[0] >= 3, "rounds stopped finalizing during the burst"
+
+
+def test_a_restart_with_more_stored_work_than_the_queue_holds(tmp_path: Path):
+    broker = start_mosquitto(tmp_path)
+    config = write_node_config(tmp_path / "node.yaml", rounds={"round_seconds": 1},
+                               intake={"queue_size": 1})
+    bus = f"mqtt://127.0.0.1:{broker.port}"
+    node = start_node(tmp_path / "node", bus, config)
+    raws = [Peer().submission([("text", "text/plain", f"backlog {i}".encode())])
+            for i in range(40)]
+
+    async def burst() -> None:
+        async with ResultListener(broker.port) as listener:
+            for raw in raws:
+                await listener.publish(raw)
+
+    nodes = [node]
+    try:
+        asyncio.run(burst())
+        time.sleep(1.0)
+        node.stop(signal.SIGKILL)
+        with sqlite3.connect(tmp_path / "node" / "data" / "node.sqlite3") as db:
+            stored = db.execute(
+                "SELECT COUNT(*) FROM submissions WHERE state = 'received'").fetchone()[0]
+        nodes.append(start_node(tmp_path / "node", bus, config))
+        deadline = time.monotonic() + 120
+        while True:
+            with sqlite3.connect(tmp_path / "node" / "data" / "node.sqlite3") as db:
+                states = [row[0] for row in db.execute("SELECT state FROM submissions")]
+            if len(states) == len(raws) and set(states) == {"final"}:
+                break
+            assert time.monotonic() < deadline, sorted(set(states))
+            time.sleep(0.5)
+    finally:
+        for each in nodes:
+            each.stop()
+        broker.stop()
+    assert stored > 1, "the kill should leave more stored work than the queue holds"
