@@ -18,9 +18,9 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from consensus.committee import Committee
 from encoders.errors import EncoderError
@@ -33,7 +33,7 @@ from node.metrics import Metrics
 from node.prepare import Preparer, fusion_alpha, media_limits
 from node.sandbox import DecoderPool
 from node.signing import MessageSigner
-from node.store import Admission, Outgoing, State, Store, StoredSubmission
+from node.store import Admission, Outgoing, State, StoreCall, StoredSubmission
 from node.wire import (
     RESULT_DOMAIN,
     Result,
@@ -47,7 +47,6 @@ from node.wire import (
 log = logging.getLogger("poc.intake")
 
 T = TypeVar("T")
-StoreCall = Callable[[Callable[[Store], T]], Awaitable[T]]
 
 
 class RateLimiter:
@@ -87,7 +86,7 @@ class Intake:
         self,
         config: Config,
         signer: MessageSigner,
-        store: StoreCall[Any],
+        store: StoreCall,
         decoders: DecoderPool,
         encoder: EncoderService,
         chain: BeaconChain,
@@ -317,4 +316,3 @@ class Intake:
     @property
     def wire_limits(self) -> WireLimits:
         return self._wire_limits
-

@@ -45,7 +45,7 @@ from node.intake import SYSTEM_CLOCK, Clock
 from node.metrics import Metrics
 from node.records import Candidate, Prepared, RoundRecord, from_float16, score_round
 from node.signing import MessageSigner
-from node.store import CommittedRound, Finalization, Outgoing, State, Store
+from node.store import CommittedRound, Finalization, Outgoing, State, Store, StoreCall
 from node.sync import SyncService
 from node.verify import Mismatch, RecordVerifier
 from node.wire import RESULT_DOMAIN, Result, Status
@@ -54,7 +54,6 @@ from rewards.history import HistoryIndex
 log = logging.getLogger("poc.rounds")
 
 SUMMARY_DOMAIN = "poc/v1/round-summary"
-StoreCall = Callable[[Callable[[Store], Any]], Awaitable[Any]]
 
 
 class RoundDriver:

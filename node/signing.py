@@ -12,10 +12,11 @@ from typing import Any
 
 from node.codec import pack
 from node.keys import SigningKey, verify_signature
+from node.wire import signing_bytes
 
 
 def _message(domain: str, body: Mapping[str, object]) -> bytes:
-    return domain.encode() + pack({key: value for key, value in body.items() if key != "sig"})
+    return signing_bytes(domain.encode(), body)
 
 
 class MessageSigner:

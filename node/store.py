@@ -16,7 +16,7 @@ calls it through a single-thread executor so the event loop never waits on
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -570,3 +570,7 @@ class _Transaction:
             self._db.execute("COMMIT")
         else:
             self._db.execute("ROLLBACK")
+
+
+StoreCall = Callable[[Callable[[Store], Any]], Awaitable[Any]]
+"""How coroutines reach the store: run a function of it on the store's own thread."""

@@ -20,7 +20,7 @@ from typing import Any
 from consensus.committee import Committee
 from node.codec import CodecError, DecodeLimits, pack, unpack
 from node.signing import MessageSigner
-from node.store import Store
+from node.store import StoreCall
 from node.wire import submission_id
 
 log = logging.getLogger("poc.sync")
@@ -30,7 +30,6 @@ ROUNDS_PER_REPLY = 32
 SUBMISSIONS_PER_REQUEST = 64
 _LIMITS = DecodeLimits(max_bytes=256 * 1024 * 1024, max_container_len=10_000)
 
-StoreCall = Callable[[Callable[[Store], Any]], Awaitable[Any]]
 Publish = Callable[[str, bytes], Awaitable[None]]
 
 

@@ -27,7 +27,7 @@ from node.codec import CodecError
 from node.config import ConsensusSection, ScoringSection
 from node.errors import Reason, Rejected
 from node.records import Prepared, RoundRecord, from_float16
-from node.store import State, Store
+from node.store import State, StoreCall
 from node.wire import Submission, WireLimits, parse_submission
 from rewards.curiosity import GapScore, gap_scores, submission_score
 from rewards.history import EmbeddingIndex
@@ -36,7 +36,6 @@ from rewards.payout import round_payout
 log = logging.getLogger("poc.verify")
 
 PPM = 1_000_000
-StoreCall = Callable[[Callable[[Store], Any]], Awaitable[Any]]
 Recompute = Callable[[Submission, int], Awaitable[Prepared]]
 Fetch = Callable[[list[bytes]], Awaitable[dict[bytes, bytes]]]
 Delta = Callable[[Any, Any], float]
