@@ -20,7 +20,6 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
 
 from consensus.committee import Committee
 from encoders.errors import EncoderError
@@ -46,7 +45,6 @@ from node.wire import (
 
 log = logging.getLogger("poc.intake")
 
-T = TypeVar("T")
 
 
 class RateLimiter:
