@@ -223,6 +223,10 @@ class ByzantineMember:
                         self.equivocations += 1
                     else:
                         summary = unpack(payload)
+                        # The broker is shared by the session's tests: summaries retained
+                        # by earlier committees carry other beacons and must not count.
+                        if self.committee.member(summary["validator"]) is None:
+                            continue
                         upcoming = summary["round"] + 1
                         leader = leader_of(summary["beacon_after"], self.committee)
                         end = self.committee.round_end_ms(upcoming) / 1000
