@@ -35,6 +35,8 @@ from training.world import Concept, training_captions, unseen_captions
 EVAL_BEACON = b"poc-eval-beacon"
 ALPHA = dict.fromkeys(Modality, 0.75)
 _BATCH = 32
+DISTRACTORS_PER_CONCEPT = 4
+MEDIA = (Modality.IMAGE, Modality.AUDIO, Modality.VIDEO)
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,8 @@ class Halves:
 
     calibration: dict[str, Bank]
     evaluation: dict[str, Bank]
+    distractors: dict[str, Bank]
+    """A few training-split items of every training concept, per media modality."""
 
 
 def _embed(shard: Shard, requests: list[EncodeRequest]) -> list[ItemEmbedding]:
@@ -98,7 +102,11 @@ def embed_halves(shard: Shard, corpus: Corpus, seed: int = 0) -> Halves:
         )
         for i in part.concepts
     }
-    present_moving = {corpus.moving[int(i)] for i in corpus.test[Modality.VIDEO].concepts}
+    present_moving = {
+        corpus.moving[int(i)]
+        for part in (corpus.test[Modality.VIDEO], corpus.train[Modality.VIDEO])
+        for i in part.concepts
+    }
     for name, table, present in (
         ("text", corpus.still, present_still),
         ("text-moving", corpus.moving, present_moving),
@@ -118,7 +126,19 @@ def embed_halves(shard: Shard, corpus: Corpus, seed: int = 0) -> Halves:
                 calibration.append((rng.choice(training_captions(concept)), concept))
         for half, pool in zip(halves, (calibration, evaluation), strict=True):
             half[name] = _bank(shard, Modality.TEXT, [t for t, _ in pool], [c for _, c in pool])
-    return Halves(*halves)
+    distractors = {}
+    for modality, split in corpus.train.items():
+        table = corpus.concepts_of(modality)
+        taken: dict[int, int] = {}
+        rows = []
+        for row, concept_id in enumerate(split.concepts):
+            if taken.get(int(concept_id), 0) < DISTRACTORS_PER_CONCEPT:
+                taken[int(concept_id)] = taken.get(int(concept_id), 0) + 1
+                rows.append(row)
+        media = list(split.decoded(np.asarray(rows, dtype=np.int64)))
+        concepts = [table[int(split.concepts[r])] for r in rows]
+        distractors[str(modality)] = _bank(shard, modality, media, concepts)
+    return Halves(halves[0], halves[1], distractors)
 
 
 def _key(concept: Concept, with_motion: bool) -> tuple[str, ...]:
@@ -141,6 +161,12 @@ def _held_out_only(bank: Bank) -> Bank:
         bank.vectors[keep],
         tuple(bank.embeddings[i] for i in keep),
         tuple(bank.concepts[i] for i in keep),
+    )
+
+
+def _concat(a: Bank, b: Bank) -> Bank:
+    return Bank(
+        np.concatenate([a.vectors, b.vectors]), a.embeddings + b.embeddings, a.concepts + b.concepts
     )
 
 
@@ -167,31 +193,59 @@ def recall(
     return float(np.mean(r1)), float(np.mean(r5))
 
 
-def pair_distances(a: Bank, b: Bank, seed: int) -> tuple[list[float], list[float]]:
-    """Per item of ``a``: distances to a random matched and a random mismatched item of ``b``.
+MISMATCH_KINDS = ("colour", "shape", "both")
+"""How a mismatched partner differs: colour only, shape only, or both."""
 
-    Matched: same colour and shape (and motion if both have one); mismatched:
-    another colour or another shape.
+
+@dataclass(frozen=True)
+class PairDistances:
+    """Distances of matched pairs, and of mismatched pairs by how they differ."""
+
+    matched: list[float]
+    mismatched: dict[str, list[float]]
+
+    @property
+    def all_mismatched(self) -> list[float]:
+        return [d for kind in MISMATCH_KINDS for d in self.mismatched[kind]]
+
+
+def _mismatch_kind(a: Concept, b: Concept) -> str | None:
+    if (a.colour, a.shape) == (b.colour, b.shape):
+        return None
+    if a.shape == b.shape:
+        return "colour"
+    return "shape" if a.colour == b.colour else "both"
+
+
+def pair_distances(a: Bank, b: Bank, seed: int) -> PairDistances:
+    """Per item of ``a``: distances to a random matched item of ``b`` and, for each kind
+    of mismatch that ``b`` offers, to a random partner that differs that way.
+
+    Matched: same colour and shape (and motion if both have one). Drawing one
+    partner per kind keeps the hard mismatches (one attribute changed) as
+    frequent as the easy ones, where random partners would mostly differ in both.
     """
     rng = random.Random(seed)
     with_motion = bool(a.concepts[0].motion) and bool(b.concepts[0].motion)
-    matched, mismatched = [], []
+    out = PairDistances([], {kind: [] for kind in MISMATCH_KINDS})
     for i, concept in enumerate(a.concepts):
         same = [
             j
             for j, c in enumerate(b.concepts)
             if _key(c, with_motion) == _key(concept, with_motion)
         ]
-        other = [
-            j
-            for j, c in enumerate(b.concepts)
-            if (c.colour, c.shape) != (concept.colour, concept.shape)
-        ]
         if same:
-            matched.append(cosine_distance(a.vectors[i], b.vectors[rng.choice(same)]))
-        if other:
-            mismatched.append(cosine_distance(a.vectors[i], b.vectors[rng.choice(other)]))
-    return matched, mismatched
+            out.matched.append(cosine_distance(a.vectors[i], b.vectors[rng.choice(same)]))
+        by_kind: dict[str, list[int]] = {kind: [] for kind in MISMATCH_KINDS}
+        for j, c in enumerate(b.concepts):
+            kind = _mismatch_kind(concept, c)
+            if kind is not None:
+                by_kind[kind].append(j)
+        for kind in MISMATCH_KINDS:
+            if by_kind[kind]:
+                partner = rng.choice(by_kind[kind])
+                out.mismatched[kind].append(cosine_distance(a.vectors[i], b.vectors[partner]))
+    return out
 
 
 def _pair_banks(banks: dict[str, Bank], a: Modality, b: Modality) -> tuple[Bank, Bank]:
@@ -214,8 +268,8 @@ def calibrate(halves: Halves, seed: int = 0) -> dict[frozenset[Modality], float]
     deltas = {}
     for a, b in _pairs():
         items, partners = _pair_banks(halves.calibration, a, b)
-        matched, mismatched = pair_distances(items, partners, seed)
-        deltas[frozenset((a, b))] = calibrate_delta(matched, mismatched)
+        distances = pair_distances(items, partners, seed)
+        deltas[frozenset((a, b))] = calibrate_delta(distances.matched, distances.all_mismatched)
     return deltas
 
 
@@ -231,21 +285,43 @@ def evaluate(
         with_motion = Modality.VIDEO in (a, b) and Modality.TEXT in (a, b)
         r1, r5 = recall(query, gallery, with_motion, trials, seed)
         retrieval[f"{a}->{b}"] = {"r1": r1, "r5": r5}
+    every_concept: dict[str, dict[str, float]] = {}
+    for media in MEDIA:
+        text = ev[_bank_name(Modality.TEXT, media)]
+        items = _held_out_only(ev[str(media)])
+        gallery = _concat(items, halves.distractors[str(media)])
+        with_motion = media is Modality.VIDEO
+        for name, query, target in (
+            (f"{media}->text", items, text),
+            (f"text->{media}", _held_out_only(text), gallery),
+        ):
+            r1, r5 = recall(query, target, with_motion, trials, seed)
+            every_concept[name] = {"r1": r1, "r5": r5}
+    for a, b in itertools.permutations(MEDIA, 2):
+        query = _held_out_only(ev[str(a)])
+        target = _concat(_held_out_only(ev[str(b)]), halves.distractors[str(b)])
+        r1, r5 = recall(query, target, False, trials, seed)
+        every_concept[f"{a}->{b}"] = {"r1": r1, "r5": r5}
     pairs: dict[str, dict[str, float]] = {}
     for a, b in _pairs():
         items, partners = _pair_banks(ev, a, b)
-        matched, mismatched = pair_distances(items, partners, seed)
+        distances = pair_distances(items, partners, seed)
         delta = deltas[frozenset((a, b))]
-        measured = rates(matched, mismatched, delta)
-        pairs[pair_key(a, b)] = {
+        measured = rates(distances.matched, distances.all_mismatched, delta)
+        row: dict[str, float] = {
             "delta": delta,
             "accepted": measured.accepted,
             "rejected": measured.rejected,
-            "matched_pairs": len(matched),
-            "mismatched_pairs": len(mismatched),
+            "matched_pairs": len(distances.matched),
+            "mismatched_pairs": len(distances.all_mismatched),
         }
+        for kind, values in distances.mismatched.items():
+            if values:
+                row[f"rejected_{kind}"] = rates(distances.matched, values, delta).rejected
+        pairs[pair_key(a, b)] = row
     return {
         "retrieval": retrieval,
+        "retrieval_every_concept": every_concept,
         "pairs": pairs,
         "fusion": fusion_retrieval(halves, deltas, trials, seed),
     }
@@ -294,12 +370,26 @@ def format_report(figures: dict[str, Any]) -> str:
     for name, row in figures["retrieval"].items():
         lines.append(f"{name:<16}{row['r1']:>8.3f}{row['r5']:>8.3f}")
     lines.append("")
+    lines.append(
+        "retrieval of held-out items among every concept (training concepts as distractors)"
+    )
+    lines.append(f"{'query->gallery':<16}{'R@1':>8}{'R@5':>8}")
+    for name, row in figures["retrieval_every_concept"].items():
+        lines.append(f"{name:<16}{row['r1']:>8.3f}{row['r5']:>8.3f}")
+    lines.append("")
     lines.append("pair check (matched accepted, mismatched rejected as pair_too_far)")
-    lines.append(f"{'pair':<14}{'delta':>8}{'accepted':>10}{'rejected':>10}")
+    header = f"{'pair':<14}{'delta':>8}{'accepted':>10}{'rejected':>10}"
+    lines.append(header + "".join(f"{'~' + kind:>9}" for kind in MISMATCH_KINDS))
     for name, row in figures["pairs"].items():
+        by_kind = "".join(
+            f"{row[f'rejected_{kind}']:>9.3f}" if f"rejected_{kind}" in row else f"{'-':>9}"
+            for kind in MISMATCH_KINDS
+        )
         lines.append(
             f"{name:<14}{row['delta']:>8.4f}{row['accepted']:>10.3f}{row['rejected']:>10.3f}"
+            + by_kind
         )
+    lines.append("(~colour, ~shape, ~both: rejection of partners differing in that way)")
     lines.append("")
     lines.append("text retrieval R@1: item alone vs fused with a matched partner")
     lines.append(f"{'pair':<18}{'unfused':>9}{'fused':>9}")

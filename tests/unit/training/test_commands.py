@@ -58,8 +58,12 @@ def test_eval_figures_on_tiny_data(untrained: Path, micro_corpus: Corpus) -> Non
     assert len(figures["retrieval"]) == 12 and len(figures["pairs"]) == 6
     for row in figures["retrieval"].values():
         assert 0.0 <= row["r1"] <= row["r5"] <= 1.0
+    assert len(figures["retrieval_every_concept"]) == 12
+    for row in figures["retrieval_every_concept"].values():
+        assert 0.0 <= row["r1"] <= row["r5"] <= 1.0
     for row in figures["pairs"].values():
         assert 0.0 <= row["accepted"] <= 1.0 and 0.0 <= row["rejected"] <= 1.0
+    assert "rejected_shape" in figures["pairs"]["image-text"]
     assert set(figures["fusion"]) == {
         "image+audio->text",
         "image+video->text",
