@@ -42,6 +42,15 @@ class EncoderConfig:
     image_tokens: int
     video_tokens: int
     audio_tokens: int
+    image_stem: str = "linear"
+    """Patch stem of the image tower. ``linear``: one projection of each patch's
+    pixels (ViT); ``conv``: two strided convolutions inside each patch, then the
+    projection (an early-convolution stem, which lets a small tower see edges and
+    corners, hence shapes). Video and audio towers use the linear stem."""
+
+    def __post_init__(self) -> None:
+        if self.image_stem not in STEMS:
+            raise ValueError(f"image_stem must be one of {sorted(STEMS)}, got {self.image_stem!r}")
 
     def tokens(self, modality: Modality) -> int:
         return {
@@ -51,11 +60,34 @@ class EncoderConfig:
         }[modality]
 
 
-PATCH_FEATURES = {
-    Modality.IMAGE: 3 * PATCH * PATCH,
-    Modality.VIDEO: TUBELET * 3 * PATCH * PATCH,
-    Modality.AUDIO: PATCH * PATCH,
-}
+STEMS = frozenset({"linear", "conv"})
+PATCH_CHANNELS = {Modality.IMAGE: 3, Modality.VIDEO: TUBELET * 3, Modality.AUDIO: 1}
+
+
+class ConvStem(nn.Module):
+    """Per-patch early convolutions: ``[.., C·16·16]`` → ``[.., width]``.
+
+    Each token is convolved on its own pixels only, so hiding a token still
+    hides all of its information (what the masks of the differential loss need).
+    """
+
+    def __init__(self, channels: int, width: int) -> None:
+        super().__init__()
+        self.channels = channels
+        self.convs = nn.Sequential(
+            nn.Conv2d(channels, 32, kernel_size=4, stride=2, padding=1),
+            nn.GELU(),
+            nn.Conv2d(32, 64, kernel_size=3, stride=2, padding=1),
+            nn.GELU(),
+        )
+        self.project = nn.Linear(64 * (PATCH // 4) ** 2, width)
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        lead = patches.shape[:-1]
+        pixels = patches.reshape(-1, self.channels, PATCH, PATCH)
+        features = self.convs(pixels).flatten(1)
+        out: torch.Tensor = self.project(features).reshape(*lead, -1)
+        return out
 
 
 class Block(nn.Module):
@@ -85,9 +117,13 @@ class Block(nn.Module):
 class PatchTower(nn.Module):
     """Stem, positional embedding, CLS token, trunk and head for one modality."""
 
-    def __init__(self, config: EncoderConfig, patch_features: int, n_tokens: int) -> None:
+    def __init__(self, config: EncoderConfig, channels: int, n_tokens: int, stem: str) -> None:
         super().__init__()
-        self.stem = nn.Linear(patch_features, config.width)
+        self.stem: nn.Module = (
+            ConvStem(channels, config.width)
+            if stem == "conv"
+            else nn.Linear(channels * PATCH * PATCH, config.width)
+        )
         self.cls = nn.Parameter(torch.randn(1, 1, config.width) * 0.02)
         self.position = nn.Parameter(torch.randn(1, n_tokens + 1, config.width) * 0.02)
         self.blocks = nn.ModuleList(
@@ -125,7 +161,12 @@ class MultimodalEncoder(nn.Module):
         self.config = config
         self.towers = nn.ModuleDict(
             {
-                str(m): PatchTower(config, PATCH_FEATURES[m], config.tokens(m))
+                str(m): PatchTower(
+                    config,
+                    PATCH_CHANNELS[m],
+                    config.tokens(m),
+                    config.image_stem if m is Modality.IMAGE else "linear",
+                )
                 for m in (Modality.IMAGE, Modality.VIDEO, Modality.AUDIO)
             }
         )

@@ -66,7 +66,9 @@ def pair_key(a: Modality, b: Modality) -> str:
     return "-".join(sorted((str(a), str(b))))
 
 
-def config_for(spec: PreprocessSpec, dim: int, width: int, depth: int, heads: int) -> EncoderConfig:
+def config_for(
+    spec: PreprocessSpec, dim: int, width: int, depth: int, heads: int, image_stem: str = "linear"
+) -> EncoderConfig:
     """Architecture whose token counts match the preprocessing."""
     image = (spec.image_size // PATCH) ** 2
     video = (spec.video_frames // TUBELET) * (spec.video_size // PATCH) ** 2
@@ -80,6 +82,7 @@ def config_for(spec: PreprocessSpec, dim: int, width: int, depth: int, heads: in
         image_tokens=image,
         video_tokens=video,
         audio_tokens=audio,
+        image_stem=image_stem,
     )
 
 
