@@ -1,12 +1,15 @@
 from __future__ import annotations
 
+from typing import Any
+
+import pytest
 import torch
 
 from encoders.modality import Modality
 from encoders.weights import DEFAULT_PREPROCESS
 from training.corpus import Corpus
 from training.losses import multi_positive_nce
-from training.trainer import EpochReport, TrainSettings, motion_maps, train
+from training.trainer import BatchMaker, EpochReport, TrainSettings, motion_maps, train
 
 from .conftest import random_table
 
@@ -27,7 +30,12 @@ def test_motion_maps_swap_directions(micro_corpus: Corpus) -> None:
         assert {concept.motion, reversed_.motion} in ({"left", "right"}, {"up", "down"})
 
 
-def test_training_lowers_the_loss_on_a_tiny_corpus(micro_corpus: Corpus) -> None:
+@pytest.mark.parametrize(
+    "image", [{}, {"image_stem": "conv", "image_turns": True}], ids=["linear", "conv-turns"]
+)
+def test_training_lowers_the_loss_on_a_tiny_corpus(
+    micro_corpus: Corpus, image: dict[str, Any]
+) -> None:
     torch.set_num_threads(1)
     settings = TrainSettings(
         seed=0,
@@ -42,6 +50,7 @@ def test_training_lowers_the_loss_on_a_tiny_corpus(micro_corpus: Corpus) -> None
         warmup_steps=1,
         masked_share=0.3,
         schedule=("image", "audio", "video"),
+        **image,
     )
     reports: list[EpochReport] = []
     models = train(
@@ -58,3 +67,15 @@ def test_training_lowers_the_loss_on_a_tiny_corpus(micro_corpus: Corpus) -> None
     assert sum(last.values()) < sum(first.values())
     assert all(0.0 <= r <= 1.0 for r in reports[-1].recall.values())
     assert not any(p.requires_grad for p in models[0].parameters())
+
+
+def test_image_turns_are_quarter_turns_and_flips_of_each_image(micro_corpus: Corpus) -> None:
+    maker = BatchMaker(micro_corpus, torch.Generator().manual_seed(0), dihedral=True)
+    images = torch.randn(32, 3, 8, 8)
+    turned = maker._turn(images.clone())
+    changed = 0
+    for before, after in zip(images, turned, strict=True):
+        views = [torch.rot90(v, k, dims=(-2, -1)) for v in (before, before.flip(-2)) for k in range(4)]
+        assert any(torch.equal(after, view) for view in views)
+        changed += not torch.equal(after, before)
+    assert changed > 16
