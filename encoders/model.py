@@ -15,6 +15,7 @@ dropping them from the sequence.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import cast
 
@@ -48,6 +49,14 @@ class EncoderConfig:
     projection (an early-convolution stem, which lets a small tower see edges and
     corners, hence shapes). Video and audio towers use the linear stem."""
 
+    factored: bool = False
+    """Image and video embeddings built from two towers: a shape-blind colour tower
+    (statistics of each token's pixels, no positions) fills the first half of the
+    embedding, a colour-blind tower (luminance only, each token centred) the second.
+    Text and audio embeddings are split in the same halves. Each half is unit length
+    over √2, so a cosine is the mean of a colour cosine and a shape cosine, and an
+    unseen colour-shape combination lands where its colour and its shape point."""
+
     def __post_init__(self) -> None:
         if self.image_stem not in STEMS:
             raise ValueError(f"image_stem must be one of {sorted(STEMS)}, got {self.image_stem!r}")
@@ -62,6 +71,8 @@ class EncoderConfig:
 
 STEMS = frozenset({"linear", "conv"})
 PATCH_CHANNELS = {Modality.IMAGE: 3, Modality.VIDEO: TUBELET * 3, Modality.AUDIO: 1}
+_FRAMES = {Modality.IMAGE: 1, Modality.VIDEO: TUBELET}
+"""Frames per token of the modalities a factored encoder splits into colour and shape."""
 
 
 class ConvStem(nn.Module):
@@ -117,7 +128,14 @@ class Block(nn.Module):
 class PatchTower(nn.Module):
     """Stem, positional embedding, CLS token, trunk and head for one modality."""
 
-    def __init__(self, config: EncoderConfig, channels: int, n_tokens: int, stem: str) -> None:
+    def __init__(
+        self,
+        config: EncoderConfig,
+        channels: int,
+        n_tokens: int,
+        stem: str,
+        out_dim: int | None = None,
+    ) -> None:
         super().__init__()
         self.stem: nn.Module = (
             ConvStem(channels, config.width)
@@ -130,10 +148,10 @@ class PatchTower(nn.Module):
             Block(config.width, config.heads, config.mlp_ratio) for _ in range(config.depth)
         )
         self.norm = nn.LayerNorm(config.width)
-        self.head = nn.Linear(config.width, config.dim)
+        self.head = nn.Linear(config.width, out_dim or config.dim)
 
     def forward(self, patches: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        """``patches [B, N, P]`` and ``keep [B, V, N]`` → unit embeddings ``[B, V, D]``."""
+        """``patches [B, N, P]`` and ``keep [B, V, N]`` → head outputs ``[B, V, D]``."""
         b, v, n = keep.shape
         tokens = self.stem(patches) + self.position[:, 1:]
         tokens = tokens.unsqueeze(1).expand(b, v, n, -1).reshape(b * v, n, -1)
@@ -142,8 +160,68 @@ class PatchTower(nn.Module):
         mask = torch.cat([keep.new_ones(b * v, 1), keep.reshape(b * v, n)], dim=1)
         for block in self.blocks:
             x = block(x, mask)
-        out = self.head(self.norm(x[:, 0]))
-        return F.normalize(out, dim=-1).reshape(b, v, -1)
+        out: torch.Tensor = self.head(self.norm(x[:, 0])).reshape(b, v, -1)
+        return out
+
+
+class ColourTower(nn.Module):
+    """Colour without shape: per-token pixel statistics, attention-pooled over kept tokens.
+
+    Each token is reduced to the mean, spread, minimum and maximum of each
+    colour channel; there are no positional embeddings, so the tower sees a set
+    of token colours and cannot tell a star from a square.
+    """
+
+    def __init__(self, frames: int, width: int, out_dim: int) -> None:
+        super().__init__()
+        self.frames = frames
+        self.embed = nn.Sequential(
+            nn.Linear(12, width), nn.GELU(), nn.Linear(width, width), nn.GELU()
+        )
+        self.score = nn.Linear(width, 1)
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, out_dim)
+
+    def forward(self, patches: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        b, n, _ = patches.shape
+        pixels = patches.reshape(b, n, self.frames, 3, -1).transpose(2, 3).reshape(b, n, 3, -1)
+        stats = torch.cat(
+            [pixels.mean(-1), pixels.std(-1), pixels.amin(-1), pixels.amax(-1)], dim=-1
+        )
+        h = self.embed(stats)  # [B, N, W]
+        scores = self.score(h).squeeze(-1).unsqueeze(1).expand(b, keep.shape[1], n)
+        weights = torch.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1)
+        pooled = weights @ h  # [B, V, W]
+        out: torch.Tensor = self.head(self.norm(pooled))
+        return out
+
+
+_LUMA = (0.299, 0.587, 0.114)
+
+
+def luminance(patches: torch.Tensor, frames: int, polarity: torch.Tensor | None) -> torch.Tensor:
+    """Colour-blind tokens: each token's luminance minus its own mean, times ``polarity``.
+
+    ``[B, N, frames·3·16·16]`` → ``[B, N, frames·16·16]``. Centring each token on
+    its own removes how bright the shape is; training flips the sign at random
+    (``polarity [B]`` of ±1) so whether a shape is lighter or darker than its
+    background, which hints at its colour, says nothing either.
+    """
+    b, n, _ = patches.shape
+    pixels = patches.reshape(b, n, frames, 3, -1)
+    weights = pixels.new_tensor(_LUMA).reshape(1, 1, 1, 3, 1)
+    luma = (pixels * weights).sum(dim=3).reshape(b, n, -1)
+    luma = luma - luma.mean(dim=-1, keepdim=True)
+    if polarity is not None:
+        luma = luma * polarity.reshape(b, 1, 1)
+    return luma
+
+
+def unit_halves(x: torch.Tensor) -> torch.Tensor:
+    """Each half of the last axis scaled to length 1/√2 (a unit vector in all)."""
+    half = x.shape[-1] // 2
+    halves = [F.normalize(x[..., :half], dim=-1), F.normalize(x[..., half:], dim=-1)]
+    return torch.cat(halves, dim=-1) * math.sqrt(0.5)
 
 
 class MultimodalEncoder(nn.Module):
@@ -159,17 +237,17 @@ class MultimodalEncoder(nn.Module):
     def __init__(self, config: EncoderConfig) -> None:
         super().__init__()
         self.config = config
-        self.towers = nn.ModuleDict(
-            {
-                str(m): PatchTower(
-                    config,
-                    PATCH_CHANNELS[m],
-                    config.tokens(m),
-                    config.image_stem if m is Modality.IMAGE else "linear",
-                )
-                for m in (Modality.IMAGE, Modality.VIDEO, Modality.AUDIO)
-            }
-        )
+        towers: dict[str, nn.Module] = {}
+        half = config.dim // 2
+        for m in (Modality.IMAGE, Modality.VIDEO, Modality.AUDIO):
+            stem = config.image_stem if m is Modality.IMAGE else "linear"
+            if config.factored and m in _FRAMES:
+                frames = _FRAMES[m]
+                towers[str(m)] = PatchTower(config, frames, config.tokens(m), stem, half)
+                towers[f"{m}-colour"] = ColourTower(frames, config.width // 2, half)
+            else:
+                towers[str(m)] = PatchTower(config, PATCH_CHANNELS[m], config.tokens(m), stem)
+        self.towers = nn.ModuleDict(towers)
         self.text_head = nn.Linear(TEXT_FEATURES, config.dim)
 
     @property
@@ -185,12 +263,27 @@ class MultimodalEncoder(nn.Module):
         return self.encode_patches(modality, patches, keep)
 
     def encode_patches(
-        self, modality: Modality, patches: torch.Tensor, keep: torch.Tensor
+        self,
+        modality: Modality,
+        patches: torch.Tensor,
+        keep: torch.Tensor,
+        polarity: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Image, video or audio tokens ``[B, N, P]`` with ``keep [B, V, N]`` → ``[B, V, D]``."""
+        """Image, video or audio tokens ``[B, N, P]`` with ``keep [B, V, N]`` → ``[B, V, D]``.
+
+        ``polarity`` (training only) flips the luminance seen by a factored shape tower.
+        """
         tower = cast(PatchTower, self.towers[str(modality)])
-        return tower.forward(patches, keep)
+        if not self.config.factored:
+            return F.normalize(tower(patches, keep), dim=-1)
+        if modality not in _FRAMES:
+            return unit_halves(tower(patches, keep))
+        frames = _FRAMES[modality]
+        colour = cast(ColourTower, self.towers[f"{modality}-colour"])(patches, keep)
+        shape = tower(luminance(patches, frames, polarity), keep)
+        return unit_halves(torch.cat([colour, shape], dim=-1))
 
     def encode_text(self, sentence_features: torch.Tensor) -> torch.Tensor:
         """Pooled MiniLM features ``[B, V, 384]`` (one per keep variant) → ``[B, V, D]``."""
-        return F.normalize(self.text_head(sentence_features), dim=-1)
+        out = self.text_head(sentence_features)
+        return unit_halves(out) if self.config.factored else F.normalize(out, dim=-1)

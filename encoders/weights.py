@@ -67,7 +67,13 @@ def pair_key(a: Modality, b: Modality) -> str:
 
 
 def config_for(
-    spec: PreprocessSpec, dim: int, width: int, depth: int, heads: int, image_stem: str = "linear"
+    spec: PreprocessSpec,
+    dim: int,
+    width: int,
+    depth: int,
+    heads: int,
+    image_stem: str = "linear",
+    factored: bool = False,
 ) -> EncoderConfig:
     """Architecture whose token counts match the preprocessing."""
     image = (spec.image_size // PATCH) ** 2
@@ -83,6 +89,7 @@ def config_for(
         video_tokens=video,
         audio_tokens=audio,
         image_stem=image_stem,
+        factored=factored,
     )
 
 

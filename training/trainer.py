@@ -67,6 +67,15 @@ class TrainSettings:
     """Optimizer updates per step, one batch each: audio, the hardest, gets two."""
     pair_loss: float = 0.0
     """Weight of the pairwise sigmoid loss added to InfoNCE (``losses.pairwise_sigmoid``)."""
+    factored: bool = False
+    """Build factored encoders (``EncoderConfig.factored``) and train them with the
+    factored InfoNCE alone, the luminance seen by their shape towers flipped at random."""
+    factored_losses: tuple[str, ...] = ("image", "video", "audio")
+    """Modalities a factored encoder trains with the factored InfoNCE; the others keep
+    the whole-concept InfoNCE (over embeddings whose halves are unit length)."""
+    factor_loss: float = 0.0
+    """Weight of the factored InfoNCE: the first half of every embedding is bound by
+    colour alone and the second half by shape alone (see ``_factored_nce``)."""
     image_turns: bool = False
     """Also turn training images by quarter turns and flip them vertically."""
     audio_warp: bool = False
@@ -95,7 +104,13 @@ class _Member:
 
 def new_encoder(spec: PreprocessSpec, settings: TrainSettings, seed: int) -> MultimodalEncoder:
     config = config_for(
-        spec, settings.dim, settings.width, settings.depth, settings.heads, settings.image_stem
+        spec,
+        settings.dim,
+        settings.width,
+        settings.depth,
+        settings.heads,
+        settings.image_stem,
+        settings.factored,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -126,6 +141,10 @@ class BatchMaker:
         self.audio_warp = audio_warp
         self.dihedral = dihedral
         self.flip_map, self.reverse_map = motion_maps(corpus.moving)
+
+    def coin(self, n: int, p: float) -> torch.Tensor:
+        """``n`` independent draws, each True with probability ``p``."""
+        return self._coin(n, p)
 
     def _coin(self, n: int, p: float) -> torch.Tensor:
         return torch.rand(n, generator=self.generator) < p
@@ -262,6 +281,7 @@ def train(
     progress: Callable[[int], Iterator[int]] = lambda total: iter(range(total)),
 ) -> list[MultimodalEncoder]:
     """Train one encoder per seed of ``settings.encoder_seeds``; return them in eval mode."""
+    factors = {m: concept_factors(corpus.concepts_of(m)) for m in PATCHED}
     torch.manual_seed(settings.seed)
     generator = torch.Generator().manual_seed(settings.seed)
     rng = np.random.default_rng(settings.seed)
@@ -309,12 +329,22 @@ def train(
                 table = moving if modality is Modality.VIDEO else still
                 phrasing = torch.randint(0, table.features.shape[1], (batch,), generator=generator)
                 features = table.features[labels, phrasing]
+                polarity = None
+                if settings.factored:
+                    polarity = torch.where(maker.coin(batch, 0.5), -1.0, 1.0)
                 for member in members:
                     member.optimizer.zero_grad(set_to_none=True)
                     scale = member.log_scale.clamp(max=math.log(100.0)).exp()
-                    items = member.model.encode_patches(modality, patches, keep)[:, 0]
-                    texts = F.normalize(member.model.text_head(features), dim=-1)
-                    loss = symmetric_nce(items, texts, labels, scale)
+                    items = member.model.encode_patches(modality, patches, keep, polarity)[:, 0]
+                    texts = member.model.encode_text(features)
+                    if settings.factored and modality.value in settings.factored_losses:
+                        loss = _factored_nce(items, texts, factors[modality], labels, scale)
+                    else:
+                        loss = symmetric_nce(items, texts, labels, scale)
+                    if settings.factor_loss:
+                        loss = loss + settings.factor_loss * _factored_nce(
+                            items, texts, factors[modality], labels, scale
+                        )
                     if settings.pair_loss:
                         loss = loss + settings.pair_loss * pairwise_sigmoid(
                             items, texts, labels, member.pair_scale.exp(), member.pair_bias
@@ -334,6 +364,39 @@ def train(
     for member in members:
         member.model.requires_grad_(False)
     return [member.model for member in members]
+
+
+def concept_factors(concepts: tuple[Concept, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Colour index, and shape (with motion, for video) index, of every concept of a table."""
+    colours = sorted({c.colour for c in concepts})
+    forms = sorted({(c.shape, c.motion) for c in concepts})
+    return (
+        torch.tensor([colours.index(c.colour) for c in concepts]),
+        torch.tensor([forms.index((c.shape, c.motion)) for c in concepts]),
+    )
+
+
+def _factored_nce(
+    items: torch.Tensor,
+    texts: torch.Tensor,
+    factors: tuple[torch.Tensor, torch.Tensor],
+    labels: torch.Tensor,
+    scale: torch.Tensor,
+) -> torch.Tensor:
+    """InfoNCE of the embeddings' first half by colour and second half by shape.
+
+    Items of the same colour are positives of each other in the first half
+    whatever their shape, and likewise for shape in the second: each half must
+    carry its attribute alone, so an unseen colour-shape combination lands where
+    its colour and its shape, each seen in training, point.
+    """
+    half = items.shape[1] // 2
+    losses = []
+    for part, factor in zip((slice(0, half), slice(half, None)), factors, strict=True):
+        a = F.normalize(items[:, part], dim=-1)
+        b = F.normalize(texts[:, part], dim=-1)
+        losses.append(symmetric_nce(a, b, factor[labels], scale))
+    return 0.5 * (losses[0] + losses[1])
 
 
 def _learning_rate(step: int, total: int, settings: TrainSettings) -> float:

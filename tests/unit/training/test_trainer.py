@@ -9,7 +9,15 @@ from encoders.modality import Modality
 from encoders.weights import DEFAULT_PREPROCESS
 from training.corpus import Corpus
 from training.losses import multi_positive_nce
-from training.trainer import BatchMaker, EpochReport, TrainSettings, motion_maps, train
+from training.trainer import (
+    BatchMaker,
+    EpochReport,
+    TrainSettings,
+    concept_factors,
+    motion_maps,
+    train,
+)
+from training.world import Concept
 
 from .conftest import random_table
 
@@ -31,7 +39,9 @@ def test_motion_maps_swap_directions(micro_corpus: Corpus) -> None:
 
 
 @pytest.mark.parametrize(
-    "image", [{}, {"image_stem": "conv", "image_turns": True}], ids=["linear", "conv-turns"]
+    "image",
+    [{}, {"image_stem": "conv", "image_turns": True}, {"factored": True, "image_stem": "conv"}],
+    ids=["linear", "conv-turns", "factored"],
 )
 def test_training_lowers_the_loss_on_a_tiny_corpus(
     micro_corpus: Corpus, image: dict[str, Any]
@@ -79,3 +89,15 @@ def test_image_turns_are_quarter_turns_and_flips_of_each_image(micro_corpus: Cor
         assert any(torch.equal(after, view) for view in views)
         changed += not torch.equal(after, before)
     assert changed > 16
+
+
+def test_factors_are_colour_and_shape_with_motion() -> None:
+    concepts = (
+        Concept("red", "star", "up"),
+        Concept("blue", "star", "up"),
+        Concept("red", "star", "down"),
+        Concept("red", "circle", "up"),
+    )
+    colours, forms = concept_factors(concepts)
+    assert colours.tolist() == [1, 0, 1, 1]
+    assert forms[0] == forms[1] and len({int(forms[0]), int(forms[2]), int(forms[3])}) == 3
