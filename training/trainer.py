@@ -51,9 +51,9 @@ class TrainSettings:
     width: int = 128
     depth: int = 2
     heads: int = 4
-    image_stem: str = "linear"
+    image_stem: str = "conv"
     """Patch stem of the image tower (``EncoderConfig.image_stem``)."""
-    epochs: int = 20
+    epochs: int = 28
     batch_size: int = 96
     learning_rate: float = 1.5e-3
     weight_decay: float = 0.05
@@ -63,20 +63,21 @@ class TrainSettings:
     """Learn the InfoNCE temperature (CLIP) or keep ``temperature`` fixed."""
     masked_share: float = 0.3
     """Probability that a training item is seen through one random mask."""
-    schedule: tuple[str, ...] = ("image", "video", "audio", "audio")
-    """Optimizer updates per step, one batch each: audio, the hardest, gets two."""
+    schedule: tuple[str, ...] = ("image", "image", "video", "audio", "audio")
+    """Optimizer updates per step, one batch each: image (shape) and audio, the
+    hardest, get two."""
     pair_loss: float = 0.0
     """Weight of the pairwise sigmoid loss added to InfoNCE (``losses.pairwise_sigmoid``)."""
-    factored: bool = False
+    factored: bool = True
     """Build factored encoders (``EncoderConfig.factored``) and train them with the
     factored InfoNCE alone, the luminance seen by their shape towers flipped at random."""
-    factored_losses: tuple[str, ...] = ("image", "video", "audio")
+    factored_losses: tuple[str, ...] = ("image", "video")
     """Modalities a factored encoder trains with the factored InfoNCE; the others keep
     the whole-concept InfoNCE (over embeddings whose halves are unit length)."""
     factor_loss: float = 0.0
     """Weight of the factored InfoNCE: the first half of every embedding is bound by
     colour alone and the second half by shape alone (see ``_factored_nce``)."""
-    image_turns: bool = False
+    image_turns: bool = True
     """Also turn training images by quarter turns and flip them vertically."""
     audio_warp: bool = False
     """Also stretch spectrograms in time (±15 %) and shift them by ±2 mel bands,

@@ -40,8 +40,12 @@ def test_motion_maps_swap_directions(micro_corpus: Corpus) -> None:
 
 @pytest.mark.parametrize(
     "image",
-    [{}, {"image_stem": "conv", "image_turns": True}, {"factored": True, "image_stem": "conv"}],
-    ids=["linear", "conv-turns", "factored"],
+    [
+        {"factored": False, "image_stem": "linear", "image_turns": False},
+        {"factored": False, "image_stem": "conv", "image_turns": True},
+        {},
+    ],
+    ids=["plain", "plain-conv-turns", "default-factored"],
 )
 def test_training_lowers_the_loss_on_a_tiny_corpus(
     micro_corpus: Corpus, image: dict[str, Any]
