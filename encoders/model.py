@@ -5,7 +5,9 @@ embeddings, CLS token, transformer trunk and head into the shared space D.
 Text uses the frozen pretrained MiniLM (``text_backbone``) and a trainable
 head; the backbone is held by the shard, not by this module, because it is
 shared by every encoder of a shard and pinned by hash rather than stored in
-our weight files. Every output is L2-normalised.
+our weight files. Every output is L2-normalised. A *factored* encoder
+(``EncoderConfig.factored``) gives image and video a second, colour-only
+tower and builds every embedding from a colour half and a shape half.
 
 Encoding takes a keep-mask per variant of each item so the differential loss
 can evaluate ``E(x)``, ``E(x|m)`` and ``E(x|¬m)`` in one forward pass: masked
