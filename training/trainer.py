@@ -145,9 +145,6 @@ class BatchMaker:
 
     def coin(self, n: int, p: float) -> torch.Tensor:
         """``n`` independent draws, each True with probability ``p``."""
-        return self._coin(n, p)
-
-    def _coin(self, n: int, p: float) -> torch.Tensor:
         return torch.rand(n, generator=self.generator) < p
 
     def batch(self, split: Split, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,15 +153,15 @@ class BatchMaker:
         labels = torch.from_numpy(split.concepts[rows])
         n = len(rows)
         if split.modality is Modality.IMAGE:
-            flip = self._coin(n, 0.5)
+            flip = self.coin(n, 0.5)
             x[flip] = x[flip].flip(-1)
             if self.dihedral:
                 x = self._turn(x)
         elif split.modality is Modality.VIDEO:
-            flip = self._coin(n, 0.5)
+            flip = self.coin(n, 0.5)
             x[flip] = x[flip].flip(-1)
             labels = torch.where(flip, self.flip_map[labels], labels)
-            backwards = self._coin(n, 0.5)
+            backwards = self.coin(n, 0.5)
             x[backwards] = x[backwards].flip(1)
             labels = torch.where(backwards, self.reverse_map[labels], labels)
         else:
@@ -178,7 +175,7 @@ class BatchMaker:
         for k in (1, 2, 3):
             chosen = quarters == k
             x[chosen] = torch.rot90(x[chosen], k, dims=(-2, -1))
-        upside = self._coin(x.shape[0], 0.5)
+        upside = self.coin(x.shape[0], 0.5)
         x[upside] = x[upside].flip(-2)
         return x
 
@@ -228,7 +225,7 @@ class BatchMaker:
         """``[B, 1, N]``: every token for most items, a random mask for a ``share`` of them."""
         keep = torch.ones(n, 1, n_tokens, dtype=torch.bool)
         kept = max(1, round(MASK_SHARES[modality] * n_tokens))
-        for i in torch.nonzero(self._coin(n, share)).flatten().tolist():
+        for i in torch.nonzero(self.coin(n, share)).flatten().tolist():
             order = torch.randperm(n_tokens, generator=self.generator)
             keep[i, 0] = False
             keep[i, 0, order[:kept]] = True
