@@ -14,6 +14,9 @@ class Modality(StrEnum):
     VIDEO = "video"
 
 
+PATCHED: tuple[Modality, ...] = (Modality.IMAGE, Modality.AUDIO, Modality.VIDEO)
+"""The modalities tokenized into patches (DESIGN.md §4), each with its own tower."""
+
 MEDIA_TYPES: dict[str, Modality] = {
     "text/plain": Modality.TEXT,
     "image/png": Modality.IMAGE,

@@ -25,7 +25,7 @@ import numpy as np
 import numpy.typing as npt
 
 from encoders.media import MediaLimits, PreprocessSpec, decode_media
-from encoders.modality import Modality
+from encoders.modality import PATCHED, Modality
 from training import render, speech, video
 from training.world import MOTIONS, Concept, caption, moving_concepts, still_concepts
 
@@ -59,11 +59,7 @@ class CorpusSize:
 
 
 _PLURAL = {Modality.IMAGE: "images", Modality.AUDIO: "audio", Modality.VIDEO: "video"}
-PARTS = tuple(
-    (split, modality)
-    for split in ("train", "test")
-    for modality in (Modality.IMAGE, Modality.AUDIO, Modality.VIDEO)
-)
+PARTS = tuple((split, modality) for split in ("train", "test") for modality in PATCHED)
 DEFAULT_SIZE = CorpusSize()
 """The corpus the default weights are trained on."""
 TINY = CorpusSize(4, 3, 2, 3, 2, 2)

@@ -25,7 +25,7 @@ import numpy.typing as npt
 
 from encoders.embedding import EncodeRequest, ItemEmbedding
 from encoders.fusion import cosine_distance, fuse_pair
-from encoders.modality import Modality
+from encoders.modality import PATCHED, Modality
 from encoders.shard import Shard
 from encoders.weights import pair_key
 from training.calibration import calibrate_delta, rates
@@ -36,7 +36,6 @@ EVAL_BEACON = b"poc-eval-beacon"
 ALPHA = dict.fromkeys(Modality, 0.75)
 _BATCH = 32
 DISTRACTORS_PER_CONCEPT = 4
-MEDIA = (Modality.IMAGE, Modality.AUDIO, Modality.VIDEO)
 
 
 @dataclass(frozen=True)
@@ -286,7 +285,7 @@ def evaluate(
         r1, r5 = recall(query, gallery, with_motion, trials, seed)
         retrieval[f"{a}->{b}"] = {"r1": r1, "r5": r5}
     every_concept: dict[str, dict[str, float]] = {}
-    for media in MEDIA:
+    for media in PATCHED:
         text = ev[_bank_name(Modality.TEXT, media)]
         items = _held_out_only(ev[str(media)])
         gallery = _concat(items, halves.distractors[str(media)])
@@ -297,7 +296,7 @@ def evaluate(
         ):
             r1, r5 = recall(query, target, with_motion, trials, seed)
             every_concept[name] = {"r1": r1, "r5": r5}
-    for a, b in itertools.permutations(MEDIA, 2):
+    for a, b in itertools.permutations(PATCHED, 2):
         query = _held_out_only(ev[str(a)])
         target = _concat(_held_out_only(ev[str(b)]), halves.distractors[str(b)])
         r1, r5 = recall(query, target, False, trials, seed)
@@ -335,8 +334,7 @@ def fusion_retrieval(
     rng = random.Random(seed)
     text = _held_out_only(ev["text"])
     out = {}
-    media = (Modality.IMAGE, Modality.AUDIO, Modality.VIDEO)
-    for a, b in itertools.permutations(media, 2):
+    for a, b in itertools.permutations(PATCHED, 2):
         bank_a, bank_b = ev[str(a)], ev[str(b)]
         fused_vectors = []
         for i, concept in enumerate(bank_a.concepts):

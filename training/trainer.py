@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from encoders.masks import MASK_SHARES
 from encoders.media import PreprocessSpec
-from encoders.modality import Modality
+from encoders.modality import PATCHED, Modality
 from encoders.model import MultimodalEncoder
 from encoders.patches import audio_patches, image_patches, video_tubelets
 from encoders.weights import config_for
@@ -31,7 +31,6 @@ from training.losses import pairwise_sigmoid, symmetric_nce
 from training.text_table import TextTable
 from training.world import Concept
 
-PATCHED = (Modality.IMAGE, Modality.AUDIO, Modality.VIDEO)
 _PATCHIFY = {
     Modality.IMAGE: image_patches,
     Modality.VIDEO: video_tubelets,
@@ -135,12 +134,11 @@ class BatchMaker:
         generator: torch.Generator,
         *,
         audio_warp: bool = False,
-        dihedral: bool = False,
+        image_turns: bool = False,
     ) -> None:
-        self.corpus = corpus
         self.generator = generator
         self.audio_warp = audio_warp
-        self.dihedral = dihedral
+        self.image_turns = image_turns
         self.flip_map, self.reverse_map = motion_maps(corpus.moving)
 
     def coin(self, n: int, p: float) -> torch.Tensor:
@@ -155,7 +153,7 @@ class BatchMaker:
         if split.modality is Modality.IMAGE:
             flip = self.coin(n, 0.5)
             x[flip] = x[flip].flip(-1)
-            if self.dihedral:
+            if self.image_turns:
                 x = self._turn(x)
         elif split.modality is Modality.VIDEO:
             flip = self.coin(n, 0.5)
@@ -284,7 +282,7 @@ def train(
     generator = torch.Generator().manual_seed(settings.seed)
     rng = np.random.default_rng(settings.seed)
     maker = BatchMaker(
-        corpus, generator, audio_warp=settings.audio_warp, dihedral=settings.image_turns
+        corpus, generator, audio_warp=settings.audio_warp, image_turns=settings.image_turns
     )
     members = []
     for seed in settings.encoder_seeds:

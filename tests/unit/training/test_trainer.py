@@ -84,7 +84,7 @@ def test_training_lowers_the_loss_on_a_tiny_corpus(
 
 
 def test_image_turns_are_quarter_turns_and_flips_of_each_image(micro_corpus: Corpus) -> None:
-    maker = BatchMaker(micro_corpus, torch.Generator().manual_seed(0), dihedral=True)
+    maker = BatchMaker(micro_corpus, torch.Generator().manual_seed(0), image_turns=True)
     images = torch.randn(32, 3, 8, 8)
     turned = maker._turn(images.clone())
     changed = 0
