@@ -130,9 +130,9 @@ def embed_halves(shard: Shard, corpus: Corpus, seed: int = 0) -> Halves:
         table = corpus.concepts_of(modality)
         taken: dict[int, int] = {}
         rows = []
-        for row, concept_id in enumerate(split.concepts):
-            if taken.get(int(concept_id), 0) < DISTRACTORS_PER_CONCEPT:
-                taken[int(concept_id)] = taken.get(int(concept_id), 0) + 1
+        for row, concept_id in enumerate(split.concepts.tolist()):
+            if taken.get(concept_id, 0) < DISTRACTORS_PER_CONCEPT:
+                taken[concept_id] = taken.get(concept_id, 0) + 1
                 rows.append(row)
         media = list(split.decoded(np.asarray(rows, dtype=np.int64)))
         concepts = [table[int(split.concepts[r])] for r in rows]
