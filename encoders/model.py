@@ -59,9 +59,19 @@ class EncoderConfig:
     over √2, so a cosine is the mean of a colour cosine and a shape cosine, and an
     unseen colour-shape combination lands where its colour and its shape point."""
 
+    image_shape: str = "patch"
+    """Shape tower of a factored image encoder. ``patch``: a ``PatchTower`` (with
+    ``image_stem``) on each token's centred luminance; ``cnn``: a ``ShapeCNN``, a small
+    convolutional network over the whole luminance picture, pooled over its kept tokens
+    (translation-equivariant, so a shape learned in one place is known in every other)."""
+
     def __post_init__(self) -> None:
         if self.image_stem not in STEMS:
             raise ValueError(f"image_stem must be one of {sorted(STEMS)}, got {self.image_stem!r}")
+        if self.image_shape not in SHAPE_TOWERS:
+            raise ValueError(
+                f"image_shape must be one of {sorted(SHAPE_TOWERS)}, got {self.image_shape!r}"
+            )
 
     def tokens(self, modality: Modality) -> int:
         return {
@@ -72,6 +82,7 @@ class EncoderConfig:
 
 
 STEMS = frozenset({"linear", "conv"})
+SHAPE_TOWERS = frozenset({"patch", "cnn"})
 PATCH_CHANNELS = {Modality.IMAGE: 3, Modality.VIDEO: TUBELET * 3, Modality.AUDIO: 1}
 _FRAMES = {Modality.IMAGE: 1, Modality.VIDEO: TUBELET}
 """Frames per token of the modalities a factored encoder splits into colour and shape."""
@@ -201,6 +212,14 @@ class ColourTower(nn.Module):
 _LUMA = (0.299, 0.587, 0.114)
 
 
+def _luma(patches: torch.Tensor, frames: int) -> torch.Tensor:
+    """``[B, N, frames·3·16·16]`` → each pixel's luminance, ``[B, N, frames·16·16]``."""
+    b, n, _ = patches.shape
+    pixels = patches.reshape(b, n, frames, 3, -1)
+    weights = pixels.new_tensor(_LUMA).reshape(1, 1, 1, 3, 1)
+    return (pixels * weights).sum(dim=3).reshape(b, n, -1)
+
+
 def luminance(patches: torch.Tensor, frames: int, polarity: torch.Tensor | None) -> torch.Tensor:
     """Colour-blind tokens: each token's luminance minus its own mean, times ``polarity``.
 
@@ -209,14 +228,62 @@ def luminance(patches: torch.Tensor, frames: int, polarity: torch.Tensor | None)
     (``polarity [B]`` of ±1) so whether a shape is lighter or darker than its
     background, which hints at its colour, says nothing either.
     """
-    b, n, _ = patches.shape
-    pixels = patches.reshape(b, n, frames, 3, -1)
-    weights = pixels.new_tensor(_LUMA).reshape(1, 1, 1, 3, 1)
-    luma = (pixels * weights).sum(dim=3).reshape(b, n, -1)
+    b = patches.shape[0]
+    luma = _luma(patches, frames)
     luma = luma - luma.mean(dim=-1, keepdim=True)
     if polarity is not None:
         luma = luma * polarity.reshape(b, 1, 1)
     return luma
+
+
+class ShapeCNN(nn.Module):
+    """Shape without colour, for still images: a small CNN over the luminance picture.
+
+    Masked tokens are blanked (zero, after centring the luminance on the kept
+    pixels' mean) before the first convolution, so no pixel of theirs reaches
+    the output; four stride-2 convolutions take each 16x16 token to one cell
+    of a feature grid, and the cells of kept tokens are averaged. ``polarity``
+    flips the luminance as in ``luminance``.
+    """
+
+    def __init__(self, width: int, out_dim: int) -> None:
+        super().__init__()
+        self.convs = nn.Sequential(
+            nn.Conv2d(1, 32, kernel_size=4, stride=2, padding=1),
+            nn.GELU(),
+            nn.Conv2d(32, 64, kernel_size=3, stride=2, padding=1),
+            nn.GELU(),
+            nn.Conv2d(64, width, kernel_size=3, stride=2, padding=1),
+            nn.GELU(),
+            nn.Conv2d(width, width, kernel_size=3, stride=2, padding=1),
+            nn.GELU(),
+        )
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, out_dim))
+
+    def forward(
+        self, patches: torch.Tensor, keep: torch.Tensor, polarity: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``patches [B, N, 3·16·16]``, ``keep [B, V, N]`` → ``[B, V, out_dim]``."""
+        b, v, n = keep.shape
+        side = math.isqrt(n)
+        kept = keep.to(patches.dtype).unsqueeze(-1)  # [B, V, N, 1]
+        luma = _luma(patches, 1).unsqueeze(1) * kept  # [B, V, N, 256]
+        pixels = kept.sum(dim=(2, 3)).clamp(min=1.0) * luma.shape[-1]
+        mean = luma.sum(dim=(2, 3)) / pixels  # [B, V]
+        luma = (luma - mean[..., None, None]) * kept
+        if polarity is not None:
+            luma = luma * polarity.reshape(b, 1, 1, 1)
+        picture = (
+            luma.reshape(b * v, side, side, PATCH, PATCH)
+            .permute(0, 1, 3, 2, 4)
+            .reshape(b * v, 1, side * PATCH, side * PATCH)
+        )
+        cells = self.convs(picture).flatten(2)  # [B·V, W, N]: one cell per token
+        weights = kept.reshape(b * v, 1, n)
+        pooled = (cells * weights).sum(-1) / weights.sum(-1).clamp(min=1.0)
+        out: torch.Tensor = self.head(self.norm(pooled))
+        return out.reshape(b, v, -1)
 
 
 def unit_halves(x: torch.Tensor) -> torch.Tensor:
@@ -245,7 +312,10 @@ class MultimodalEncoder(nn.Module):
             stem = config.image_stem if m is Modality.IMAGE else "linear"
             if config.factored and m in _FRAMES:
                 frames = _FRAMES[m]
-                towers[str(m)] = PatchTower(config, frames, config.tokens(m), stem, half)
+                if m is Modality.IMAGE and config.image_shape == "cnn":
+                    towers[str(m)] = ShapeCNN(config.width, half)
+                else:
+                    towers[str(m)] = PatchTower(config, frames, config.tokens(m), stem, half)
                 towers[f"{m}-colour"] = ColourTower(frames, config.width // 2, half)
             else:
                 towers[str(m)] = PatchTower(config, PATCH_CHANNELS[m], config.tokens(m), stem)
@@ -275,14 +345,17 @@ class MultimodalEncoder(nn.Module):
 
         ``polarity`` (training only) flips the luminance seen by a factored shape tower.
         """
-        tower = cast(PatchTower, self.towers[str(modality)])
+        tower = self.towers[str(modality)]
         if not self.config.factored:
             return F.normalize(tower(patches, keep), dim=-1)
         if modality not in _FRAMES:
             return unit_halves(tower(patches, keep))
         frames = _FRAMES[modality]
         colour = cast(ColourTower, self.towers[f"{modality}-colour"])(patches, keep)
-        shape = tower(luminance(patches, frames, polarity), keep)
+        if isinstance(tower, ShapeCNN):
+            shape = tower(patches, keep, polarity)
+        else:
+            shape = tower(luminance(patches, frames, polarity), keep)
         return unit_halves(torch.cat([colour, shape], dim=-1))
 
     def encode_text(self, sentence_features: torch.Tensor) -> torch.Tensor:

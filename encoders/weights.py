@@ -74,6 +74,7 @@ def config_for(
     heads: int,
     image_stem: str = "linear",
     factored: bool = False,
+    image_shape: str = "patch",
 ) -> EncoderConfig:
     """Architecture whose token counts match the preprocessing."""
     image = (spec.image_size // PATCH) ** 2
@@ -90,6 +91,7 @@ def config_for(
         audio_tokens=audio,
         image_stem=image_stem,
         factored=factored,
+        image_shape=image_shape,
     )
 
 

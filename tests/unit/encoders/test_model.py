@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from encoders.modality import Modality
-from encoders.model import ConvStem, EncoderConfig, MultimodalEncoder
+from encoders.model import ConvStem, EncoderConfig, MultimodalEncoder, PatchTower, ShapeCNN
 from encoders.patches import image_patches
 from encoders.weights import DEFAULT_PREPROCESS, config_for
 
@@ -49,10 +49,30 @@ def test_an_unknown_stem_is_refused() -> None:
         config_for(DEFAULT_PREPROCESS, 32, 32, 1, 2, image_stem="resnet")
 
 
-def factored_model() -> MultimodalEncoder:
+def test_a_manifest_without_an_image_shape_loads_the_patch_shape_tower() -> None:
+    config = dataclasses.asdict(config_for(DEFAULT_PREPROCESS, 32, 32, 1, 2, factored=True))
+    del config["image_shape"]
+    model = MultimodalEncoder(EncoderConfig(**config))
+    assert isinstance(model.towers["image"], PatchTower)
+
+
+def test_an_unknown_image_shape_tower_is_refused() -> None:
+    with pytest.raises(ValueError, match="image_shape"):
+        config_for(DEFAULT_PREPROCESS, 32, 32, 1, 2, factored=True, image_shape="resnet")
+
+
+SHAPE_TOWERS = pytest.mark.parametrize("image_shape", ["patch", "cnn"])
+
+
+def factored_model(image_shape: str = "patch") -> MultimodalEncoder:
     torch.manual_seed(0)
-    config = config_for(DEFAULT_PREPROCESS, 32, 32, 1, 2, image_stem="conv", factored=True)
-    return MultimodalEncoder(config).eval()
+    config = config_for(
+        DEFAULT_PREPROCESS, 32, 32, 1, 2, image_stem="conv", factored=True, image_shape=image_shape
+    )
+    model = MultimodalEncoder(config).eval()
+    expected = ShapeCNN if image_shape == "cnn" else PatchTower
+    assert isinstance(model.towers["image"], expected)
+    return model
 
 
 def encode(model: MultimodalEncoder, images: torch.Tensor, keep: torch.Tensor | None = None):
@@ -71,8 +91,9 @@ def square(colour: tuple[float, float, float], at: tuple[int, int] = (8, 8)) -> 
     return image
 
 
-def test_factored_embeddings_are_two_halves_of_equal_length() -> None:
-    model = factored_model()
+@SHAPE_TOWERS
+def test_factored_embeddings_are_two_halves_of_equal_length(image_shape: str) -> None:
+    model = factored_model(image_shape)
     colour, shape = encode(model, torch.randn(3, 3, 64, 64))
     assert torch.allclose(colour.norm(dim=-1), torch.full((3,), 0.5**0.5), atol=1e-5)
     assert torch.allclose(shape.norm(dim=-1), torch.full((3,), 0.5**0.5), atol=1e-5)
@@ -81,8 +102,9 @@ def test_factored_embeddings_are_two_halves_of_equal_length() -> None:
     assert torch.allclose(text[..., :16].norm(dim=-1), torch.full((2, 1), 0.5**0.5), atol=1e-5)
 
 
-def test_the_colour_half_does_not_see_where_things_are() -> None:
-    model = factored_model()
+@SHAPE_TOWERS
+def test_the_colour_half_does_not_see_where_things_are(image_shape: str) -> None:
+    model = factored_model(image_shape)
     red_here, red_there = square((0.8, -0.8, -0.8)), square((0.8, -0.8, -0.8), at=(32, 32))
     colour_a, shape_a = encode(model, red_here)
     colour_b, shape_b = encode(model, red_there)
@@ -90,8 +112,9 @@ def test_the_colour_half_does_not_see_where_things_are() -> None:
     assert not torch.allclose(shape_a, shape_b, atol=1e-3)
 
 
-def test_the_shape_half_does_not_see_colour_at_equal_luminance() -> None:
-    model = factored_model()
+@SHAPE_TOWERS
+def test_the_shape_half_does_not_see_colour_at_equal_luminance(image_shape: str) -> None:
+    model = factored_model(image_shape)
     red, teal = (0.8, -0.4, 0.0), (-0.4, 0.15298, 0.3)  # equal 0.299 r + 0.587 g + 0.114 b
     luma = [0.299 * c[0] + 0.587 * c[1] + 0.114 * c[2] for c in (red, teal)]
     assert abs(luma[0] - luma[1]) < 1e-4
@@ -101,8 +124,9 @@ def test_the_shape_half_does_not_see_colour_at_equal_luminance() -> None:
     assert not torch.allclose(colour_a, colour_b, atol=1e-3)
 
 
-def test_a_masked_token_changes_neither_half() -> None:
-    model = factored_model()
+@SHAPE_TOWERS
+def test_a_masked_token_changes_neither_half(image_shape: str) -> None:
+    model = factored_model(image_shape)
     images = torch.randn(1, 3, 64, 64)
     changed = images.clone()
     changed[:, :, :16, :16] += 1.0
@@ -110,3 +134,37 @@ def test_a_masked_token_changes_neither_half() -> None:
     keep[0, 0, 0] = False
     for a, b in zip(encode(model, images, keep), encode(model, changed, keep), strict=True):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_the_cnn_shape_tower_reads_no_pixel_of_a_masked_token() -> None:
+    """Even across token borders: the neighbours of a masked token see it as blank."""
+    torch.manual_seed(0)
+    tower = ShapeCNN(32, 8).eval()
+    images = torch.randn(2, 3, 64, 64)
+    changed = images.clone()
+    changed[:, :, 16:32, 16:32] = torch.randn(2, 3, 16, 16)  # token (1, 1)
+    keep = torch.ones(2, 3, 16, dtype=torch.bool)
+    keep[:, 1, 5] = False  # variant 1 hides token (1, 1)
+    keep[:, 2, 10:] = False  # variant 2 hides others and keeps it
+    with torch.inference_mode():
+        a = tower(image_patches(images), keep)
+        b = tower(image_patches(changed), keep)
+    assert a.shape == (2, 3, 8)
+    assert torch.allclose(a[:, 1], b[:, 1], atol=1e-6)
+    assert not torch.allclose(a[:, 0], b[:, 0], atol=1e-4)
+    assert not torch.allclose(a[:, 2], b[:, 2], atol=1e-4)
+
+
+def test_the_cnn_shape_tower_polarity_is_a_negated_picture() -> None:
+    torch.manual_seed(0)
+    tower = ShapeCNN(32, 8).eval()
+    patches = image_patches(torch.randn(2, 3, 64, 64))
+    keep = torch.ones(2, 1, 16, dtype=torch.bool)
+    with torch.inference_mode():
+        plain = tower(patches, keep)
+        same = tower(patches, keep, torch.tensor([1.0, 1.0]))
+        inverted = tower(patches, keep, torch.tensor([-1.0, 1.0]))
+        negative = tower(-patches, keep)
+    assert torch.allclose(plain, same)
+    assert torch.allclose(inverted[0], negative[0], atol=1e-5)
+    assert torch.allclose(inverted[1], plain[1])
