@@ -52,19 +52,26 @@ class TrainSettings:
     heads: int = 4
     image_stem: str = "conv"
     """Patch stem of the image tower (``EncoderConfig.image_stem``)."""
-    epochs: int = 28
+    image_shape: str = "cnn"
+    """Shape tower of factored image encoders (``EncoderConfig.image_shape``)."""
+    epochs: int = 24
     batch_size: int = 96
     learning_rate: float = 1.5e-3
     weight_decay: float = 0.05
     warmup_steps: int = 40
     temperature: float = 0.07
-    learn_temperature: bool = True
-    """Learn the InfoNCE temperature (CLIP) or keep ``temperature`` fixed."""
+    """Initial InfoNCE temperature of the modalities in ``learn_temperature``."""
+    learn_temperature: tuple[str, ...] = ("video", "audio")
+    """Modalities whose InfoNCE temperature is learned (as CLIP does), each its own."""
+    fixed_temperature: float = 0.1
+    """Temperature of the other modalities. A learned temperature sharpens until
+    ranking is enough: matched image-text halves then sit anywhere above their
+    negatives, where one δ per modality pair needs them close in absolute terms."""
     masked_share: float = 0.3
     """Probability that a training item is seen through one random mask."""
-    schedule: tuple[str, ...] = ("image", "image", "video", "audio", "audio")
-    """Optimizer updates per step, one batch each: image (shape) and audio, the
-    hardest, get two."""
+    schedule: tuple[str, ...] = ("image", "image", "video", "video", "audio", "audio", "audio")
+    """Optimizer updates per step, one batch each. Audio, the hardest, gets three;
+    image and video two each, as they share the text head's shape half."""
     pair_loss: float = 0.0
     """Weight of the pairwise sigmoid loss added to InfoNCE (``losses.pairwise_sigmoid``)."""
     factored: bool = True
@@ -95,7 +102,7 @@ class EpochReport:
 @dataclass
 class _Member:
     model: MultimodalEncoder
-    log_scale: torch.Tensor
+    log_scales: dict[Modality, torch.Tensor]
     pair_scale: torch.Tensor
     pair_bias: torch.Tensor
     optimizer: torch.optim.Optimizer
@@ -111,6 +118,7 @@ def new_encoder(spec: PreprocessSpec, settings: TrainSettings, seed: int) -> Mul
         settings.heads,
         settings.image_stem,
         settings.factored,
+        settings.image_shape,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -287,21 +295,27 @@ def train(
     members = []
     for seed in settings.encoder_seeds:
         model = new_encoder(spec, settings, seed)
-        log_scale = torch.tensor(
-            math.log(1.0 / settings.temperature), requires_grad=settings.learn_temperature
-        )
+        log_scales = {
+            m: (
+                torch.tensor(math.log(1.0 / settings.temperature), requires_grad=True)
+                if m.value in settings.learn_temperature
+                else torch.tensor(math.log(1.0 / settings.fixed_temperature))
+            )
+            for m in PATCHED
+        }
+        learned = [t for t in log_scales.values() if t.requires_grad]
         pair_scale = torch.tensor(math.log(10.0), requires_grad=True)
         pair_bias = torch.tensor(-10.0, requires_grad=True)
         groups: list[dict[str, Any]] = [
-            {"params": [*model.parameters(), *([log_scale] if settings.learn_temperature else [])]},
-            {"params": [pair_scale, pair_bias], "weight_decay": 0.0},
+            {"params": [*model.parameters()]},
+            {"params": [pair_scale, pair_bias, *learned], "weight_decay": 0.0},
         ]
         optimizer = torch.optim.AdamW(
             groups,
             lr=settings.learning_rate,
             weight_decay=settings.weight_decay,
         )
-        members.append(_Member(model, log_scale, pair_scale, pair_bias, optimizer))
+        members.append(_Member(model, log_scales, pair_scale, pair_bias, optimizer))
     batch = settings.batch_size
     steps_per_epoch = len(corpus.train[Modality.IMAGE]) // batch
     total = steps_per_epoch * settings.epochs
@@ -330,7 +344,7 @@ def train(
                     polarity = torch.where(maker.coin(batch, 0.5), -1.0, 1.0)
                 for member in members:
                     member.optimizer.zero_grad(set_to_none=True)
-                    scale = member.log_scale.clamp(max=math.log(100.0)).exp()
+                    scale = member.log_scales[modality].clamp(max=math.log(100.0)).exp()
                     items = member.model.encode_patches(modality, patches, keep, polarity)[:, 0]
                     texts = member.model.encode_text(features)
                     if settings.factored and modality.value in settings.factored_losses:
