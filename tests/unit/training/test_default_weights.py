@@ -18,7 +18,7 @@ from encoders.modality import Modality
 from encoders.shard import Shard
 from encoders.weights import sha256_file
 from training.corpus import render_item
-from training.world import HELD_OUT, Concept
+from training.world import COLOURS, HELD_OUT, SHAPES, Concept
 
 ROOT = Path(__file__).resolve().parents[3]
 MANIFEST = ROOT / "weights" / "default" / "manifest.json"
@@ -35,28 +35,52 @@ def default_shard() -> Shard:
     return Shard.load(MANIFEST, pinned.group(1))
 
 
-def test_matched_text_image_pairs_are_closer_than_mismatched(default_shard: Shard) -> None:
+def test_the_pair_check_accepts_matched_and_refuses_one_attribute_mismatches(
+    default_shard: Shard,
+) -> None:
+    """Fresh pictures of the eight held-out combinations against all 48 captions.
+
+    The weights before the convolutional shape tower accepted 7 of 8 matched
+    pairs but refused only a third of the captions naming another shape of the
+    same colour, and ranked the right caption first for 5 of 8 pictures.
+    """
     rng = random.Random(20261127)  # a seed the corpus never uses: fresh renderings
-    concepts = sorted(Concept(c, s) for c, s in HELD_OUT)[:5]
+    concepts = sorted(Concept(c, s) for c, s in HELD_OUT)
     requests = []
     for concept in concepts:
         mime, data, _ = render_item(Modality.IMAGE, concept, rng, held_out_voices=True)
         media = decode_media(Modality.IMAGE, mime, data, MediaLimits(), default_shard.preprocess)
         requests.append(EncodeRequest(Modality.IMAGE, media, hashlib.sha256(data).digest()))
-    for concept in concepts:
-        text = f"a {concept.colour} {concept.shape}"
+    captions = [(colour, shape) for colour in COLOURS for shape in SHAPES]
+    for colour, shape in captions:
+        text = f"a {colour} {shape}"
         requests.append(EncodeRequest(Modality.TEXT, text, hashlib.sha256(text.encode()).digest()))
     embedded = default_shard.embed(requests, b"test-beacon")
     images, texts = embedded[: len(concepts)], embedded[len(concepts) :]
     delta = default_shard.delta(Modality.TEXT, Modality.IMAGE)
-    within = 0
-    for i, image in enumerate(images):
-        distances = np.array([cosine_distance(image.vector, t.vector) for t in texts])
-        assert distances[i] < np.delete(distances, i).min()
-        within += distances[i] <= delta
-    # δ is calibrated to balance acceptance against rejecting one-attribute
-    # mismatches; about nine matched pairs in ten are accepted (manifest eval).
-    assert within >= len(concepts) - 1
+    within = first = 0
+    refused: dict[str, list[bool]] = {"other shape": [], "other colour": []}
+    for concept, image in zip(concepts, images, strict=True):
+        distance = {
+            caption: cosine_distance(image.vector, text.vector)
+            for caption, text in zip(captions, texts, strict=True)
+        }
+        own = distance.pop((concept.colour, concept.shape))
+        within += own <= delta
+        first += own < min(distance.values())
+        refused["other shape"] += [
+            distance[(concept.colour, s)] > delta for s in SHAPES if s != concept.shape
+        ]
+        refused["other colour"] += [
+            distance[(c, concept.shape)] > delta for c in COLOURS if c != concept.colour
+        ]
+    # Measured with the shipped weights on this seed: 6/8 within δ, 6/8 first,
+    # 95 % of other shapes and 93 % of other colours refused (manifest eval:
+    # 0.838 accepted; 0.856 / 0.887 refused).
+    assert within >= 5
+    assert first >= 5
+    assert np.mean(refused["other shape"]) >= 0.8
+    assert np.mean(refused["other colour"]) >= 0.85
 
 
 def test_the_shape_of_an_unseen_combination_is_recognised(default_shard: Shard) -> None:
