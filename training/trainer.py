@@ -89,6 +89,13 @@ class TrainSettings:
     """Also stretch spectrograms in time (±15 %) and shift them by ±2 mel bands,
     imitating other speaking rates and vocal tracts."""
 
+    def __post_init__(self) -> None:
+        names = {m.value for m in PATCHED}
+        for key in ("schedule", "factored_losses", "learn_temperature"):
+            unknown = sorted(set(getattr(self, key)) - names)
+            if unknown:
+                raise ValueError(f"{key} names no modality of {sorted(names)}: {unknown}")
+
 
 @dataclass(frozen=True)
 class EpochReport:

@@ -106,3 +106,9 @@ def test_factors_are_colour_and_shape_with_motion() -> None:
     colours, forms = concept_factors(concepts)
     assert colours.tolist() == [1, 0, 1, 1]
     assert forms[0] == forms[1] and len({int(forms[0]), int(forms[2]), int(forms[3])}) == 3
+
+
+@pytest.mark.parametrize("key", ["schedule", "factored_losses", "learn_temperature"])
+def test_settings_refuse_a_misspelt_modality(key: str) -> None:
+    with pytest.raises(ValueError, match=f"{key} names no modality.*'imgae'"):
+        TrainSettings(**{key: ("imgae",)})
