@@ -65,12 +65,22 @@ class EncoderConfig:
     convolutional network over the whole luminance picture, pooled over its kept tokens
     (translation-equivariant, so a shape learned in one place is known in every other)."""
 
+    shape_input: str = "luminance"
+    """What the shape towers of a factored encoder (image and video) see of the pixels.
+    ``luminance``: the grey picture; ``contrast``: each picture's (or clip's) principal
+    colour contrast over its kept pixels (``principal_contrast``), which shows a shape
+    as well where its luminance equals its background's, as often happens here."""
+
     def __post_init__(self) -> None:
         if self.image_stem not in STEMS:
             raise ValueError(f"image_stem must be one of {sorted(STEMS)}, got {self.image_stem!r}")
         if self.image_shape not in SHAPE_TOWERS:
             raise ValueError(
                 f"image_shape must be one of {sorted(SHAPE_TOWERS)}, got {self.image_shape!r}"
+            )
+        if self.shape_input not in SHAPE_INPUTS:
+            raise ValueError(
+                f"shape_input must be one of {sorted(SHAPE_INPUTS)}, got {self.shape_input!r}"
             )
 
     def tokens(self, modality: Modality) -> int:
@@ -83,6 +93,7 @@ class EncoderConfig:
 
 STEMS = frozenset({"linear", "conv"})
 SHAPE_TOWERS = frozenset({"patch", "cnn"})
+SHAPE_INPUTS = frozenset({"luminance", "contrast"})
 PATCH_CHANNELS = {Modality.IMAGE: 3, Modality.VIDEO: TUBELET * 3, Modality.AUDIO: 1}
 _FRAMES = {Modality.IMAGE: 1, Modality.VIDEO: TUBELET}
 """Frames per token of the modalities a factored encoder splits into colour and shape."""
@@ -236,18 +247,68 @@ def luminance(patches: torch.Tensor, frames: int, polarity: torch.Tensor | None)
     return luma
 
 
-class ShapeCNN(nn.Module):
-    """Shape without colour, for still images: a small CNN over the luminance picture.
+def principal_contrast(pixels: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """Colour-blind shading: each pixel along the axis its picture's colours vary most on.
 
-    Masked tokens are blanked (zero, after centring the luminance on the kept
-    pixels' mean) before the first convolution, so no pixel of theirs reaches
-    the output; four stride-2 convolutions take each 16x16 token to one cell
-    of a feature grid, and the cells of kept tokens are averaged. ``polarity``
-    flips the luminance as in ``luminance``.
+    ``pixels [.., M, 3]`` and ``kept [.., M, 1]`` (1 for a pixel to use, 0 for one
+    to ignore) → ``[.., M]``. The mean, covariance and principal axis come from kept
+    pixels only; each kept pixel's offset from the mean is projected on the axis and
+    divided by the spread along it, and ignored pixels are 0. A shape and its
+    background differ more than anything else in a picture, so the axis runs from
+    one's colour to the other's, whichever the two are: a red shape on a grey of equal
+    luminance, invisible in luminance, stands out as well as a black one on white.
+    The axis's sign is the one whose components sum to at least 0 (lighter is
+    positive); training flips it at random anyway, as for luminance.
+    """
+    count = kept.sum(dim=-2, keepdim=True).clamp(min=1.0)  # [.., 1, 1]
+    mean = (pixels * kept).sum(dim=-2, keepdim=True) / count
+    centred = (pixels - mean) * kept
+    covariance = centred.transpose(-1, -2) @ centred / count  # [.., 3, 3]
+    spreads: torch.Tensor
+    axes: torch.Tensor
+    spreads, axes = torch.linalg.eigh(covariance)
+    axis = axes[..., -1:]  # [.., 3, 1], the largest eigenvalue's
+    axis = axis * torch.where(axis.sum(dim=-2, keepdim=True) < 0, -1.0, 1.0)
+    spread = (spreads[..., -1:, None].clamp(min=0.0) + _CONTRAST_FLOOR**2).sqrt()
+    return (centred @ axis / spread).squeeze(-1)
+
+
+_CONTRAST_FLOOR = 1e-3
+"""The least spread along the principal axis (pixel values span [-1, 1]), so that a
+picture of one flat colour stays flat rather than becoming amplified rounding noise."""
+
+
+def contrast(patches: torch.Tensor, keep: torch.Tensor, frames: int) -> torch.Tensor:
+    """Each keep variant's principal contrast: ``[B, N, frames·3·16·16]`` and
+    ``keep [B, V, N]`` → ``[B, V, N, frames·16·16]``, 0 on masked tokens.
+
+    The axis and spread of a variant come from the pixels of its kept tokens only,
+    so a masked token changes nothing of what the variant shows.
+    """
+    b, v, n = keep.shape
+    pixels = frames * PATCH * PATCH
+    rgb = patches.reshape(b, 1, n, frames, 3, PATCH * PATCH).transpose(-1, -2)
+    kept = keep.to(patches.dtype)[..., None, None]  # [B, V, N, 1, 1]
+    return principal_contrast(
+        rgb.expand(b, v, n, frames, PATCH * PATCH, 3).reshape(b, v, n * pixels, 3),
+        kept.expand(b, v, n, pixels, 1).reshape(b, v, n * pixels, 1),
+    ).reshape(b, v, n, pixels)
+
+
+class ShapeCNN(nn.Module):
+    """Shape without colour, for still images: a small CNN over a colour-blind picture.
+
+    The picture is the luminance centred on the kept pixels' mean or, with
+    ``contrast``, the principal colour contrast (``principal_contrast``) of the kept
+    pixels. Masked tokens are blanked (zero) before the first convolution, so no
+    pixel of theirs reaches the output; four stride-2 convolutions take each 16x16
+    token to one cell of a feature grid, and the cells of kept tokens are averaged.
+    ``polarity`` flips the picture's sign, as in ``luminance``.
     """
 
-    def __init__(self, width: int, out_dim: int) -> None:
+    def __init__(self, width: int, out_dim: int, *, contrast: bool = False) -> None:
         super().__init__()
+        self.contrast = contrast
         self.convs = nn.Sequential(
             nn.Conv2d(1, 32, kernel_size=4, stride=2, padding=1),
             nn.GELU(),
@@ -267,20 +328,23 @@ class ShapeCNN(nn.Module):
         """``patches [B, N, 3·16·16]``, ``keep [B, V, N]`` → ``[B, V, out_dim]``."""
         b, v, n = keep.shape
         side = math.isqrt(n)
-        kept = keep.to(patches.dtype).unsqueeze(-1)  # [B, V, N, 1]
-        luma = _luma(patches, 1).unsqueeze(1) * kept  # [B, V, N, 256]
-        pixels = kept.sum(dim=(2, 3)).clamp(min=1.0) * luma.shape[-1]
-        mean = luma.sum(dim=(2, 3)) / pixels  # [B, V]
-        luma = (luma - mean[..., None, None]) * kept
+        if self.contrast:
+            shading = contrast(patches, keep, 1)
+        else:
+            kept = keep.to(patches.dtype).unsqueeze(-1)  # [B, V, N, 1]
+            luma = _luma(patches, 1).unsqueeze(1) * kept  # [B, V, N, 256]
+            pixels = kept.sum(dim=(2, 3)).clamp(min=1.0) * luma.shape[-1]
+            mean = luma.sum(dim=(2, 3)) / pixels  # [B, V]
+            shading = (luma - mean[..., None, None]) * kept
         if polarity is not None:
-            luma = luma * polarity.reshape(b, 1, 1, 1)
+            shading = shading * polarity.reshape(b, 1, 1, 1)
         picture = (
-            luma.reshape(b * v, side, side, PATCH, PATCH)
+            shading.reshape(b * v, side, side, PATCH, PATCH)
             .permute(0, 1, 3, 2, 4)
             .reshape(b * v, 1, side * PATCH, side * PATCH)
         )
         cells = self.convs(picture).flatten(2)  # [B·V, W, N]: one cell per token
-        weights = kept.reshape(b * v, 1, n)
+        weights = keep.to(patches.dtype).reshape(b * v, 1, n)
         pooled = (cells * weights).sum(-1) / weights.sum(-1).clamp(min=1.0)
         out: torch.Tensor = self.head(self.norm(pooled))
         return out.reshape(b, v, -1)
@@ -313,7 +377,9 @@ class MultimodalEncoder(nn.Module):
             if config.factored and m in _FRAMES:
                 frames = _FRAMES[m]
                 if m is Modality.IMAGE and config.image_shape == "cnn":
-                    towers[str(m)] = ShapeCNN(config.width, half)
+                    towers[str(m)] = ShapeCNN(
+                        config.width, half, contrast=config.shape_input == "contrast"
+                    )
                 else:
                     towers[str(m)] = PatchTower(config, frames, config.tokens(m), stem, half)
                 towers[f"{m}-colour"] = ColourTower(frames, config.width // 2, half)
@@ -354,6 +420,13 @@ class MultimodalEncoder(nn.Module):
         colour = cast(ColourTower, self.towers[f"{modality}-colour"])(patches, keep)
         if isinstance(tower, ShapeCNN):
             shape = tower(patches, keep, polarity)
+        elif self.config.shape_input == "contrast":
+            b, v, n = keep.shape
+            shading = contrast(patches, keep, frames)
+            if polarity is not None:
+                shading = shading * polarity.reshape(b, 1, 1, 1)
+            per_variant = tower(shading.reshape(b * v, n, -1), keep.reshape(b * v, 1, n))
+            shape = per_variant.reshape(b, v, -1)
         else:
             shape = tower(luminance(patches, frames, polarity), keep)
         return unit_halves(torch.cat([colour, shape], dim=-1))

@@ -75,6 +75,7 @@ def config_for(
     image_stem: str = "linear",
     factored: bool = False,
     image_shape: str = "patch",
+    shape_input: str = "luminance",
 ) -> EncoderConfig:
     """Architecture whose token counts match the preprocessing."""
     image = (spec.image_size // PATCH) ** 2
@@ -92,6 +93,7 @@ def config_for(
         image_stem=image_stem,
         factored=factored,
         image_shape=image_shape,
+        shape_input=shape_input,
     )
 
 

@@ -54,6 +54,8 @@ class TrainSettings:
     """Patch stem of the image tower (``EncoderConfig.image_stem``)."""
     image_shape: str = "cnn"
     """Shape tower of factored image encoders (``EncoderConfig.image_shape``)."""
+    shape_input: str = "contrast"
+    """What the shape towers see of the pixels (``EncoderConfig.shape_input``)."""
     epochs: int = 24
     batch_size: int = 96
     learning_rate: float = 1.5e-3
@@ -126,6 +128,7 @@ def new_encoder(spec: PreprocessSpec, settings: TrainSettings, seed: int) -> Mul
         settings.image_stem,
         settings.factored,
         settings.image_shape,
+        settings.shape_input,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

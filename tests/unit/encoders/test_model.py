@@ -6,8 +6,15 @@ import pytest
 import torch
 
 from encoders.modality import Modality
-from encoders.model import ConvStem, EncoderConfig, MultimodalEncoder, PatchTower, ShapeCNN
-from encoders.patches import image_patches
+from encoders.model import (
+    ConvStem,
+    EncoderConfig,
+    MultimodalEncoder,
+    PatchTower,
+    ShapeCNN,
+    principal_contrast,
+)
+from encoders.patches import image_patches, video_tubelets
 from encoders.weights import DEFAULT_PREPROCESS, config_for
 
 
@@ -61,16 +68,38 @@ def test_an_unknown_image_shape_tower_is_refused() -> None:
         config_for(DEFAULT_PREPROCESS, 32, 32, 1, 2, factored=True, image_shape="resnet")
 
 
-SHAPE_TOWERS = pytest.mark.parametrize("image_shape", ["patch", "cnn"])
+def test_a_manifest_without_a_shape_input_loads_luminance() -> None:
+    config = dataclasses.asdict(config_for(DEFAULT_PREPROCESS, 32, 32, 1, 2, factored=True))
+    del config["shape_input"]
+    assert EncoderConfig(**config).shape_input == "luminance"
 
 
-def factored_model(image_shape: str = "patch") -> MultimodalEncoder:
+def test_an_unknown_shape_input_is_refused() -> None:
+    with pytest.raises(ValueError, match="shape_input"):
+        config_for(DEFAULT_PREPROCESS, 32, 32, 1, 2, factored=True, shape_input="hue")
+
+
+SHAPE_TOWERS = pytest.mark.parametrize(
+    "image_shape, shape_input",
+    [("patch", "luminance"), ("cnn", "luminance"), ("patch", "contrast"), ("cnn", "contrast")],
+)
+
+
+def factored_model(image_shape: str = "patch", shape_input: str = "luminance") -> MultimodalEncoder:
     torch.manual_seed(0)
     config = config_for(
-        DEFAULT_PREPROCESS, 32, 32, 1, 2, image_stem="conv", factored=True, image_shape=image_shape
+        DEFAULT_PREPROCESS,
+        32,
+        32,
+        1,
+        2,
+        image_stem="conv",
+        factored=True,
+        image_shape=image_shape,
+        shape_input=shape_input,
     )
     model = MultimodalEncoder(config).eval()
-    expected = ShapeCNN if image_shape == "cnn" else PatchTower
+    expected = PatchTower if image_shape == "patch" else ShapeCNN
     assert isinstance(model.towers["image"], expected)
     return model
 
@@ -92,8 +121,10 @@ def square(colour: tuple[float, float, float], at: tuple[int, int] = (8, 8)) -> 
 
 
 @SHAPE_TOWERS
-def test_factored_embeddings_are_two_halves_of_equal_length(image_shape: str) -> None:
-    model = factored_model(image_shape)
+def test_factored_embeddings_are_two_halves_of_equal_length(
+    image_shape: str, shape_input: str
+) -> None:
+    model = factored_model(image_shape, shape_input)
     colour, shape = encode(model, torch.randn(3, 3, 64, 64))
     assert torch.allclose(colour.norm(dim=-1), torch.full((3,), 0.5**0.5), atol=1e-5)
     assert torch.allclose(shape.norm(dim=-1), torch.full((3,), 0.5**0.5), atol=1e-5)
@@ -103,8 +134,8 @@ def test_factored_embeddings_are_two_halves_of_equal_length(image_shape: str) ->
 
 
 @SHAPE_TOWERS
-def test_the_colour_half_does_not_see_where_things_are(image_shape: str) -> None:
-    model = factored_model(image_shape)
+def test_the_colour_half_does_not_see_where_things_are(image_shape: str, shape_input: str) -> None:
+    model = factored_model(image_shape, shape_input)
     red_here, red_there = square((0.8, -0.8, -0.8)), square((0.8, -0.8, -0.8), at=(32, 32))
     colour_a, shape_a = encode(model, red_here)
     colour_b, shape_b = encode(model, red_there)
@@ -113,8 +144,8 @@ def test_the_colour_half_does_not_see_where_things_are(image_shape: str) -> None
 
 
 @SHAPE_TOWERS
-def test_the_shape_half_does_not_see_colour_at_equal_luminance(image_shape: str) -> None:
-    model = factored_model(image_shape)
+def test_the_shape_half_does_not_see_colour(image_shape: str, shape_input: str) -> None:
+    model = factored_model(image_shape, shape_input)
     red, teal = (0.8, -0.4, 0.0), (-0.4, 0.15298, 0.3)  # equal 0.299 r + 0.587 g + 0.114 b
     luma = [0.299 * c[0] + 0.587 * c[1] + 0.114 * c[2] for c in (red, teal)]
     assert abs(luma[0] - luma[1]) < 1e-4
@@ -124,9 +155,61 @@ def test_the_shape_half_does_not_see_colour_at_equal_luminance(image_shape: str)
     assert not torch.allclose(colour_a, colour_b, atol=1e-3)
 
 
+ISO_LUMINANT = (0.5, -0.5954, 0.0)
+"""A red whose luminance is the background's (-0.2) in ``square``."""
+
+
+@pytest.mark.parametrize("image_shape", ["patch", "cnn"])
+def test_a_shape_as_light_as_its_background_is_seen_through_contrast_only(
+    image_shape: str,
+) -> None:
+    assert abs(0.299 * 0.5 + 0.587 * -0.5954 - -0.2) < 1e-4
+    blank = torch.full((1, 3, 64, 64), -0.2)
+    grey = factored_model(image_shape, "luminance")
+    assert torch.allclose(encode(grey, square(ISO_LUMINANT))[1], encode(grey, blank)[1], atol=1e-3)
+    seeing = factored_model(image_shape, "contrast")
+    _, red = encode(seeing, square(ISO_LUMINANT))
+    assert torch.allclose(red, encode(seeing, square((1.0, 1.0, 1.0)))[1], atol=1e-3)
+    assert not torch.allclose(red, encode(seeing, blank)[1], atol=1e-2)
+
+
+def test_principal_contrast_draws_any_two_colours_alike_up_to_sign() -> None:
+    torch.manual_seed(0)
+    kept = torch.ones(1, 64 * 64, 1)
+    kept[0, :320] = 0.0
+    pictures = []
+    for fill, ground in [((0.8, -0.4, 0.0), (-0.2,) * 3), ((-0.9, -0.9, 0.7), (0.6, 0.5, 0.4))]:
+        image = torch.tensor(ground).reshape(1, 3, 1, 1).expand(1, 3, 64, 64).clone()
+        image[0, :, 10:40, 20:50] = torch.tensor(fill).reshape(3, 1, 1)
+        image[0, :, :5] = torch.rand(3, 5, 64)  # rows 0-4 hold the first 320 pixels
+        pixels = image.reshape(1, 3, -1).transpose(1, 2)
+        pictures.append(principal_contrast(pixels, kept)[0])
+    a, b = pictures
+    assert (a[:320] == 0).all() and (b[:320] == 0).all()
+    assert torch.allclose(a[320:], b[320:], atol=1e-4) or torch.allclose(
+        a[320:], -b[320:], atol=1e-4
+    )
+    assert a[320:].std() > 0.5
+
+
+@pytest.mark.parametrize("shape_input", ["luminance", "contrast"])
+def test_a_masked_video_token_changes_neither_half(shape_input: str) -> None:
+    model = factored_model("cnn", shape_input)
+    clips = torch.randn(1, 8, 3, 64, 64)
+    changed = clips.clone()
+    changed[:, :2, :, :16, :16] = torch.randn(1, 2, 3, 16, 16)  # token 0: first tubelet, top left
+    keep = torch.ones(1, 2, 64, dtype=torch.bool)
+    keep[0, 0, 0] = False
+    with torch.inference_mode():
+        a = model.encode_patches(Modality.VIDEO, video_tubelets(clips), keep)
+        b = model.encode_patches(Modality.VIDEO, video_tubelets(changed), keep)
+    assert torch.allclose(a[:, 0], b[:, 0], atol=1e-6)
+    assert not torch.allclose(a[:, 1, 16:], b[:, 1, 16:], atol=1e-4)
+
+
 @SHAPE_TOWERS
-def test_a_masked_token_changes_neither_half(image_shape: str) -> None:
-    model = factored_model(image_shape)
+def test_a_masked_token_changes_neither_half(image_shape: str, shape_input: str) -> None:
+    model = factored_model(image_shape, shape_input)
     images = torch.randn(1, 3, 64, 64)
     changed = images.clone()
     changed[:, :, :16, :16] += 1.0

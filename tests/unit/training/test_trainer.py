@@ -44,9 +44,16 @@ def test_motion_maps_swap_directions(micro_corpus: Corpus) -> None:
         {"factored": False, "image_stem": "linear", "image_turns": False},
         {"factored": False, "image_stem": "conv", "image_turns": True},
         {"image_shape": "patch"},
+        {"shape_input": "luminance"},
         {},
     ],
-    ids=["plain", "plain-conv-turns", "factored-patch-shape", "default-factored-cnn-shape"],
+    ids=[
+        "plain",
+        "plain-conv-turns",
+        "factored-patch-shape",
+        "factored-luminance",
+        "default-factored-cnn-contrast",
+    ],
 )
 def test_training_lowers_the_loss_on_a_tiny_corpus(
     micro_corpus: Corpus, image: dict[str, Any]
