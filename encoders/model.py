@@ -54,7 +54,7 @@ class EncoderConfig:
     factored: bool = False
     """Image and video embeddings built from two towers: a shape-blind colour tower
     (statistics of each token's pixels, no positions) fills the first half of the
-    embedding, a colour-blind tower (luminance only, each token centred) the second.
+    embedding, a colour-blind tower (one channel, ``shape_input``) the second.
     Text and audio embeddings are split in the same halves. Each half is unit length
     over √2, so a cosine is the mean of a colour cosine and a shape cosine, and an
     unseen colour-shape combination lands where its colour and its shape point."""
@@ -247,30 +247,40 @@ def luminance(patches: torch.Tensor, frames: int, polarity: torch.Tensor | None)
     return luma
 
 
-def principal_contrast(pixels: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+def principal_contrast(patches: torch.Tensor, keep: torch.Tensor, frames: int) -> torch.Tensor:
     """Colour-blind shading: each pixel along the axis its picture's colours vary most on.
 
-    ``pixels [.., M, 3]`` and ``kept [.., M, 1]`` (1 for a pixel to use, 0 for one
-    to ignore) → ``[.., M]``. The mean, covariance and principal axis come from kept
-    pixels only; each kept pixel's offset from the mean is projected on the axis and
-    divided by the spread along it, and ignored pixels are 0. A shape and its
-    background differ more than anything else in a picture, so the axis runs from
-    one's colour to the other's, whichever the two are: a red shape on a grey of equal
-    luminance, invisible in luminance, stands out as well as a black one on white.
-    The axis's sign is the one whose components sum to at least 0 (lighter is
-    positive); training flips it at random anyway, as for luminance.
+    ``patches [B, N, frames·3·16·16]`` and ``keep [B, V, N]`` → ``[B, V, N,
+    frames·16·16]``. For each keep variant, the mean, covariance and principal axis
+    of the colours come from the pixels of its kept tokens only; each kept pixel's
+    offset from the mean is projected on the axis and divided by the spread along
+    it, and masked tokens are 0, so a masked token changes nothing of what the
+    variant shows. A shape and its background differ more than anything else in a
+    picture, so the axis runs from one's colour to the other's, whichever the two
+    are: a red shape on a grey of equal luminance, invisible in luminance, stands
+    out as well as a black one on white. The axis's sign is the one whose
+    components sum to at least 0 (lighter is positive); training flips it at random
+    anyway, as for luminance.
     """
-    count = kept.sum(dim=-2, keepdim=True).clamp(min=1.0)  # [.., 1, 1]
-    mean = (pixels * kept).sum(dim=-2, keepdim=True) / count
-    centred = (pixels - mean) * kept
-    covariance = centred.transpose(-1, -2) @ centred / count  # [.., 3, 3]
+    b, v, n = keep.shape
+    rgb = patches.reshape(b, n, frames, 3, PATCH * PATCH)
+    weights = keep.to(patches.dtype)  # [B, V, N]
+    # Per-token sums, then per-variant sums over kept tokens: no pixel copy per variant.
+    sums = torch.einsum("bvn,bni->bvi", weights, rgb.sum(dim=(2, 4)))
+    products = torch.einsum("bvn,bnij->bvij", weights, torch.einsum("bnfip,bnfjp->bnij", rgb, rgb))
+    count = (weights.sum(dim=-1) * frames * PATCH * PATCH).clamp(min=1.0)[..., None]  # [B, V, 1]
+    mean = sums / count
+    covariance = products / count[..., None] - mean[..., :, None] * mean[..., None, :]
     spreads: torch.Tensor
     axes: torch.Tensor
     spreads, axes = torch.linalg.eigh(covariance)
-    axis = axes[..., -1:]  # [.., 3, 1], the largest eigenvalue's
-    axis = axis * torch.where(axis.sum(dim=-2, keepdim=True) < 0, -1.0, 1.0)
-    spread = (spreads[..., -1:, None].clamp(min=0.0) + _CONTRAST_FLOOR**2).sqrt()
-    return (centred @ axis / spread).squeeze(-1)
+    axis = axes[..., -1]  # [B, V, 3], the largest eigenvalue's
+    axis = axis * torch.where(axis.sum(dim=-1, keepdim=True) < 0, -1.0, 1.0)
+    spread = (spreads[..., -1].clamp(min=0.0) + _CONTRAST_FLOOR**2).sqrt()  # [B, V]
+    along = torch.einsum("bnfip,bvi->bvnfp", rgb, axis)
+    offset = (mean * axis).sum(dim=-1)  # [B, V]
+    shading = (along - offset[..., None, None, None]) / spread[..., None, None, None]
+    return (shading * weights[..., None, None]).reshape(b, v, n, -1)
 
 
 _CONTRAST_FLOOR = 1e-3
@@ -278,29 +288,12 @@ _CONTRAST_FLOOR = 1e-3
 picture of one flat colour stays flat rather than becoming amplified rounding noise."""
 
 
-def contrast(patches: torch.Tensor, keep: torch.Tensor, frames: int) -> torch.Tensor:
-    """Each keep variant's principal contrast: ``[B, N, frames·3·16·16]`` and
-    ``keep [B, V, N]`` → ``[B, V, N, frames·16·16]``, 0 on masked tokens.
-
-    The axis and spread of a variant come from the pixels of its kept tokens only,
-    so a masked token changes nothing of what the variant shows.
-    """
-    b, v, n = keep.shape
-    pixels = frames * PATCH * PATCH
-    rgb = patches.reshape(b, 1, n, frames, 3, PATCH * PATCH).transpose(-1, -2)
-    kept = keep.to(patches.dtype)[..., None, None]  # [B, V, N, 1, 1]
-    return principal_contrast(
-        rgb.expand(b, v, n, frames, PATCH * PATCH, 3).reshape(b, v, n * pixels, 3),
-        kept.expand(b, v, n, pixels, 1).reshape(b, v, n * pixels, 1),
-    ).reshape(b, v, n, pixels)
-
-
 class ShapeCNN(nn.Module):
     """Shape without colour, for still images: a small CNN over a colour-blind picture.
 
     The picture is the luminance centred on the kept pixels' mean or, with
     ``contrast``, the principal colour contrast (``principal_contrast``) of the kept
-    pixels. Masked tokens are blanked (zero) before the first convolution, so no
+    tokens. Masked tokens are blanked (zero) before the first convolution, so no
     pixel of theirs reaches the output; four stride-2 convolutions take each 16x16
     token to one cell of a feature grid, and the cells of kept tokens are averaged.
     ``polarity`` flips the picture's sign, as in ``luminance``.
@@ -329,7 +322,7 @@ class ShapeCNN(nn.Module):
         b, v, n = keep.shape
         side = math.isqrt(n)
         if self.contrast:
-            shading = contrast(patches, keep, 1)
+            shading = principal_contrast(patches, keep, 1)
         else:
             kept = keep.to(patches.dtype).unsqueeze(-1)  # [B, V, N, 1]
             luma = _luma(patches, 1).unsqueeze(1) * kept  # [B, V, N, 256]
@@ -409,7 +402,7 @@ class MultimodalEncoder(nn.Module):
     ) -> torch.Tensor:
         """Image, video or audio tokens ``[B, N, P]`` with ``keep [B, V, N]`` → ``[B, V, D]``.
 
-        ``polarity`` (training only) flips the luminance seen by a factored shape tower.
+        ``polarity`` (training only) flips the channel seen by a factored shape tower.
         """
         tower = self.towers[str(modality)]
         if not self.config.factored:
@@ -422,7 +415,7 @@ class MultimodalEncoder(nn.Module):
             shape = tower(patches, keep, polarity)
         elif self.config.shape_input == "contrast":
             b, v, n = keep.shape
-            shading = contrast(patches, keep, frames)
+            shading = principal_contrast(patches, keep, frames)
             if polarity is not None:
                 shading = shading * polarity.reshape(b, 1, 1, 1)
             per_variant = tower(shading.reshape(b * v, n, -1), keep.reshape(b * v, 1, n))

@@ -56,7 +56,7 @@ class TrainSettings:
     """Shape tower of factored image encoders (``EncoderConfig.image_shape``)."""
     shape_input: str = "contrast"
     """What the shape towers see of the pixels (``EncoderConfig.shape_input``)."""
-    epochs: int = 24
+    epochs: int = 20
     batch_size: int = 96
     learning_rate: float = 1.5e-3
     weight_decay: float = 0.05
@@ -65,10 +65,11 @@ class TrainSettings:
     """Initial InfoNCE temperature of the modalities in ``learn_temperature``."""
     learn_temperature: tuple[str, ...] = ("video", "audio")
     """Modalities whose InfoNCE temperature is learned (as CLIP does), each its own."""
-    fixed_temperature: float = 0.1
+    fixed_temperature: float = 0.2
     """Temperature of the other modalities. A learned temperature sharpens until
     ranking is enough: matched image-text halves then sit anywhere above their
-    negatives, where one δ per modality pair needs them close in absolute terms."""
+    negatives, where one δ per modality pair needs them close in absolute terms. A
+    high fixed one keeps pulling matched halves together after ranking is right."""
     masked_share: float = 0.3
     """Probability that a training item is seen through one random mask."""
     schedule: tuple[str, ...] = ("image", "image", "video", "video", "audio", "audio", "audio")
@@ -78,7 +79,7 @@ class TrainSettings:
     """Weight of the pairwise sigmoid loss added to InfoNCE (``losses.pairwise_sigmoid``)."""
     factored: bool = True
     """Build factored encoders (``EncoderConfig.factored``) and train them with the
-    factored InfoNCE alone, the luminance seen by their shape towers flipped at random."""
+    factored InfoNCE alone, the channel seen by their shape towers flipped at random."""
     factored_losses: tuple[str, ...] = ("image", "video")
     """Modalities a factored encoder trains with the factored InfoNCE; the others keep
     the whole-concept InfoNCE (over embeddings whose halves are unit length)."""

@@ -175,21 +175,19 @@ def test_a_shape_as_light_as_its_background_is_seen_through_contrast_only(
 
 def test_principal_contrast_draws_any_two_colours_alike_up_to_sign() -> None:
     torch.manual_seed(0)
-    kept = torch.ones(1, 64 * 64, 1)
-    kept[0, :320] = 0.0
+    keep = torch.ones(1, 2, 16, dtype=torch.bool)
+    keep[0, 1, :4] = False  # variant 1 hides the top row of tokens
     pictures = []
     for fill, ground in [((0.8, -0.4, 0.0), (-0.2,) * 3), ((-0.9, -0.9, 0.7), (0.6, 0.5, 0.4))]:
         image = torch.tensor(ground).reshape(1, 3, 1, 1).expand(1, 3, 64, 64).clone()
-        image[0, :, 10:40, 20:50] = torch.tensor(fill).reshape(3, 1, 1)
-        image[0, :, :5] = torch.rand(3, 5, 64)  # rows 0-4 hold the first 320 pixels
-        pixels = image.reshape(1, 3, -1).transpose(1, 2)
-        pictures.append(principal_contrast(pixels, kept)[0])
-    a, b = pictures
-    assert (a[:320] == 0).all() and (b[:320] == 0).all()
-    assert torch.allclose(a[320:], b[320:], atol=1e-4) or torch.allclose(
-        a[320:], -b[320:], atol=1e-4
-    )
-    assert a[320:].std() > 0.5
+        image[0, :, 20:50, 20:50] = torch.tensor(fill).reshape(3, 1, 1)
+        image[0, :, :16] = torch.rand(3, 16, 64)  # the top row of tokens: noise
+        pictures.append(principal_contrast(image_patches(image), keep, 1)[0])
+    a, b = pictures  # [V, N, 256] each
+    assert (a[1, :4] == 0).all() and (b[1, :4] == 0).all()
+    assert torch.allclose(a[1], b[1], atol=1e-4) or torch.allclose(a[1], -b[1], atol=1e-4)
+    assert a[1].std() > 0.5
+    assert not torch.allclose(a[0, 4:], a[1, 4:], atol=1e-2)  # the noise moved the mean
 
 
 @pytest.mark.parametrize("shape_input", ["luminance", "contrast"])
