@@ -60,10 +60,11 @@ class EncoderConfig:
     unseen colour-shape combination lands where its colour and its shape point."""
 
     image_shape: str = "patch"
-    """Shape tower of a factored image encoder. ``patch``: a ``PatchTower`` (with
-    ``image_stem``) on each token's centred luminance; ``cnn``: a ``ShapeCNN``, a small
-    convolutional network over the whole luminance picture, pooled over its kept tokens
-    (translation-equivariant, so a shape learned in one place is known in every other)."""
+    """Shape tower of a factored image encoder, over the channel ``shape_input`` names.
+    ``patch``: a ``PatchTower`` (with ``image_stem``) on the tokens; ``cnn``: a
+    ``ShapeCNN``, a small convolutional network over the whole picture, pooled over its
+    kept tokens (translation-equivariant, so a shape learned in one place is known in
+    every other)."""
 
     shape_input: str = "luminance"
     """What the shape towers of a factored encoder (image and video) see of the pixels.
