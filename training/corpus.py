@@ -29,8 +29,12 @@ from encoders.modality import PATCHED, Modality
 from training import render, speech, video
 from training.world import MOTIONS, Concept, caption, moving_concepts, still_concepts
 
-CORPUS_VERSION = "shapes-v1"
-"""Bumped whenever generation changes what a seed produces."""
+CORPUS_VERSION = "shapes-v2"
+"""Bumped whenever generation changes what a seed produces. v2: backgrounds from
+black to white, and a third of them coloured."""
+_ITEM_SEEDS = "shapes-v1"
+"""Part of every item's seed. Kept at v1, so that what v2 did not change (the
+spoken descriptions) stays exactly what v1 made."""
 VIDEO_SIZE = 80
 VIDEO_FPS = 12
 VIDEO_FRAMES = 12
@@ -109,7 +113,7 @@ def all_moving() -> tuple[Concept, ...]:
 
 
 def item_rng(seed: int, split: str, modality: Modality, index: int) -> random.Random:
-    digest = hashlib.sha256(f"{CORPUS_VERSION}|{seed}|{split}|{modality}|{index}".encode()).digest()
+    digest = hashlib.sha256(f"{_ITEM_SEEDS}|{seed}|{split}|{modality}|{index}".encode()).digest()
     return random.Random(int.from_bytes(digest[:8], "big"))
 
 

@@ -1,6 +1,7 @@
 """Drawing shapes with varied renderings: the pixels change, the concept does not.
 
-Each drawing varies colour tone, background (flat, gradient or noisy),
+Each drawing varies colour tone, background (flat, gradient or noisy; grey
+from black to white, or of any colour),
 size, position, rotation, aspect of the diamond, outline, blur and noise.
 Rotations stay within ±30° so that a square never turns into a diamond nor
 a cross into an X: those are different concepts in this world.
@@ -22,6 +23,7 @@ from training.world import COLOURS
 RGB = tuple[int, int, int]
 _SUPERSAMPLE = 4
 _MIN_CONTRAST = 110.0
+_COLOURED_SHARE = 1 / 3
 
 
 @dataclass(frozen=True)
@@ -93,11 +95,21 @@ def _distance(a: RGB, b: RGB) -> float:
 
 
 def background(size: int, fill: RGB, rng: random.Random) -> Image.Image:
-    """A neutral background far from ``fill``: flat, gradient or noisy."""
+    """A background far from ``fill``: flat, gradient or noisy.
+
+    Mostly a grey from black to white with a slight tint; one in three is a
+    colour of any hue, so that the shape's colour is the one that names it,
+    not merely the one that is not grey (another renderer may well draw a red
+    star on blue).
+    """
+    coloured = rng.random() < _COLOURED_SHARE
     while True:
-        level = rng.uniform(40, 215)
-        tint = [rng.uniform(-25, 25) for _ in range(3)]
-        first: RGB = tuple(int(min(255, max(0, level + t))) for t in tint)  # type: ignore[assignment]
+        if coloured:
+            first: RGB = tuple(rng.randint(0, 255) for _ in range(3))  # type: ignore[assignment]
+        else:
+            level = rng.uniform(0, 255)
+            tint = [rng.uniform(-25, 25) for _ in range(3)]
+            first = tuple(int(min(255, max(0, level + t))) for t in tint)  # type: ignore[assignment]
         if _distance(first, fill) >= _MIN_CONTRAST:
             break
     kind = rng.random()
