@@ -72,6 +72,14 @@ class EncoderConfig:
     colour contrast over its kept pixels (``principal_contrast``), which shows a shape
     as well where its luminance equals its background's, as often happens here."""
 
+    colour_input: str = "pixels"
+    """What the colour towers of a factored encoder see of each token. ``pixels``: the
+    statistics of its colours; ``figure``: those and its ``figure_colours``, which
+    tell a figure's colour from a coloured background's."""
+
+    video_grid: int = 4
+    """Tokens per side of a video frame (the preprocessing's ``video_size`` / 16)."""
+
     def __post_init__(self) -> None:
         if self.image_stem not in STEMS:
             raise ValueError(f"image_stem must be one of {sorted(STEMS)}, got {self.image_stem!r}")
@@ -82,6 +90,10 @@ class EncoderConfig:
         if self.shape_input not in SHAPE_INPUTS:
             raise ValueError(
                 f"shape_input must be one of {sorted(SHAPE_INPUTS)}, got {self.shape_input!r}"
+            )
+        if self.colour_input not in COLOUR_INPUTS:
+            raise ValueError(
+                f"colour_input must be one of {sorted(COLOUR_INPUTS)}, got {self.colour_input!r}"
             )
 
     def tokens(self, modality: Modality) -> int:
@@ -95,6 +107,7 @@ class EncoderConfig:
 STEMS = frozenset({"linear", "conv"})
 SHAPE_TOWERS = frozenset({"patch", "cnn"})
 SHAPE_INPUTS = frozenset({"luminance", "contrast"})
+COLOUR_INPUTS = frozenset({"pixels", "figure"})
 PATCH_CHANNELS = {Modality.IMAGE: 3, Modality.VIDEO: TUBELET * 3, Modality.AUDIO: 1}
 _FRAMES = {Modality.IMAGE: 1, Modality.VIDEO: TUBELET}
 """Frames per token of the modalities a factored encoder splits into colour and shape."""
@@ -194,14 +207,18 @@ class ColourTower(nn.Module):
 
     Each token is reduced to the mean, spread, minimum and maximum of each
     colour channel; there are no positional embeddings, so the tower sees a set
-    of token colours and cannot tell a star from a square.
+    of token colours and cannot tell a star from a square. With ``grid`` (the
+    tokens per side of a frame), each token also carries its ``figure_colours``,
+    so the tower can tell the figure's colour from the background's.
     """
 
-    def __init__(self, frames: int, width: int, out_dim: int) -> None:
+    def __init__(self, frames: int, width: int, out_dim: int, grid: int | None = None) -> None:
         super().__init__()
         self.frames = frames
+        self.grid = grid
+        features = 12 if grid is None else 16
         self.embed = nn.Sequential(
-            nn.Linear(12, width), nn.GELU(), nn.Linear(width, width), nn.GELU()
+            nn.Linear(features, width), nn.GELU(), nn.Linear(width, width), nn.GELU()
         )
         self.score = nn.Linear(width, 1)
         self.norm = nn.LayerNorm(width)
@@ -209,16 +226,78 @@ class ColourTower(nn.Module):
 
     def forward(self, patches: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         b, n, _ = patches.shape
+        v = keep.shape[1]
         pixels = patches.reshape(b, n, self.frames, 3, -1).transpose(2, 3).reshape(b, n, 3, -1)
         stats = torch.cat(
             [pixels.mean(-1), pixels.std(-1), pixels.amin(-1), pixels.amax(-1)], dim=-1
         )
-        h = self.embed(stats)  # [B, N, W]
-        scores = self.score(h).squeeze(-1).unsqueeze(1).expand(b, keep.shape[1], n)
+        if self.grid is None:
+            h = self.embed(stats).unsqueeze(1).expand(b, v, n, -1)  # [B, V, N, W]
+        else:
+            figure = figure_colours(patches, keep, self.frames, self.grid)
+            h = self.embed(torch.cat([stats.unsqueeze(1).expand(b, v, n, 12), figure], dim=-1))
+        scores = self.score(h).squeeze(-1)  # [B, V, N]
         weights = torch.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1)
-        pooled = weights @ h  # [B, V, W]
+        pooled = (weights.unsqueeze(-1) * h).sum(dim=2)  # [B, V, W]
         out: torch.Tensor = self.head(self.norm(pooled))
         return out
+
+
+def figure_colours(
+    patches: torch.Tensor, keep: torch.Tensor, frames: int, grid: int
+) -> torch.Tensor:
+    """Per keep variant and token: how much of it stands out from the background, in what colour.
+
+    ``patches [B, N, frames·3·16·16]`` (frames of ``grid`` by ``grid`` tokens, time-major)
+    and ``keep [B, V, N]`` → ``[B, V, N, 4]``: the mean figure weight of the token's
+    pixels, then the figure-weighted mean colour. The background colour is the mean
+    of the kept pixels within ``_BORDER`` pixels of a frame's edge (of all kept pixels
+    when no such pixel is kept): a drawing's background reaches the edges, its figure
+    hardly does. A pixel's figure weight is ``d² / (d² + s²)``, ``d`` its colour's
+    distance from the background's. Only kept tokens count, as everywhere.
+    """
+    b, _, n = keep.shape
+    area = PATCH * PATCH
+    rgb = patches.reshape(b, n, frames, 3, area)
+    weights = keep.to(patches.dtype)  # [B, V, N]
+    ring = _border(n, grid, patches.device, patches.dtype)  # [N, 256]
+    ring_sums = torch.einsum("bvn,bnfip,np->bvi", weights, rgb, ring)
+    ring_counts = weights @ ring.sum(-1) * frames  # [B, V]
+    all_sums = torch.einsum("bvn,bni->bvi", weights, rgb.sum(dim=(2, 4)))
+    all_counts = (weights.sum(-1) * frames * area).clamp(min=1.0)
+    background = torch.where(
+        ring_counts[..., None] > 0,
+        ring_sums / ring_counts.clamp(min=1.0)[..., None],
+        all_sums / all_counts[..., None],
+    )  # [B, V, 3]
+    offsets = rgb.unsqueeze(1) - background[:, :, None, None, :, None]  # [B, V, N, f, 3, 256]
+    distance = offsets.square().sum(dim=-2)  # [B, V, N, f, 256]
+    figure = distance / (distance + _FIGURE_SCALE**2)
+    share = figure.mean(dim=(-2, -1))  # [B, V, N]
+    colour = torch.einsum("bvnfp,bnfip->bvni", figure, rgb) / (
+        figure.sum(dim=(-2, -1))[..., None] + 1e-6
+    )
+    return torch.cat([share.unsqueeze(-1), colour], dim=-1)
+
+
+_BORDER = 3
+"""Width, in pixels, of the frame edge whose colour ``figure_colours`` takes for background."""
+_FIGURE_SCALE = 0.45
+"""Colour distance (pixel values span [-1, 1]) at which a pixel is half figure: about
+57 levels of 255, where noise and gradients of the background stay well below and
+a shape, at least 110 from its background in this world, well above."""
+
+
+def _border(n: int, grid: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``[N, 256]``: 1 for a token's pixels within ``_BORDER`` of its frame's edge."""
+    side = grid * PATCH
+    index = torch.arange(n, device=device) % (grid * grid)
+    rows = (index // grid)[:, None] * PATCH + torch.arange(PATCH, device=device).repeat_interleave(
+        PATCH
+    )
+    cols = (index % grid)[:, None] * PATCH + torch.arange(PATCH, device=device).repeat(PATCH)
+    edge = torch.minimum(torch.minimum(rows, cols), torch.minimum(side - 1 - rows, side - 1 - cols))
+    return (edge < _BORDER).to(dtype)
 
 
 _LUMA = (0.299, 0.587, 0.114)
@@ -376,7 +455,13 @@ class MultimodalEncoder(nn.Module):
                     )
                 else:
                     towers[str(m)] = PatchTower(config, frames, config.tokens(m), stem, half)
-                towers[f"{m}-colour"] = ColourTower(frames, config.width // 2, half)
+                grid = math.isqrt(config.image_tokens) if m is Modality.IMAGE else config.video_grid
+                towers[f"{m}-colour"] = ColourTower(
+                    frames,
+                    config.width // 2,
+                    half,
+                    grid if config.colour_input == "figure" else None,
+                )
             else:
                 towers[str(m)] = PatchTower(config, PATCH_CHANNELS[m], config.tokens(m), stem)
         self.towers = nn.ModuleDict(towers)

@@ -76,6 +76,7 @@ def config_for(
     factored: bool = False,
     image_shape: str = "patch",
     shape_input: str = "luminance",
+    colour_input: str = "pixels",
 ) -> EncoderConfig:
     """Architecture whose token counts match the preprocessing."""
     image = (spec.image_size // PATCH) ** 2
@@ -94,6 +95,8 @@ def config_for(
         factored=factored,
         image_shape=image_shape,
         shape_input=shape_input,
+        colour_input=colour_input,
+        video_grid=spec.video_size // PATCH,
     )
 
 

@@ -56,6 +56,8 @@ class TrainSettings:
     """Shape tower of factored image encoders (``EncoderConfig.image_shape``)."""
     shape_input: str = "contrast"
     """What the shape towers see of the pixels (``EncoderConfig.shape_input``)."""
+    colour_input: str = "figure"
+    """What the colour towers see of each token (``EncoderConfig.colour_input``)."""
     epochs: int = 20
     batch_size: int = 96
     learning_rate: float = 1.5e-3
@@ -130,6 +132,7 @@ def new_encoder(spec: PreprocessSpec, settings: TrainSettings, seed: int) -> Mul
         settings.factored,
         settings.image_shape,
         settings.shape_input,
+        settings.colour_input,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -12,6 +12,7 @@ from encoders.model import (
     MultimodalEncoder,
     PatchTower,
     ShapeCNN,
+    figure_colours,
     principal_contrast,
 )
 from encoders.patches import image_patches, video_tubelets
@@ -74,18 +75,37 @@ def test_a_manifest_without_a_shape_input_loads_luminance() -> None:
     assert EncoderConfig(**config).shape_input == "luminance"
 
 
+def test_a_manifest_without_a_colour_input_loads_pixel_statistics() -> None:
+    config = dataclasses.asdict(config_for(DEFAULT_PREPROCESS, 32, 32, 1, 2, factored=True))
+    del config["colour_input"], config["video_grid"]
+    assert EncoderConfig(**config).colour_input == "pixels"
+    assert EncoderConfig(**config).video_grid == DEFAULT_PREPROCESS.video_size // 16
+
+
+def test_an_unknown_colour_input_is_refused() -> None:
+    with pytest.raises(ValueError, match="colour_input"):
+        config_for(DEFAULT_PREPROCESS, 32, 32, 1, 2, factored=True, colour_input="hue")
+
+
 def test_an_unknown_shape_input_is_refused() -> None:
     with pytest.raises(ValueError, match="shape_input"):
         config_for(DEFAULT_PREPROCESS, 32, 32, 1, 2, factored=True, shape_input="hue")
 
 
 SHAPE_TOWERS = pytest.mark.parametrize(
-    "image_shape, shape_input",
-    [("patch", "luminance"), ("cnn", "luminance"), ("patch", "contrast"), ("cnn", "contrast")],
+    "image_shape, shape_input, colour_input",
+    [
+        ("patch", "luminance", "pixels"),
+        ("cnn", "luminance", "pixels"),
+        ("patch", "contrast", "pixels"),
+        ("cnn", "contrast", "figure"),
+    ],
 )
 
 
-def factored_model(image_shape: str = "patch", shape_input: str = "luminance") -> MultimodalEncoder:
+def factored_model(
+    image_shape: str = "patch", shape_input: str = "luminance", colour_input: str = "pixels"
+) -> MultimodalEncoder:
     torch.manual_seed(0)
     config = config_for(
         DEFAULT_PREPROCESS,
@@ -97,6 +117,7 @@ def factored_model(image_shape: str = "patch", shape_input: str = "luminance") -
         factored=True,
         image_shape=image_shape,
         shape_input=shape_input,
+        colour_input=colour_input,
     )
     model = MultimodalEncoder(config).eval()
     expected = PatchTower if image_shape == "patch" else ShapeCNN
@@ -122,9 +143,9 @@ def square(colour: tuple[float, float, float], at: tuple[int, int] = (8, 8)) -> 
 
 @SHAPE_TOWERS
 def test_factored_embeddings_are_two_halves_of_equal_length(
-    image_shape: str, shape_input: str
+    image_shape: str, shape_input: str, colour_input: str
 ) -> None:
-    model = factored_model(image_shape, shape_input)
+    model = factored_model(image_shape, shape_input, colour_input)
     colour, shape = encode(model, torch.randn(3, 3, 64, 64))
     assert torch.allclose(colour.norm(dim=-1), torch.full((3,), 0.5**0.5), atol=1e-5)
     assert torch.allclose(shape.norm(dim=-1), torch.full((3,), 0.5**0.5), atol=1e-5)
@@ -134,8 +155,10 @@ def test_factored_embeddings_are_two_halves_of_equal_length(
 
 
 @SHAPE_TOWERS
-def test_the_colour_half_does_not_see_where_things_are(image_shape: str, shape_input: str) -> None:
-    model = factored_model(image_shape, shape_input)
+def test_the_colour_half_does_not_see_where_things_are(
+    image_shape: str, shape_input: str, colour_input: str
+) -> None:
+    model = factored_model(image_shape, shape_input, colour_input)
     red_here, red_there = square((0.8, -0.8, -0.8)), square((0.8, -0.8, -0.8), at=(32, 32))
     colour_a, shape_a = encode(model, red_here)
     colour_b, shape_b = encode(model, red_there)
@@ -144,8 +167,10 @@ def test_the_colour_half_does_not_see_where_things_are(image_shape: str, shape_i
 
 
 @SHAPE_TOWERS
-def test_the_shape_half_does_not_see_colour(image_shape: str, shape_input: str) -> None:
-    model = factored_model(image_shape, shape_input)
+def test_the_shape_half_does_not_see_colour(
+    image_shape: str, shape_input: str, colour_input: str
+) -> None:
+    model = factored_model(image_shape, shape_input, colour_input)
     red, teal = (0.8, -0.4, 0.0), (-0.4, 0.15298, 0.3)  # equal 0.299 r + 0.587 g + 0.114 b
     luma = [0.299 * c[0] + 0.587 * c[1] + 0.114 * c[2] for c in (red, teal)]
     assert abs(luma[0] - luma[1]) < 1e-4
@@ -190,9 +215,11 @@ def test_principal_contrast_draws_any_two_colours_alike_up_to_sign() -> None:
     assert not torch.allclose(a[0, 4:], a[1, 4:], atol=1e-2)  # the noise moved the mean
 
 
-@pytest.mark.parametrize("shape_input", ["luminance", "contrast"])
-def test_a_masked_video_token_changes_neither_half(shape_input: str) -> None:
-    model = factored_model("cnn", shape_input)
+@pytest.mark.parametrize(
+    ("shape_input", "colour_input"), [("luminance", "pixels"), ("contrast", "figure")]
+)
+def test_a_masked_video_token_changes_neither_half(shape_input: str, colour_input: str) -> None:
+    model = factored_model("cnn", shape_input, colour_input)
     clips = torch.randn(1, 8, 3, 64, 64)
     changed = clips.clone()
     changed[:, :2, :, :16, :16] = torch.randn(1, 2, 3, 16, 16)  # token 0: first tubelet, top left
@@ -206,8 +233,10 @@ def test_a_masked_video_token_changes_neither_half(shape_input: str) -> None:
 
 
 @SHAPE_TOWERS
-def test_a_masked_token_changes_neither_half(image_shape: str, shape_input: str) -> None:
-    model = factored_model(image_shape, shape_input)
+def test_a_masked_token_changes_neither_half(
+    image_shape: str, shape_input: str, colour_input: str
+) -> None:
+    model = factored_model(image_shape, shape_input, colour_input)
     images = torch.randn(1, 3, 64, 64)
     changed = images.clone()
     changed[:, :, :16, :16] += 1.0
@@ -249,3 +278,20 @@ def test_the_cnn_shape_tower_polarity_is_a_negated_picture() -> None:
     assert torch.allclose(plain, same)
     assert torch.allclose(inverted[0], negative[0], atol=1e-5)
     assert torch.allclose(inverted[1], plain[1])
+
+
+@pytest.mark.parametrize("ground", [(-0.2, -0.2, -0.2), (-0.6, -0.4, 0.9), (0.2, 0.9, 0.1)])
+def test_figure_colours_name_the_figure_whatever_the_background(
+    ground: tuple[float, float, float],
+) -> None:
+    red = (0.8, -0.8, -0.7)
+    image = torch.tensor(ground).reshape(1, 3, 1, 1).expand(1, 3, 64, 64).clone()
+    image[0, :, 16:48, 16:48] = torch.tensor(red).reshape(3, 1, 1)  # the four middle tokens
+    keep = torch.ones(1, 2, 16, dtype=torch.bool)
+    keep[0, 1, [0, 1, 4]] = False  # variant 1 hides three edge tokens
+    figure = figure_colours(image_patches(image), keep, 1, 4)[0]  # [V, N, 4]
+    middle, edge = [5, 6, 9, 10], [0, 3, 12, 15]
+    for variant in (0, 1):
+        assert (figure[variant, middle, 0] > 0.8).all()
+        assert torch.allclose(figure[variant, middle, 1:], torch.tensor(red), atol=1e-3)
+        assert (figure[variant, edge, 0] < 0.01).all()

@@ -44,14 +44,14 @@ def test_motion_maps_swap_directions(micro_corpus: Corpus) -> None:
         {"factored": False, "image_stem": "linear", "image_turns": False},
         {"factored": False, "image_stem": "conv", "image_turns": True},
         {"image_shape": "patch"},
-        {"shape_input": "luminance"},
+        {"shape_input": "luminance", "colour_input": "pixels"},
         {},
     ],
     ids=[
         "plain",
         "plain-conv-turns",
         "factored-patch-shape",
-        "factored-luminance",
+        "factored-luminance-pixels",
         "default-factored-cnn-contrast",
     ],
 )
