@@ -90,8 +90,8 @@ def test_the_pair_check_accepts_matched_and_refuses_one_attribute_mismatches(
             distance[(c, concept.shape)] > delta for c in COLOURS if c != concept.colour
         ]
     # Measured with the shipped weights on this seed: 8/8 within δ, 8/8 first,
-    # every other shape and every other colour refused (manifest eval: 0.988
-    # accepted; 1.000 / 0.981 refused). The weights whose shape towers saw
+    # every other shape and 98 % of other colours refused (manifest eval: 1.000
+    # accepted; 1.000 / 0.988 refused). The weights whose shape towers saw
     # luminance: 6/8, 6/8, 95 % and 93 %.
     assert within >= 7
     assert first >= 7
@@ -190,4 +190,4 @@ def test_a_shape_on_a_coloured_background_is_named_in_its_own_colour(
     for (colour, _), image in zip(pictures, images, strict=True):
         distances = [cosine_distance(image.vector, t.vector) for t in text_vectors]
         right_colour += captions[int(np.argmin(distances))][0] == colour
-    assert right_colour >= 13
+    assert right_colour >= 14  # the shipped weights: 16 of 16
