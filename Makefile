@@ -48,8 +48,8 @@ test: install-test
 weights: install
 	$(BIN)/poc-node init-weights --out var/untrained-weights
 
-# Reproduce the shipped trained weights (needs espeak-ng; on 2 cores about 8 min of
-# corpus generation, cached under var/corpus, then about 19 min of training).
+# Reproduce the shipped trained weights (needs espeak-ng; on 2 cores about 5 min of
+# corpus generation, cached under var/corpus, then about 22 min of training).
 train: install system-deps
 	$(BIN)/poc-node train --out weights/default
 
