@@ -263,8 +263,7 @@ def figure_colours(
     ring = _border(n, grid, patches.device, patches.dtype)  # [N, 256]
     ring_sums = torch.einsum("bvn,bnfip,np->bvi", weights, rgb, ring)
     ring_counts = weights @ ring.sum(-1) * frames  # [B, V]
-    all_sums = torch.einsum("bvn,bni->bvi", weights, rgb.sum(dim=(2, 4)))
-    all_counts = (weights.sum(-1) * frames * area).clamp(min=1.0)
+    all_sums, all_counts = _kept_totals(rgb, weights)
     background = torch.where(
         ring_counts[..., None] > 0,
         ring_sums / ring_counts.clamp(min=1.0)[..., None],
@@ -286,6 +285,17 @@ _FIGURE_SCALE = 0.45
 """Colour distance (pixel values span [-1, 1]) at which a pixel is half figure: about
 57 levels of 255, where noise and gradients of the background stay well below and
 a shape, at least 110 from its background in this world, well above."""
+
+
+def _kept_totals(rgb: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per keep variant, the summed colour of the kept pixels and their number (at least 1).
+
+    ``rgb [B, N, frames, 3, 256]`` and ``weights [B, V, N]`` (1 kept, 0 masked) →
+    ``[B, V, 3]`` and ``[B, V]``.
+    """
+    sums = torch.einsum("bvn,bni->bvi", weights, rgb.sum(dim=(2, 4)))
+    count = (weights.sum(dim=-1) * rgb.shape[2] * rgb.shape[4]).clamp(min=1.0)
+    return sums, count
 
 
 def _border(n: int, grid: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -346,9 +356,9 @@ def principal_contrast(patches: torch.Tensor, keep: torch.Tensor, frames: int) -
     rgb = patches.reshape(b, n, frames, 3, PATCH * PATCH)
     weights = keep.to(patches.dtype)  # [B, V, N]
     # Per-token sums, then per-variant sums over kept tokens: no pixel copy per variant.
-    sums = torch.einsum("bvn,bni->bvi", weights, rgb.sum(dim=(2, 4)))
+    sums, kept = _kept_totals(rgb, weights)
     products = torch.einsum("bvn,bnij->bvij", weights, torch.einsum("bnfip,bnfjp->bnij", rgb, rgb))
-    count = (weights.sum(dim=-1) * frames * PATCH * PATCH).clamp(min=1.0)[..., None]  # [B, V, 1]
+    count = kept[..., None]  # [B, V, 1]
     mean = sums / count
     covariance = products / count[..., None] - mean[..., :, None] * mean[..., None, :]
     spreads: torch.Tensor

@@ -295,3 +295,23 @@ def test_figure_colours_name_the_figure_whatever_the_background(
         assert (figure[variant, middle, 0] > 0.8).all()
         assert torch.allclose(figure[variant, middle, 1:], torch.tensor(red), atol=1e-3)
         assert (figure[variant, edge, 0] < 0.01).all()
+
+
+def test_degenerate_pictures_give_finite_unit_embeddings() -> None:
+    """One flat colour, extreme values, a single kept token: nothing to divide by, no NaN."""
+    model = factored_model("cnn", "contrast", "figure")
+    flat = torch.full((1, 3, 64, 64), 0.3)
+    extreme = torch.where(torch.rand(1, 3, 64, 64) < 0.5, -1.0, 1.0)
+    keep = torch.zeros(2, 2, 16, dtype=torch.bool)
+    keep[:, 0] = True
+    keep[:, 1, 5] = True  # an inner token alone: no pixel of the frame's edge is kept
+    with torch.inference_mode():
+        out = model.encode_patches(Modality.IMAGE, image_patches(torch.cat([flat, extreme])), keep)
+        clip = model.encode_patches(
+            Modality.VIDEO,
+            video_tubelets(torch.full((1, 8, 3, 64, 64), -1.0)),
+            torch.ones(1, 1, 64, dtype=torch.bool),
+        )
+    for embedding in (out, clip):
+        assert torch.isfinite(embedding).all()
+        assert torch.allclose(embedding.norm(dim=-1), torch.ones(embedding.shape[:2]), atol=1e-5)
