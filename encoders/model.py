@@ -18,6 +18,7 @@ dropping them from the sequence.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
 
@@ -31,6 +32,21 @@ from encoders.patches import PATCH, TUBELET
 
 TEXT_FEATURES = 384
 """Width of the MiniLM sentence embedding the text head reads."""
+
+Memo = dict[tuple[object, ...], torch.Tensor]
+"""What one batch's encoders may share: the parameter-free channels computed from the
+same ``patches`` and ``keep`` (``principal_contrast``, ``figure_colours``), by kind."""
+
+
+def _memoised(
+    memo: Memo | None, key: tuple[object, ...], compute: Callable[[], torch.Tensor]
+) -> torch.Tensor:
+    """``compute()``, or the result an earlier encoder stored in ``memo`` under ``key``."""
+    if memo is None:
+        return compute()
+    if key not in memo:
+        memo[key] = compute()
+    return memo[key]
 
 
 @dataclass(frozen=True)
@@ -224,7 +240,9 @@ class ColourTower(nn.Module):
         self.norm = nn.LayerNorm(width)
         self.head = nn.Linear(width, out_dim)
 
-    def forward(self, patches: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, patches: torch.Tensor, keep: torch.Tensor, memo: Memo | None = None
+    ) -> torch.Tensor:
         b, n, _ = patches.shape
         v = keep.shape[1]
         pixels = patches.reshape(b, n, self.frames, 3, -1).transpose(2, 3).reshape(b, n, 3, -1)
@@ -234,7 +252,12 @@ class ColourTower(nn.Module):
         if self.grid is None:
             h = self.embed(stats).unsqueeze(1).expand(b, v, n, -1)  # [B, V, N, W]
         else:
-            figure = figure_colours(patches, keep, self.frames, self.grid)
+            grid = self.grid
+            figure = _memoised(
+                memo,
+                ("figure", self.frames, grid),
+                lambda: figure_colours(patches, keep, self.frames, grid),
+            )
             h = self.embed(torch.cat([stats.unsqueeze(1).expand(b, v, n, 12), figure], dim=-1))
         scores = self.score(h).squeeze(-1)  # [B, V, N]
         weights = torch.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1)
@@ -406,13 +429,17 @@ class ShapeCNN(nn.Module):
         self.head = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, out_dim))
 
     def forward(
-        self, patches: torch.Tensor, keep: torch.Tensor, polarity: torch.Tensor | None = None
+        self,
+        patches: torch.Tensor,
+        keep: torch.Tensor,
+        polarity: torch.Tensor | None = None,
+        memo: Memo | None = None,
     ) -> torch.Tensor:
         """``patches [B, N, 3·16·16]``, ``keep [B, V, N]`` → ``[B, V, out_dim]``."""
         b, v, n = keep.shape
         side = math.isqrt(n)
         if self.contrast:
-            shading = principal_contrast(patches, keep, 1)
+            shading = _memoised(memo, ("contrast", 1), lambda: principal_contrast(patches, keep, 1))
         else:
             kept = keep.to(patches.dtype).unsqueeze(-1)  # [B, V, N, 1]
             luma = _luma(patches, 1).unsqueeze(1) * kept  # [B, V, N, 256]
@@ -495,10 +522,13 @@ class MultimodalEncoder(nn.Module):
         patches: torch.Tensor,
         keep: torch.Tensor,
         polarity: torch.Tensor | None = None,
+        memo: Memo | None = None,
     ) -> torch.Tensor:
         """Image, video or audio tokens ``[B, N, P]`` with ``keep [B, V, N]`` → ``[B, V, D]``.
 
         ``polarity`` (training only) flips the channel seen by a factored shape tower.
+        Encoders given the same ``patches`` and ``keep`` may pass one ``memo`` so that
+        the channels computed from them without parameters are computed once.
         """
         tower = self.towers[str(modality)]
         if not self.config.factored:
@@ -506,12 +536,14 @@ class MultimodalEncoder(nn.Module):
         if modality not in _FRAMES:
             return unit_halves(tower(patches, keep))
         frames = _FRAMES[modality]
-        colour = cast(ColourTower, self.towers[f"{modality}-colour"])(patches, keep)
+        colour = cast(ColourTower, self.towers[f"{modality}-colour"])(patches, keep, memo)
         if isinstance(tower, ShapeCNN):
-            shape = tower(patches, keep, polarity)
+            shape = tower(patches, keep, polarity, memo)
         elif self.config.shape_input == "contrast":
             b, v, n = keep.shape
-            shading = principal_contrast(patches, keep, frames)
+            shading = _memoised(
+                memo, ("contrast", frames), lambda: principal_contrast(patches, keep, frames)
+            )
             if polarity is not None:
                 shading = shading * polarity.reshape(b, 1, 1, 1)
             per_variant = tower(shading.reshape(b * v, n, -1), keep.reshape(b * v, 1, n))

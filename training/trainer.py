@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from encoders.masks import MASK_SHARES
 from encoders.media import PreprocessSpec
 from encoders.modality import PATCHED, Modality
-from encoders.model import MultimodalEncoder
+from encoders.model import Memo, MultimodalEncoder
 from encoders.patches import audio_patches, image_patches, video_tubelets
 from encoders.weights import config_for
 from training.corpus import Corpus, Split
@@ -128,11 +128,11 @@ def new_encoder(spec: PreprocessSpec, settings: TrainSettings, seed: int) -> Mul
         settings.width,
         settings.depth,
         settings.heads,
-        settings.image_stem,
-        settings.factored,
-        settings.image_shape,
-        settings.shape_input,
-        settings.colour_input,
+        image_stem=settings.image_stem,
+        factored=settings.factored,
+        image_shape=settings.image_shape,
+        shape_input=settings.shape_input,
+        colour_input=settings.colour_input,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -356,10 +356,12 @@ def train(
                 polarity = None
                 if settings.factored:
                     polarity = torch.where(maker.coin(batch, 0.5), -1.0, 1.0)
+                memo: Memo = {}  # the members share the channels computed without parameters
                 for member in members:
                     member.optimizer.zero_grad(set_to_none=True)
                     scale = member.log_scales[modality].clamp(max=math.log(100.0)).exp()
-                    items = member.model.encode_patches(modality, patches, keep, polarity)[:, 0]
+                    items = member.model.encode_patches(modality, patches, keep, polarity, memo)
+                    items = items[:, 0]
                     texts = member.model.encode_text(features)
                     if settings.factored and modality.value in settings.factored_losses:
                         loss = _factored_nce(items, texts, factors[modality], labels, scale)

@@ -5,10 +5,12 @@ import dataclasses
 import pytest
 import torch
 
+from encoders import model as model_module
 from encoders.modality import Modality
 from encoders.model import (
     ConvStem,
     EncoderConfig,
+    Memo,
     MultimodalEncoder,
     PatchTower,
     ShapeCNN,
@@ -315,3 +317,33 @@ def test_degenerate_pictures_give_finite_unit_embeddings() -> None:
     for embedding in (out, clip):
         assert torch.isfinite(embedding).all()
         assert torch.allclose(embedding.norm(dim=-1), torch.ones(embedding.shape[:2]), atol=1e-5)
+
+
+@pytest.mark.parametrize("modality", [Modality.IMAGE, Modality.VIDEO])
+def test_encoders_sharing_a_memo_compute_each_channel_once_and_alike(
+    modality: Modality, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first, second = (
+        factored_model("cnn", "contrast", "figure"),
+        factored_model("cnn", "contrast", "figure"),
+    )
+    torch.nn.init.normal_(second.towers[f"{modality}-colour"].head.weight)  # another encoder
+    if modality is Modality.IMAGE:
+        patches = image_patches(torch.rand(2, 3, 64, 64) * 2 - 1)
+    else:
+        patches = video_tubelets(torch.rand(2, 8, 3, 64, 64) * 2 - 1)
+    keep = torch.rand(2, 3, patches.shape[1]) < 0.7
+    with torch.inference_mode():
+        alone = [m.encode_patches(modality, patches, keep) for m in (first, second)]
+        calls: list[str] = []
+        for name in ("principal_contrast", "figure_colours"):
+            original = getattr(model_module, name)
+            monkeypatch.setattr(
+                model_module, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a)
+            )
+        memo: Memo = {}
+        shared = [m.encode_patches(modality, patches, keep, memo=memo) for m in (first, second)]
+    assert sorted(calls) == ["figure_colours", "principal_contrast"]
+    for a, b in zip(alone, shared, strict=True):
+        assert torch.equal(a, b)
+    assert not torch.allclose(shared[0], shared[1])
