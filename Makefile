@@ -49,7 +49,7 @@ weights: install
 	$(BIN)/poc-node init-weights --out var/untrained-weights
 
 # Reproduce the shipped trained weights (needs espeak-ng; on 2 cores about 5 min of
-# corpus generation, cached under var/corpus, then about 22 min of training).
+# corpus generation, cached under var/corpus, then about 21 min of training).
 train: install system-deps
 	$(BIN)/poc-node train --out weights/default
 
