@@ -24,25 +24,25 @@ from prometheus_client import CollectorRegistry
 from consensus.committee import Committee, Member
 from encoders.errors import WeightsError
 from encoders.shard import Shard
-from node.broker import embedded_broker
-from node.bus import Bus, OutboxPublisher, Topics
-from node.chain import BeaconChain
-from node.codec import pack, unpack
-from node.committee_file import load_committee
-from node.config import Config
-from node.encoding import EncoderService
+from node.bus.broker import embedded_broker
+from node.bus.client import Bus, OutboxPublisher, Topics
+from node.rounds.chain import BeaconChain
+from node.intake.codec import pack, unpack
+from node.ops.committee_file import load_committee
+from node.ops.config import Config
+from node.pipeline.encoding import EncoderService
 from node.errors import NodeError
-from node.http import http_server
-from node.intake import Clock, Intake
-from node.keys import SigningKey, load_key, write_key
-from node.metrics import Metrics
-from node.records import from_float16
-from node.rounds import RoundDriver
-from node.sandbox import DecoderPool
-from node.signing import MessageSigner
-from node.store import Store
-from node.sync import SyncService
-from node.verify import RecordVerifier, Tolerances
+from node.ops.http import http_server
+from node.intake.admission import Clock, Intake
+from node.intake.keys import SigningKey, load_key, write_key
+from node.ops.metrics import Metrics
+from node.rounds.records import from_float16
+from node.rounds.driver import RoundDriver
+from node.pipeline.sandbox import DecoderPool
+from node.intake.signing import MessageSigner
+from node.store.sqlite import Store
+from node.rounds.sync import SyncService
+from node.rounds.verify import RecordVerifier, Tolerances
 from rewards.history import HistoryIndex
 
 log = logging.getLogger("poc.node")

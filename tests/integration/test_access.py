@@ -33,8 +33,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from node.bus import tls_context
-from node.config import load_config
+from node.bus.client import tls_context
+from node.ops.config import load_config
 from node.errors import ConfigError
 from tests.conftest import POC_NODE, ROOT, Broker, free_port, start_node, write_node_config
 from tests.peer import Peer

@@ -24,12 +24,12 @@ import yaml
 from consensus.beacon import leader_of
 from consensus.committee import Committee, Member
 from consensus.messages import Proposal, SignedProposal, SignedVote, Vote
-from node.codec import unpack
-from node.consensus_wire import decode_proposal, encode_proposal, encode_vote
-from node.keys import SigningKey, load_key, write_key
-from node.records import RoundRecord
-from node.signing import MessageSigner
-from node.store import Store
+from node.intake.codec import unpack
+from node.rounds.consensus_wire import decode_proposal, encode_proposal, encode_vote
+from node.intake.keys import SigningKey, load_key, write_key
+from node.rounds.records import RoundRecord
+from node.intake.signing import MessageSigner
+from node.store.sqlite import Store
 from tests.conftest import POC_NODE, Broker, NodeProcess, start_node, write_node_config
 from tests.media import image_bytes
 from tests.peer import PREFIX, Peer, ResultListener, submission_id

@@ -220,7 +220,7 @@ def test_bytes_naming_no_submitter_are_counted_not_answered(node: NodeProcess, m
 
 
 def test_metrics_and_health_endpoints(node: NodeProcess):
-    text = node.metrics()
+    text = node.ops.metrics()
     for name in (
         "poc_rejections_total",
         "poc_stage_seconds_bucket",

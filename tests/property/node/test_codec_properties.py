@@ -4,7 +4,7 @@ import msgpack
 from hypothesis import given
 from hypothesis import strategies as st
 
-from node.codec import pack, unpack
+from node.intake.codec import pack, unpack
 
 values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.binary(max_size=64)

@@ -28,7 +28,7 @@ from encoders.errors import EncoderError, MediaTooLargeError, UndecodableError
 from encoders.media import MediaLimits, decode_media
 from encoders.modality import Modality
 from encoders.weights import DEFAULT_PREPROCESS
-from node.sandbox import DecoderPool
+from node.pipeline.sandbox import DecoderPool
 from tests.media import image_bytes, mp4_bytes, png_header_only, wav_bytes, wav_header_claiming
 
 LIMITS = MediaLimits()

@@ -1,7 +1,7 @@
 import msgpack
 import pytest
 
-from node.codec import CodecError, DecodeLimits, NonCanonicalError, pack, peek_field, unpack
+from node.intake.codec import CodecError, DecodeLimits, NonCanonicalError, pack, peek_field, unpack
 
 
 def test_keys_are_sorted_bytewise_and_nested():

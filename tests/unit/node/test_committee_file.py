@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from node.committee_file import load_committee
-from node.config import DEFAULT_CONFIG
+from node.ops.committee_file import load_committee
+from node.ops.config import DEFAULT_CONFIG
 from node.errors import ConfigError
 
 EXAMPLE = DEFAULT_CONFIG.parent / "committee.example.yaml"

@@ -1,6 +1,6 @@
 import pytest
 
-from node.config import DEFAULT_CONFIG, load_config
+from node.ops.config import DEFAULT_CONFIG, load_config
 from node.errors import ConfigError
 
 

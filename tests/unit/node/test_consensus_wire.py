@@ -1,8 +1,8 @@
 import pytest
 
 from consensus.messages import Proposal, QuorumCertificate, SignedProposal, SignedVote, Vote
-from node.codec import pack
-from node.consensus_wire import (
+from node.intake.codec import pack
+from node.rounds.consensus_wire import (
     ConsensusWireError,
     decode_certificate,
     decode_proposal,
@@ -11,8 +11,8 @@ from node.consensus_wire import (
     encode_proposal,
     encode_vote,
 )
-from node.keys import SigningKey
-from node.signing import MessageSigner
+from node.intake.keys import SigningKey
+from node.intake.signing import MessageSigner
 
 
 def test_signed_messages_round_trip_and_verify():

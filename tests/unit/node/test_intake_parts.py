@@ -1,4 +1,4 @@
-from node.intake import RateLimiter
+from node.intake.admission import RateLimiter
 
 
 def test_rate_limiter_allows_a_burst_then_the_sustained_rate():

@@ -4,7 +4,7 @@ import stat
 import pytest
 
 from node.errors import KeyFileError
-from node.keys import SigningKey, load_key, verify_signature, write_key
+from node.intake.keys import SigningKey, load_key, verify_signature, write_key
 
 
 def test_written_key_is_private_and_loads(tmp_path):

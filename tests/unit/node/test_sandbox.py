@@ -8,7 +8,7 @@ from encoders.errors import MediaTooLargeError, UndecodableError
 from encoders.media import MediaLimits
 from encoders.modality import Modality
 from encoders.weights import DEFAULT_PREPROCESS
-from node.sandbox import DecoderPool
+from node.pipeline.sandbox import DecoderPool
 from tests.media import image_bytes, mp4_bytes, png_header_only
 
 LIMITS = MediaLimits()
@@ -81,7 +81,7 @@ def test_a_spinning_decoder_is_killed_by_its_cpu_cap():
     import sys
 
     spin = (
-        "from node.sandbox import _cap_cpu\n"
+        "from node.pipeline.sandbox import _cap_cpu\n"
         "_cap_cpu(0.1)\n"
         "while True:\n"
         "    pass\n"

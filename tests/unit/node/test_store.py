@@ -1,6 +1,6 @@
 """The store on a real SQLite file: admission, rejections, commits, outbox."""
 
-from node.store import (
+from node.store.sqlite import (
     Admission,
     CommittedRound,
     Finalization,

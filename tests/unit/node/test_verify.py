@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from encoders.modality import Modality
-from node.config import load_config
-from node.records import Candidate, Prepared, PreparedItem, RoundRecord, score_round, to_float16
-from node.store import Store
-from node.verify import Mismatch, RecordVerifier, Tolerances
-from node.wire import WireLimits
+from node.ops.config import load_config
+from node.rounds.records import Candidate, Prepared, PreparedItem, RoundRecord, score_round, to_float16
+from node.store.sqlite import Store
+from node.rounds.verify import Mismatch, RecordVerifier, Tolerances
+from node.intake.wire import WireLimits
 from rewards.history import HistoryIndex
 
 CONFIG = load_config()
@@ -64,7 +64,7 @@ def make(tmp_path: Path, mine: dict[bytes, Prepared], history_size: int = 80):
 
 
 def _outgoing():
-    from node.store import Outgoing
+    from node.store.sqlite import Outgoing
 
     return Outgoing("t", b"x")
 

@@ -7,9 +7,9 @@ import pytest
 
 from encoders.modality import Modality
 from node.errors import Reason, Rejected
-from node.keys import SigningKey
-from node.signing import MessageSigner
-from node.wire import (
+from node.intake.keys import SigningKey
+from node.intake.signing import MessageSigner
+from node.intake.wire import (
     RESULT_DOMAIN,
     EmbeddingEntry,
     Result,
@@ -169,7 +169,7 @@ def test_a_missing_submitter_is_unattributed():
 
 @pytest.mark.parametrize("body", [{"status": "final"}, {"v": 1, "sig": 5}, [1]])
 def test_a_malformed_result_is_a_codec_error(body):
-    from node.codec import CodecError
+    from node.intake.codec import CodecError
 
     with pytest.raises(CodecError):
         verify_result(pack(body))

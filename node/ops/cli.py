@@ -140,7 +140,7 @@ def _configure_logging(level: str) -> None:
 
 
 def _keygen(args: argparse.Namespace) -> int:
-    from node.keys import SigningKey, write_key
+    from node.intake.keys import SigningKey, write_key
 
     key = SigningKey.generate()
     write_key(key, args.out)
@@ -149,7 +149,7 @@ def _keygen(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from node.config import load_config
+    from node.ops.config import load_config
     from node.daemon import Node
 
     overrides: dict[str, Any] = {}
@@ -176,7 +176,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _submit(args: argparse.Namespace) -> int:
-    from node.submitter import Access, parse_item, run_submit
+    from node.ops.submitter import Access, parse_item, run_submit
 
     items = [parse_item(text) for text in args.items]
     access = Access(args.tls_ca, args.tls_cert, args.tls_key, args.username, args.password)
@@ -202,9 +202,9 @@ def _init_weights(args: argparse.Namespace) -> int:
 
 
 def _audit(args: argparse.Namespace) -> int:
-    from node.audit import parse_range, run_audit
-    from node.committee_file import load_committee
-    from node.config import load_config
+    from node.ops.audit import parse_range, run_audit
+    from node.ops.committee_file import load_committee
+    from node.ops.config import load_config
 
     first, last = parse_range(args.rounds)
     config = load_config(args.config)
@@ -222,7 +222,7 @@ def _audit(args: argparse.Namespace) -> int:
 
 
 def _ledger(args: argparse.Namespace) -> int:
-    from node.store import Store
+    from node.store.sqlite import Store
 
     path = args.data_dir / "node.sqlite3"
     if not path.exists():

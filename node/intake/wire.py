@@ -15,9 +15,9 @@ from enum import StrEnum
 from typing import Any
 
 from encoders.modality import MEDIA_TYPES, Modality
-from node.codec import CodecError, DecodeLimits, NonCanonicalError, pack, peek_field, unpack
+from node.intake.codec import CodecError, DecodeLimits, NonCanonicalError, pack, peek_field, unpack
 from node.errors import Reason, Rejected
-from node.keys import verify_signature
+from node.intake.keys import verify_signature
 
 VERSION = 1
 SUBMISSION_DOMAIN = b"poc/v1/submission"

@@ -21,10 +21,10 @@ import numpy.typing as npt
 from encoders.embedding import ItemEmbedding
 from encoders.fusion import PairOutcome
 from encoders.modality import Modality
-from node.codec import pack, unpack
-from node.config import ScoringSection
+from node.intake.codec import pack, unpack
+from node.ops.config import ScoringSection
 from node.errors import Reason
-from node.wire import EmbeddingEntry
+from node.intake.wire import EmbeddingEntry
 from rewards.curiosity import GapScore, gap_scores, submission_score
 from rewards.history import EmbeddingIndex
 from rewards.payout import round_payout

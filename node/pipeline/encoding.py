@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from encoders.shard import EncodeRequest, ItemEmbedding, Shard
-from node.metrics import Metrics
+from node.ops.metrics import Metrics
 
 log = logging.getLogger("poc.encoding")
 

@@ -30,7 +30,7 @@ def _limit_worker(memory_bytes: int) -> None:
 
     The worker also ends itself when its parent (the forkserver) goes away.
     """
-    from node.orphan_guard import watch_parent
+    from node.ops.orphan_guard import watch_parent
 
     watch_parent()
     os.environ["OMP_NUM_THREADS"] = "1"
@@ -79,7 +79,7 @@ class DecoderPool:
         self._cpu_seconds = cpu_seconds if cpu_seconds is not None else timeout_s
         self._memory_bytes = memory_mb * 1024 * 1024
         self._context = multiprocessing.get_context("forkserver")
-        self._context.set_forkserver_preload(["node.orphan_guard", "encoders.media"])
+        self._context.set_forkserver_preload(["node.ops.orphan_guard", "encoders.media"])
         self._free: asyncio.Queue[ProcessPoolExecutor] = asyncio.Queue()
         for _ in range(workers):
             self._free.put_nowait(self._new_slot())

@@ -23,20 +23,20 @@ from prometheus_client import CollectorRegistry
 from consensus.beacon import leader_of
 from consensus.committee import Committee
 from consensus.messages import Proposal
-from node.config import Config
-from node.consensus_wire import ConsensusWireError, decode_certificate, decode_proposal
+from node.ops.config import Config
+from node.rounds.consensus_wire import ConsensusWireError, decode_certificate, decode_proposal
 from node.daemon import StoreThread, committee_from_description, load_shard
-from node.encoding import EncoderService
+from node.pipeline.encoding import EncoderService
 from node.errors import NodeError
-from node.keys import SigningKey
-from node.metrics import Metrics
-from node.prepare import Preparer, fusion_alpha, media_limits
-from node.records import RoundRecord, from_float16
-from node.sandbox import DecoderPool
-from node.signing import MessageSigner
-from node.store import CommittedRound, Store
-from node.verify import Mismatch, RecordVerifier, Tolerances
-from node.wire import WireLimits
+from node.intake.keys import SigningKey
+from node.ops.metrics import Metrics
+from node.pipeline.prepare import Preparer, fusion_alpha, media_limits
+from node.rounds.records import RoundRecord, from_float16
+from node.pipeline.sandbox import DecoderPool
+from node.intake.signing import MessageSigner
+from node.store.sqlite import CommittedRound, Store
+from node.rounds.verify import Mismatch, RecordVerifier, Tolerances
+from node.intake.wire import WireLimits
 from rewards.history import HistoryIndex
 
 log = logging.getLogger("poc.audit")

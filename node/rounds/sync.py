@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from consensus.committee import Committee
-from node.codec import CodecError, DecodeLimits, pack, unpack
-from node.signing import MessageSigner
-from node.store import StoreCall
-from node.wire import submission_id
+from node.intake.codec import CodecError, DecodeLimits, pack, unpack
+from node.intake.signing import MessageSigner
+from node.store.sqlite import StoreCall
+from node.intake.wire import submission_id
 
 log = logging.getLogger("poc.sync")
 

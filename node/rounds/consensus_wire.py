@@ -18,7 +18,7 @@ from consensus.messages import (
     SignedVote,
     Vote,
 )
-from node.codec import CodecError, DecodeLimits, pack, unpack
+from node.intake.codec import CodecError, DecodeLimits, pack, unpack
 
 T = TypeVar("T")
 _LIMITS = DecodeLimits(max_bytes=64 * 1024 * 1024, max_container_len=100_000)

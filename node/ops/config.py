@@ -25,7 +25,7 @@ from pydantic import (
 
 from node.errors import ConfigError
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "config" / "default.yaml"
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "config" / "default.yaml"
 
 _FILE_RELATIVE_PATHS = (("encoders", "manifest"),)
 

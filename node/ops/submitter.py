@@ -27,12 +27,12 @@ import numpy as np
 from encoders.errors import EncoderError
 from encoders.media import read_item
 from encoders.modality import Modality
-from node.bus import tls_context
-from node.codec import CodecError
+from node.bus.client import tls_context
+from node.intake.codec import CodecError
 from node.errors import NodeError
-from node.keys import load_key
-from node.signing import MessageSigner
-from node.wire import (
+from node.intake.keys import load_key
+from node.intake.signing import MessageSigner
+from node.intake.wire import (
     SUBMISSION_DOMAIN,
     Result,
     Status,

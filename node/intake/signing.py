@@ -10,9 +10,9 @@ import hashlib
 from collections.abc import Mapping
 from typing import Any
 
-from node.codec import pack
-from node.keys import SigningKey, verify_signature
-from node.wire import signing_bytes
+from node.intake.codec import pack
+from node.intake.keys import SigningKey, verify_signature
+from node.intake.wire import signing_bytes
 
 
 def _message(domain: str, body: Mapping[str, object]) -> bytes:

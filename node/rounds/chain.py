@@ -16,7 +16,7 @@ import logging
 
 from consensus.beacon import SKIP_HASH, genesis_beacon, next_beacon
 from consensus.committee import Committee
-from node.store import Store
+from node.store.sqlite import Store
 
 log = logging.getLogger("poc.chain")
 

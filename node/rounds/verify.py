@@ -23,12 +23,12 @@ import numpy as np
 
 from encoders.errors import EncoderError
 from encoders.fusion import cosine_distance
-from node.codec import CodecError
-from node.config import ConsensusSection, ScoringSection
+from node.intake.codec import CodecError
+from node.ops.config import ConsensusSection, ScoringSection
 from node.errors import Reason, Rejected
-from node.records import Prepared, RoundRecord, from_float16
-from node.store import State, StoreCall
-from node.wire import Submission, WireLimits, parse_submission
+from node.rounds.records import Prepared, RoundRecord, from_float16
+from node.store.sqlite import State, StoreCall
+from node.intake.wire import Submission, WireLimits, parse_submission
 from rewards.curiosity import GapScore, gap_scores, submission_score
 from rewards.history import EmbeddingIndex
 from rewards.payout import round_payout

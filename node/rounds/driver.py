@@ -2,7 +2,7 @@
 
 At the end of round r the leader scores every accepted submission against
 the history (DESIGN.md §6) and proposes the records; every member checks
-them against its own computation (``node.verify``) and votes; a quorum
+them against its own computation (``node.rounds.verify``) and votes; a quorum
 certificate commits the *certified* records in one store transaction:
 submission states, history, ledger, the final Results and the retained
 ``RoundSummary``. Consensus itself is the pure ``RoundMachine``; this
@@ -28,11 +28,11 @@ from consensus.actions import Action, Broadcast, Commit, Equivocation, FetchProp
 from consensus.committee import Committee
 from consensus.messages import QuorumCertificate, SignedProposal, Vote
 from consensus.round import RoundMachine
-from node.bus import Topics
-from node.chain import BeaconChain
-from node.codec import pack
-from node.config import Config
-from node.consensus_wire import (
+from node.bus.client import Topics
+from node.rounds.chain import BeaconChain
+from node.intake.codec import pack
+from node.ops.config import Config
+from node.rounds.consensus_wire import (
     ConsensusWireError,
     decode_certificate,
     decode_proposal,
@@ -41,14 +41,14 @@ from node.consensus_wire import (
     encode_proposal,
 )
 from node.errors import Reason
-from node.intake import SYSTEM_CLOCK, Clock
-from node.metrics import Metrics
-from node.records import Candidate, Prepared, RoundRecord, from_float16, score_round
-from node.signing import MessageSigner
-from node.store import CommittedRound, Finalization, Outgoing, State, Store, StoreCall
-from node.sync import SyncService
-from node.verify import Mismatch, RecordVerifier
-from node.wire import RESULT_DOMAIN, Result, Status
+from node.intake.admission import SYSTEM_CLOCK, Clock
+from node.ops.metrics import Metrics
+from node.rounds.records import Candidate, Prepared, RoundRecord, from_float16, score_round
+from node.intake.signing import MessageSigner
+from node.store.sqlite import CommittedRound, Finalization, Outgoing, State, Store, StoreCall
+from node.rounds.sync import SyncService
+from node.rounds.verify import Mismatch, RecordVerifier
+from node.intake.wire import RESULT_DOMAIN, Result, Status
 from rewards.history import HistoryIndex
 
 log = logging.getLogger("poc.rounds")

@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from node.metrics import Metrics
+from node.ops.metrics import Metrics
 
 log = logging.getLogger("poc.http")
 

@@ -31,9 +31,9 @@ from pathlib import Path
 import aiomqtt
 from paho.mqtt.client import MQTT_CLEAN_START_FIRST_ONLY
 
-from node.config import BusSection
+from node.ops.config import BusSection
 from node.errors import ConfigError
-from node.metrics import Metrics
+from node.ops.metrics import Metrics
 
 log = logging.getLogger("poc.bus")
 

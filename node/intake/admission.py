@@ -23,17 +23,17 @@ from dataclasses import dataclass
 
 from consensus.committee import Committee
 from encoders.errors import EncoderError
-from node.bus import Topics
-from node.chain import BeaconChain
-from node.config import Config
-from node.encoding import EncoderService
+from node.bus.client import Topics
+from node.rounds.chain import BeaconChain
+from node.ops.config import Config
+from node.pipeline.encoding import EncoderService
 from node.errors import Reason, Rejected
-from node.metrics import Metrics
-from node.prepare import Preparer, fusion_alpha, media_limits
-from node.sandbox import DecoderPool
-from node.signing import MessageSigner
-from node.store import Admission, Outgoing, State, StoreCall, StoredSubmission
-from node.wire import (
+from node.ops.metrics import Metrics
+from node.pipeline.prepare import Preparer, fusion_alpha, media_limits
+from node.pipeline.sandbox import DecoderPool
+from node.intake.signing import MessageSigner
+from node.store.sqlite import Admission, Outgoing, State, StoreCall, StoredSubmission
+from node.intake.wire import (
     RESULT_DOMAIN,
     Result,
     Status,

@@ -1,0 +1,1 @@
+"""The MQTT bus: the client sessions (submissions, consensus) and the embedded broker."""

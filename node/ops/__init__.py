@@ -1,0 +1,1 @@
+"""Operating the node: configuration, CLI, HTTP (metrics, health), audit, submitter tools."""

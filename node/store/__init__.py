@@ -1,0 +1,1 @@
+"""The durable store (SQLite in WAL mode), called through typed methods only."""
