@@ -2,57 +2,109 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
+from enum import StrEnum
 
-from consensus.messages import Evidence, Proposal, QuorumCertificate
+from consensus.messages import Evidence, QuorumCertificate, SignedProposal, SignedVote, Value
+
+
+class Step(StrEnum):
+    """Where a member is within a view; a timeout names the step it ends."""
+
+    PROPOSE = "propose"
+    PREVOTE = "prevote"
+    PRECOMMIT = "precommit"
 
 
 @dataclass(frozen=True)
 class Broadcast:
-    """Publish a signed proposal or vote to the committee.
+    """Store ``message`` durably, then publish it to the committee.
 
-    A vote must be stored durably before it is published, so that a restarted
-    node can ``restore_vote`` it instead of signing a different one.
+    The machine signs at most one proposal, prevote and precommit per
+    (round, view); storing before sending lets a restarted node ``restore``
+    them instead of signing different ones.
     """
 
-    domain: str
-    body: Mapping[str, object]
-    signature: bytes
+    message: SignedProposal | SignedVote
+
+
+@dataclass(frozen=True)
+class BuildProposal:
+    """This member proposes in (round, view) and holds no valid value: compute its records.
+
+    Answer with ``proposal_built(round, view, records)`` (records of round
+    ``round`` scored against the history after round ``round - 1``).
+    """
+
+    round: int
+    view: int
+
+
+@dataclass(frozen=True)
+class VerifyProposal:
+    """Recompute the records of the view proposer's value; answer ``value_verified``.
+
+    Asked at most once per value of a round, only for the proposal of the
+    current view's proposer, after its signature was checked.
+    """
+
+    round: int
+    view: int
+    value_hash: bytes
+    records: tuple[bytes, ...]
+
+
+@dataclass(frozen=True)
+class ScheduleTimeout:
+    """Call ``timeout(step, round, view)`` after ``delay_ms`` of the node's clock."""
+
+    step: Step
+    round: int
+    view: int
+    delay_ms: int
 
 
 @dataclass(frozen=True)
 class Commit:
-    """Round ``round`` is final: apply ``proposal`` (None: an empty, skipped round).
+    """Round ``round`` is final with ``value``: commit the certified records.
 
     ``beacon_after`` is the beacon of round ``round + 1``. Commit the certified
-    records, never a local recomputation (DESIGN.md §7).
+    records, never a local recomputation (DESIGN.md §7). A store that cannot
+    commit must stop the process: the machine has already moved on.
     """
 
     round: int
-    proposal: Proposal | None
+    value: Value
+    value_hash: bytes
     certificate: QuorumCertificate
+    proposal: SignedProposal | None
     beacon_after: bytes
 
 
 @dataclass(frozen=True)
-class Equivocation:
-    """A member signed two conflicting messages for one round: publish and record."""
+class FetchValue:
+    """Precommits of a quorum name a value whose records this member never received.
 
-    evidence: Evidence
-
-
-@dataclass(frozen=True)
-class FetchProposal:
-    """A proposal was certified that this validator never received.
-
-    Fetch it (``sync/``) and pass it to ``proposal_received``, or pass the
-    proposal with this certificate to ``certificate_received``.
+    Fetch the round (``sync/``) and pass it to ``certificate_received``.
     """
 
     round: int
-    proposal_hash: bytes
+    value_hash: bytes
     certificate: QuorumCertificate
+
+
+@dataclass(frozen=True)
+class CatchUp:
+    """Members holding more than 1/3 of the stake are at rounds ahead: fetch finalized rounds."""
+
+    from_round: int
+
+
+@dataclass(frozen=True)
+class Equivocation:
+    """A member signed two conflicting messages for one (round, view): record and publish."""
+
+    evidence: Evidence
 
 
 @dataclass(frozen=True)
@@ -64,4 +116,14 @@ class Rejected:
     reason: str
 
 
-Action = Broadcast | Commit | Equivocation | FetchProposal | Rejected
+Action = (
+    Broadcast
+    | BuildProposal
+    | VerifyProposal
+    | ScheduleTimeout
+    | Commit
+    | FetchValue
+    | CatchUp
+    | Equivocation
+    | Rejected
+)

@@ -13,7 +13,11 @@ from consensus.committee import Committee, Member
 
 BEACON_SIZE = 32
 SKIP_HASH = bytes(32)
-"""The proposal hash a skipped round contributes to the beacon chain."""
+"""What a round that no member ran contributes to the beacon chain.
+
+Only a committee of one has such rounds (the node was down: nobody could
+have decided them); every decided round contributes its value hash.
+"""
 
 
 def genesis_beacon(committee_digest: bytes) -> bytes:
@@ -22,11 +26,23 @@ def genesis_beacon(committee_digest: bytes) -> bytes:
     return hashlib.sha256(b"beacon" + b"genesis" + committee_digest).digest()
 
 
-def next_beacon(previous: bytes, previous_proposal_hash: bytes) -> bytes:
-    """``sha256(b"beacon" ‖ beacon(r-1) ‖ proposal_hash(r-1))``; a skip uses ``SKIP_HASH``."""
+def next_beacon(previous: bytes, previous_value_hash: bytes) -> bytes:
+    """``sha256(b"beacon" ‖ beacon(r-1) ‖ value_hash(r-1))``; a round not run uses ``SKIP_HASH``."""
     _check(previous, "beacon")
-    _check(previous_proposal_hash, "proposal hash")
-    return hashlib.sha256(b"beacon" + previous + previous_proposal_hash).digest()
+    _check(previous_value_hash, "value hash")
+    return hashlib.sha256(b"beacon" + previous + previous_value_hash).digest()
+
+
+def proposer_of(beacon: bytes, view: int, committee: Committee) -> Member:
+    """The proposer of view ``view`` of the round whose beacon is ``beacon``.
+
+    Drawn by stake from ``sha256(beacon ‖ view as u64 big-endian)``, so each
+    view of a round has its own, unpredictable before the round's beacon.
+    """
+    _check(beacon, "beacon")
+    if not 0 <= view < 2**64:
+        raise ValueError(f"view must be a uint64, got {view}")
+    return leader_of(hashlib.sha256(beacon + view.to_bytes(8, "big")).digest(), committee)
 
 
 def leader_of(beacon: bytes, committee: Committee) -> Member:

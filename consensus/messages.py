@@ -1,16 +1,22 @@
-"""Consensus messages as value types (DESIGN.md §7).
+"""Consensus messages as value types (DESIGN.md §7, docs/PROTOCOL.md).
 
-Each message gives its wire fields through ``body()`` (bytes, ints, str,
-lists and dicts only, never floats nor None) and names its signing domain in
-``DOMAIN``; the node encodes, signs and decodes them (``from_body`` checks a
-decoded body). A SKIP is written on the wire as an empty ``proposal_hash``;
-in Python it is ``None``.
+A round is decided by views. In view v of round r the view's proposer signs a
+``Proposal`` of a ``Value`` (the round's records); members sign a prevote and
+then a precommit naming the value's hash, or nil. Precommits of 2/3 of the
+stake for one value hash in one view form the round's ``QuorumCertificate``.
+
+Each message gives its wire fields through ``body()`` (bytes, ints, str and
+lists only, never floats nor None) and names its signing domain; the node
+encodes, signs and decodes them (``from_body`` checks a decoded body). A nil
+vote writes its ``value_hash`` as empty bytes on the wire; in Python it is
+``None``; a proposal without a valid view writes ``valid_view`` as -1.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import ClassVar
 
 from consensus.committee import Committee
@@ -19,17 +25,27 @@ from consensus.crypto import Crypto
 KEY_SIZE = 32
 HASH_SIZE = 32
 SIGNATURE_SIZE = 64
-SKIP_WIRE = b""
-"""How a SKIP vote or certificate writes its ``proposal_hash`` on the wire."""
+NIL_WIRE = b""
+"""How a nil vote writes its ``value_hash`` on the wire."""
+NO_VIEW = -1
+"""``valid_view`` of a proposal that carries no value from an earlier view."""
+MAX_VIEW = 2**32 - 1
 
 
 class MalformedMessage(ValueError):
     """A consensus message whose fields do not have the shape the protocol requires."""
 
 
-def _check_round(value: object) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise MalformedMessage(f"round must be an int >= 0, got {value!r}")
+class VoteKind(StrEnum):
+    """The two votes of a view."""
+
+    PREVOTE = "prevote"
+    PRECOMMIT = "precommit"
+
+
+def _check_uint(value: object, what: str, maximum: int = 2**63 - 1) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= maximum:
+        raise MalformedMessage(f"{what} must be an int in 0..{maximum}, got {value!r}")
     return value
 
 
@@ -41,106 +57,167 @@ def _check_bytes(value: object, size: int, what: str) -> bytes:
 
 def _check_hash(value: bytes | None) -> bytes | None:
     if value is not None:
-        _check_bytes(value, HASH_SIZE, "proposal_hash")
+        _check_bytes(value, HASH_SIZE, "value_hash")
     return value
 
 
 def _hash_to_wire(value: bytes | None) -> bytes:
-    return SKIP_WIRE if value is None else value
+    return NIL_WIRE if value is None else value
 
 
 def _hash_from_wire(value: object) -> bytes | None:
-    if value == SKIP_WIRE:
+    if value == NIL_WIRE:
         return None
-    return _check_bytes(value, HASH_SIZE, "proposal_hash")
+    return _check_bytes(value, HASH_SIZE, "value_hash")
 
 
-def _field(body: Mapping[str, object], fields: tuple[str, ...]) -> None:
+def _fields(body: Mapping[str, object], fields: tuple[str, ...]) -> None:
     if set(body) != set(fields):
         raise MalformedMessage(f"expected fields {sorted(fields)}, got {sorted(body)}")
 
 
-@dataclass(frozen=True)
-class Proposal:
-    """The leader's proposal for a round: opaque canonical records, one per submission.
+def _records(value: object) -> tuple[bytes, ...]:
+    if not isinstance(value, list | tuple) or not all(isinstance(r, bytes) for r in value):
+        raise MalformedMessage("records must be a list of bytes")
+    return tuple(value)
 
-    The node produces the records (sorted by submission id); consensus only
-    hashes them and asks the node whether they agree with its own.
+
+@dataclass(frozen=True)
+class Value:
+    """What a round decides: its records (opaque canonical bytes, one per submission).
+
+    The hash binds the round number, so a value decided in one round can
+    never be replayed as another round's value. An empty value (no records)
+    finalizes an empty round.
     """
 
-    DOMAIN: ClassVar[str] = "poc/v1/proposal"
-    FIELDS: ClassVar[tuple[str, ...]] = ("round", "leader", "records")
+    DOMAIN: ClassVar[str] = "poc/v1/value"
 
     round: int
-    leader: bytes
     records: tuple[bytes, ...]
 
     def __post_init__(self) -> None:
-        _check_round(self.round)
-        _check_bytes(self.leader, KEY_SIZE, "leader")
-        if not all(isinstance(r, bytes) for r in self.records):
-            raise MalformedMessage("records must be bytes")
+        _check_uint(self.round, "round")
+        _records(self.records)
 
     def body(self) -> dict[str, object]:
         """Wire fields."""
-        return {"round": self.round, "leader": self.leader, "records": list(self.records)}
+        return {"round": self.round, "records": list(self.records)}
 
     def digest(self, crypto: Crypto) -> bytes:
-        """The proposal hash that votes and certificates refer to."""
+        """The value hash that votes and certificates name."""
         return crypto.digest(self.DOMAIN, self.body())
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """The proposer's value for (round, view); ``valid_view`` names its prevote quorum.
+
+    ``valid_view`` is the earlier view of this round in which the proposer saw
+    prevotes of 2/3 of the stake for this value (Tendermint's *validRound*),
+    or ``NO_VIEW``.
+    """
+
+    DOMAIN: ClassVar[str] = "poc/v1/proposal"
+    FIELDS: ClassVar[tuple[str, ...]] = ("round", "view", "proposer", "records", "valid_view")
+
+    round: int
+    view: int
+    proposer: bytes
+    records: tuple[bytes, ...]
+    valid_view: int = NO_VIEW
+
+    def __post_init__(self) -> None:
+        _check_uint(self.round, "round")
+        _check_uint(self.view, "view", MAX_VIEW)
+        _check_bytes(self.proposer, KEY_SIZE, "proposer")
+        _records(self.records)
+        valid = self.valid_view
+        if isinstance(valid, bool) or not isinstance(valid, int):
+            raise MalformedMessage("valid_view must be an int")
+        if valid != NO_VIEW and not 0 <= valid < self.view:
+            raise MalformedMessage("valid_view must be -1 or an earlier view")
+
+    @property
+    def value(self) -> Value:
+        return Value(self.round, self.records)
+
+    def body(self) -> dict[str, object]:
+        """Wire fields."""
+        return {
+            "round": self.round,
+            "view": self.view,
+            "proposer": self.proposer,
+            "records": list(self.records),
+            "valid_view": self.valid_view,
+        }
 
     @classmethod
     def from_body(cls, body: Mapping[str, object]) -> Proposal:
         """Check and rebuild a decoded body."""
-        _field(body, cls.FIELDS)
-        records = body["records"]
-        if not isinstance(records, list | tuple):
-            raise MalformedMessage("records must be a list")
+        _fields(body, cls.FIELDS)
+        valid_view = body["valid_view"]
+        if not isinstance(valid_view, int) or isinstance(valid_view, bool):
+            raise MalformedMessage("valid_view must be an int")
         return cls(
-            round=_check_round(body["round"]),
-            leader=_check_bytes(body["leader"], KEY_SIZE, "leader"),
-            records=tuple(records),
+            round=_check_uint(body["round"], "round"),
+            view=_check_uint(body["view"], "view", MAX_VIEW),
+            proposer=_check_bytes(body["proposer"], KEY_SIZE, "proposer"),
+            records=_records(body["records"]),
+            valid_view=valid_view,
         )
 
 
 @dataclass(frozen=True)
 class Vote:
-    """A member's vote in a round: for a proposal hash, or SKIP (``None``)."""
+    """A member's prevote or precommit in (round, view): a value hash, or nil (``None``)."""
 
     DOMAIN: ClassVar[str] = "poc/v1/vote"
-    FIELDS: ClassVar[tuple[str, ...]] = ("round", "voter", "proposal_hash")
+    FIELDS: ClassVar[tuple[str, ...]] = ("kind", "round", "view", "voter", "value_hash")
 
+    kind: VoteKind
     round: int
+    view: int
     voter: bytes
-    proposal_hash: bytes | None
+    value_hash: bytes | None
 
     def __post_init__(self) -> None:
-        _check_round(self.round)
+        if not isinstance(self.kind, VoteKind):
+            raise MalformedMessage(f"kind must be prevote or precommit, got {self.kind!r}")
+        _check_uint(self.round, "round")
+        _check_uint(self.view, "view", MAX_VIEW)
         _check_bytes(self.voter, KEY_SIZE, "voter")
-        _check_hash(self.proposal_hash)
+        _check_hash(self.value_hash)
 
     def body(self) -> dict[str, object]:
-        """Wire fields; SKIP is an empty ``proposal_hash``."""
+        """Wire fields; nil is an empty ``value_hash``."""
         return {
+            "kind": str(self.kind),
             "round": self.round,
+            "view": self.view,
             "voter": self.voter,
-            "proposal_hash": _hash_to_wire(self.proposal_hash),
+            "value_hash": _hash_to_wire(self.value_hash),
         }
 
     @classmethod
     def from_body(cls, body: Mapping[str, object]) -> Vote:
         """Check and rebuild a decoded body."""
-        _field(body, cls.FIELDS)
+        _fields(body, cls.FIELDS)
+        kind = body["kind"]
+        if kind not in (VoteKind.PREVOTE.value, VoteKind.PRECOMMIT.value):
+            raise MalformedMessage(f"kind must be prevote or precommit, got {kind!r}")
         return cls(
-            round=_check_round(body["round"]),
+            kind=VoteKind(str(kind)),
+            round=_check_uint(body["round"], "round"),
+            view=_check_uint(body["view"], "view", MAX_VIEW),
             voter=_check_bytes(body["voter"], KEY_SIZE, "voter"),
-            proposal_hash=_hash_from_wire(body["proposal_hash"]),
+            value_hash=_hash_from_wire(body["value_hash"]),
         )
 
 
 @dataclass(frozen=True)
 class SignedProposal:
-    """A proposal with its leader's signature."""
+    """A proposal with its proposer's signature."""
 
     proposal: Proposal
     signature: bytes
@@ -150,16 +227,25 @@ class SignedProposal:
 
     @property
     def signer(self) -> bytes:
-        """The key that must have signed it."""
-        return self.proposal.leader
+        return self.proposal.proposer
 
     @property
     def round(self) -> int:
-        """The round it is for."""
         return self.proposal.round
 
+    @property
+    def view(self) -> int:
+        return self.proposal.view
+
+    @property
+    def kind(self) -> str:
+        return "proposal"
+
+    def body(self) -> dict[str, object]:
+        return self.proposal.body()
+
     def verify(self, crypto: Crypto) -> bool:
-        """Whether the leader named in the proposal signed it."""
+        """Whether the proposer named in the proposal signed it."""
         return crypto.verify(self.signer, Proposal.DOMAIN, self.proposal.body(), self.signature)
 
 
@@ -175,38 +261,51 @@ class SignedVote:
 
     @property
     def signer(self) -> bytes:
-        """The key that must have signed it."""
         return self.vote.voter
 
     @property
     def round(self) -> int:
-        """The round it is for."""
         return self.vote.round
+
+    @property
+    def view(self) -> int:
+        return self.vote.view
+
+    @property
+    def kind(self) -> str:
+        return str(self.vote.kind)
+
+    def body(self) -> dict[str, object]:
+        return self.vote.body()
 
     def verify(self, crypto: Crypto) -> bool:
         """Whether the voter named in the vote signed it."""
         return crypto.verify(self.signer, Vote.DOMAIN, self.vote.body(), self.signature)
 
 
+Signed = SignedProposal | SignedVote
+
+
 @dataclass(frozen=True)
 class QuorumCertificate:
-    """Signed votes of at least 2/3 of the stake for one value in one round.
+    """Precommits of at least 2/3 of the stake for one value in one (round, view).
 
-    ``votes`` are ``(voter, signature)`` pairs, kept sorted by voter so that a
-    certificate has one encoding. A certified proposal is final; a certified
-    SKIP (``proposal_hash`` None) finalizes an empty round.
+    ``votes`` are ``(voter, signature)`` pairs over
+    ``Vote(PRECOMMIT, round, view, voter, value_hash)``, kept sorted by voter
+    so that a certificate has one encoding.
     """
 
-    DOMAIN: ClassVar[str] = "poc/v1/certificate"
-    FIELDS: ClassVar[tuple[str, ...]] = ("round", "proposal_hash", "votes")
+    FIELDS: ClassVar[tuple[str, ...]] = ("round", "view", "value_hash", "votes")
 
     round: int
-    proposal_hash: bytes | None
+    view: int
+    value_hash: bytes
     votes: tuple[tuple[bytes, bytes], ...]
 
     def __post_init__(self) -> None:
-        _check_round(self.round)
-        _check_hash(self.proposal_hash)
+        _check_uint(self.round, "round")
+        _check_uint(self.view, "view", MAX_VIEW)
+        _check_bytes(self.value_hash, HASH_SIZE, "value_hash")
         for voter, signature in self.votes:
             _check_bytes(voter, KEY_SIZE, "voter")
             _check_bytes(signature, SIGNATURE_SIZE, "signature")
@@ -216,14 +315,15 @@ class QuorumCertificate:
         """Wire fields; votes as ``[voter, signature]`` lists."""
         return {
             "round": self.round,
-            "proposal_hash": _hash_to_wire(self.proposal_hash),
+            "view": self.view,
+            "value_hash": self.value_hash,
             "votes": [[voter, signature] for voter, signature in self.votes],
         }
 
     @classmethod
     def from_body(cls, body: Mapping[str, object]) -> QuorumCertificate:
         """Check and rebuild a decoded body."""
-        _field(body, cls.FIELDS)
+        _fields(body, cls.FIELDS)
         raw_votes = body["votes"]
         if not isinstance(raw_votes, list | tuple):
             raise MalformedMessage("votes must be a list")
@@ -238,15 +338,18 @@ class QuorumCertificate:
                 )
             )
         return cls(
-            round=_check_round(body["round"]),
-            proposal_hash=_hash_from_wire(body["proposal_hash"]),
+            round=_check_uint(body["round"], "round"),
+            view=_check_uint(body["view"], "view", MAX_VIEW),
+            value_hash=_check_bytes(body["value_hash"], HASH_SIZE, "value_hash"),
             votes=tuple(votes),
         )
 
     def signed_votes(self) -> tuple[SignedVote, ...]:
-        """The votes the certificate carries, rebuilt for checking or relaying."""
+        """The precommits the certificate carries, rebuilt for checking or relaying."""
         return tuple(
-            SignedVote(Vote(self.round, voter, self.proposal_hash), signature)
+            SignedVote(
+                Vote(VoteKind.PRECOMMIT, self.round, self.view, voter, self.value_hash), signature
+            )
             for voter, signature in self.votes
         )
 
@@ -268,19 +371,15 @@ class QuorumCertificate:
         return None
 
     def verify(self, committee: Committee, crypto: Crypto) -> bool:
-        """Whether the signatures are members' and carry a stake quorum, one per voter."""
         return self.why_invalid(committee, crypto) is None
-
-
-Signed = SignedProposal | SignedVote
 
 
 @dataclass(frozen=True)
 class Evidence:
-    """Two conflicting messages signed by one key for one round: equivocation.
+    """Two conflicting messages of one key for one (round, view, kind): equivocation.
 
-    Both are votes or both are proposals. The pair is kept ordered by
-    signature so every validator that catches it publishes the same evidence.
+    The pair is kept ordered by signature so every validator that catches it
+    publishes the same evidence.
     """
 
     DOMAIN: ClassVar[str] = "poc/v1/evidence"
@@ -296,36 +395,60 @@ class Evidence:
 
     @property
     def kind(self) -> str:
-        """``"vote"`` or ``"proposal"``."""
-        return "vote" if isinstance(self.first, SignedVote) else "proposal"
+        """``"proposal"``, ``"prevote"`` or ``"precommit"``."""
+        return self.first.kind
 
     @property
     def offender(self) -> bytes:
-        """The key that signed both messages."""
         return self.first.signer
 
     @property
     def round(self) -> int:
-        """The round both messages are for."""
         return self.first.round
+
+    @property
+    def view(self) -> int:
+        return self.first.view
 
     def body(self) -> dict[str, object]:
         """Wire fields: the kind and both messages with their signatures."""
         return {
             "kind": self.kind,
-            "first": {"body": _message_body(self.first), "signature": self.first.signature},
-            "second": {"body": _message_body(self.second), "signature": self.second.signature},
+            "first": {"body": self.first.body(), "signature": self.first.signature},
+            "second": {"body": self.second.body(), "signature": self.second.signature},
         }
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, object]) -> Evidence:
+        """Check and rebuild a decoded body (signatures are checked by ``why_invalid``)."""
+        _fields(body, ("kind", "first", "second"))
+        kind = body["kind"]
+        messages: list[Signed] = []
+        for name in ("first", "second"):
+            part = body[name]
+            if not isinstance(part, Mapping) or set(part) != {"body", "signature"}:
+                raise MalformedMessage(f"{name} must be a map of body and signature")
+            inner, signature = part["body"], part["signature"]
+            if not isinstance(inner, Mapping):
+                raise MalformedMessage(f"{name}.body must be a map")
+            signature = _check_bytes(signature, SIGNATURE_SIZE, "signature")
+            if kind == "proposal":
+                messages.append(SignedProposal(Proposal.from_body(inner), signature))
+            elif kind in (VoteKind.PREVOTE.value, VoteKind.PRECOMMIT.value):
+                messages.append(SignedVote(Vote.from_body(inner), signature))
+            else:
+                raise MalformedMessage(f"unknown evidence kind {kind!r}")
+        return cls(messages[0], messages[1])
 
     def why_invalid(self, committee: Committee, crypto: Crypto) -> str | None:
         """The reason this is not proof of equivocation, or None when it is."""
-        if type(self.first) is not type(self.second):
+        if self.first.kind != self.second.kind:
             return "mixed_kinds"
         if self.first.signer != self.second.signer:
             return "different_signers"
-        if self.first.round != self.second.round:
-            return "different_rounds"
-        if _message_body(self.first) == _message_body(self.second):
+        if (self.first.round, self.first.view) != (self.second.round, self.second.view):
+            return "different_views"
+        if self.first.body() == self.second.body():
             return "not_conflicting"
         if committee.member(self.offender) is None:
             return "not_member"
@@ -334,11 +457,4 @@ class Evidence:
         return None
 
     def verify(self, committee: Committee, crypto: Crypto) -> bool:
-        """Whether this proves that a member signed two conflicting messages."""
         return self.why_invalid(committee, crypto) is None
-
-
-def _message_body(message: Signed) -> dict[str, object]:
-    if isinstance(message, SignedVote):
-        return message.vote.body()
-    return message.proposal.body()

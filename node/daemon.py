@@ -26,23 +26,23 @@ from encoders.errors import WeightsError
 from encoders.shard import Shard
 from node.bus.broker import embedded_broker
 from node.bus.client import Bus, OutboxPublisher, Topics
-from node.rounds.chain import BeaconChain
+from node.errors import NodeError
+from node.intake.admission import Clock, Intake
 from node.intake.codec import pack, unpack
+from node.intake.keys import SigningKey, load_key, write_key
+from node.intake.signing import MessageSigner
 from node.ops.committee_file import load_committee
 from node.ops.config import Config
-from node.pipeline.encoding import EncoderService
-from node.errors import NodeError
 from node.ops.http import http_server
-from node.intake.admission import Clock, Intake
-from node.intake.keys import SigningKey, load_key, write_key
 from node.ops.metrics import Metrics
-from node.rounds.records import from_float16
-from node.rounds.driver import RoundDriver
+from node.pipeline.encoding import EncoderService
 from node.pipeline.sandbox import DecoderPool
-from node.intake.signing import MessageSigner
-from node.store.sqlite import Store
+from node.rounds.chain import BeaconChain
+from node.rounds.driver import RoundDriver
+from node.rounds.records import Tolerances, from_float16
 from node.rounds.sync import SyncService
-from node.rounds.verify import RecordVerifier, Tolerances
+from node.rounds.verify import RecordVerifier
+from node.store.sqlite import Store
 from rewards.history import HistoryIndex
 
 log = logging.getLogger("poc.node")
@@ -148,22 +148,37 @@ class Node:
         # Built here so that a bad TLS file is refused before the encoders load.
         client_id = config.bus.client_id or f"poc-node-{self.key.public_hex[:16]}"
         self.bus = Bus(config.bus, client_id, self.metrics)
+        # Consensus has its own session and queue: votes never wait behind submissions.
+        self.consensus_bus = (
+            Bus(config.bus, f"{client_id}-consensus", self.metrics, role="consensus")
+            if len(self.committee.members) > 1
+            else None
+        )
         self.http_port: int | None = None
         self._stopping = asyncio.Event()
         self._encoders_loaded = False
 
     def ready(self) -> dict[str, bool]:
-        return {
+        checks = {
             "encoders_loaded": self._encoders_loaded,
             "bus_connected": self.bus.connected.is_set(),
         }
+        if self.consensus_bus is not None:
+            checks["consensus_bus_connected"] = self.consensus_bus.connected.is_set()
+        return checks
 
     async def _publish_now(self, topic: str, payload: bytes) -> None:
-        """Publish what needs no durability (sync traffic); dropped while disconnected."""
+        """Publish consensus and sync traffic on the consensus session.
+
+        Nothing here needs the outbox: what this member signed is stored before
+        it is sent and sent again while undecided; a message lost while
+        disconnected is dropped.
+        """
+        bus = self.consensus_bus or self.bus
         try:
-            await self.bus.publish(topic, payload)
+            await bus.publish(topic, payload)
         except (aiomqtt.MqttError, TimeoutError) as error:
-            log.info("event=sync_publish_failed topic=%s error=%r", topic, str(error))
+            log.info("event=consensus_publish_failed topic=%s error=%r", topic, str(error))
 
     def stop(self) -> None:
         """Begin a graceful drain (what SIGTERM does)."""
@@ -254,7 +269,12 @@ class Node:
             )
             history_lock = asyncio.Lock()
             sync = SyncService(
-                self.signer, self.committee, self.topics.prefix, store, self._publish_now
+                self.signer,
+                self.committee,
+                self.topics.prefix,
+                store,
+                self._publish_now,
+                config.consensus.sync_reply_bytes,
             )
             verifier = RecordVerifier(
                 store,
@@ -279,6 +299,7 @@ class Node:
                 publisher.notify,
                 verifier=verifier,
                 sync=sync,
+                publish=self._publish_now,
                 history_lock=history_lock,
                 clock=clock,
             )
@@ -295,32 +316,38 @@ class Node:
         publisher: OutboxPublisher,
         store: StoreThread,
     ) -> None:
-        async def on_message(topic: str, payload: bytes) -> None:
-            if topic == self.topics.submissions:
-                await intake.receive(payload)
-            else:
-                await driver.on_message(topic, payload)
+        async def on_submission(topic: str, payload: bytes) -> None:
+            await intake.receive(payload)
 
-        subscriptions = [self.topics.submissions]
-        if len(self.committee.members) > 1:
-            prefix = self.topics.prefix
-            subscriptions += [
-                f"{prefix}/consensus/proposals",
-                f"{prefix}/consensus/votes",
-                f"{prefix}/consensus/evidence",
-                self._sync.request_topic,
-                self._sync.reply_topic,
-            ]
+        prefix = self.topics.prefix
+        consensus_topics = [
+            f"{prefix}/consensus/proposals",
+            f"{prefix}/consensus/votes",
+            f"{prefix}/consensus/evidence",
+            self._sync.request_topic,
+            self._sync.reply_topic,
+        ]
         try:
             async with asyncio.TaskGroup() as group:
-                bus_task = group.create_task(self.bus.run(subscriptions, on_message), name="bus")
-                workers = [
+                bus_task = group.create_task(
+                    self.bus.run([self.topics.submissions], on_submission), name="bus"
+                )
+                workers = []
+                if self.consensus_bus is not None:
+                    workers.append(
+                        group.create_task(
+                            self.consensus_bus.run(consensus_topics, driver.on_message),
+                            name="consensus-bus",
+                        )
+                    )
+                workers += [
                     group.create_task(encoder.run(), name="encoder"),
                     group.create_task(
                         intake.run_preparers(self.config.decode.workers * 2), name="preparers"
                     ),
                     group.create_task(driver.run(), name="rounds"),
                     group.create_task(driver.sync_loop(), name="sync"),
+                    group.create_task(driver.rebroadcast_loop(), name="rebroadcast"),
                     # After the preparers started: the queue is bounded, and more
                     # submissions may await preparation than it holds.
                     group.create_task(intake.resume(), name="resume"),

@@ -1,4 +1,9 @@
-"""The MQTT bus: one persistent session, QoS 1, reconnection with backoff.
+"""The MQTT bus: persistent sessions, QoS 1, reconnection with backoff.
+
+A committee member runs two sessions: one for submissions, one for
+consensus and sync, each with its own in-flight window and handler, so a
+flood of submissions (whose handler blocks while intake is full) never
+delays a vote.
 
 Incoming messages are acknowledged (PUBACK) only after the handler returns,
 that is after the submission is durably stored: paho's manual acknowledgement
@@ -31,8 +36,8 @@ from pathlib import Path
 import aiomqtt
 from paho.mqtt.client import MQTT_CLEAN_START_FIRST_ONLY
 
-from node.ops.config import BusSection
 from node.errors import ConfigError
+from node.ops.config import BusSection
 from node.ops.metrics import Metrics
 
 log = logging.getLogger("poc.bus")
@@ -116,10 +121,13 @@ def tls_context(
 class Bus:
     """A reconnecting aiomqtt client whose session survives restarts."""
 
-    def __init__(self, settings: BusSection, client_id: str, metrics: Metrics) -> None:
+    def __init__(
+        self, settings: BusSection, client_id: str, metrics: Metrics, *, role: str = "submissions"
+    ) -> None:
         self._settings = settings
         self._client_id = client_id
         self._metrics = metrics
+        self._role = role
         self._tls = (
             tls_context(settings.tls_ca, settings.tls_cert, settings.tls_key)
             if settings.tls
@@ -157,14 +165,17 @@ class Bus:
                 async with self._make_client() as client:
                     self._client = client
                     self._connections += 1
-                    if self._connections > 1:
+                    if self._connections > 1 and self._role == "submissions":
                         self._metrics.bus_reconnects.inc()
                     for topic in subscriptions:
                         await client.subscribe(topic, qos=1)
                     self.connected.set()
-                    self._metrics.bus_connected.set(1)
+                    if self._role == "submissions":
+                        self._metrics.bus_connected.set(1)
                     log.info(
-                        "event=bus_connected host=%s port=%d client_id=%s tls=%s username=%s",
+                        "event=bus_connected role=%s host=%s port=%d client_id=%s tls=%s "
+                        "username=%s",
+                        self._role,
                         self._settings.host,
                         self._settings.port,
                         self._client_id,
@@ -180,11 +191,17 @@ class Bus:
                         if message.qos > 0:
                             client._client.ack(message.mid, message.qos)
             except aiomqtt.MqttError as error:
-                log.warning("event=bus_disconnected error=%r retry_in_s=%.1f", str(error), delay)
+                log.warning(
+                    "event=bus_disconnected role=%s error=%r retry_in_s=%.1f",
+                    self._role,
+                    str(error),
+                    delay,
+                )
             finally:
                 self._client = None
                 self.connected.clear()
-                self._metrics.bus_connected.set(0)
+                if self._role == "submissions":
+                    self._metrics.bus_connected.set(0)
             await asyncio.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, self._settings.reconnect_max_s)
 

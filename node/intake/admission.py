@@ -24,15 +24,8 @@ from dataclasses import dataclass
 from consensus.committee import Committee
 from encoders.errors import EncoderError
 from node.bus.client import Topics
-from node.rounds.chain import BeaconChain
-from node.ops.config import Config
-from node.pipeline.encoding import EncoderService
 from node.errors import Reason, Rejected
-from node.ops.metrics import Metrics
-from node.pipeline.prepare import Preparer, fusion_alpha, media_limits
-from node.pipeline.sandbox import DecoderPool
 from node.intake.signing import MessageSigner
-from node.store.sqlite import Admission, Outgoing, State, StoreCall, StoredSubmission
 from node.intake.wire import (
     RESULT_DOMAIN,
     Result,
@@ -42,6 +35,13 @@ from node.intake.wire import (
     parse_submission,
     submission_id,
 )
+from node.ops.config import Config
+from node.ops.metrics import Metrics
+from node.pipeline.encoding import EncoderService
+from node.pipeline.prepare import Preparer, fusion_alpha, media_limits
+from node.pipeline.sandbox import DecoderPool
+from node.rounds.chain import BeaconChain
+from node.store.sqlite import Admission, Outgoing, State, StoreCall, StoredSubmission
 
 log = logging.getLogger("poc.intake")
 

@@ -15,8 +15,8 @@ from enum import StrEnum
 from typing import Any
 
 from encoders.modality import MEDIA_TYPES, Modality
-from node.intake.codec import CodecError, DecodeLimits, NonCanonicalError, pack, peek_field, unpack
 from node.errors import Reason, Rejected
+from node.intake.codec import CodecError, DecodeLimits, NonCanonicalError, pack, peek_field, unpack
 from node.intake.keys import verify_signature
 
 VERSION = 1

@@ -1,8 +1,9 @@
 """``poc-node audit``: re-verify what a node's store says was finalized.
 
 For every stored round, in order: the quorum certificate (members'
-signatures, stake, one vote per member), the certified proposal (its hash,
-its leader's signature, the leader drawn from the beacon), and every record
+precommit signatures, stake, one per member), the certified value (a signed
+proposal whose value hashes to the certified hash, from its view's proposer
+drawn from the beacon), the equivocation evidence kept, and every record
 recomputed from the submission's stored bytes (decode, encode, fuse, gap
 scores against the history replayed up to that round, payout) within the
 consensus tolerances; then that the stored history and ledger of the round
@@ -20,23 +21,28 @@ from pathlib import Path
 import numpy as np
 from prometheus_client import CollectorRegistry
 
-from consensus.beacon import leader_of
+from consensus.beacon import proposer_of
 from consensus.committee import Committee
 from consensus.messages import Proposal
-from node.ops.config import Config
-from node.rounds.consensus_wire import ConsensusWireError, decode_certificate, decode_proposal
 from node.daemon import StoreThread, committee_from_description, load_shard
-from node.pipeline.encoding import EncoderService
 from node.errors import NodeError
 from node.intake.keys import SigningKey
-from node.ops.metrics import Metrics
-from node.pipeline.prepare import Preparer, fusion_alpha, media_limits
-from node.rounds.records import RoundRecord, from_float16
-from node.pipeline.sandbox import DecoderPool
 from node.intake.signing import MessageSigner
-from node.store.sqlite import CommittedRound, Store
-from node.rounds.verify import Mismatch, RecordVerifier, Tolerances
 from node.intake.wire import WireLimits
+from node.ops.config import Config
+from node.ops.metrics import Metrics
+from node.pipeline.encoding import EncoderService
+from node.pipeline.prepare import Preparer, fusion_alpha, media_limits
+from node.pipeline.sandbox import DecoderPool
+from node.rounds.consensus_wire import (
+    ConsensusWireError,
+    decode_certificate,
+    decode_evidence,
+    decode_proposal,
+)
+from node.rounds.records import Mismatch, RoundRecord, Tolerances, from_float16
+from node.rounds.verify import RecordVerifier
+from node.store.sqlite import CommittedRound, Store
 from rewards.history import HistoryIndex
 
 log = logging.getLogger("poc.audit")
@@ -56,10 +62,43 @@ class _StoredBeacons:
 
 
 @dataclass(frozen=True)
+class EvidenceFinding:
+    """One kept proof of equivocation, checked again against the committee."""
+
+    round: int
+    view: int
+    kind: str
+    offender: str
+    problem: str | None  # None: it proves equivocation
+
+
+@dataclass(frozen=True)
 class AuditReport:
     checked: int
     bad_round: int | None
     reason: str | None
+    evidence: tuple[EvidenceFinding, ...] = ()
+
+
+def _check_evidence(store: Store, committee: Committee) -> tuple[EvidenceFinding, ...]:
+    crypto = MessageSigner(SigningKey.generate())  # verification only
+    names = {member.public_key: member.name for member in committee.members}
+    findings = []
+    for row in store.evidence():
+        try:
+            problem = decode_evidence(row.evidence).why_invalid(committee, crypto)
+        except ConsensusWireError as error:
+            problem = f"unreadable: {error}"
+        findings.append(
+            EvidenceFinding(
+                row.round,
+                row.view,
+                row.kind,
+                names.get(row.offender, row.offender.hex()[:16]),
+                problem,
+            )
+        )
+    return tuple(findings)
 
 
 def _check_certificate(
@@ -67,7 +106,7 @@ def _check_certificate(
     committee: Committee,
     crypto: MessageSigner,
     previous: CommittedRound | None,
-) -> Proposal | None:
+) -> Proposal:
     try:
         certificate = decode_certificate(committed.certificate)
     except ConsensusWireError as error:
@@ -77,23 +116,21 @@ def _check_certificate(
     why = certificate.why_invalid(committee, crypto)
     if why is not None:
         raise Mismatch(f"certificate invalid: {why}")
-    if certificate.proposal_hash != committed.proposal_hash:
-        raise Mismatch("certificate certifies another proposal")
-    if certificate.proposal_hash is None:
-        return None
+    if certificate.value_hash != committed.value_hash:
+        raise Mismatch("certificate certifies another value")
     if committed.proposal is None:
-        raise Mismatch("the certified proposal is not stored")
+        raise Mismatch("no signed proposal of the certified value is stored")
     signed = decode_proposal(committed.proposal)
-    if signed.proposal.digest(crypto) != certificate.proposal_hash or not signed.verify(crypto):
-        raise Mismatch("stored proposal does not match its certificate or signature")
     if (
-        len(committee.members) > 1
-        and previous is not None
-        and previous.round == committed.round - 1
+        signed.proposal.value.digest(crypto) != certificate.value_hash
+        or not signed.verify(crypto)
+        or committee.member(signed.signer) is None
     ):
-        leader = leader_of(previous.beacon_after, committee)
-        if leader.public_key != signed.proposal.leader:
-            raise Mismatch("the proposal is not from the round's leader")
+        raise Mismatch("stored proposal does not match its certificate or signature")
+    if previous is not None and previous.round == committed.round - 1:
+        proposer = proposer_of(previous.beacon_after, signed.proposal.view, committee)
+        if proposer.public_key != signed.proposal.proposer:
+            raise Mismatch("the proposal is not from its view's proposer")
     return signed.proposal
 
 
@@ -110,7 +147,10 @@ async def run_audit(
             if described is None:
                 raise NodeError("the store names no committee; pass --committee")
             committee = committee_from_description(described)
-        return await _audit(config, store, committee, first, last)
+        report = await _audit(config, store, committee, first, last)
+        chosen = committee
+        evidence = await store(lambda s: _check_evidence(s, chosen))
+        return AuditReport(report.checked, report.bad_round, report.reason, evidence)
     finally:
         store.close()
 
@@ -170,7 +210,7 @@ async def _audit(
         for committed in rounds:
             try:
                 proposal = _check_certificate(committed, committee, crypto, previous)
-                records = [] if proposal is None else list(proposal.records)
+                records = list(proposal.records)
                 await verifier.check(records)
                 decoded = [RoundRecord.from_bytes(raw) for raw in records]
                 _check_stored(committed.round, decoded, rows, ledger)

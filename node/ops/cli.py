@@ -149,8 +149,8 @@ def _keygen(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from node.ops.config import load_config
     from node.daemon import Node
+    from node.ops.config import load_config
 
     overrides: dict[str, Any] = {}
     if args.bus is not None:
@@ -211,6 +211,15 @@ def _audit(args: argparse.Namespace) -> int:
     _configure_logging("WARNING")
     committee = None if args.committee is None else load_committee(args.committee)
     report = asyncio.run(run_audit(config, args.data_dir, committee, first, last))
+    for found in report.evidence:
+        verdict = "proves equivocation" if found.problem is None else f"INVALID: {found.problem}"
+        print(
+            f"evidence: {found.offender} signed two {found.kind}s in round {found.round} "
+            f"view {found.view}: {verdict}"
+        )
+    if any(found.problem is not None for found in report.evidence):
+        print("kept evidence does not verify")
+        return 1
     if report.bad_round is not None:
         print(
             f"round {report.bad_round}: {report.reason} "

@@ -143,7 +143,7 @@ class RoundsSection(_Section):
     round_seconds: PositiveInt
     epoch_rounds: PositiveInt
     expiry_rounds: PositiveInt
-    finality_timeout_s: PositiveFloat
+    summary_retention_rounds: PositiveInt
 
 
 class RateLimitSection(_Section):
@@ -210,7 +210,14 @@ class ConsensusSection(_Section):
     embedding_tolerance: Annotated[float, Field(ge=0.0, le=2.0)]
     distance_tolerance_ppm: Annotated[int, Field(ge=0)]
     score_tolerance_ppm: Annotated[int, Field(ge=0)]
+    propose_timeout_s: PositiveFloat
+    prevote_timeout_s: PositiveFloat
+    precommit_timeout_s: PositiveFloat
+    timeout_delta_s: Annotated[float, Field(ge=0.0)]
+    max_timeout_s: PositiveFloat
+    rebroadcast_s: PositiveFloat
     sync_timeout_s: PositiveFloat
+    sync_reply_bytes: Annotated[int, Field(ge=64 * 1024)]
 
 
 class Config(_Section):

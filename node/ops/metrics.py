@@ -119,7 +119,19 @@ class Metrics:
         )
         self.equivocations = Counter(
             "poc_equivocations_total",
-            "Equivocations proven (evidence recorded)",
+            "Equivocations proven (evidence verified and recorded), by offending member",
+            ["member"],
+            registry=registry,
+        )
+        self.consensus_rejected = Counter(
+            "poc_consensus_rejected_total",
+            "Consensus messages dropped at screening, by reason",
+            ["reason"],
+            registry=registry,
+        )
+        self.view = Gauge(
+            "poc_consensus_view",
+            "The view of the round being decided (0: its first proposer's)",
             registry=registry,
         )
         self.sync_lag = Gauge(

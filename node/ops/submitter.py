@@ -28,8 +28,8 @@ from encoders.errors import EncoderError
 from encoders.media import read_item
 from encoders.modality import Modality
 from node.bus.client import tls_context
-from node.intake.codec import CodecError
 from node.errors import NodeError
+from node.intake.codec import CodecError
 from node.intake.keys import load_key
 from node.intake.signing import MessageSigner
 from node.intake.wire import (

@@ -16,12 +16,12 @@ from encoders.embedding import EncodeRequest
 from encoders.fusion import fuse_pair
 from encoders.media import MediaLimits
 from encoders.modality import Modality
-from node.ops.config import Config
-from node.pipeline.encoding import EncoderService
-from node.ops.metrics import Metrics
-from node.rounds.records import Prepared, prepare
-from node.pipeline.sandbox import DecoderPool
 from node.intake.wire import Submission
+from node.ops.config import Config
+from node.ops.metrics import Metrics
+from node.pipeline.encoding import EncoderService
+from node.pipeline.sandbox import DecoderPool
+from node.rounds.records import Prepared, prepare
 
 
 class EpochBeacons(Protocol):

@@ -2,7 +2,9 @@
 
 A proposal or vote travels as its body (``consensus.messages``) plus a
 ``sig`` field; a certificate and an evidence record as their bodies (they
-carry the members' signatures inside). See docs/PROTOCOL.md.
+carry the members' signatures inside). Decoding is bounded (sizes, nesting)
+and a message whose bytes are not the canonical encoding of its decoding is
+refused. See docs/PROTOCOL.md.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from consensus.messages import (
+    Evidence,
     MalformedMessage,
     Proposal,
     QuorumCertificate,
@@ -43,8 +46,22 @@ def _decode_signed(raw: bytes, kind: str, build: Callable[[dict[str, Any], bytes
     try:
         signature = body.pop("sig")
         return build(body, signature)
-    except (KeyError, MalformedMessage, TypeError) as error:
+    except (KeyError, MalformedMessage, TypeError, ValueError) as error:
         raise ConsensusWireError(f"bad {kind}: {error}") from None
+
+
+def decode_signed(raw: bytes) -> SignedProposal | SignedVote:
+    """A proposal or a vote, told apart by its fields (as stored by the driver)."""
+    body = _decode(raw)
+    if "proposer" in body:
+        return decode_proposal(raw)
+    return decode_vote(raw)
+
+
+def encode_signed(signed: SignedProposal | SignedVote) -> bytes:
+    if isinstance(signed, SignedProposal):
+        return encode_proposal(signed)
+    return encode_vote(signed)
 
 
 def encode_proposal(signed: SignedProposal) -> bytes:
@@ -73,5 +90,17 @@ def decode_certificate(raw: bytes) -> QuorumCertificate:
     body = _decode(raw)
     try:
         return QuorumCertificate.from_body(body)
-    except (KeyError, MalformedMessage, TypeError) as error:
+    except (KeyError, MalformedMessage, TypeError, ValueError) as error:
         raise ConsensusWireError(f"bad certificate: {error}") from None
+
+
+def encode_evidence(evidence: Evidence) -> bytes:
+    return pack(evidence.body())
+
+
+def decode_evidence(raw: bytes) -> Evidence:
+    body = _decode(raw)
+    try:
+        return Evidence.from_body(body)
+    except (KeyError, MalformedMessage, TypeError, ValueError) as error:
+        raise ConsensusWireError(f"bad evidence: {error}") from None

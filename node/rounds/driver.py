@@ -1,59 +1,96 @@
-"""The round driver: closes rounds on the clock, runs consensus, commits results.
+"""The round driver: the executor of ``consensus.RoundMachine``'s actions.
 
-At the end of round r the leader scores every accepted submission against
-the history (DESIGN.md §6) and proposes the records; every member checks
-them against its own computation (``node.rounds.verify``) and votes; a quorum
-certificate commits the *certified* records in one store transaction:
-submission states, history, ledger, the final Results and the retained
-``RoundSummary``. Consensus itself is the pure ``RoundMachine``; this
-module performs what it asks (durable votes before sending, broadcasts,
-commits, evidence, fetches) and feeds it the bus and the clock.
+It feeds the machine the clock (``round_closed``, timeouts) and the bus
+(proposals, votes, certificates from sync) and performs what the machine
+asks, in order: a signed message is stored before it is sent; a proposal's
+records are built and a proposer's records are verified off the event loop
+(``node.rounds.records`` and ``node.rounds.verify``); a commit writes the
+certified records in one store transaction — submission states, history,
+ledger, the final Results and the retained ``RoundSummary``. All decisions are
+the machine's; this module only does I/O.
 
-A committee of one decides alone: its own vote certifies each round, and
-rounds it did not run (the node was down) are skipped rounds of the chain.
-A member of a larger committee catches up through sync.
+Crash-only: a commit the store cannot write stops the process (the machine
+has already moved on); the restarted node resumes from the store, replaying
+what it signed so that it never signs anything different.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import numpy as np
 
-from consensus.actions import Action, Broadcast, Commit, Equivocation, FetchProposal, Rejected
+from consensus.actions import (
+    Action,
+    Broadcast,
+    BuildProposal,
+    CatchUp,
+    Commit,
+    Equivocation,
+    FetchValue,
+    Rejected,
+    ScheduleTimeout,
+    Step,
+    VerifyProposal,
+)
 from consensus.committee import Committee
-from consensus.messages import QuorumCertificate, SignedProposal, Vote
-from consensus.round import RoundMachine
+from consensus.messages import SignedProposal, SignedVote
+from consensus.round import RoundMachine, Timeouts
 from node.bus.client import Topics
-from node.rounds.chain import BeaconChain
-from node.intake.codec import pack
+from node.errors import Reason
+from node.intake.admission import SYSTEM_CLOCK, Clock
+from node.intake.signing import MessageSigner
+from node.intake.wire import RESULT_DOMAIN, Result, Status
 from node.ops.config import Config
+from node.ops.metrics import Metrics
+from node.rounds.chain import BeaconChain
 from node.rounds.consensus_wire import (
     ConsensusWireError,
     decode_certificate,
+    decode_evidence,
     decode_proposal,
+    decode_signed,
     decode_vote,
     encode_certificate,
-    encode_proposal,
+    encode_evidence,
+    encode_signed,
 )
-from node.errors import Reason
-from node.intake.admission import SYSTEM_CLOCK, Clock
-from node.ops.metrics import Metrics
-from node.rounds.records import Candidate, Prepared, RoundRecord, from_float16, score_round
-from node.intake.signing import MessageSigner
+from node.rounds.records import (
+    Candidate,
+    Mismatch,
+    Prepared,
+    RoundRecord,
+    from_float16,
+    score_round,
+)
+from node.rounds.sync import FetchedRound, SyncService
+from node.rounds.verify import RecordVerifier
 from node.store.sqlite import CommittedRound, Finalization, Outgoing, State, Store, StoreCall
-from node.rounds.sync import SyncService
-from node.rounds.verify import Mismatch, RecordVerifier
-from node.intake.wire import RESULT_DOMAIN, Result, Status
 from rewards.history import HistoryIndex
 
 log = logging.getLogger("poc.rounds")
 
 SUMMARY_DOMAIN = "poc/v1/round-summary"
+EXIT_STORE_FAILED = 70
+"""Exit status when a certified round cannot be committed (crash-only recovery)."""
+
+Publish = Callable[[str, bytes], Awaitable[None]]
+
+
+def timeouts_of(config: Config) -> Timeouts:
+    section = config.consensus
+    return Timeouts(
+        propose_ms=int(section.propose_timeout_s * 1000),
+        prevote_ms=int(section.prevote_timeout_s * 1000),
+        precommit_ms=int(section.precommit_timeout_s * 1000),
+        delta_ms=int(section.timeout_delta_s * 1000),
+        max_ms=int(section.max_timeout_s * 1000),
+    )
 
 
 class RoundDriver:
@@ -73,6 +110,7 @@ class RoundDriver:
         *,
         verifier: RecordVerifier | None = None,
         sync: SyncService | None = None,
+        publish: Publish | None = None,
         history_lock: asyncio.Lock | None = None,
         clock: Clock = SYSTEM_CLOCK,
     ) -> None:
@@ -87,95 +125,81 @@ class RoundDriver:
         self._on_outbox = on_outbox
         self._verifier = verifier
         self._sync = sync
+        self._publish = publish
         self._clock = clock
         self._machine: RoundMachine | None = None
         self._solo = len(committee.members) == 1
         self._lock = asyncio.Lock()
         self._history_lock = history_lock or asyncio.Lock()
         self._progress = asyncio.Event()
+        self._catch_up = asyncio.Event()
         self._closed: set[int] = set()
-        self._timed_out: set[int] = set()
-        self._verdicts: dict[bytes, bool] = {}
-        self._signed_proposals: dict[int, SignedProposal] = {}
+        self._timers: set[asyncio.TimerHandle] = set()
         self._background: set[asyncio.Task[None]] = set()
         self._names = {member.public_key: member.name for member in committee.members}
+        self._decided_at = time.monotonic()
 
     # -- start ---------------------------------------------------------------
 
     async def start(self) -> None:
-        """Resume after the last committed round."""
+        """Resume after the last committed round, with what this member signed before."""
         now_round = max(self._committee.round_at(self._clock.now_ms()), 0)
-        if self._solo:
-            first_round, beacon = await self._store(
-                lambda store: self._chain.resume_point(store, now_round)
-            )
-        else:
-            first_round, beacon = await self._store(
-                lambda store: self._chain.resume_point(store, -1)
-            )
+        first_round, beacon = await self._store(
+            lambda store: self._chain.resume_point(store, now_round if self._solo else -1)
+        )
         self._machine = RoundMachine(
             self._committee,
             self._signer.key.public_key,
             self._signer,
-            records_agree=self._agree,
+            timeouts=timeouts_of(self._config),
             first_round=first_round,
             beacon=beacon,
         )
-        actions: list[Action] = []
-        for number in range(first_round, first_round + 8):
-
-            def signed(store: Store, n: int = number) -> tuple[bytes | None, bytes | None]:
-                return store.signed_vote(n), store.signed_proposal(n)
-
-            vote, proposal = await self._store(signed)
-            if proposal is not None:
-                actions += self._machine.restore_proposal(decode_proposal(proposal))
-            if vote is not None:
-                actions += self._machine.restore_vote(decode_vote(vote))
+        signed = await self._store(lambda store: store.signed_since(first_round))
+        restored = []
+        for raw in signed:
+            try:
+                restored.append(decode_signed(raw))
+            except ConsensusWireError as error:
+                log.error("event=stored_message_unreadable error=%r", str(error))
         await self._chain.advanced(first_round, beacon)
         self._metrics.finalized_round.set(first_round - 1)
         log.info(
-            "event=rounds_resumed next_round=%d beacon=%s members=%d",
+            "event=rounds_resumed next_round=%d beacon=%s members=%d restored_messages=%d",
             first_round,
             beacon.hex()[:16],
             len(self._committee.members),
+            len(restored),
         )
         async with self._lock:
-            await self._perform(actions)
+            await self._perform(self.machine.restore(restored))
 
     @property
     def machine(self) -> RoundMachine:
         assert self._machine is not None, "start() first"
         return self._machine
 
-    def _agree(self, records: Any) -> bool:
-        return self._verdicts.get(_records_key(records), False)
-
     # -- the clock -----------------------------------------------------------
 
     async def run(self) -> None:
-        """Close each round when the clock passes its end; time out silent rounds."""
-        timeout_ms = int(self._config.rounds.finality_timeout_s * 1000)
+        """Tell the machine when the clock passes the end of the round it is deciding."""
         while True:
             round_number = self.machine.next_round
             now = self._clock.now_ms()
             clock_round = max(self._committee.round_at(now), 0)
             self._metrics.round.set(clock_round)
             self._metrics.sync_lag.set(max(clock_round - round_number, 0))
+            self._metrics.view.set(self.machine.view)
             end = self._committee.round_end_ms(round_number)
             if now < end:
                 await self._wait_progress((end - now) / 1000)
                 continue
             if round_number not in self._closed:
-                await self.close_round(round_number)
-                continue
-            deadline = end + timeout_ms
-            if now >= deadline and round_number not in self._timed_out:
-                self._timed_out.add(round_number)
+                self._closed.add(round_number)
                 async with self._lock:
-                    await self._perform(self.machine.timeout(round_number))
+                    await self._perform(self.machine.round_closed(round_number))
                 continue
-            await self._wait_progress(max(deadline - now, 200) / 1000)
+            await self._wait_progress(1.0)
 
     async def _wait_progress(self, seconds: float) -> None:
         self._progress.clear()
@@ -185,16 +209,180 @@ class RoundDriver:
         except TimeoutError:
             pass
 
-    async def close_round(self, round_number: int) -> None:
-        """The clock passed the end of ``round_number`` (the next round to finalize)."""
-        self._closed.add(round_number)
-        records: list[bytes] = []
-        if self.machine.leader.public_key == self._signer.key.public_key:
-            records = await self._leader_records(round_number)
-        async with self._lock:
-            await self._perform(self.machine.round_closed(round_number, records))
+    async def rebroadcast_loop(self) -> None:
+        """Send again, while the round is undecided, what lets the others decide it.
 
-    async def _leader_records(self, round_number: int) -> list[bytes]:
+        The protocol's liveness assumes that messages between honest members
+        eventually arrive (``RoundMachine.relay_messages``); a member that was
+        disconnected, frozen or started late gets them again this way.
+        """
+        if self._solo or self._publish is None:
+            return
+        period = self._config.consensus.rebroadcast_s
+        while True:
+            await asyncio.sleep(period)
+            if time.monotonic() - self._decided_at < period:
+                continue
+            for message in self.machine.relay_messages():
+                await self._send(message)
+
+    # -- the bus -------------------------------------------------------------
+
+    async def on_message(self, topic: str, payload: bytes) -> None:
+        """A consensus or sync message; returns quickly (recomputation runs in the background)."""
+        prefix = self._topics.prefix
+        try:
+            if topic == f"{prefix}/consensus/votes":
+                vote = decode_vote(payload)
+                async with self._lock:
+                    actions = self.machine.vote_received(vote)
+                    if not any(isinstance(a, Rejected) for a in actions):
+                        self._metrics.votes.labels(member=self._name(vote.signer)).inc()
+                    await self._perform(actions)
+            elif topic == f"{prefix}/consensus/proposals":
+                proposal = decode_proposal(payload)
+                async with self._lock:
+                    await self._perform(self.machine.proposal_received(proposal))
+            elif topic == f"{prefix}/consensus/evidence":
+                await self._evidence_received(payload)
+            elif self._sync is not None and topic == self._sync.request_topic:
+                self._spawn(self._sync.on_request(payload))
+            elif self._sync is not None and topic == self._sync.reply_topic:
+                await self._sync.on_reply(payload)
+        except ConsensusWireError as error:
+            self._metrics.consensus_rejected.labels(reason="malformed").inc()
+            log.info("event=bad_consensus_message topic=%s error=%r", topic, str(error))
+
+    def _spawn(self, work: Awaitable[None]) -> None:
+        async def guarded() -> None:
+            try:
+                await work
+            except Exception:  # one message's failure never stops the node
+                log.exception("event=consensus_task_failed")
+
+        task = asyncio.create_task(guarded())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def sync_loop(self) -> None:
+        """Fetch certified rounds while this member lags: behind the clock, or told so."""
+        if self._sync is None:
+            return
+        while True:
+            clock_round = max(self._committee.round_at(self._clock.now_ms()), 0)
+            if clock_round - self.machine.next_round >= 2 or self._catch_up.is_set():
+                self._catch_up.clear()
+                if await self._sync_from(self.machine.next_round):
+                    continue
+            try:
+                async with asyncio.timeout(max(self._committee.round_seconds / 2, 0.5)):
+                    await self._catch_up.wait()
+            except TimeoutError:
+                pass
+
+    def _valid_round(self, fetched: FetchedRound) -> bool:
+        try:
+            certificate = decode_certificate(fetched.certificate)
+            signed = decode_proposal(fetched.proposal)
+        except ConsensusWireError:
+            return False
+        return (
+            certificate.round == fetched.round
+            and signed.round == fetched.round
+            and certificate.why_invalid(self._committee, self._signer) is None
+            and signed.proposal.value.digest(self._signer) == certificate.value_hash
+            and signed.verify(self._signer)
+        )
+
+    async def _sync_from(self, first: int) -> bool:
+        """Apply finalized rounds from ``first`` on; whether any was applied."""
+        assert self._sync is not None
+        fetched = await self._sync.fetch_rounds(
+            first, self._config.consensus.sync_timeout_s, self._valid_round
+        )
+        applied = False
+        for entry in fetched:
+            if entry.round != self.machine.next_round or not self._valid_round(entry):
+                break
+            certificate = decode_certificate(entry.certificate)
+            signed = decode_proposal(entry.proposal)
+            async with self._lock:
+                actions = self.machine.certificate_received(certificate, signed)
+                await self._perform(actions)
+            if any(isinstance(a, Rejected) for a in actions):
+                break
+            applied = True
+        return applied
+
+    async def _evidence_received(self, payload: bytes) -> None:
+        evidence = decode_evidence(payload)
+        why = evidence.why_invalid(self._committee, self._signer)
+        if why is not None:
+            self._metrics.consensus_rejected.labels(reason=f"evidence_{why}").inc()
+            log.info("event=evidence_refused why=%s", why)
+            return
+        await self._record_evidence(evidence, publish=False)
+
+    # -- performing actions --------------------------------------------------
+
+    async def _perform(self, actions: list[Action]) -> None:
+        for action in actions:
+            if isinstance(action, Broadcast):
+                await self._broadcast(action.message)
+            elif isinstance(action, ScheduleTimeout):
+                self._schedule(action)
+            elif isinstance(action, BuildProposal):
+                self._spawn(self._build(action))
+            elif isinstance(action, VerifyProposal):
+                self._spawn(self._verify(action))
+            elif isinstance(action, Commit):
+                await self._commit_or_die(action)
+            elif isinstance(action, FetchValue | CatchUp):
+                self._catch_up.set()
+            elif isinstance(action, Equivocation):
+                await self._record_evidence(action.evidence, publish=True)
+            else:
+                self._metrics.consensus_rejected.labels(reason=action.reason).inc()
+                log.debug("event=consensus_rejected action=%r", action)
+
+    async def _broadcast(self, message: SignedProposal | SignedVote) -> None:
+        """Store what this member signed, then send it (a committee of one sends nothing)."""
+        payload = encode_signed(message)
+        kept = await self._store(
+            lambda store: store.record_signed(message.round, message.view, message.kind, payload)
+        )
+        if kept != payload:  # pragma: no cover - the machine never signs twice
+            log.error("event=signed_twice round=%d view=%d", message.round, message.view)
+            return
+        await self._send(message)
+
+    async def _send(self, message: SignedProposal | SignedVote) -> None:
+        if self._solo or self._publish is None:
+            return
+        kind = "proposals" if isinstance(message, SignedProposal) else "votes"
+        await self._publish(f"{self._topics.prefix}/consensus/{kind}", encode_signed(message))
+
+    def _schedule(self, action: ScheduleTimeout) -> None:
+        loop = asyncio.get_running_loop()
+
+        def fire() -> None:
+            self._timers.discard(handle)
+            self._spawn(self._timeout(action.step, action.round, action.view))
+
+        handle = loop.call_later(action.delay_ms / 1000, fire)
+        self._timers.add(handle)
+
+    async def _timeout(self, step: Step, round_number: int, view: int) -> None:
+        async with self._lock:
+            await self._perform(self.machine.timeout(step, round_number, view))
+
+    async def _build(self, action: BuildProposal) -> None:
+        records = await self._proposal_records(action.round)
+        async with self._lock:
+            await self._perform(self.machine.proposal_built(action.round, action.view, records))
+
+    async def _proposal_records(self, round_number: int) -> list[bytes]:
+        """This member's records for ``round_number``: every accepted submission, scored."""
         started = time.perf_counter()
         accepted = await self._store(lambda store: store.submissions_in(State.ACCEPTED))
         oldest = round_number - self._config.rounds.expiry_rounds
@@ -210,188 +398,64 @@ class RoundDriver:
         self._metrics.stage_seconds.labels(stage="score").observe(time.perf_counter() - started)
         return [record.to_bytes() for record in records]
 
-    # -- the bus -------------------------------------------------------------
-
-    async def on_message(self, topic: str, payload: bytes) -> None:
-        """A consensus or sync message; returns at once (work runs in the background)."""
-        prefix = self._topics.prefix
-        try:
-            if topic == f"{prefix}/consensus/votes":
-                signed_vote = decode_vote(payload)
-                async with self._lock:
-                    actions = self.machine.vote_received(signed_vote)
-                    if not any(isinstance(a, Rejected) for a in actions):
-                        self._metrics.votes.labels(
-                            member=self._names.get(signed_vote.signer, "unknown")
-                        ).inc()
-                    await self._perform(actions)
-            elif topic == f"{prefix}/consensus/proposals":
-                self._spawn(self._on_proposal(decode_proposal(payload)))
-            elif topic == f"{prefix}/consensus/evidence":
-                log.debug("event=evidence_seen bytes=%d", len(payload))
-            elif self._sync is not None and topic == self._sync.request_topic:
-                self._spawn(self._sync.on_request(payload))
-            elif self._sync is not None and topic == self._sync.reply_topic:
-                await self._sync.on_reply(payload)
-        except ConsensusWireError as error:
-            log.warning("event=bad_consensus_message topic=%s error=%r", topic, str(error))
-
-    def _spawn(self, work: Awaitable[None]) -> None:
-        async def guarded() -> None:
+    async def _verify(self, action: VerifyProposal) -> None:
+        ok = self._verifier is None
+        if self._verifier is not None:
             try:
-                await work
-            except Exception:  # one message's failure never stops the node
-                log.exception("event=consensus_task_failed")
-
-        task = asyncio.create_task(guarded())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    async def _on_proposal(self, signed: SignedProposal) -> None:
-        round_number = signed.round
-        if self._committee.member(signed.signer) is None:
-            return
-        deadline = self._committee.round_end_ms(round_number) + int(
-            self._config.rounds.finality_timeout_s * 1000
-        )
-        # Records are scored against the history after round r - 1: wait for it.
-        while self.machine.next_round < round_number and self._clock.now_ms() < deadline:
-            await self._wait_progress(0.1)
-        if self.machine.next_round > round_number:
-            return
-        key = _records_key(signed.proposal.records)
-        if key not in self._verdicts and self._verifier is not None:
-            try:
-                await self._verifier.check(signed.proposal.records)
-                self._verdicts[key] = True
+                await self._verifier.check(action.records)
+                ok = True
             except Mismatch as mismatch:
-                self._verdicts[key] = False
                 self._metrics.record_mismatches.inc()
                 log.warning(
-                    "event=record_mismatch round=%d leader=%s why=%r",
-                    round_number,
-                    self._names.get(signed.signer, signed.signer.hex()[:16]),
+                    "event=record_mismatch round=%d view=%d proposer=%s why=%r",
+                    action.round,
+                    action.view,
+                    self._name(self.machine.proposer(action.view).public_key)
+                    if action.round == self.machine.next_round
+                    else "?",
                     str(mismatch),
                 )
         async with self._lock:
-            self._signed_proposals.setdefault(round_number, signed)
-            await self._perform(self.machine.proposal_received(signed))
+            await self._perform(self.machine.value_verified(action.round, action.value_hash, ok))
 
-    async def sync_loop(self) -> None:
-        """Fetch certified rounds from peers while this node lags behind the clock."""
-        if self._sync is None:
-            return
-        while True:
-            clock_round = max(self._committee.round_at(self._clock.now_ms()), 0)
-            behind = clock_round - self.machine.next_round
-            if behind >= 2:
-                fetched = await self._sync.fetch_rounds(
-                    self.machine.next_round, self._config.consensus.sync_timeout_s
-                )
-                for entry in fetched:
-                    if entry.round != self.machine.next_round:
-                        continue
-                    try:
-                        certificate = decode_certificate(entry.certificate)
-                        signed = (
-                            decode_proposal(entry.proposal) if entry.proposal is not None else None
-                        )
-                    except ConsensusWireError as error:
-                        log.warning(
-                            "event=sync_bad_round round=%d error=%r", entry.round, str(error)
-                        )
-                        break
-                    async with self._lock:
-                        if signed is not None:
-                            self._signed_proposals[entry.round] = signed
-                        actions = self.machine.certificate_received(
-                            certificate, None if signed is None else signed.proposal
-                        )
-                        await self._perform(actions)
-                    if any(isinstance(a, Rejected) for a in actions):
-                        log.warning(
-                            "event=sync_round_refused round=%d actions=%r", entry.round, actions
-                        )
-                        break
-                if fetched:
-                    continue
-            await asyncio.sleep(self._committee.round_seconds / 2)
-
-    # -- performing actions --------------------------------------------------
-
-    async def _perform(self, actions: list[Action]) -> None:
-        for action in actions:
-            if isinstance(action, Broadcast):
-                await self._broadcast(action)
-            elif isinstance(action, Commit):
-                await self._commit(action)
-            elif isinstance(action, Equivocation):
-                await self._equivocation(action)
-            elif isinstance(action, FetchProposal):
-                self._spawn(self._fetch_certified(action))
-            else:
-                log.debug("event=consensus_rejected action=%r", action)
-
-    async def _broadcast(self, action: Broadcast) -> None:
-        body = dict(action.body)
-        payload = pack({**body, "sig": action.signature})
-        round_number = int(body["round"])  # type: ignore[call-overload]
-        # What this validator signed is durable before anybody can see it.
-        if action.domain == Vote.DOMAIN:
-            await self._store(lambda store: store.record_vote(round_number, payload))
-            topic = f"{self._topics.prefix}/consensus/votes"
-        else:
-            await self._store(lambda store: store.record_proposal(round_number, payload))
-            topic = f"{self._topics.prefix}/consensus/proposals"
-        if not self._solo:
-            outgoing = Outgoing(topic, payload)
-            await self._store(lambda store: store.enqueue([outgoing]))
-            self._on_outbox()
-
-    async def _equivocation(self, action: Equivocation) -> None:
-        evidence = action.evidence
-        payload = pack(evidence.body())
+    async def _record_evidence(self, evidence: Any, *, publish: bool) -> None:
+        payload = encode_evidence(evidence)
         now = self._clock.now_ms()
         fresh = await self._store(
-            lambda store: store.record_evidence(evidence.round, evidence.offender, payload, now)
-        )
-        if fresh:
-            self._metrics.equivocations.inc()
-            log.warning(
-                "event=equivocation offender=%s round=%d kind=%s",
-                self._names.get(evidence.offender, evidence.offender.hex()[:16]),
-                evidence.round,
-                evidence.kind,
+            lambda store: store.record_evidence(
+                evidence.round, evidence.view, evidence.kind, evidence.offender, payload, now
             )
-            outgoing = Outgoing(f"{self._topics.prefix}/consensus/evidence", payload)
-            await self._store(lambda store: store.enqueue([outgoing]))
-            self._on_outbox()
-
-    async def _fetch_certified(self, action: FetchProposal) -> None:
-        if self._sync is None:
+        )
+        if not fresh:
             return
-        for entry in await self._sync.fetch_rounds(
-            action.round, self._config.consensus.sync_timeout_s
-        ):
-            if entry.round == action.round and entry.proposal is not None:
-                try:
-                    proposal = decode_proposal(entry.proposal)
-                except ConsensusWireError:
-                    continue
-                async with self._lock:
-                    self._signed_proposals[action.round] = proposal
-                    await self._perform(
-                        self.machine.certificate_received(action.certificate, proposal.proposal)
-                    )
-                return
+        self._metrics.equivocations.labels(member=self._name(evidence.offender)).inc()
+        log.warning(
+            "event=equivocation offender=%s round=%d view=%d kind=%s",
+            self._name(evidence.offender),
+            evidence.round,
+            evidence.view,
+            evidence.kind,
+        )
+        if publish and self._publish is not None and not self._solo:
+            await self._publish(f"{self._topics.prefix}/consensus/evidence", payload)
+
+    # -- commit --------------------------------------------------------------
+
+    async def _commit_or_die(self, commit: Commit) -> None:
+        try:
+            await self._commit(commit)
+        except Exception:
+            # The machine has moved past this round: continuing would diverge
+            # from the store. Crash-only: exit, and recover from the store.
+            log.critical("event=commit_failed round=%d; exiting to recover", commit.round)
+            logging.shutdown()
+            os._exit(EXIT_STORE_FAILED)
 
     async def _commit(self, commit: Commit) -> None:
         started = time.perf_counter()
-        records = (
-            [RoundRecord.from_bytes(raw) for raw in commit.proposal.records]
-            if commit.proposal is not None
-            else []
-        )
+        records = [RoundRecord.from_bytes(raw) for raw in commit.value.records]
+        ids = [record.submission_id for record in records]
+        decided = await self._store(lambda store: store.decided_states(ids))
         me = self._signer.key.public_key
         outcomes = []
         outgoing = []
@@ -407,6 +471,15 @@ class RoundDriver:
                     record.reward,
                 )
             )
+            if record.submission_id in decided:
+                log.warning(
+                    "event=certified_record_for_decided_submission round=%d submission=%s "
+                    "state=%s",
+                    commit.round,
+                    record.submission_id.hex()[:16],
+                    decided[record.submission_id],
+                )
+                continue
             result = Result(
                 record.submission_id,
                 me,
@@ -424,26 +497,27 @@ class RoundDriver:
                     self._signer.signed_bytes(RESULT_DOMAIN.decode(), result.body()),
                 )
             )
-        outgoing += await self._expire(commit.round, {r.submission_id for r in records}, outcomes)
+        outgoing += await self._expire(commit.round, set(ids), outcomes)
         summary = self._summary(commit, records)
         outgoing.append(Outgoing(self._topics.round(commit.round), summary, retain=True))
-        proposal_bytes = None
-        if commit.proposal is not None:
-            own = await self._store(lambda store: store.signed_proposal(commit.round))
-            proposal_bytes = self._proposal_bytes(commit, own)
+        retention = self._config.rounds.summary_retention_rounds
+        if commit.round >= retention:  # an empty retained message clears the old summary
+            outgoing.append(Outgoing(self._topics.round(commit.round - retention), b"", True))
         committed = CommittedRound(
             commit.round,
-            commit.certificate.proposal_hash,
+            commit.value_hash,
             commit.beacon_after,
             encode_certificate(commit.certificate),
             summary,
-            proposal_bytes,
+            None if commit.proposal is None else encode_signed(commit.proposal),
         )
         now = self._clock.now_ms()
         epoch_start = (commit.round + 1) % self._committee.epoch_rounds == 0
 
         def write(store: Store) -> bool:
-            done = store.commit_round(committed, outcomes, outgoing, now)
+            done = store.commit_round(
+                committed, outcomes, outgoing, now, prune_signed_before=commit.round - 2
+            )
             if epoch_start:
                 epoch = self._committee.epoch_of(commit.round + 1)
                 store.set_meta(f"epoch_beacon/{epoch}", commit.beacon_after)
@@ -452,29 +526,21 @@ class RoundDriver:
         if not await self._store(write):
             log.warning("event=round_already_committed round=%d", commit.round)
             return
-        vectors = [from_float16(v) for record in records for v in record.history_vectors]
+        vectors = [
+            from_float16(v)
+            for record in records
+            if decided.get(record.submission_id) is not State.FINAL  # already in the history
+            for v in record.history_vectors
+        ]
         if vectors:
             async with self._history_lock:
                 self._history.add(np.stack(vectors))
         await self._chain.advanced(commit.round + 1, commit.beacon_after)
-        for old in [n for n in self._signed_proposals if n <= commit.round]:
-            del self._signed_proposals[old]
-        self._closed.discard(commit.round)
-        self._timed_out.discard(commit.round)
+        self._closed = {n for n in self._closed if n > commit.round}
+        self._decided_at = time.monotonic()
         self._account(commit, records, now, started)
         self._progress.set()
         self._on_outbox()
-
-    def _proposal_bytes(self, commit: Commit, own: bytes | None) -> bytes | None:
-        """The signed proposal certified by ``commit``, kept for sync and audit."""
-        candidates = [decode_proposal(own)] if own is not None else []
-        received = self._signed_proposals.get(commit.round)
-        if received is not None:
-            candidates.append(received)
-        for signed in candidates:
-            if signed.proposal == commit.proposal:
-                return encode_proposal(signed)
-        return None
 
     async def _expire(
         self, round_number: int, certified: set[bytes], outcomes: list[Finalization]
@@ -513,7 +579,7 @@ class RoundDriver:
             if record.reason is Reason.PAIR_TOO_FAR:
                 self._metrics.rejections.labels(reason=str(Reason.PAIR_TOO_FAR)).inc()
         self._metrics.rewards.inc(paid)
-        self._metrics.rounds.labels(outcome="skip" if commit.proposal is None else "final").inc()
+        self._metrics.rounds.labels(outcome="final" if records else "empty").inc()
         self._metrics.finalized_round.set(commit.round)
         self._metrics.history_size.set(len(self._history))
         self._metrics.stage_seconds.labels(stage="commit").observe(time.perf_counter() - started)
@@ -522,22 +588,23 @@ class RoundDriver:
         )
         if records:
             log.info(
-                "event=round_final round=%d submissions=%d paid=%d history=%d",
+                "event=round_final round=%d view=%d submissions=%d paid=%d history=%d",
                 commit.round,
+                commit.certificate.view,
                 len(records),
                 paid,
                 len(self._history),
             )
-        elif commit.proposal is None:
-            log.info("event=round_skipped round=%d", commit.round)
+        elif commit.certificate.view > 0:
+            log.info("event=round_empty round=%d view=%d", commit.round, commit.certificate.view)
 
     def _summary(self, commit: Commit, records: list[RoundRecord]) -> bytes:
-        certificate: QuorumCertificate = commit.certificate
         body = {
             "v": 1,
             "round": commit.round,
+            "view": commit.certificate.view,
             "validator": self._signer.key.public_key,
-            "proposal_hash": certificate.proposal_hash or b"",
+            "value_hash": commit.value_hash,
             "beacon_after": commit.beacon_after,
             "records": [
                 {
@@ -550,10 +617,10 @@ class RoundDriver:
                 }
                 for r in records
             ],
-            "certificate": certificate.body(),
+            "certificate": commit.certificate.body(),
         }
         return self._signer.signed_bytes(SUMMARY_DOMAIN, body)
 
+    def _name(self, key: bytes) -> str:
+        return self._names.get(key, key.hex()[:16])
 
-def _records_key(records: Any) -> bytes:
-    return pack(list(records))

@@ -1,4 +1,8 @@
-"""From encoder output to the records a round certifies.
+"""The records core: from encoder output to the records a round certifies, and back.
+
+The one place where the round-record rules live, used alike by the proposer
+(``score_round``), by every member judging a proposer's records
+(``compare_record``, ``check_round_scores``) and by ``poc-node audit``.
 
 A *prepared* submission is what the expensive pure path produced (decode,
 encode, fuse): its embeddings quantized to float16 and the pair decision.
@@ -11,7 +15,7 @@ know nothing of each other.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,17 +23,38 @@ import numpy as np
 import numpy.typing as npt
 
 from encoders.embedding import ItemEmbedding
-from encoders.fusion import PairOutcome
+from encoders.fusion import PairOutcome, cosine_distance
 from encoders.modality import Modality
-from node.intake.codec import pack, unpack
-from node.ops.config import ScoringSection
 from node.errors import Reason
+from node.intake.codec import pack, unpack
 from node.intake.wire import EmbeddingEntry
+from node.ops.config import ConsensusSection, ScoringSection
 from rewards.curiosity import GapScore, gap_scores, submission_score
 from rewards.history import EmbeddingIndex
 from rewards.payout import round_payout
 
 PPM = 1_000_000
+Delta = Callable[[Any, Any], float]
+"""δ of a modality pair: the pair distance beyond which a pair is too far."""
+
+
+class Mismatch(Exception):
+    """A proposer's record this member does not accept; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class Tolerances:
+    """How far a proposer's numbers may be from this member's own (DESIGN.md §7)."""
+
+    embedding: float
+    distance_ppm: int
+    score_ppm: int
+
+    @classmethod
+    def of(cls, section: ConsensusSection) -> Tolerances:
+        return cls(
+            section.embedding_tolerance, section.distance_tolerance_ppm, section.score_tolerance_ppm
+        )
 
 
 def to_float16(vector: npt.NDArray[Any]) -> bytes:
@@ -255,3 +280,112 @@ def score_round(
             )
         )
     return records
+
+
+def compare_record(
+    mine: Prepared, record: RoundRecord, delta: Delta, tolerances: Tolerances
+) -> None:
+    """Raise :class:`Mismatch` unless ``record`` agrees with this member's ``mine``.
+
+    Embeddings within the cosine tolerance, the pair distance within its
+    tolerance, the pair decision equal (a distance within the tolerance of δ
+    follows the proposer), status and fused flags as the decision implies.
+    """
+    name = record.submission_id.hex()[:16]
+    if [item.modality for item in mine.items] != [e.modality for e in record.embeddings]:
+        raise Mismatch(f"{name}: modalities differ")
+    for item, entry in zip(mine.items, record.embeddings, strict=True):
+        theirs = from_float16(entry.vector).astype(np.float64)
+        if theirs.shape != from_float16(item.vector).shape or not np.isfinite(theirs).all():
+            raise Mismatch(f"{name}: embedding of the wrong shape")
+        if abs(np.linalg.norm(theirs) - 1.0) > 0.01:
+            raise Mismatch(f"{name}: embedding is not unit length")
+    if len(mine.items) == 2:
+        if record.pair_distance_ppm is None:
+            raise Mismatch(f"{name}: pair without a distance")
+        mine_ppm = mine.pair_distance_ppm or 0
+        if abs(mine_ppm - record.pair_distance_ppm) > tolerances.distance_ppm:
+            raise Mismatch(f"{name}: pair distance {record.pair_distance_ppm} vs {mine_ppm}")
+        delta_ppm = round(delta(mine.items[0].modality, mine.items[1].modality) * PPM)
+        leader_too_far = record.pair_distance_ppm > delta_ppm
+        near_threshold = (
+            abs(record.pair_distance_ppm - delta_ppm) <= tolerances.distance_ppm
+        )
+        if leader_too_far != mine.too_far and not near_threshold:
+            raise Mismatch(f"{name}: pair decision differs")
+        if leader_too_far != (record.reason is Reason.PAIR_TOO_FAR):
+            raise Mismatch(f"{name}: status does not follow the pair distance")
+        too_far = leader_too_far
+    else:
+        if record.pair_distance_ppm is not None:
+            raise Mismatch(f"{name}: a single item with a pair distance")
+        too_far = False
+    expected_status = "rejected" if too_far else "final"
+    if record.status != expected_status:
+        raise Mismatch(f"{name}: status {record.status}, expected {expected_status}")
+    fused = not too_far and len(mine.items) == 2
+    for item, entry in zip(mine.items, record.embeddings, strict=True):
+        if entry.fused != fused:
+            raise Mismatch(f"{name}: fused flag is wrong")
+        if item.fused != fused:
+            continue  # a decision near δ follows the leader: nothing to compare with
+        distance = cosine_distance(
+            from_float16(item.vector).astype(np.float64),
+            from_float16(entry.vector).astype(np.float64),
+        )
+        if distance > tolerances.embedding:
+            raise Mismatch(f"{name}: embedding differs by {distance:.4f}")
+
+
+def check_round_scores(
+    records: list[RoundRecord],
+    history: EmbeddingIndex,
+    scoring: ScoringSection,
+    tolerances: Tolerances,
+) -> None:
+    """Raise :class:`Mismatch` unless the records' scores and rewards follow from their embeddings.
+
+    Gap scores are recomputed from the proposer's float16 embeddings against
+    this member's history (identical on honest members), within the score
+    tolerance; submission scores and rewards are recomputed exactly.
+    """
+    eligible = [record for record in records if record.status == "final"]
+    queries = [from_float16(entry.vector) for record in eligible for entry in record.embeddings]
+    flat: list[GapScore] = (
+        gap_scores(
+            history,
+            np.stack(queries),
+            k=scoring.k,
+            qualify_ratio=scoring.qualify_ratio,
+        )
+        if queries
+        else []
+    )
+    position = 0
+    for record in eligible:
+        mine = flat[position : position + len(record.embeddings)]
+        position += len(record.embeddings)
+        theirs = record.scores_ppm or ()
+        if len(theirs) != len(mine) or any(
+            abs(a.score_ppm - b) > tolerances.score_ppm
+            for a, b in zip(mine, theirs, strict=True)
+        ):
+            raise Mismatch(f"{record.submission_id.hex()[:16]}: gap scores differ")
+        expected = submission_score(
+            [GapScore(score > 0, score, 0.0, 0.0) for score in theirs],
+            valid_pair=len(theirs) == 2,
+            pair_bonus_ppm=scoring.pair_bonus_ppm,
+        )
+        if record.score != expected:
+            raise Mismatch(f"{record.submission_id.hex()[:16]}: score does not follow")
+    for record in records:
+        if record.status != "final" and (record.score or record.reward):
+            raise Mismatch(f"{record.submission_id.hex()[:16]}: a rejection is paid")
+    rewards = round_payout(
+        {r.submission_id: r.score for r in eligible},
+        scoring.emission,
+        scoring.top_k,
+    )
+    for record in eligible:
+        if rewards.get(record.submission_id, 0) != record.reward:
+            raise Mismatch(f"{record.submission_id.hex()[:16]}: reward does not follow")

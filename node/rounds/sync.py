@@ -3,9 +3,13 @@
 A member asks on ``sync/requests`` (a request signed by a committee member,
 so strangers cannot make validators do work) and every member that can
 answer replies on ``sync/replies/<requester hex>``. Replies prove
-themselves: a round comes with its quorum certificate and the proposal it
-certified, a submission as its signed bytes (its id is their hash), and the
-requester verifies everything before using it. See docs/PROTOCOL.md.
+themselves: a round comes with its quorum certificate and a signed proposal
+of the certified value, a submission as its signed bytes (its id is their
+hash). The requester takes the first reply that *verifies* (an empty, junk or
+lying reply is passed over while others may still come), and asks again
+after the timeout. A reply holds whole rounds up to ``reply_bytes`` (at least
+one), so it stays below the broker's packet limit; the requester asks for the
+next page from where the last one ended. See docs/PROTOCOL.md.
 """
 
 from __future__ import annotations
@@ -20,24 +24,27 @@ from typing import Any
 from consensus.committee import Committee
 from node.intake.codec import CodecError, DecodeLimits, pack, unpack
 from node.intake.signing import MessageSigner
-from node.store.sqlite import StoreCall
 from node.intake.wire import submission_id
+from node.store.sqlite import StoreCall
 
 log = logging.getLogger("poc.sync")
 
 REQUEST_DOMAIN = "poc/v1/sync-request"
 ROUNDS_PER_REPLY = 32
 SUBMISSIONS_PER_REQUEST = 64
+MAX_WAITING = 64
 _LIMITS = DecodeLimits(max_bytes=256 * 1024 * 1024, max_container_len=10_000)
 
 Publish = Callable[[str, bytes], Awaitable[None]]
+Accept = Callable[[list[Any]], bool]
+"""Whether a reply's entries are usable; the first reply accepted answers the request."""
 
 
 @dataclass(frozen=True)
 class FetchedRound:
     round: int
     certificate: bytes  # canonical certificate body
-    proposal: bytes | None  # signed proposal bytes; None for a skipped round
+    proposal: bytes  # a signed proposal of the certified value
 
 
 class SyncService:
@@ -50,13 +57,16 @@ class SyncService:
         prefix: str,
         store: StoreCall,
         publish: Publish,
+        reply_bytes: int = 4 * 1024 * 1024,
     ) -> None:
         self._signer = signer
         self._committee = committee
         self._prefix = prefix
         self._store = store
         self._publish = publish
-        self._waiting: dict[bytes, asyncio.Future[list[Any]]] = {}
+        self._reply_bytes = reply_bytes
+        self._waiting: dict[bytes, tuple[asyncio.Future[list[Any]], Accept]] = {}
+        self.refused_replies = 0
 
     @property
     def request_topic(self) -> str:
@@ -68,12 +78,17 @@ class SyncService:
 
     # -- asking ---------------------------------------------------------------
 
-    async def _ask(self, body: dict[str, Any], timeout_s: float) -> list[Any]:
+    async def _ask(self, body: dict[str, Any], timeout_s: float, accept: Accept) -> list[Any]:
         request_id = secrets.token_bytes(16)
         body = {"v": 1, "requester": self._signer.key.public_key, "request_id": request_id, **body}
         raw = self._signer.signed_bytes(REQUEST_DOMAIN, body)
         future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
-        self._waiting[request_id] = future
+        while len(self._waiting) >= MAX_WAITING:  # bounded: the oldest request gives up
+            oldest = next(iter(self._waiting))
+            old_future, _ = self._waiting.pop(oldest)
+            if not old_future.done():
+                old_future.set_exception(TimeoutError("too many sync requests waiting"))
+        self._waiting[request_id] = (future, accept)
         try:
             await self._publish(self.request_topic, raw)
             async with asyncio.timeout(timeout_s):
@@ -81,37 +96,42 @@ class SyncService:
         finally:
             self._waiting.pop(request_id, None)
 
-    async def fetch_rounds(self, first: int, timeout_s: float) -> list[FetchedRound]:
-        """Finalized rounds from ``first`` on (up to a batch), as the first peer sends them."""
+    async def fetch_rounds(
+        self, first: int, timeout_s: float, valid: Callable[[FetchedRound], bool]
+    ) -> list[FetchedRound]:
+        """Finalized rounds from ``first`` on, from the first reply whose first round is valid.
+
+        ``valid`` checks one fetched round (its certificate and proposal); a
+        reply whose first entry is not round ``first`` or fails it is passed
+        over. Later entries are returned as sent: the caller applies them in
+        order and stops at the first that does not verify.
+        """
+
+        def accept(entries: list[Any]) -> bool:
+            rounds = _rounds_of(entries)
+            return bool(rounds) and rounds[0].round == first and valid(rounds[0])
+
         try:
-            entries = await self._ask({"kind": "rounds", "first": first}, timeout_s)
+            entries = await self._ask({"kind": "rounds", "first": first}, timeout_s, accept)
         except TimeoutError:
             return []
-        rounds = []
-        for entry in entries:
-            if not isinstance(entry, dict) or not isinstance(entry.get("round"), int):
-                continue
-            proposal = entry.get("proposal")
-            rounds.append(
-                FetchedRound(
-                    entry["round"],
-                    pack(entry.get("certificate")),
-                    proposal if isinstance(proposal, bytes) else None,
-                )
-            )
-        return rounds
+        return _rounds_of(entries)
 
     async def fetch_submissions(self, ids: list[bytes], timeout_s: float) -> dict[bytes, bytes]:
         """Signed submission bytes by id; only bytes whose hash is the id are kept."""
         if not ids:
             return {}
+        wanted = set(ids)
+
+        def accept(entries: list[Any]) -> bool:
+            return any(isinstance(raw, bytes) and submission_id(raw) in wanted for raw in entries)
+
         try:
             entries = await self._ask(
-                {"kind": "submissions", "ids": ids[:SUBMISSIONS_PER_REQUEST]}, timeout_s
+                {"kind": "submissions", "ids": ids[:SUBMISSIONS_PER_REQUEST]}, timeout_s, accept
             )
         except TimeoutError:
             return {}
-        wanted = set(ids)
         return {
             submission_id(raw): raw
             for raw in entries
@@ -126,10 +146,22 @@ class SyncService:
             return
         if not isinstance(reply, dict):
             return
-        future = self._waiting.get(reply.get("request_id", b""))
+        waiting = self._waiting.get(reply.get("request_id", b""))
         entries = reply.get("entries")
-        if future is not None and not future.done() and isinstance(entries, list):
+        if waiting is None or not isinstance(entries, list):
+            return
+        future, accept = waiting
+        if future.done():
+            return
+        if accept(entries):
             future.set_result(entries)
+        else:
+            self.refused_replies += 1
+            log.warning(
+                "event=sync_reply_refused responder=%s entries=%d",
+                _hex(reply.get("responder")),
+                len(entries),
+            )
 
     # -- answering ------------------------------------------------------------
 
@@ -158,10 +190,18 @@ class SyncService:
                     first, first + ROUNDS_PER_REPLY - 1, ROUNDS_PER_REPLY
                 )
             )
-            entries: list[Any] = [
-                {"round": r.round, "certificate": unpack(r.certificate), "proposal": r.proposal}
-                for r in rounds
-            ]
+            entries: list[Any] = []
+            size = 0
+            for r in rounds:
+                entry = {
+                    "round": r.round,
+                    "certificate": unpack(r.certificate),
+                    "proposal": r.proposal,
+                }
+                size += len(r.certificate) + len(r.proposal or b"") + 64
+                if entries and size > self._reply_bytes:
+                    break
+                entries.append(entry)
             if not entries:
                 return
         elif kind == "submissions" and isinstance(request.get("ids"), list):
@@ -169,7 +209,15 @@ class SyncService:
             found = await self._store(
                 lambda store: [store.raw_submission(identity) for identity in ids]
             )
-            entries = [raw for raw in found if raw is not None]
+            entries = []
+            size = 0
+            for raw in found:
+                if raw is None:
+                    continue
+                size += len(raw) + 16
+                if entries and size > self._reply_bytes:
+                    break
+                entries.append(raw)
             if not entries:
                 return
         else:
@@ -183,3 +231,20 @@ class SyncService:
             }
         )
         await self._publish(f"{self._prefix}/sync/replies/{requester.hex()}", reply)
+
+
+def _rounds_of(entries: list[Any]) -> list[FetchedRound]:
+    rounds = []
+    for entry in entries:
+        if not isinstance(entry, dict) or not isinstance(entry.get("round"), int):
+            break
+        proposal = entry.get("proposal")
+        certificate = entry.get("certificate")
+        if not isinstance(certificate, dict) or not isinstance(proposal, bytes):
+            break
+        rounds.append(FetchedRound(entry["round"], pack(certificate), proposal))
+    return rounds
+
+
+def _hex(value: object) -> str:
+    return value.hex()[:16] if isinstance(value, bytes) else "unknown"

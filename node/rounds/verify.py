@@ -1,6 +1,12 @@
 """Judging a leader's records against this validator's own computation (DESIGN.md §7).
 
-Every record must match what this node computes itself, within the
+A record for a submission this member already finalized (or that a certified
+round rejected), or one it never received whose nonce or data another
+submission already holds here, is refused: a value certified once is never
+certified again. A submission this member rejected at intake by its own
+policy is recomputed from its bytes like any other (see
+``CERTIFIED_REJECTIONS``). Every
+record must match what this node computes itself, within the
 configured tolerances: the embeddings (cosine distance), the pair distance,
 the pair decision (a decision within the tolerance of δ follows the
 leader), the gap scores (recomputed from the leader's float16 embeddings
@@ -16,46 +22,38 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
-from typing import Any
-
-import numpy as np
 
 from encoders.errors import EncoderError
-from encoders.fusion import cosine_distance
-from node.intake.codec import CodecError
-from node.ops.config import ConsensusSection, ScoringSection
 from node.errors import Reason, Rejected
-from node.rounds.records import Prepared, RoundRecord, from_float16
-from node.store.sqlite import State, StoreCall
+from node.intake.codec import CodecError
 from node.intake.wire import Submission, WireLimits, parse_submission
-from rewards.curiosity import GapScore, gap_scores, submission_score
+from node.ops.config import ScoringSection
+from node.rounds.records import (
+    Delta,
+    Mismatch,
+    Prepared,
+    RoundRecord,
+    Tolerances,
+    check_round_scores,
+    compare_record,
+)
+from node.store.sqlite import State, StoreCall
 from rewards.history import EmbeddingIndex
-from rewards.payout import round_payout
 
 log = logging.getLogger("poc.verify")
 
 PPM = 1_000_000
+CERTIFIED_REJECTIONS = frozenset({str(Reason.PAIR_TOO_FAR)})
+"""Rejections decided by a certified round: the same on every honest member.
+
+Every other rejection (rate_limited, stale, duplicate bytes, expired...) is
+this member's own intake policy, which honest members may apply differently
+(a flood reaches each member's rate limit at a different message): a value
+holding such a submission is judged on its content like any other, so that
+those differences can never stall the committee.
+"""
 Recompute = Callable[[Submission, int], Awaitable[Prepared]]
 Fetch = Callable[[list[bytes]], Awaitable[dict[bytes, bytes]]]
-Delta = Callable[[Any, Any], float]
-
-
-class Mismatch(Exception):
-    """A leader's record this node does not accept; the message says which and why."""
-
-
-@dataclass(frozen=True)
-class Tolerances:
-    embedding: float
-    distance_ppm: int
-    score_ppm: int
-
-    @classmethod
-    def of(cls, section: ConsensusSection) -> Tolerances:
-        return cls(
-            section.embedding_tolerance, section.distance_tolerance_ppm, section.score_tolerance_ppm
-        )
 
 
 class RecordVerifier:
@@ -109,10 +107,11 @@ class RecordVerifier:
         known = None
         if not self._recompute_always:
             known = await self._store(lambda store: store.prepared_of(record.submission_id))
+        name = record.submission_id.hex()[:16]
         if known is not None:
-            state, submitter, prepared = known
-            if state is State.FINAL:
-                raise Mismatch(f"{record.submission_id.hex()[:16]} was finalized before")
+            state, reason, submitter, prepared = known
+            if state is State.FINAL or reason in CERTIFIED_REJECTIONS:
+                raise Mismatch(f"{name} is {state} here already (round certified)")
             if submitter != record.submitter:
                 raise Mismatch(f"{record.submission_id.hex()[:16]} names another submitter")
             if prepared is not None:
@@ -127,7 +126,16 @@ class RecordVerifier:
         except Rejected as rejected:
             raise Mismatch(f"{record.submission_id.hex()[:16]} is {rejected.reason}") from None
         if submission.submitter != record.submitter:
-            raise Mismatch(f"{record.submission_id.hex()[:16]} names another submitter")
+            raise Mismatch(f"{name} names another submitter")
+        if known is None and not self._recompute_always:
+            # Never seen here: it must be new by this member's records too.
+            conflict = await self._store(
+                lambda store: store.conflict_of(
+                    submission.submitter, submission.nonce, [i.sha256 for i in submission.items]
+                )
+            )
+            if conflict is not None:
+                raise Mismatch(f"{name} is not new here: {conflict}")
         try:
             return await self._recompute(submission, record.epoch)
         except EncoderError as error:
@@ -135,89 +143,7 @@ class RecordVerifier:
 
     async def _check_record(self, record: RoundRecord) -> None:
         mine = await self._mine(record)
-        name = record.submission_id.hex()[:16]
-        if [item.modality for item in mine.items] != [e.modality for e in record.embeddings]:
-            raise Mismatch(f"{name}: modalities differ")
-        for item, entry in zip(mine.items, record.embeddings, strict=True):
-            theirs = from_float16(entry.vector).astype(np.float64)
-            if theirs.shape != from_float16(item.vector).shape or not np.isfinite(theirs).all():
-                raise Mismatch(f"{name}: embedding of the wrong shape")
-            if abs(np.linalg.norm(theirs) - 1.0) > 0.01:
-                raise Mismatch(f"{name}: embedding is not unit length")
-        if len(mine.items) == 2:
-            if record.pair_distance_ppm is None:
-                raise Mismatch(f"{name}: pair without a distance")
-            mine_ppm = mine.pair_distance_ppm or 0
-            if abs(mine_ppm - record.pair_distance_ppm) > self._tolerances.distance_ppm:
-                raise Mismatch(f"{name}: pair distance {record.pair_distance_ppm} vs {mine_ppm}")
-            delta_ppm = round(self._delta(mine.items[0].modality, mine.items[1].modality) * PPM)
-            leader_too_far = record.pair_distance_ppm > delta_ppm
-            near_threshold = (
-                abs(record.pair_distance_ppm - delta_ppm) <= self._tolerances.distance_ppm
-            )
-            if leader_too_far != mine.too_far and not near_threshold:
-                raise Mismatch(f"{name}: pair decision differs")
-            if leader_too_far != (record.reason is Reason.PAIR_TOO_FAR):
-                raise Mismatch(f"{name}: status does not follow the pair distance")
-            too_far = leader_too_far
-        else:
-            if record.pair_distance_ppm is not None:
-                raise Mismatch(f"{name}: a single item with a pair distance")
-            too_far = False
-        expected_status = "rejected" if too_far else "final"
-        if record.status != expected_status:
-            raise Mismatch(f"{name}: status {record.status}, expected {expected_status}")
-        fused = not too_far and len(mine.items) == 2
-        for item, entry in zip(mine.items, record.embeddings, strict=True):
-            if entry.fused != fused:
-                raise Mismatch(f"{name}: fused flag is wrong")
-            if item.fused != fused:
-                continue  # a decision near δ follows the leader: nothing to compare with
-            distance = cosine_distance(
-                from_float16(item.vector).astype(np.float64),
-                from_float16(entry.vector).astype(np.float64),
-            )
-            if distance > self._tolerances.embedding:
-                raise Mismatch(f"{name}: embedding differs by {distance:.4f}")
+        compare_record(mine, record, self._delta, self._tolerances)
 
     def _check_scores(self, records: list[RoundRecord]) -> None:
-        eligible = [record for record in records if record.status == "final"]
-        queries = [from_float16(entry.vector) for record in eligible for entry in record.embeddings]
-        flat: list[GapScore] = (
-            gap_scores(
-                self._history,
-                np.stack(queries),
-                k=self._scoring.k,
-                qualify_ratio=self._scoring.qualify_ratio,
-            )
-            if queries
-            else []
-        )
-        position = 0
-        for record in eligible:
-            mine = flat[position : position + len(record.embeddings)]
-            position += len(record.embeddings)
-            theirs = record.scores_ppm or ()
-            if len(theirs) != len(mine) or any(
-                abs(a.score_ppm - b) > self._tolerances.score_ppm
-                for a, b in zip(mine, theirs, strict=True)
-            ):
-                raise Mismatch(f"{record.submission_id.hex()[:16]}: gap scores differ")
-            expected = submission_score(
-                [GapScore(score > 0, score, 0.0, 0.0) for score in theirs],
-                valid_pair=len(theirs) == 2,
-                pair_bonus_ppm=self._scoring.pair_bonus_ppm,
-            )
-            if record.score != expected:
-                raise Mismatch(f"{record.submission_id.hex()[:16]}: score does not follow")
-        for record in records:
-            if record.status != "final" and (record.score or record.reward):
-                raise Mismatch(f"{record.submission_id.hex()[:16]}: a rejection is paid")
-        rewards = round_payout(
-            {r.submission_id: r.score for r in eligible},
-            self._scoring.emission,
-            self._scoring.top_k,
-        )
-        for record in eligible:
-            if rewards.get(record.submission_id, 0) != record.reward:
-                raise Mismatch(f"{record.submission_id.hex()[:16]}: reward does not follow")
+        check_round_scores(records, self._history, self._scoring, self._tolerances)

@@ -22,7 +22,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
@@ -53,18 +53,25 @@ CREATE TABLE IF NOT EXISTS data_claims (
 );
 CREATE TABLE IF NOT EXISTS rounds (
     round INTEGER PRIMARY KEY,
-    proposal_hash BLOB,
+    value_hash BLOB NOT NULL,
     proposal BLOB,
     beacon_after BLOB NOT NULL,
     certificate BLOB NOT NULL,
     summary BLOB NOT NULL,
     committed_ms INTEGER NOT NULL
 );
-CREATE TABLE IF NOT EXISTS votes (round INTEGER PRIMARY KEY, vote BLOB NOT NULL);
-CREATE TABLE IF NOT EXISTS proposals (round INTEGER PRIMARY KEY, proposal BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS signed (
+    round INTEGER NOT NULL,
+    view INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    message BLOB NOT NULL,
+    PRIMARY KEY (round, view, kind)
+);
 CREATE TABLE IF NOT EXISTS evidence (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     round INTEGER NOT NULL,
+    view INTEGER NOT NULL,
+    kind TEXT NOT NULL,
     offender BLOB NOT NULL,
     evidence BLOB NOT NULL UNIQUE,
     recorded_ms INTEGER NOT NULL
@@ -152,11 +159,27 @@ class Finalization:
 
 
 @dataclass(frozen=True)
-class CommittedRound:
-    """A finalized round: its certificate, and the proposal it certified (None: skipped)."""
+class EvidenceRow:
+    """One kept proof of equivocation."""
 
     round: int
-    proposal_hash: bytes | None
+    view: int
+    kind: str
+    offender: bytes
+    evidence: bytes
+    recorded_ms: int
+
+
+class StoreError(RuntimeError):
+    """The store cannot be used as it is (a schema from another version)."""
+
+
+@dataclass(frozen=True)
+class CommittedRound:
+    """A finalized round: its value hash, certificate, and a signed proposal of its value."""
+
+    round: int
+    value_hash: bytes
     beacon_after: bytes
     certificate: bytes
     summary: bytes
@@ -177,8 +200,10 @@ class Store:
         if version is None:
             self.set_meta("schema_version", str(SCHEMA_VERSION).encode())
         elif int(version) != SCHEMA_VERSION:
-            raise RuntimeError(
-                f"{path} has schema {int(version)}, this node reads {SCHEMA_VERSION}"
+            self._db.close()
+            raise StoreError(
+                f"{path} has schema {int(version)}, this node reads {SCHEMA_VERSION} "
+                "(schema 1 predates consensus with views: start with an empty data_dir)"
             )
 
     def close(self) -> None:
@@ -332,22 +357,34 @@ class Store:
 
     # -- rounds -------------------------------------------------------------
 
-    def record_vote(self, round_number: int, vote: bytes) -> bytes:
-        """Durably record the vote signed for a round, or return the one already signed."""
+    def record_signed(self, round_number: int, view: int, kind: str, message: bytes) -> bytes:
+        """Durably keep a message this member signed, or return the one already kept.
+
+        One proposal, prevote and precommit per (round, view): the node signs
+        nothing twice, even across a crash between signing and sending.
+        """
         with self._transaction():
             row = self._db.execute(
-                "SELECT vote FROM votes WHERE round = ?", (round_number,)
+                "SELECT message FROM signed WHERE round = ? AND view = ? AND kind = ?",
+                (round_number, view, kind),
             ).fetchone()
             if row is not None:
                 return bytes(row[0])
-            self._db.execute("INSERT INTO votes (round, vote) VALUES (?, ?)", (round_number, vote))
-        return vote
+            self._db.execute(
+                "INSERT INTO signed (round, view, kind, message) VALUES (?, ?, ?, ?)",
+                (round_number, view, kind, message),
+            )
+        return message
 
-    def signed_vote(self, round_number: int) -> bytes | None:
-        row = self._db.execute("SELECT vote FROM votes WHERE round = ?", (round_number,)).fetchone()
-        return None if row is None else bytes(row[0])
+    def signed_since(self, round_number: int) -> list[bytes]:
+        """Messages this member signed for ``round_number`` and later, by round and view."""
+        rows = self._db.execute(
+            "SELECT message FROM signed WHERE round >= ? ORDER BY round, view, kind",
+            (round_number,),
+        ).fetchall()
+        return [bytes(row[0]) for row in rows]
 
-    _ROUND_COLUMNS = "round, proposal_hash, beacon_after, certificate, summary, proposal"
+    _ROUND_COLUMNS = "round, value_hash, beacon_after, certificate, summary, proposal"
 
     def last_round(self) -> CommittedRound | None:
         row = self._db.execute(
@@ -371,49 +408,36 @@ class Store:
 
     @staticmethod
     def _committed(row: tuple[Any, ...]) -> CommittedRound:
-        number, proposal_hash, beacon, certificate, summary, proposal = row
+        number, value_hash, beacon, certificate, summary, proposal = row
         return CommittedRound(
             int(number),
-            None if proposal_hash is None else bytes(proposal_hash),
+            bytes(value_hash),
             bytes(beacon),
             bytes(certificate),
             bytes(summary),
             None if proposal is None else bytes(proposal),
         )
 
-    def record_proposal(self, round_number: int, proposal: bytes) -> bytes:
-        """Durably record the proposal signed as leader, or return the one already signed."""
-        with self._transaction():
-            row = self._db.execute(
-                "SELECT proposal FROM proposals WHERE round = ?", (round_number,)
-            ).fetchone()
-            if row is not None:
-                return bytes(row[0])
-            self._db.execute(
-                "INSERT INTO proposals (round, proposal) VALUES (?, ?)", (round_number, proposal)
-            )
-        return proposal
-
-    def signed_proposal(self, round_number: int) -> bytes | None:
-        row = self._db.execute(
-            "SELECT proposal FROM proposals WHERE round = ?", (round_number,)
-        ).fetchone()
-        return None if row is None else bytes(row[0])
-
     def record_evidence(
-        self, round_number: int, offender: bytes, evidence: bytes, now_ms: int
+        self, round_number: int, view: int, kind: str, offender: bytes, evidence: bytes, now_ms: int
     ) -> bool:
         """Keep proof of an equivocation; False if this exact proof is already kept."""
         cursor = self._db.execute(
-            "INSERT OR IGNORE INTO evidence (round, offender, evidence, recorded_ms) "
-            "VALUES (?, ?, ?, ?)",
-            (round_number, offender, evidence, now_ms),
+            "INSERT OR IGNORE INTO evidence (round, view, kind, offender, evidence, recorded_ms) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (round_number, view, kind, offender, evidence, now_ms),
         )
         return cursor.rowcount == 1
 
-    def evidence(self) -> list[tuple[int, bytes, bytes]]:
-        rows = self._db.execute("SELECT round, offender, evidence FROM evidence ORDER BY seq")
-        return [(int(r[0]), bytes(r[1]), bytes(r[2])) for r in rows]
+    def evidence(self) -> list[EvidenceRow]:
+        """Every equivocation proof kept, oldest first."""
+        rows = self._db.execute(
+            "SELECT round, view, kind, offender, evidence, recorded_ms FROM evidence ORDER BY seq"
+        )
+        return [
+            EvidenceRow(int(r[0]), int(r[1]), str(r[2]), bytes(r[3]), bytes(r[4]), int(r[5]))
+            for r in rows
+        ]
 
     def raw_submission(self, submission_id: bytes) -> bytes | None:
         row = self._db.execute(
@@ -421,14 +445,22 @@ class Store:
         ).fetchone()
         return None if row is None or row[0] is None else bytes(row[0])
 
-    def prepared_of(self, submission_id: bytes) -> tuple[State, bytes, bytes | None] | None:
-        """(state, submitter, prepared form) of a submission this node stored."""
+    def prepared_of(
+        self, submission_id: bytes
+    ) -> tuple[State, str | None, bytes, bytes | None] | None:
+        """(state, reason, submitter, prepared form) of a submission this node stored."""
         row = self._db.execute(
-            "SELECT state, submitter, prepared FROM submissions WHERE id = ?", (submission_id,)
+            "SELECT state, reason, submitter, prepared FROM submissions WHERE id = ?",
+            (submission_id,),
         ).fetchone()
         if row is None:
             return None
-        return State(row[0]), bytes(row[1]), None if row[2] is None else bytes(row[2])
+        return (
+            State(row[0]),
+            row[1],
+            bytes(row[2]),
+            None if row[3] is None else bytes(row[3]),
+        )
 
     def ledger_entries(self) -> list[tuple[int, bytes, bytes, int]]:
         rows = self._db.execute(
@@ -443,14 +475,51 @@ class Store:
         )
         return [(int(r[0]), bytes(r[1]), int(r[2]), bytes(r[3])) for r in rows]
 
+    def conflict_of(
+        self, submitter: bytes, nonce: int, item_hashes: Sequence[bytes]
+    ) -> str | None:
+        """Why a submission this store never received would not be new here, or None."""
+        seen = self._db.execute(
+            "SELECT 1 FROM nonces WHERE submitter = ? AND nonce = ?", (submitter, nonce)
+        ).fetchone()
+        if seen is not None:
+            return "replay"
+        for digest in item_hashes:
+            claimed = self._db.execute(
+                "SELECT 1 FROM data_claims WHERE sha256 = ?", (digest,)
+            ).fetchone()
+            if claimed is not None:
+                return "duplicate"
+        return None
+
+    def decided_states(self, submission_ids: Iterable[bytes]) -> dict[bytes, State]:
+        """The states of those of ``submission_ids`` that are final or rejected here."""
+        decided: dict[bytes, State] = {}
+        for identity in submission_ids:
+            row = self._db.execute(
+                "SELECT state FROM submissions WHERE id = ?", (identity,)
+            ).fetchone()
+            if row is not None and row[0] in (State.FINAL, State.REJECTED):
+                decided[identity] = State(row[0])
+        return decided
+
     def commit_round(
         self,
         committed: CommittedRound,
         outcomes: Iterable[Finalization],
         outgoing: Iterable[Outgoing],
         now_ms: int,
+        *,
+        prune_signed_before: int | None = None,
     ) -> bool:
-        """Commit a certified round in one transaction; False if it was already committed."""
+        """Commit a certified round in one transaction; False if it was already committed.
+
+        History and ledger follow the certified records, so they are the same
+        on every member. A submission's own row changes only while it is
+        received or accepted here (or unknown: it is added); one this member
+        already finalized or rejected keeps its state. Nothing is paid twice:
+        the ledger and the history are unique per submission (and item).
+        """
         with self._transaction():
             exists = self._db.execute(
                 "SELECT 1 FROM rounds WHERE round = ?", (committed.round,)
@@ -458,11 +527,11 @@ class Store:
             if exists is not None:
                 return False
             self._db.execute(
-                "INSERT INTO rounds (round, proposal_hash, beacon_after, certificate, summary, "
+                "INSERT INTO rounds (round, value_hash, beacon_after, certificate, summary, "
                 "proposal, committed_ms) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (
                     committed.round,
-                    committed.proposal_hash,
+                    committed.value_hash,
                     committed.beacon_after,
                     committed.certificate,
                     committed.summary,
@@ -474,14 +543,20 @@ class Store:
                 # A certified submission keeps its bytes: peers fetch them by sync,
                 # and an audit recomputes its record from them.
                 self._db.execute(
-                    "UPDATE submissions SET state = ?, reason = ?, round = ?, "
-                    "raw = CASE WHEN ? THEN raw END WHERE id = ?",
+                    "INSERT INTO submissions (id, submitter, received_ms, state, reason, round) "
+                    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET "
+                    "state = excluded.state, reason = excluded.reason, round = excluded.round, "
+                    "raw = CASE WHEN excluded.reason IS NOT 'expired' THEN raw END "
+                    "WHERE state IN (?, ?)",
                     (
+                        outcome.submission_id,
+                        outcome.submitter,
+                        now_ms,
                         outcome.state,
                         outcome.reason,
                         committed.round,
-                        outcome.reason != "expired",
-                        outcome.submission_id,
+                        State.RECEIVED,
+                        State.ACCEPTED,
                     ),
                 )
                 if outcome.state is State.REJECTED:
@@ -489,7 +564,8 @@ class Store:
                         "DELETE FROM data_claims WHERE submission_id = ?", (outcome.submission_id,)
                     )
                 self._db.executemany(
-                    "INSERT INTO history (round, submission_id, item, vector) VALUES (?, ?, ?, ?)",
+                    "INSERT OR IGNORE INTO history (round, submission_id, item, vector) "
+                    "VALUES (?, ?, ?, ?)",
                     [
                         (committed.round, outcome.submission_id, index, vector)
                         for index, vector in enumerate(outcome.vectors)
@@ -497,10 +573,12 @@ class Store:
                 )
                 if outcome.reward > 0:
                     self._db.execute(
-                        "INSERT INTO ledger (round, submitter, submission_id, amount) "
+                        "INSERT OR IGNORE INTO ledger (round, submitter, submission_id, amount) "
                         "VALUES (?, ?, ?, ?)",
                         (committed.round, outcome.submitter, outcome.submission_id, outcome.reward),
                     )
+            if prune_signed_before is not None:
+                self._db.execute("DELETE FROM signed WHERE round < ?", (prune_signed_before,))
             self._enqueue(outgoing)
         return True
 

@@ -34,8 +34,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from node.bus.client import tls_context
-from node.ops.config import load_config
 from node.errors import ConfigError
+from node.ops.config import load_config
 from tests.conftest import POC_NODE, ROOT, Broker, free_port, start_node, write_node_config
 from tests.peer import Peer
 

@@ -1,9 +1,10 @@
 """A committee of four real node processes on a real Mosquitto.
 
-They finalize the same rounds with identical ledgers and histories; one
-killed with SIGKILL leaves the other three finalizing, and it catches up
-when it returns. A byzantine member (equivocating votes, false records as
-leader) gets rounds skipped and evidence recorded, never a diverging ledger.
+They finalize the same rounds with identical ledgers and histories through a
+late start, a frozen member, a killed one and a flood. A byzantine member
+(equivocating votes and proposals, replayed and false records, proposals out
+of turn and far ahead) and twins sharing one key get evidence recorded and
+views changed, never a diverging ledger nor a stalled committee.
 """
 
 from __future__ import annotations
@@ -21,14 +22,14 @@ import aiomqtt
 import pytest
 import yaml
 
-from consensus.beacon import leader_of
+from consensus.beacon import proposer_of
 from consensus.committee import Committee, Member
-from consensus.messages import Proposal, SignedProposal, SignedVote, Vote
+from consensus.messages import Proposal, SignedProposal, SignedVote, Vote, VoteKind
 from node.intake.codec import unpack
-from node.rounds.consensus_wire import decode_proposal, encode_proposal, encode_vote
 from node.intake.keys import SigningKey, load_key, write_key
-from node.rounds.records import RoundRecord
 from node.intake.signing import MessageSigner
+from node.rounds.consensus_wire import decode_proposal, encode_proposal, encode_vote
+from node.rounds.records import RoundRecord
 from node.store.sqlite import Store
 from tests.conftest import POC_NODE, Broker, NodeProcess, start_node, write_node_config
 from tests.media import image_bytes
@@ -66,8 +67,8 @@ def member_config(directory: Path, committee: Path, key: Path) -> Path:
     return write_node_config(
         directory / "node.yaml",
         node={"committee": str(committee), "key": str(key)},
-        rounds={"finality_timeout_s": 3},
-        consensus={"sync_timeout_s": 1},
+        consensus={"sync_timeout_s": 1, "propose_timeout_s": 2, "prevote_timeout_s": 1,
+                   "precommit_timeout_s": 1, "timeout_delta_s": 0.5, "rebroadcast_s": 1},
     )
 
 
@@ -88,7 +89,7 @@ def read_state(data_dir: Path, up_to: int) -> dict[str, Any]:
         return {
             "ledger": [e for e in store.ledger_entries() if e[0] <= up_to],
             "history": [h for h in store.history_rows() if h[0] <= up_to],
-            "rounds": [(r.round, r.proposal_hash)
+            "rounds": [(r.round, r.value_hash)
                        for r in store.committed_rounds(0, up_to, 100_000)],
         }
     finally:
@@ -122,126 +123,178 @@ def stop_all() -> Iterator[list[NodeProcess]]:
         node.stop(signal.SIGKILL)
 
 
-def test_four_members_agree_survive_a_crash_and_catch_up(
+def wait_metric(node: NodeProcess, name: str, at_least: float, timeout: float) -> float:
+    deadline = time.monotonic() + timeout
+    while (value := node.metric(name)) < at_least:
+        assert time.monotonic() < deadline, f"{name}={value}\n" + node.log_text()[-4000:]
+        time.sleep(0.5)
+    return value
+
+
+def test_four_members_finalize_through_a_late_start_a_freeze_a_kill_and_a_flood(
         mosquitto: Broker, tmp_path: Path, stop_all: list[NodeProcess]):
-    committee_file, keys, committee = make_committee(tmp_path, 4, start_in_s=40)
+    """Staggered starts, SIGSTOP, SIGKILL and a flood: every submission reaches one final."""
+    committee_file, keys, committee = make_committee(tmp_path, 4, start_in_s=25)
     bus = f"mqtt://127.0.0.1:{mosquitto.port}"
-    nodes = start_members(tmp_path, bus, committee_file, keys)
+    nodes = start_members(tmp_path, bus, committee_file, keys[:3])
     stop_all.extend(nodes)
     validators = {m.public_key for m in committee.members}
+    key_of = [load_key(path).public_key for path in keys]
     peer = Peer()
+    late: list[NodeProcess] = []
 
-    async def phase_one() -> None:
+    async def scenario() -> None:
         async with ResultListener(mosquitto.port) as listener:
-            raws = [
-                peer.submission([("text", "text/plain", b"a yellow triangle"),
-                                 ("image", "image/png", image_bytes("RGB", size=(41, 40)))]),
-                peer.submission([("text", "text/plain", b"a single caption")]),
-            ]
-            for raw in raws:
-                await listener.publish(raw)
-            for raw in raws:
-                same_outcome(await finals_from_all(listener, submission_id(raw), validators))
-
-    asyncio.run(phase_one())
-
-    victim = nodes[3]
-    victim.stop(signal.SIGKILL)
-    survivors = validators - {load_key(keys[3]).public_key}
-
-    async def phase_two() -> None:
-        async with ResultListener(mosquitto.port) as listener:
-            raw = peer.submission([("text", "text/plain", b"while one member is down")])
+            # v3 starts about ten seconds after the others have begun finalizing.
+            first = peer.submission([("text", "text/plain", b"a yellow triangle"),
+                                     ("image", "image/png", image_bytes("RGB", size=(41, 40)))])
+            await listener.publish(first)
+            present = validators - {key_of[3]}
+            same_outcome(await finals_from_all(listener, submission_id(first), present, 120))
+            await asyncio.sleep(10)
+            late.append(await asyncio.to_thread(
+                start_node, tmp_path / "n3", bus,
+                member_config(tmp_path / "c3", committee_file, keys[3]), 240))
+            stop_all.append(late[0])
+            raw = peer.submission([("text", "text/plain", b"after the late start")])
             await listener.publish(raw)
-            same_outcome(await finals_from_all(listener, submission_id(raw), survivors))
+            same_outcome(await finals_from_all(listener, submission_id(raw), validators, 120))
 
-    asyncio.run(phase_two())
-    finalized = nodes[0].metric("poc_finalized_round")
-    assert finalized >= 1
+            # v1 is frozen for 20 s: the other three keep finalizing.
+            nodes[1].process.send_signal(signal.SIGSTOP)
+            try:
+                raw = peer.submission([("text", "text/plain", b"while one member is frozen")])
+                await listener.publish(raw)
+                same_outcome(await finals_from_all(listener, submission_id(raw),
+                                                   validators - {key_of[1]}, 60))
+                await asyncio.sleep(12)
+            finally:
+                nodes[1].process.send_signal(signal.SIGCONT)
 
-    nodes[3] = start_node(tmp_path / "n3", bus,
-                          member_config(tmp_path / "c3", committee_file, keys[3]), 240)
-    stop_all.append(nodes[3])
-    deadline = time.monotonic() + 120
-    while nodes[3].metric("poc_finalized_round") < finalized:
-        assert time.monotonic() < deadline, nodes[3].log_text()[-3000:]
-        time.sleep(0.5)
+            # v2 is killed; a flood arrives meanwhile; v2 comes back.
+            nodes[2].stop(signal.SIGKILL)
+            crowd = [Peer() for _ in range(30)]  # within each key's rate limit
+            flood = [crowd[i % 30].submission([("text", "text/plain", f"flood {i}".encode())])
+                     for i in range(150)]
+            await asyncio.gather(*(listener.publish(raw) for raw in flood))
+            await asyncio.sleep(3)
+            nodes[2] = await asyncio.to_thread(
+                start_node, tmp_path / "n2", bus,
+                member_config(tmp_path / "c2", committee_file, keys[2]), 240)
+            stop_all.append(nodes[2])
+            for raw in [flood[0], flood[-1], *flood[1:-1:15]]:
+                same_outcome(await finals_from_all(listener, submission_id(raw), validators, 180))
 
-    up_to = int(min(node.metric("poc_finalized_round") for node in nodes))
-    for node in nodes:
+    asyncio.run(scenario())
+    members = [*nodes, late[0]]
+    target = int(max(node.metric("poc_finalized_round") for node in members))
+    for node in members:
+        wait_metric(node, "poc_finalized_round", target, 120)
+    up_to = int(min(node.metric("poc_finalized_round") for node in members))
+    for node in members:
         assert node.stop() == 0, node.log_text()[-3000:]
-    states = [read_state(node.data_dir, up_to) for node in nodes]
+    states = [read_state(node.data_dir, up_to) for node in members]
     assert states[0]["rounds"] and states[0]["history"]
     for state in states[1:]:
         assert state == states[0]
     audit = subprocess.run(
-        [str(POC_NODE), "audit", "--data-dir", str(nodes[3].data_dir), "--config",
-         str(tmp_path / "c3" / "node.yaml")],
+        [str(POC_NODE), "audit", "--data-dir", str(nodes[2].data_dir), "--config",
+         str(tmp_path / "c2" / "node.yaml")],
         capture_output=True, text=True, timeout=300, check=False)
     assert audit.returncode == 0, audit.stdout + audit.stderr
 
 
 class ByzantineMember:
-    """Member v3 run by the test: it equivocates every vote and lies when it leads."""
+    """Member v3 run by the test, misbehaving in every way a faulty member can cheaply.
+
+    It equivocates every vote (prevote and precommit both for the value seen
+    and nil); as the proposer of a view it signs two different proposals, one
+    of which replays records of a round already committed; and it proposes
+    out of turn, for the current round and for rounds far ahead.
+    """
 
     def __init__(self, key_path: Path, committee: Committee, port: int) -> None:
         self.key = load_key(key_path)
         self.signer = MessageSigner(self.key)
         self.committee = committee
         self.port = port
-        self.lies = 0
         self.equivocations = 0
+        self.proposals_as_proposer = 0
+        self.out_of_turn = 0
+        self.seen_records: list[tuple[bytes, ...]] = []
+        self.beacons: dict[int, bytes] = {}
 
-    def vote(self, round_number: int, value: bytes | None) -> bytes:
-        vote = Vote(round_number, self.key.public_key, value)
+    def vote(self, kind: VoteKind, round_number: int, view: int, value: bytes | None) -> bytes:
+        vote = Vote(kind, round_number, view, self.key.public_key, value)
         return encode_vote(SignedVote(vote, self.signer.sign(Vote.DOMAIN, vote.body())))
 
-    def false_proposal(self, round_number: int) -> bytes:
+    def proposal(self, round_number: int, view: int, records: tuple[bytes, ...]) -> bytes:
+        proposal = Proposal(round_number, view, self.key.public_key, records)
+        return encode_proposal(
+            SignedProposal(proposal, self.signer.sign(Proposal.DOMAIN, proposal.body())))
+
+    def false_records(self) -> tuple[bytes, ...]:
         record = RoundRecord(b"\x01" * 32, self.key.public_key, "final", None, 0, (), None, (),
                              10**6, 10**6)
-        proposal = Proposal(round_number, self.key.public_key, (record.to_bytes(),))
-        return encode_proposal(SignedProposal(
-            proposal, self.signer.sign(Proposal.DOMAIN, proposal.body())))
+        return (record.to_bytes(),)
 
     async def run(self, until: float) -> None:
         async with aiomqtt.Client("127.0.0.1", self.port) as client:
             await client.subscribe(f"{PREFIX}/consensus/proposals", qos=1)
             await client.subscribe(f"{PREFIX}/rounds/+", qos=1)
-            lied: set[int] = set()
+            led: set[tuple[int, int]] = set()
             async with asyncio.timeout(until):
                 async for message in client.messages:
                     topic = str(message.topic)
                     payload = bytes(message.payload)  # type: ignore[arg-type]
+                    if not payload:
+                        continue
                     if topic.endswith("/consensus/proposals"):
                         signed = decode_proposal(payload)
                         if signed.signer == self.key.public_key:
                             continue
-                        digest = signed.proposal.digest(self.signer)
-                        for value in (digest, None):
-                            await client.publish(f"{PREFIX}/consensus/votes",
-                                                 self.vote(signed.round, value), qos=1)
+                        if signed.proposal.records:
+                            self.seen_records.append(signed.proposal.records)
+                        value = signed.proposal.value.digest(self.signer)
+                        for kind in VoteKind:
+                            for choice in (value, None):
+                                await client.publish(
+                                    f"{PREFIX}/consensus/votes",
+                                    self.vote(kind, signed.round, signed.view, choice), qos=1)
                         self.equivocations += 1
-                    else:
-                        summary = unpack(payload)
-                        # The broker is shared by the session's tests: summaries retained
-                        # by earlier committees carry other beacons and must not count.
-                        if self.committee.member(summary["validator"]) is None:
+                        # Out of turn: a proposal for this round and one far ahead.
+                        for r in (signed.round, signed.round + 100):
+                            await client.publish(
+                                f"{PREFIX}/consensus/proposals",
+                                self.proposal(r, signed.view, self.false_records()), qos=1)
+                        self.out_of_turn += 1
+                        continue
+                    summary = unpack(payload)
+                    # The broker is shared by the session's tests: summaries retained
+                    # by earlier committees carry other beacons and must not count.
+                    if self.committee.member(summary["validator"]) is None:
+                        continue
+                    upcoming = summary["round"] + 1
+                    beacon = summary["beacon_after"]
+                    for view in (0,):  # members only verify the view they are in
+                        proposer = proposer_of(beacon, view, self.committee)
+                        if (proposer.public_key != self.key.public_key
+                                or (upcoming, view) in led):
                             continue
-                        upcoming = summary["round"] + 1
-                        leader = leader_of(summary["beacon_after"], self.committee)
+                        led.add((upcoming, view))
                         end = self.committee.round_end_ms(upcoming) / 1000
-                        if (leader.public_key == self.key.public_key and upcoming not in lied
-                                and end > time.time()):
-                            lied.add(upcoming)
-                            await asyncio.sleep(end - time.time() + 0.2)
-                            await client.publish(f"{PREFIX}/consensus/proposals",
-                                                 self.false_proposal(upcoming), qos=1)
-                            self.lies += 1
+                        await asyncio.sleep(max(end - time.time(), 0) + 0.1)
+                        replay = self.seen_records[0] if self.seen_records else ()
+                        for records in (self.false_records(), replay):
+                            await client.publish(
+                                f"{PREFIX}/consensus/proposals",
+                                self.proposal(upcoming, view, records), qos=1)
+                        self.proposals_as_proposer += 1
 
 
 def test_a_byzantine_member_cannot_break_the_committee(
         mosquitto: Broker, tmp_path: Path, stop_all: list[NodeProcess]):
-    committee_file, keys, committee = make_committee(tmp_path, 4, start_in_s=40)
+    committee_file, keys, committee = make_committee(tmp_path, 4, start_in_s=25)
     bus = f"mqtt://127.0.0.1:{mosquitto.port}"
     honest = start_members(tmp_path, bus, committee_file, keys[:3])
     stop_all.extend(honest)
@@ -250,27 +303,29 @@ def test_a_byzantine_member_cannot_break_the_committee(
     peer = Peer()
 
     async def scenario() -> None:
-        liar = asyncio.create_task(byzantine.run(until=200))
+        liar = asyncio.create_task(byzantine.run(until=400))
         try:
             async with ResultListener(mosquitto.port) as listener:
-                for index in range(6):
+                index = 0
+                deadline = time.monotonic() + 240
+                while byzantine.proposals_as_proposer < 2 or index < 4:
+                    assert time.monotonic() < deadline, "the byzantine member never proposed"
                     raw = peer.submission([("text", "text/plain", f"honest data {index}".encode())])
+                    index += 1
                     await listener.publish(raw)
                     same_outcome(await finals_from_all(listener, submission_id(raw), honest_keys))
-                deadline = time.monotonic() + 150
-                while byzantine.lies == 0:
-                    assert time.monotonic() < deadline, "the byzantine member never led"
-                    await asyncio.sleep(0.5)
-                await asyncio.sleep(ROUND_SECONDS * 3)
+                await asyncio.sleep(ROUND_SECONDS * 2)
         finally:
             liar.cancel()
             await asyncio.gather(liar, return_exceptions=True)
 
     asyncio.run(scenario())
-    assert byzantine.equivocations > 0
+    assert byzantine.equivocations > 0 and byzantine.out_of_turn > 0
     for node in honest:
-        assert node.metric("poc_equivocations_total") >= 1
-        assert node.metric("poc_rounds_total", 'outcome="skip"') >= 1
+        assert node.process.poll() is None, node.log_text()[-3000:]
+        assert node.metric("poc_equivocations_total", 'member="v3"') >= 1
+        assert node.metric("poc_consensus_rejected_total", 'reason="not_proposer"') >= 1
+        assert node.metric("poc_consensus_rejected_total", 'reason="too_far_ahead"') >= 1
     assert sum(node.metric("poc_record_mismatches_total") for node in honest) >= 1
     up_to = int(min(node.metric("poc_finalized_round") for node in honest))
     for node in honest:
@@ -278,9 +333,50 @@ def test_a_byzantine_member_cannot_break_the_committee(
     states = [read_state(node.data_dir, up_to) for node in honest]
     for state in states[1:]:
         assert state == states[0]
+    paid = [entry[2] for entry in states[0]["ledger"]]
+    assert len(paid) == len(set(paid))  # nothing paid twice, replay or not
     assert all(entry[1] != byzantine.key.public_key for entry in states[0]["ledger"])
     store = Store(honest[0].data_dir / "node.sqlite3")
     try:
-        assert any(offender == byzantine.key.public_key for _, offender, _ in store.evidence())
+        assert any(row.offender == byzantine.key.public_key for row in store.evidence())
     finally:
         store.close()
+    audit = subprocess.run(
+        [str(POC_NODE), "audit", "--data-dir", str(honest[0].data_dir), "--config",
+         str(tmp_path / "c0" / "node.yaml")],
+        capture_output=True, text=True, timeout=300, check=False)
+    assert audit.returncode == 0, audit.stdout + audit.stderr
+    assert "v3 signed two" in audit.stdout and "proves equivocation" in audit.stdout
+
+
+def test_twins_sharing_one_key_cannot_split_the_committee(
+        mosquitto: Broker, tmp_path: Path, stop_all: list[NodeProcess]):
+    """Two processes run with v3's key (an operator's failover gone wrong)."""
+    committee_file, keys, committee = make_committee(tmp_path, 4, start_in_s=25)
+    bus = f"mqtt://127.0.0.1:{mosquitto.port}"
+    nodes = start_members(tmp_path, bus, committee_file, [*keys, keys[3]])
+    stop_all.extend(nodes)
+    honest = nodes[:3]
+    honest_keys = {m.public_key for m in committee.members} - {load_key(keys[3]).public_key}
+    crowd = [Peer() for _ in range(4)]
+
+    async def scenario() -> None:
+        async with ResultListener(mosquitto.port) as listener:
+            raws = [crowd[i % 4].submission([("text", "text/plain", f"twins {i}".encode())])
+                    for i in range(8)]
+            for raw in raws:
+                await listener.publish(raw)
+                await asyncio.sleep(ROUND_SECONDS / 2)
+            for raw in raws:
+                same_outcome(await finals_from_all(listener, submission_id(raw), honest_keys))
+
+    asyncio.run(scenario())
+    up_to = int(min(node.metric("poc_finalized_round") for node in honest))
+    for node in nodes:
+        assert node.process.poll() is None, node.log_text()[-3000:]
+    for node in honest:
+        assert node.stop() == 0, node.log_text()[-3000:]
+    states = [read_state(node.data_dir, up_to) for node in honest]
+    assert states[0]["rounds"]
+    for state in states[1:]:
+        assert state == states[0]

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from node.store.sqlite import Store
 from node.intake.wire import parse_submission
+from node.store.sqlite import Store
 from tests.conftest import start_mosquitto, start_node, write_node_config
 from tests.peer import Peer, ResultListener, submission_id
 

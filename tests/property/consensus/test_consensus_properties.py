@@ -1,53 +1,164 @@
-"""Quorum arithmetic and safety of the round machine under any delivery order."""
+"""Quorum arithmetic, and safety and liveness of the round machine over simulated networks.
+
+Each schedule follows from one seed (``run_schedule``): which members are
+faulty and how, the network's delays, losses, duplicates, reordering and
+partition until it heals, the members' clock offsets, and maybe an honest
+member's crash and restart. A failing example prints its seed;
+``run_schedule(seed, stakes)`` replays it exactly (``Simulation.describe``
+and the nodes' ``sent`` and ``commits`` show what happened).
+
+Safety is asserted on every schedule. Liveness assumes the gossip of
+Tendermint's model (``Network.relay``): without it, a member that resends
+only ``current_messages()`` can be left locked on a value whose prevote
+quorum the others lost for good; those schedules are checked for safety only.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import random
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from fractions import Fraction
 
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from consensus import (
-    Broadcast,
-    Commit,
-    Committee,
-    Member,
-    Proposal,
-    QuorumCertificate,
-    RoundMachine,
-    SignedProposal,
-    SignedVote,
-    Vote,
+from consensus import Committee, Member, QuorumCertificate, Timeouts, Vote, VoteKind
+from tests.unit.consensus.consensus_fakes import (
+    FAULTY_BEHAVIOURS,
+    Behaviour,
+    FastCrypto,
+    Network,
+    Simulation,
 )
 
+ROUNDS = 3
+ROUND_SECONDS = 1
+MAX_CLOCK_OFFSET_MS = 3_000
+MAX_HEAL_MS = 8_000
+TIMEOUTS = Timeouts(propose_ms=600, prevote_ms=300, precommit_ms=300, delta_ms=150, max_ms=5_000)
+LIVENESS_MS = 30_000
+"""Once the network has healed and every member's clock has closed the last round,
+every honest member has committed every round within this much virtual time."""
+MAX_VIEWS = 16
+"""... and no member decided a round in a later view than this."""
 
-class HashCrypto:
-    """A fast stand-in for Ed25519: a signature is a hash of key and message.
+seeds = st.integers(min_value=0, max_value=2**32 - 1)
 
-    Only the quorum arithmetic and the state machine are under test here;
-    real signatures are exercised in tests/unit/consensus.
+
+def schedule_settings(examples: int) -> settings:
+    return settings(
+        max_examples=examples,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow],
+    )
+
+
+def run_schedule(
+    seed: int,
+    stakes: Sequence[int],
+    *,
+    rounds: int = ROUNDS,
+    faulty: bool = True,
+    relay: bool = True,
+) -> Simulation:
+    """Draw a schedule from ``seed`` and run it until every honest member finishes or the bound.
+
+    Faulty members (random behaviours, less than 1/3 of the stake), the
+    network (loss, duplicates, reordering, a partition, all until a heal
+    time), the clock offsets and maybe one honest member's crash and restart
+    all come from ``seed``.
     """
+    rng = random.Random(seed)
+    n, total = len(stakes), sum(stakes)
+    behaviours: dict[int, Behaviour] = {}
+    if faulty:
+        members = list(range(n))
+        rng.shuffle(members)
+        faulty_stake = 0
+        for i in members[: rng.randint(0, n)]:
+            if (faulty_stake + stakes[i]) * 3 < total:
+                faulty_stake += stakes[i]
+                behaviours[i] = rng.choice(FAULTY_BEHAVIOURS)
+    heal_ms = rng.choice([0, rng.randint(0, MAX_HEAL_MS)])
+    network = Network(
+        chaos_latency_ms=rng.choice([100, 400, 1500]),
+        drop=rng.choice([0.0, rng.random() * 0.6]),
+        duplicate=rng.random() * 0.2,
+        reorder=rng.random() * 0.3,
+        heal_ms=heal_ms,
+        partitioned=frozenset(i for i in range(n) if rng.random() < 0.25),
+        relay=relay,
+    )
+    offsets = [rng.randint(0, MAX_CLOCK_OFFSET_MS) for _ in range(n)]
+    crashes = {}
+    honest = [i for i in range(n) if i not in behaviours]
+    if rng.random() < 0.3:
+        crash_ms = rng.randint(0, max(heal_ms, rounds * ROUND_SECONDS * 1000))
+        crashes[rng.choice(honest)] = (crash_ms, crash_ms + rng.randint(50, 3_000))
+    sim = Simulation(
+        stakes,
+        seed=seed,
+        rounds=rounds,
+        network=network,
+        behaviours=behaviours,
+        timeouts=TIMEOUTS,
+        round_seconds=ROUND_SECONDS,
+        clock_offsets_ms=offsets,
+        crypto=FastCrypto,
+        crashes=crashes,
+    )
+    sim.run(liveness_deadline(sim))
+    return sim
 
-    def __init__(self, public_key: bytes) -> None:
-        self.public_key = public_key
 
-    def digest(self, domain: str, body: Mapping[str, object]) -> bytes:
-        return hashlib.sha256(domain.encode() + repr(sorted(body.items())).encode()).digest()
+def liveness_deadline(sim: Simulation) -> int:
+    """Virtual time by which every honest member must have finished."""
+    last_close = sim.rounds * sim.round_ms + max(n.clock_offset_ms for n in sim.nodes)
+    restarted = max(sim.network.heal_ms, last_close) + 3_000  # the longest crash
+    return restarted + LIVENESS_MS
 
-    def sign(self, domain: str, body: Mapping[str, object]) -> bytes:
-        return self._sig(self.public_key, domain, body)
 
-    def verify(
-        self, public_key: bytes, domain: str, body: Mapping[str, object], signature: bytes
-    ) -> bool:
-        return signature == self._sig(public_key, domain, body)
+def replay(seed: int, stakes: Sequence[int], **kwargs: object) -> str:
+    args = "".join(f", {k}={v!r}" for k, v in kwargs.items())
+    return f"replay with run_schedule({seed}, {list(stakes)}{args})"
 
-    def _sig(self, key: bytes, domain: str, body: Mapping[str, object]) -> bytes:
-        d = self.digest(domain, body)
-        return hashlib.sha512(key + d).digest()
+
+def check_safe(sim: Simulation, how: str) -> None:
+    violations = sim.safety_violations()
+    assert not violations, f"{how}: {violations}\n{sim.describe()}"
+    for node in sim.honest:
+        for commit in node.commits:  # validity: no replayed records
+            rounds = {sim.first_committed[r] for r in commit.value.records}
+            assert rounds <= {commit.round}, f"{how}: replayed records committed"
+        if node.restarts == 0:
+            asked = [(v.round, v.value_hash) for v in node.verify_requests]
+            assert len(asked) == len(set(asked)), f"{how}: a value verified twice"
+        assert node.machine is not None and node.machine.held_rounds() <= 13, how
+        for evidence in node.evidence:  # only faulty members are ever accused
+            offender = sim.node_of(evidence.offender)
+            assert not offender.honest, (
+                f"{how}: honest v{offender.member} accused\n{sim.describe()}"
+            )
+            assert evidence.verify(sim.committee, node.crypto), how
+
+
+def check_live(sim: Simulation, how: str) -> None:
+    assert sim.done(), f"{how}: not every honest member finished\n{sim.describe()}"
+    views = [
+        c.certificate.view
+        for node in sim.honest
+        for c in node.commits
+        if c.round not in node.synced
+    ]
+    assert max(views, default=0) <= MAX_VIEWS, (
+        f"{how}: decided only in view {max(views)}\n{sim.describe()}"
+    )
+
+
+# -- quorum arithmetic ---------------------------------------------------------------
 
 
 def key(i: int) -> bytes:
@@ -55,110 +166,117 @@ def key(i: int) -> bytes:
 
 
 stakes_st = st.lists(st.integers(1, 100), min_size=1, max_size=7)
+arithmetic = settings(max_examples=300, derandomize=True, database=None)
 
 
+class _KeyedCrypto(FastCrypto):
+    """Signs as ``public_key`` (FastCrypto signatures are a hash of key and message)."""
+
+    def __init__(self, public_key: bytes) -> None:
+        self.public_key = public_key
+
+
+def committee_of(stakes: Sequence[int]) -> Committee:
+    return Committee(0, 10, 6, tuple(Member(str(i), key(i), s) for i, s in enumerate(stakes)))
+
+
+@arithmetic
 @given(stakes_st, st.integers(0, 10**6))
 def test_quorum_is_exactly_two_thirds(stakes: list[int], stake: int) -> None:
-    c = Committee(0, 10, 6, tuple(Member(str(i), key(i), s) for i, s in enumerate(stakes)))
+    c = committee_of(stakes)
     assert c.has_quorum(stake) == (Fraction(stake, c.total_stake) >= Fraction(2, 3))
 
 
+@arithmetic
+@given(stakes_st, st.data())
+def test_two_quorums_share_more_than_a_third_of_the_stake(
+    stakes: list[int], data: st.DataObject
+) -> None:
+    c = committee_of(stakes)
+    indices = range(len(stakes))
+    first = data.draw(st.sets(st.sampled_from(indices)))
+    second = data.draw(st.sets(st.sampled_from(indices)))
+    stake = {i: m.stake for i, m in enumerate(c.members)}
+    if c.has_quorum(sum(stake[i] for i in first)) and c.has_quorum(sum(stake[i] for i in second)):
+        shared = sum(stake[i] for i in first & second)
+        assert 3 * shared >= c.total_stake  # at least 1/3: with less faulty, an honest one
+        faulty = data.draw(st.sets(st.sampled_from(indices)))
+        if 3 * sum(stake[i] for i in faulty) < c.total_stake:
+            assert (first & second) - faulty
+
+
+@arithmetic
 @given(stakes_st, st.data())
 def test_no_two_certificates_for_different_values(stakes: list[int], data: st.DataObject) -> None:
     """Faulty members (< 1/3 stake) sign every value; honest ones sign one each."""
-    c = Committee(0, 10, 6, tuple(Member(str(i), key(i), s) for i, s in enumerate(stakes)))
+    c = committee_of(stakes)
     members = list(c.members)
     faulty = data.draw(st.sets(st.sampled_from(range(len(members)))))
     if sum(members[i].stake for i in faulty) * 3 >= c.total_stake:
         faulty = set()
-    values: list[bytes | None] = [None, bytes(32), bytes([1] * 32)]
+    values = [bytes(32), bytes([1] * 32), bytes([2] * 32)]
+    choice = {
+        i: data.draw(st.sampled_from([None, *values]))
+        for i in range(len(members))
+        if i not in faulty
+    }
+    view = data.draw(st.integers(0, 3))
     certified = []
-    crypto = HashCrypto(b"")
-    choice = {i: data.draw(st.sampled_from(values)) for i in range(len(members)) if i not in faulty}
     for value in values:
         votes = []
         for i, m in enumerate(members):
             if i in faulty or choice[i] == value:
-                v = Vote(5, m.public_key, value)
-                votes.append((m.public_key, HashCrypto(m.public_key).sign(Vote.DOMAIN, v.body())))
-        if QuorumCertificate(5, value, tuple(votes)).verify(c, crypto):
+                signer = _KeyedCrypto(m.public_key)
+                v = Vote(VoteKind.PRECOMMIT, 5, view, m.public_key, value)
+                votes.append((m.public_key, signer.sign(Vote.DOMAIN, v.body())))
+        if QuorumCertificate(5, view, value, tuple(votes)).verify(c, _KeyedCrypto(b"")):
             certified.append(value)
     assert len(certified) <= 1
 
 
-@settings(max_examples=60, deadline=None)
-@given(
-    st.lists(st.integers(1, 5), min_size=4, max_size=4),
-    st.randoms(use_true_random=False),
-    st.sets(st.integers(0, 3), max_size=3),
-)
-def test_any_delivery_order_commits_one_value_per_round(
-    stakes: list[int], rnd: random.Random, disagree: set[int]
-) -> None:
-    """Messages are delivered in random order, timeouts fire at random moments.
+# -- the machine over simulated networks ------------------------------------------------
 
-    Honest members may commit a proposal or a skip, but never two different
-    things for one round, and every round they commit has a valid certificate.
-    """
-    cryptos = [HashCrypto(key(i)) for i in range(4)]
-    c = Committee(
-        0,
-        10,
-        6,
-        tuple(
-            Member(str(i), k.public_key, s)
-            for i, (k, s) in enumerate(zip(cryptos, stakes, strict=True))
-        ),
-    )
 
-    def judge(i: int) -> Callable[[Sequence[bytes]], bool]:
-        return lambda records: i not in disagree
+FOUR = (1, 1, 1, 1)
+SEVEN_UNEQUAL = (1, 2, 3, 4, 5, 6, 7)
+SEVEN = (1, 1, 1, 1, 1, 1, 1)
 
-    machines = [
-        RoundMachine(c, k.public_key, k, records_agree=judge(i)) for i, k in enumerate(cryptos)
+
+@schedule_settings(1000)
+@given(seeds)
+def test_four_equal_members_are_safe_and_live(seed: int) -> None:
+    sim = run_schedule(seed, FOUR)
+    check_safe(sim, replay(seed, FOUR))
+    check_live(sim, replay(seed, FOUR))
+
+
+@schedule_settings(300)
+@given(seeds)
+def test_seven_unequal_members_are_safe_and_live(seed: int) -> None:
+    sim = run_schedule(seed, SEVEN_UNEQUAL)
+    check_safe(sim, replay(seed, SEVEN_UNEQUAL))
+    check_live(sim, replay(seed, SEVEN_UNEQUAL))
+
+
+@schedule_settings(200)
+@given(seeds)
+def test_seven_equal_members_are_safe_and_live(seed: int) -> None:
+    sim = run_schedule(seed, SEVEN)
+    check_safe(sim, replay(seed, SEVEN))
+    check_live(sim, replay(seed, SEVEN))
+
+
+@schedule_settings(400)
+@given(seeds, st.sampled_from([FOUR, SEVEN_UNEQUAL]))
+def test_safe_when_lost_messages_are_never_relayed(seed: int, stakes: tuple[int, ...]) -> None:
+    """Without gossip a lost message stays lost: liveness is not promised, safety is."""
+    sim = run_schedule(seed, stakes, relay=False)
+    check_safe(sim, replay(seed, stakes, relay=False))
+
+
+def test_a_schedule_replays_exactly() -> None:
+    first, second = run_schedule(1234, SEVEN_UNEQUAL), run_schedule(1234, SEVEN_UNEQUAL)
+    assert first.events == second.events and first.now == second.now
+    assert [[c.value_hash for c in n.commits] for n in first.nodes] == [
+        [c.value_hash for c in n.commits] for n in second.nodes
     ]
-    commits: list[dict[int, Commit]] = [{} for _ in machines]
-    pending: list[tuple[int, SignedProposal | SignedVote]] = []
-    events: list[tuple[str, int, int]] = [
-        (kind, i, r) for r in range(3) for i in range(4) for kind in ("close", "timeout")
-    ]
-
-    def perform(i: int, actions: list[object]) -> None:
-        for a in actions:
-            if isinstance(a, Broadcast):
-                if a.domain == Proposal.DOMAIN:
-                    msg: SignedProposal | SignedVote = SignedProposal(
-                        Proposal.from_body(a.body), a.signature
-                    )
-                else:
-                    msg = SignedVote(Vote.from_body(a.body), a.signature)
-                pending.extend((j, msg) for j in range(4) if j != i)
-            elif isinstance(a, Commit):
-                assert a.round not in commits[i]
-                commits[i][a.round] = a
-
-    while events or pending:
-        if pending and (not events or rnd.random() < 0.7):
-            j, msg = pending.pop(rnd.randrange(len(pending)))
-            m = machines[j]
-            perform(
-                j,
-                list(
-                    m.proposal_received(msg)
-                    if isinstance(msg, SignedProposal)
-                    else m.vote_received(msg)
-                ),
-            )
-        else:
-            kind, i, r = events.pop(rnd.randrange(len(events)))
-            m = machines[i]
-            perform(i, list(m.round_closed(r, [b"rec"]) if kind == "close" else m.timeout(r)))
-
-    for r in range(3):
-        values = {(cm[r].proposal, cm[r].certificate.proposal_hash) for cm in commits if r in cm}
-        assert len(values) <= 1
-        for cm in commits:
-            if r in cm:
-                assert cm[r].certificate.verify(c, cryptos[0])
-    for cm in commits:
-        assert sorted(cm) == list(range(len(cm)))

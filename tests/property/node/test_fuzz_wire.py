@@ -18,8 +18,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from node.intake.codec import CodecError, DecodeLimits, pack, unpack
 from node.errors import Reason, Rejected
+from node.intake.codec import CodecError, DecodeLimits, pack, unpack
 from node.intake.wire import WireLimits, parse_submission
 from tests.peer import Peer
 from tests.peer import pack as peer_pack

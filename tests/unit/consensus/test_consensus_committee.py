@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 from consensus_fakes import make_committee
 
-from consensus import Committee, Member, genesis_beacon, leader_of, next_beacon
+from consensus import Committee, Member, genesis_beacon, leader_of, next_beacon, proposer_of
 from consensus.beacon import SKIP_HASH
 
 
@@ -89,3 +89,29 @@ def test_leaders_are_drawn_in_proportion_to_stake() -> None:
         expected = draws * s / 16
         sigma = (draws * s / 16 * (1 - s / 16)) ** 0.5
         assert abs(counts[str(i)] - expected) < 5 * sigma
+
+
+def test_proposer_of_a_view_is_drawn_from_the_beacon_and_the_view() -> None:
+    c = Committee(
+        0, 10, 6, tuple(Member(str(i), key(i + 1), s) for i, s in enumerate([1, 2, 3, 10]))
+    )
+    beacon = hashlib.sha256(b"some beacon").digest()
+    assert proposer_of(beacon, 0, c) == proposer_of(beacon, 0, c)
+    expected = leader_of(hashlib.sha256(beacon + (5).to_bytes(8, "big")).digest(), c)
+    assert proposer_of(beacon, 5, c) == expected
+    assert len({proposer_of(beacon, view, c).name for view in range(40)}) > 1
+    other = hashlib.sha256(b"another beacon").digest()
+    assert [proposer_of(beacon, v, c) for v in range(20)] != [
+        proposer_of(other, v, c) for v in range(20)
+    ]
+    with pytest.raises(ValueError):
+        proposer_of(beacon, -1, c)
+    with pytest.raises(ValueError):
+        proposer_of(b"short", 0, c)
+    rng = random.Random(99)
+    draws = 20_000
+    counts = Counter(proposer_of(rng.randbytes(32), rng.randrange(4), c).name for _ in range(draws))
+    for i, s in enumerate([1, 2, 3, 10]):
+        expected_count = draws * s / 16
+        sigma = (draws * s / 16 * (1 - s / 16)) ** 0.5
+        assert abs(counts[str(i)] - expected_count) < 5 * sigma

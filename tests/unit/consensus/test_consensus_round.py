@@ -1,244 +1,617 @@
-"""The round state machine: a committee of one, and four validators in one process."""
+"""The round machine: events in, actions out (Tendermint's Algorithm 1 over rounds and views)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TypeVar
 
 import pytest
-from consensus_fakes import FakeCrypto, Simulation, decode_broadcast, make_committee
+from consensus_fakes import (
+    Behaviour,
+    FakeCrypto,
+    FastCrypto,
+    Network,
+    SimCrypto,
+    Simulation,
+    certificate_of,
+    honest_records,
+    make_committee,
+    sign_proposal,
+    sign_vote,
+)
 
 from consensus import (
-    SKIP_HASH,
+    NO_VIEW,
+    Action,
     Broadcast,
+    BuildProposal,
+    CatchUp,
     Commit,
+    Committee,
     Equivocation,
-    FetchProposal,
-    Proposal,
-    QuorumCertificate,
+    FetchValue,
     Rejected,
     RoundMachine,
+    ScheduleTimeout,
     SignedProposal,
     SignedVote,
-    Vote,
+    Step,
+    Timeouts,
+    Value,
+    VerifyProposal,
+    VoteKind,
     genesis_beacon,
     next_beacon,
 )
 
+PREVOTE, PRECOMMIT = VoteKind.PREVOTE, VoteKind.PRECOMMIT
+A = TypeVar("A")
 
-def always(records: Sequence[bytes]) -> bool:
-    return True
+
+def only(actions: Sequence[object], kind: type[A]) -> list[A]:
+    return [a for a in actions if isinstance(a, kind)]
 
 
-def test_committee_of_one_commits_on_round_close() -> None:
+def sent(actions: Sequence[object]) -> list[SignedProposal | SignedVote]:
+    """The messages broadcast (or, given messages, those messages)."""
+    return [
+        a.message if isinstance(a, Broadcast) else a
+        for a in actions
+        if isinstance(a, Broadcast | SignedProposal | SignedVote)
+    ]
+
+
+def votes(actions: Sequence[object], kind: VoteKind) -> list[SignedVote]:
+    return [m for m in sent(actions) if isinstance(m, SignedVote) and m.vote.kind is kind]
+
+
+def proposer_index(view: int = 0, stakes: Sequence[int] = (1, 1, 1, 1)) -> int:
+    """The member proposing view ``view`` of round 0 in a ``Simulation`` of ``stakes``."""
+    probe = Simulation(stakes)
+    assert probe.nodes[0].machine is not None
+    return probe.node_of(probe.nodes[0].machine.proposer(view).public_key).member
+
+
+class Harness:
+    """One machine under test in a committee whose other keys the test signs with."""
+
+    def __init__(self, stakes: Sequence[int] = (1, 1, 1, 1), *, avoid: Sequence[int] = ()) -> None:
+        self.committee, self.cryptos = make_committee(stakes)
+        probe = RoundMachine(self.committee, self.cryptos[0].public_key, self.cryptos[0])
+        proposers = {probe.proposer(v).public_key for v in avoid}
+        self.me = next(c for c in self.cryptos if c.public_key not in proposers)
+        self.machine = RoundMachine(self.committee, self.me.public_key, self.me)
+        self.others = [c for c in self.cryptos if c is not self.me]
+
+    def proposer(self, view: int) -> SimCrypto:
+        key = self.machine.proposer(view).public_key
+        return next(c for c in self.cryptos if c.public_key == key)
+
+    def views_not_mine(self, count: int) -> list[int]:
+        return [v for v in range(64) if self.proposer(v) is not self.me][:count]
+
+    def propose(
+        self, view: int, records: Sequence[bytes], valid_view: int = NO_VIEW, round_number: int = 0
+    ) -> tuple[list[Action], bytes]:
+        """The view's proposer sends its proposal; returns the actions and the value hash."""
+        signed = sign_proposal(self.proposer(view), round_number, view, records, valid_view)
+        return self.machine.proposal_received(signed), self.value_hash(records, round_number)
+
+    def value_hash(self, records: Sequence[bytes], round_number: int = 0) -> bytes:
+        return Value(round_number, tuple(records)).digest(self.me)
+
+    def vote(
+        self,
+        voters: Sequence[SimCrypto],
+        kind: VoteKind,
+        view: int,
+        value_hash: bytes | None,
+        round_number: int = 0,
+    ) -> list[Action]:
+        actions: list[Action] = []
+        for voter in voters:
+            signed = sign_vote(voter, kind, round_number, view, value_hash)
+            actions += self.machine.vote_received(signed)
+        return actions
+
+    def verify(self, actions: Sequence[Action], ok: bool = True) -> list[Action]:
+        """Answer the one VerifyProposal in ``actions``."""
+        (request,) = only(actions, VerifyProposal)
+        return self.machine.value_verified(request.round, request.value_hash, ok)
+
+    def to_view(self, view: int) -> list[Action]:
+        """Time out of every view until ``view`` (answering nothing else)."""
+        actions: list[Action] = []
+        while self.machine.view < view:
+            actions += self.machine.timeout(Step.PRECOMMIT, 0, self.machine.view)
+        return actions
+
+    def lock_on(self, view: int, records: Sequence[bytes]) -> bytes:
+        """Prevote the view's proposal with two others, so that the machine locks on it."""
+        actions, value = self.propose(view, records)
+        self.verify(actions)
+        assert [v.vote.value_hash for v in votes(self.machine.current_messages(), PREVOTE)] == [
+            value
+        ]
+        self.vote(self.others[:2], PREVOTE, view, value)
+        assert self.machine.locked == (value, view)
+        return value
+
+
+# -- a committee of one ----------------------------------------------------------------
+
+
+def test_committee_of_one_decides_from_round_close_and_built_proposal() -> None:
     committee, (crypto,) = make_committee([5])
-    m = RoundMachine(committee, crypto.public_key, crypto, records_agree=always)
-    actions = m.round_closed(0, [b"a", b"b"])
-    assert [type(a) for a in actions] == [Broadcast, Broadcast, Commit]
-    proposal_msg, vote_msg, commit = actions
-    assert isinstance(proposal_msg, Broadcast) and proposal_msg.domain == Proposal.DOMAIN
-    assert isinstance(vote_msg, Broadcast) and vote_msg.domain == Vote.DOMAIN
-    assert isinstance(commit, Commit)
-    assert commit.proposal == Proposal(0, crypto.public_key, (b"a", b"b"))
-    h = commit.proposal.digest(crypto)
-    assert commit.certificate.proposal_hash == h
-    assert commit.certificate.verify(committee, crypto)
-    assert commit.beacon_after == next_beacon(genesis_beacon(committee.digest()), h)
-    assert m.next_round == 1 and m.beacon == commit.beacon_after
-    second = m.round_closed(1, [])
-    assert isinstance(second[-1], Commit) and second[-1].round == 1
-    assert m.round_closed(0, [b"again"]) == [Rejected("round_closed", 0, "already_final")]
+    m = RoundMachine(committee, crypto.public_key, crypto)
+    assert m.round_closed(0) == [
+        BuildProposal(0, 0),
+        ScheduleTimeout(Step.PROPOSE, 0, 0, Timeouts().propose_ms),
+    ]
+    actions = m.proposal_built(0, 0, [b"a", b"b"])
+    (commit,) = only(actions, Commit)
+    proposal, prevote, precommit = sent(actions)
+    assert isinstance(proposal, SignedProposal) and proposal.proposal.records == (b"a", b"b")
+    value = Value(0, (b"a", b"b")).digest(crypto)
+    assert isinstance(prevote, SignedVote) and prevote.vote.value_hash == value
+    assert isinstance(precommit, SignedVote) and precommit.vote.kind is PRECOMMIT
+    assert commit.value == Value(0, (b"a", b"b")) and commit.value_hash == value
+    assert commit.proposal == proposal
+    assert commit.certificate.verify(committee, crypto) and commit.certificate.value_hash == value
+    assert commit.beacon_after == next_beacon(genesis_beacon(committee.digest()), value)
+    assert m.next_round == 1 and m.beacon == commit.beacon_after and not m.started
+    assert m.round_closed(0) == [Rejected("round_closed", 0, "already_final")]
+    assert m.round_closed(9) == [Rejected("round_closed", 9, "too_far_ahead")]
+    assert only(m.round_closed(1), BuildProposal) == [BuildProposal(1, 0)]
+    (second,) = only(m.proposal_built(1, 0, []), Commit)
+    assert second.round == 1 and second.value == Value(1, ())
 
 
-def test_committee_of_one_skips_on_timeout() -> None:
+def test_rounds_closed_ahead_start_when_their_turn_comes() -> None:
     committee, (crypto,) = make_committee([1])
-    m = RoundMachine(committee, crypto.public_key, crypto, records_agree=always)
-    actions = m.timeout(0)
-    commit = actions[-1]
-    assert isinstance(commit, Commit) and commit.proposal is None
-    assert commit.certificate.proposal_hash is None
-    assert commit.beacon_after == next_beacon(genesis_beacon(committee.digest()), SKIP_HASH)
-    assert m.round_closed(0, [b"late"])[0].reason == "already_final"  # type: ignore[union-attr]
+    m = RoundMachine(committee, crypto.public_key, crypto)
+    assert m.round_closed(1) == []
+    assert only(m.round_closed(0), BuildProposal) == [BuildProposal(0, 0)]
+    actions = m.proposal_built(0, 0, [b"x"])
+    assert [c.round for c in only(actions, Commit)] == [0]
+    assert only(actions, BuildProposal) == [BuildProposal(1, 0)]
+    assert m.proposal_built(0, 0, [b"late"]) == []  # stale answers are ignored
+    assert m.proposal_built(1, 3, [b"wrong view"]) == []
 
 
-def test_rounds_closed_ahead_wait_for_their_turn() -> None:
-    committee, (crypto,) = make_committee([1])
-    m = RoundMachine(committee, crypto.public_key, crypto, records_agree=always)
-    assert m.round_closed(1, [b"y"]) == []
-    actions = m.round_closed(0, [b"x"])
-    assert [a.round for a in actions if isinstance(a, Commit)] == [0, 1]
+# -- four members ------------------------------------------------------------------
 
 
-def test_four_validators_finalize_every_round_with_honest_leaders() -> None:
-    sim = Simulation([1, 1, 1, 1])
-    for r in range(12):
-        sim.close_round(r, [f"r{r}".encode()])
-        commits = [n.commits[-1] for n in sim.nodes]
-        assert all(c.round == r for c in commits)
-        assert all(
-            c.proposal is not None and c.proposal.records == (f"r{r}".encode(),) for c in commits
-        )
+def test_four_members_decide_every_round_with_friendly_timing() -> None:
+    sim = Simulation([1, 1, 1, 1], rounds=8, seed=3)
+    assert sim.run(60_000), sim.describe()
+    assert sim.safety_violations() == []
+    for r in range(8):
+        commits = [n.commits[r] for n in sim.nodes]
+        assert len({c.value_hash for c in commits}) == 1
         assert len({c.beacon_after for c in commits}) == 1
-        assert all(c.certificate.verify(sim.committee, sim.nodes[0].crypto) for c in commits)
-    assert all(n.machine.next_round == 12 for n in sim.nodes)
-    assert len({c.proposal.leader for c in sim.nodes[0].commits if c.proposal}) > 1
+        assert all(c.certificate.view == 0 for c in commits)
+    proposers = {c.proposal.signer for c in sim.nodes[0].commits if c.proposal is not None}
+    assert len(proposers) > 1
+    for n in sim.nodes:  # each value is the one its proposer built: the records name it
+        for c in n.commits:
+            assert c.proposal is not None
+            builder = sim.node_of(c.proposal.signer).index
+            assert c.value.records == honest_records(c.round, builder)
+    assert all(not n.rejected and not n.evidence for n in sim.nodes)
 
 
-def test_silent_leader_gives_a_certified_skip() -> None:
-    sim = Simulation([1, 1, 1, 1])
-    leader = sim.by_key(sim.nodes[0].machine.leader.public_key)
-    leader.online = False
-    sim.close_round(0)
-    assert all(not n.commits for n in sim.nodes)
-    sim.time_out(0)
-    for node in sim.nodes:
-        if node.online:
-            (commit,) = node.commits
-            assert commit.proposal is None and commit.certificate.proposal_hash is None
-            assert commit.certificate.verify(sim.committee, node.crypto)
-            assert node.machine.next_round == 1
+def test_silent_proposer_gives_nil_prevotes_and_a_later_view_decides() -> None:
+    silent = proposer_index(0)
+    sim = Simulation([1, 1, 1, 1], rounds=1, behaviours={silent: Behaviour.SILENT})
+    cryptos = sim.cryptos
+    assert sim.run(60_000), sim.describe()
+    assert sim.safety_violations() == []
+    for node in sim.honest:
+        first = next(m for m in node.sent if isinstance(m, SignedVote))
+        assert (first.vote.kind, first.view, first.vote.value_hash) == (PREVOTE, 0, None)
+        (commit,) = node.commits
+        assert commit.certificate.view >= 1
+        assert commit.proposal is not None and commit.proposal.signer != cryptos[silent].public_key
 
 
-def test_disagreeing_records_vote_skip() -> None:
-    sim = Simulation([1, 1, 1, 1], agree=lambda i, records: False)
-    sim.close_round(0)
-    sim.time_out(0)
-    assert all(n.commits[0].proposal is None for n in sim.nodes)
+def test_a_replayed_value_gets_nil_prevotes_and_is_never_committed() -> None:
+    sim = Simulation([1, 1, 1, 1], rounds=8, behaviours={1: Behaviour.REPLAYER}, seed=2)
+    assert sim.run(120_000), sim.describe()
+    assert sim.safety_violations() == []
+    replays = [
+        p
+        for p in sim.nodes[1].sent
+        if isinstance(p, SignedProposal)
+        and any(sim.first_committed.get(r, p.round) < p.round for r in p.proposal.records)
+    ]
+    assert replays, "the replayer never proposed after round 0: pick another seed"
+    for p in replays:
+        for node in sim.honest:
+            prevote = next(
+                m
+                for m in node.sent
+                if isinstance(m, SignedVote)
+                and (m.vote.kind, m.round, m.view) == (PREVOTE, p.round, p.view)
+            )
+            assert prevote.vote.value_hash is None
+    for node in sim.honest:
+        for c in node.commits:
+            assert all(sim.first_committed[r] == c.round for r in c.value.records)
 
 
-def test_one_dissenter_does_not_block_the_proposal() -> None:
-    sim = Simulation([1, 1, 1, 1], agree=lambda i, records: i != 2)
-    sim.close_round(0)
-    assert all(n.commits[0].proposal is not None for n in sim.nodes)
-
-
-def test_equivocating_voter_is_caught() -> None:
-    sim = Simulation([1, 1, 1, 1])
-    leader_key = sim.nodes[0].machine.leader.public_key
-    bad = next(n for n in sim.nodes if n.crypto.public_key != leader_key)
-    honest = [n for n in sim.nodes if n is not bad]
-    bad.online = False
-    for vote_value in (bytes(range(32)), None):
-        vote = Vote(0, bad.crypto.public_key, vote_value)
-        signed = SignedVote(vote, bad.crypto.sign(Vote.DOMAIN, vote.body()))
-        for node in honest:
-            sim.handle(sim.nodes.index(node), node.machine.vote_received(signed))
-    for node in honest:
-        (eq,) = node.evidence
-        assert eq.evidence.offender == bad.crypto.public_key and eq.evidence.kind == "vote"
-        assert eq.evidence.verify(sim.committee, node.crypto)
-    assert len({n.evidence[0].evidence for n in honest}) == 1
-    sim.close_round(0)
-    assert all(n.commits[0].proposal is not None for n in honest)
-
-
-def test_equivocating_leader_is_caught() -> None:
-    sim = Simulation([1, 1, 1, 1])
-    leader = sim.by_key(sim.nodes[0].machine.leader.public_key)
-    others = [n for n in sim.nodes if n is not leader]
-    for records in ((b"one",), (b"two",)):
-        p = Proposal(0, leader.crypto.public_key, records)
-        signed = SignedProposal(p, leader.crypto.sign(Proposal.DOMAIN, p.body()))
-        actions = others[0].machine.proposal_received(signed)
-    (eq,) = actions
-    assert isinstance(eq, Equivocation) and eq.evidence.kind == "proposal"
-    assert eq.evidence.verify(sim.committee, others[0].crypto)
-
-
-def test_bad_and_foreign_messages_are_rejected() -> None:
-    committee, cryptos = make_committee([1, 1, 1, 1])
-    m = RoundMachine(committee, cryptos[0].public_key, cryptos[0], records_agree=always)
+def test_messages_are_screened_with_reasons() -> None:
+    t = Harness()
+    m, other = t.machine, t.others[0]
     stranger = FakeCrypto(99)
-    vote = Vote(0, stranger.public_key, None)
-    assert m.vote_received(SignedVote(vote, stranger.sign(Vote.DOMAIN, vote.body())))[
-        0
-    ] == Rejected("vote", 0, "not_member")
-    forged = Vote(0, cryptos[1].public_key, None)
-    assert m.vote_received(SignedVote(forged, stranger.sign(Vote.DOMAIN, forged.body())))[0] == (
-        Rejected("vote", 0, "bad_signature")
-    )
-    far = Vote(100, cryptos[1].public_key, None)
-    assert m.vote_received(SignedVote(far, cryptos[1].sign(Vote.DOMAIN, far.body())))[0].reason == (  # type: ignore[union-attr]
-        "too_far_ahead"
-    )
-    non_leader = next(c for c in cryptos if c.public_key != m.leader.public_key)
-    p = Proposal(0, non_leader.public_key, ())
-    assert m.proposal_received(SignedProposal(p, non_leader.sign(Proposal.DOMAIN, p.body())))[
-        0
-    ] == Rejected("proposal", 0, "not_leader")
+    assert m.vote_received(sign_vote(stranger, PREVOTE, 0, 0, None)) == [
+        Rejected("prevote", 0, "not_member")
+    ]
+    forged = sign_vote(other, PRECOMMIT, 0, 0, None)
+    forged = SignedVote(forged.vote, stranger.sign("poc/v1/vote", forged.vote.body()))
+    assert m.vote_received(forged) == [Rejected("precommit", 0, "bad_signature")]
+    assert m.vote_received(sign_vote(other, PREVOTE, 8, 0, None)) == [
+        Rejected("prevote", 8, "too_far_ahead")
+    ]
+    assert m.vote_received(sign_vote(other, PREVOTE, 0, 33, None)) == [
+        Rejected("prevote", 0, "view_too_far_ahead")
+    ]
+    assert m.vote_received(sign_vote(other, PREVOTE, 3, 33, None)) == [
+        Rejected("prevote", 3, "view_too_far_ahead")
+    ]
+    assert m.vote_received(sign_vote(other, PREVOTE, 0, 32, None)) == []
+    not_proposer = next(c for c in t.cryptos if c is not t.proposer(0))
+    assert m.proposal_received(sign_proposal(not_proposer, 0, 0, [b"x"])) == [
+        Rejected("proposal", 0, "not_proposer")
+    ]
+    assert m.proposal_received(sign_proposal(t.proposer(0), 0, 40, [b"x"])) == [
+        Rejected("proposal", 0, "view_too_far_ahead")
+    ]
+    assert m.proposal_received(sign_proposal(stranger, 0, 0, [b"x"])) == [
+        Rejected("proposal", 0, "not_member")
+    ]
+    # A later round's proposer is unknown until its beacon: kept, and checked then.
+    assert m.proposal_received(sign_proposal(not_proposer, 1, 0, [b"x"])) == []
+    resumed = RoundMachine(t.committee, t.me.public_key, t.me, first_round=5, beacon=bytes(32))
+    assert resumed.vote_received(sign_vote(other, PREVOTE, 2, 0, None)) == [
+        Rejected("prevote", 2, "too_old")
+    ]
 
 
-def test_restored_vote_is_never_replaced() -> None:
-    committee, cryptos = make_committee([1, 1, 1, 1])
-    me = next(c for c in cryptos)
-    first = RoundMachine(committee, me.public_key, me, records_agree=always)
-    leader_key = first.leader.public_key
-    if leader_key == me.public_key:
-        me = next(c for c in cryptos if c.public_key != leader_key)
-        first = RoundMachine(committee, me.public_key, me, records_agree=always)
-    (skip_msg,) = first.timeout(0)
-    assert isinstance(skip_msg, Broadcast)
-    skip = decode_broadcast(skip_msg)
-    assert isinstance(skip, SignedVote) and skip.vote.proposal_hash is None
+def test_a_member_locked_on_a_value_prevotes_nil_for_another_without_a_newer_quorum() -> None:
+    t = Harness(avoid=[0])
+    t.machine.round_closed(0)
+    v0, v1 = t.views_not_mine(2)
+    t.to_view(v0)
+    value_a = t.lock_on(v0, [b"A"])
+    t.vote(t.others, PRECOMMIT, v0, None)  # no decision: a precommit quorum of nil
+    t.to_view(v1)
+    assert t.machine.view == v1 and t.machine.locked == (value_a, v0)
+    actions, _ = t.propose(v1, [b"B"])
+    actions += t.verify(actions)
+    (prevote,) = votes(actions, PREVOTE)
+    assert prevote.view == v1 and prevote.vote.value_hash is None
+    assert t.machine.locked == (value_a, v0)
+    # The same value A, proposed again, gets the locked member's prevote.
+    t2 = Harness(avoid=[0])
+    t2.machine.round_closed(0)
+    t2.to_view(v0)
+    value_a = t2.lock_on(v0, [b"A"])
+    t2.vote(t2.others, PRECOMMIT, v0, None)
+    t2.to_view(v1)
+    actions, again = t2.propose(v1, [b"A"])
+    assert again == value_a and not only(actions, VerifyProposal)  # verdict kept for the round
+    (prevote,) = votes(actions, PREVOTE)
+    assert prevote.vote.value_hash == value_a
 
-    restarted = RoundMachine(committee, me.public_key, me, records_agree=always)
-    assert restarted.restore_vote(skip) == [skip_msg]
-    leader = next(c for c in cryptos if c.public_key == leader_key)
-    p = Proposal(0, leader_key, (b"r",))
-    assert restarted.round_closed(0, [b"r"]) == []
-    assert (
-        restarted.proposal_received(SignedProposal(p, leader.sign(Proposal.DOMAIN, p.body()))) == []
-    )
-    assert restarted.my_vote(0) == skip
+
+def test_a_locked_member_prevotes_a_value_proposed_with_a_newer_prevote_quorum() -> None:
+    t = Harness(avoid=[0])
+    t.machine.round_closed(0)
+    v0, v1, v2 = t.views_not_mine(3)
+    t.to_view(v0)
+    t.lock_on(v0, [b"A"])
+    t.vote(t.others, PRECOMMIT, v0, None)
+    t.to_view(v1)
+    # In v1 the others prevote B (their proposer's value); this member never saw it.
+    value_b = t.value_hash([b"B"])
+    t.vote(t.others[:2], PREVOTE, v1, value_b)
+    t.to_view(v2)
+    # Proposed with valid_view v1 but only two prevotes for B in v1: wait, then nil.
+    actions, _ = t.propose(v2, [b"B"], valid_view=v1)
+    assert actions == []  # not even verified: it could not get the prevote
+    (prevote,) = votes(t.machine.timeout(Step.PROPOSE, 0, v2), PREVOTE)
+    assert prevote.vote.value_hash is None
+    # A third prevote for B in v1: the quorum is newer than the lock, B gets the prevote.
+    t3 = Harness(avoid=[0])
+    t3.machine.round_closed(0)
+    t3.to_view(v0)
+    t3.lock_on(v0, [b"A"])
+    t3.vote(t3.others, PRECOMMIT, v0, None)
+    t3.to_view(v1)
+    t3.vote(t3.others, PREVOTE, v1, value_b)
+    t3.to_view(v2)
+    actions, _ = t3.propose(v2, [b"B"], valid_view=v1)
+    actions += t3.verify(actions)
+    (prevote,) = votes(actions, PREVOTE)
+    assert prevote.vote.value_hash == value_b
+    # ... and a valid_view older than the lock does not release it.
+    t4 = Harness(avoid=[0])
+    t4.machine.round_closed(0)
+    t4.to_view(v0)
+    t4.vote(t4.others, PREVOTE, v0, value_b)  # B had a quorum in v0 ...
+    t4.to_view(v1)
+    t4.lock_on(v1, [b"A"])  # ... but the member locked on A in v1
+    t4.vote(t4.others, PRECOMMIT, v1, None)
+    t4.to_view(v2)
+    actions, _ = t4.propose(v2, [b"B"], valid_view=v0)
+    actions += t4.verify(actions)
+    (prevote,) = votes(actions, PREVOTE)
+    assert prevote.vote.value_hash is None
+
+
+def test_a_prevote_equivocator_counts_for_every_value_of_its_view() -> None:
+    t = Harness(avoid=[0])
+    t.machine.round_closed(0)
+    (v0,) = t.views_not_mine(1)
+    t.to_view(v0)
+    actions, value = t.propose(v0, [b"A"])
+    t.verify(actions)
+    liar, honest = t.others[0], t.others[1]
+    t.vote([liar], PREVOTE, v0, None)
+    t.vote([honest], PREVOTE, v0, value)
+    assert t.machine.locked is None  # the liar's first prevote was nil
+    actions = t.vote([liar], PREVOTE, v0, value)
+    assert len(only(actions, Equivocation)) == 1
+    assert t.machine.locked == (value, v0)
+    (precommit,) = votes(actions, PRECOMMIT)
+    assert precommit.vote.value_hash == value
+
+
+def test_restore_never_signs_a_different_vote_and_keeps_the_lock() -> None:
+    t = Harness(avoid=[0])
+    m = t.machine
+    m.round_closed(0)
+    v0, v1 = t.views_not_mine(2)
+    t.to_view(v0)
+    value_a = t.lock_on(v0, [b"A"])
+    t.vote(t.others, PRECOMMIT, v0, None)
+    t.to_view(v1)
+    m.timeout(Step.PROPOSE, 0, v1)  # prevote nil in v1
+    signed = m.current_messages()
+    assert [(s.kind, s.view) for s in signed] == [("prevote", v1)]
+    # Everything it signed in round 0, as the node stored it from Broadcast actions
+    # (Ed25519 signatures are deterministic: these are the very messages it sent).
+    history = [
+        sign_vote(t.me, PREVOTE, 0, v0, value_a),
+        sign_vote(t.me, PRECOMMIT, 0, v0, value_a),
+        *signed,
+    ]
+    restarted = RoundMachine(t.committee, t.me.public_key, t.me)
+    actions = restarted.restore(history)
+    assert sent(actions) == history
+    assert restarted.locked == (value_a, v0)
+    actions = restarted.round_closed(0)
+    assert restarted.view == v1 and restarted.step is Step.PREVOTE
+    assert votes(actions, PREVOTE) == []
+    actions = restarted.proposal_received(sign_proposal(t.proposer(v1), 0, v1, [b"B"]))
+    actions += restarted.value_verified(0, t.value_hash([b"B"]), True)
+    actions += restarted.timeout(Step.PROPOSE, 0, v1)
+    for other_view in (v0, v1):
+        for kind in (PREVOTE, PRECOMMIT):
+            ours = [v for v in votes(actions, kind) if v.view == other_view]
+            assert ours == [], (kind, other_view)
+    assert restarted.current_messages() == signed
     with pytest.raises(ValueError):
-        other = Vote(0, me.public_key, p.digest(me))
-        restarted.restore_vote(SignedVote(other, me.sign(Vote.DOMAIN, other.body())))
+        RoundMachine(t.committee, t.me.public_key, t.me).restore(
+            [sign_vote(t.me, PREVOTE, 0, v0, None), sign_vote(t.me, PREVOTE, 0, v0, value_a)]
+        )
+    with pytest.raises(ValueError):
+        RoundMachine(t.committee, t.me.public_key, t.me).restore(
+            [sign_vote(t.others[0], PREVOTE, 0, v0, None)]
+        )
 
 
-def test_certified_proposal_never_received_is_fetched() -> None:
-    sim = Simulation([1, 1, 1, 1])
-    leader = sim.by_key(sim.nodes[0].machine.leader.public_key)
-    late = next(n for n in sim.nodes if n is not leader)
-    late.online = False
-    sim.close_round(0, [b"x"])
-    late.online = True
-    actions: list[object] = []
-    for node in sim.nodes:
-        if node is not late:
-            vote = node.machine.my_vote(0)
-            if vote is None:
-                vote = _vote_from_commit(node.commits[0], node.crypto.public_key)
-            actions += late.machine.vote_received(vote)
-    fetch = [a for a in actions if isinstance(a, FetchProposal)]
-    assert len(fetch) == 1
-    commit = leader.commits[0]
-    result = late.machine.certificate_received(fetch[0].certificate, commit.proposal)
-    assert isinstance(result[0], Commit) and result[0].beacon_after == commit.beacon_after
-    assert late.machine.certificate_received(commit.certificate, commit.proposal)[0] == Rejected(
-        "certificate", 0, "already_final"
+def test_a_member_restored_after_prevoting_still_owes_its_precommit() -> None:
+    t = Harness(avoid=[0])
+    t.machine.round_closed(0)
+    actions, value = t.propose(0, [b"A"])
+    prevote = votes(t.verify(actions), PREVOTE)
+    restarted = RoundMachine(t.committee, t.me.public_key, t.me)
+    restarted.restore(prevote)
+    actions = restarted.round_closed(0)
+    assert restarted.step is Step.PREVOTE
+    # It does not leave the view on its own: the others may need its precommit.
+    assert [a for a in only(actions, ScheduleTimeout) if a.step is not Step.PROPOSE] == []
+    actions = restarted.proposal_received(sign_proposal(t.proposer(0), 0, 0, [b"A"]))
+    for voter in t.others[:2]:
+        actions += restarted.vote_received(sign_vote(voter, PREVOTE, 0, 0, value))
+    assert only(actions, VerifyProposal) == [VerifyProposal(0, 0, value, (b"A",))]
+    actions = restarted.value_verified(0, value, True)
+    (precommit,) = votes(actions, PRECOMMIT)
+    assert precommit.vote.value_hash == value and restarted.locked == (value, 0)
+    # Restored after precommitting, everything of the view is signed: it may move on.
+    again = RoundMachine(t.committee, t.me.public_key, t.me)
+    again.restore([*prevote, precommit])
+    timers = only(again.round_closed(0), ScheduleTimeout)
+    assert ScheduleTimeout(Step.PRECOMMIT, 0, 0, Timeouts().precommit_ms) in timers
+    assert again.locked == (value, 0)
+
+
+def test_equivocation_is_reported_once_per_key_and_view() -> None:
+    t = Harness()
+    liar = t.others[0]
+    first = t.vote([liar], PREVOTE, 0, None)
+    assert first == [] and t.vote([liar], PREVOTE, 0, None) == []  # a copy is harmless
+    (report,) = only(t.vote([liar], PREVOTE, 0, bytes(32)), Equivocation)
+    assert report.evidence.offender == liar.public_key and report.evidence.kind == "prevote"
+    assert report.evidence.verify(t.committee, t.me)
+    assert t.vote([liar], PREVOTE, 0, bytes([1]) * 32) == []
+    (other_kind,) = only(
+        t.vote([liar], PRECOMMIT, 0, None) + t.vote([liar], PRECOMMIT, 0, bytes(32)),
+        Equivocation,
     )
+    assert other_kind.evidence.kind == "precommit"
+    proposer = t.proposer(0)
+    t.machine.proposal_received(sign_proposal(proposer, 0, 0, [b"one"]))
+    (twice,) = only(
+        t.machine.proposal_received(sign_proposal(proposer, 0, 0, [b"two"])), Equivocation
+    )
+    assert twice.evidence.kind == "proposal" and twice.evidence.verify(t.committee, t.me)
+    # Every member that catches it reports the same evidence.
+    u = Harness()
+    u.machine.vote_received(sign_vote(liar, PREVOTE, 0, 0, bytes(32)))
+    (same,) = only(u.machine.vote_received(sign_vote(liar, PREVOTE, 0, 0, None)), Equivocation)
+    assert same.evidence == report.evidence
 
 
-def _vote_from_commit(commit: Commit, voter: bytes) -> SignedVote:
-    signature = dict(commit.certificate.votes)[voter]
-    return SignedVote(Vote(commit.round, voter, commit.certificate.proposal_hash), signature)
+def test_twins_are_caught_by_the_honest_members() -> None:
+    twins = proposer_index(0)  # they propose different values in view 0
+    sim = Simulation([1, 1, 1, 1], rounds=3, behaviours={twins: Behaviour.TWINS})
+    assert sim.run(60_000), sim.describe()
+    assert sim.safety_violations() == []
+    offender = sim.cryptos[twins].public_key
+    for node in sim.honest:
+        assert node.evidence and {e.offender for e in node.evidence} == {offender}
+        assert all(e.verify(sim.committee, node.crypto) for e in node.evidence)
+        keys = [(e.kind, e.round, e.view) for e in node.evidence]
+        assert len(keys) == len(set(keys))
 
 
-def test_certificate_checks() -> None:
-    committee, cryptos = make_committee([1, 1, 1, 1])
-    h = bytes(32 * [7])
+def test_verify_is_asked_once_per_value_and_only_for_the_view_proposer() -> None:
+    t = Harness(avoid=[0, 1])
+    m = t.machine
+    m.round_closed(0)
+    # A later view's proposal is kept, not verified, until that view.
+    later, _ = t.propose(1, [b"later"])
+    assert later == []
+    actions, value = t.propose(0, [b"A"])
+    assert only(actions, VerifyProposal) == [VerifyProposal(0, 0, value, (b"A",))]
+    assert t.propose(0, [b"A"])[0] == []  # the same message again
+    assert (
+        only(m.proposal_received(sign_proposal(t.proposer(5), 1, 0, [b"A"])), VerifyProposal) == []
+    )
+    actions = m.value_verified(0, value, False)
+    (prevote,) = votes(actions, PREVOTE)
+    assert prevote.vote.value_hash is None  # an invalid value gets nil
+    actions = m.timeout(Step.PRECOMMIT, 0, 0)  # line 65: on to view 1
+    assert only(actions, VerifyProposal) == [
+        VerifyProposal(0, 1, t.value_hash([b"later"]), (b"later",))
+    ]
+    m.timeout(Step.PRECOMMIT, 0, 1)
+    assert m.view == 2
+    if t.proposer(2) is not t.me:
+        actions, again = t.propose(2, [b"A"])
+        assert again == value and only(actions, VerifyProposal) == []
+        assert [v.vote.value_hash for v in votes(actions, PREVOTE)] == [None]  # known invalid
 
-    def signed(i: int, value: bytes | None = h) -> tuple[bytes, bytes]:
-        v = Vote(3, cryptos[i].public_key, value)
-        return (cryptos[i].public_key, cryptos[i].sign(Vote.DOMAIN, v.body()))
 
-    c = cryptos[0]
-    assert QuorumCertificate(3, h, (signed(0), signed(1), signed(2))).verify(committee, c)
-    assert QuorumCertificate(3, h, (signed(0), signed(1))).why_invalid(committee, c) == "no_quorum"
-    dup = (signed(0), signed(0), signed(1))
-    assert QuorumCertificate(3, h, dup).why_invalid(committee, c) == "duplicate_voter"
-    wrong = (signed(0), signed(1), signed(2, None))
-    assert QuorumCertificate(3, h, wrong).why_invalid(committee, c) == "bad_signature"
-    qc = QuorumCertificate(3, None, (signed(3, None), signed(1, None), signed(2, None)))
-    assert qc.verify(committee, c)
-    assert QuorumCertificate.from_body(qc.body()) == qc
-    assert qc.body()["proposal_hash"] == b""
+def test_state_is_dropped_after_commit_and_held_rounds_stay_bounded() -> None:
+    committee, (crypto,) = make_committee([1])
+    m = RoundMachine(committee, crypto.public_key, crypto, retained_rounds=4)
+    most = 0
+    for r in range(100):
+        m.round_closed(r)
+        assert only(m.proposal_built(r, 0, [b"%d" % r]), Commit)
+        most = max(most, m.held_rounds())
+    assert m.next_round == 100 and most <= 5
+    assert m.value_verified(99, bytes(32), True) == []
+    sim = Simulation([1, 1, 1, 1], rounds=100, crypto=FastCrypto, seed=5)
+    assert sim.run(200_000), sim.describe()
+    assert sim.safety_violations() == []
+    for node in sim.nodes:
+        assert node.machine is not None and node.machine.held_rounds() <= 4 + 1 + 8
+        assert all(not state.verdicts for r, state in node.machine._rounds.items() if r < 100)
+
+
+def _committed(stakes: Sequence[int] = (1, 1, 1, 1)) -> tuple[Committee, list[SimCrypto], Commit]:
+    sim = Simulation(stakes, rounds=1)
+    assert sim.run(60_000)
+    return sim.committee, sim.cryptos, sim.nodes[0].commits[0]
+
+
+def test_a_valid_certificate_commits_and_invalid_ones_are_rejected() -> None:
+    committee, cryptos, commit = _committed()
+    assert commit.proposal is not None
+    fresh = RoundMachine(committee, cryptos[1].public_key, cryptos[1])
+    qc, proposal = commit.certificate, commit.proposal
+    h, view = qc.value_hash, qc.view
+    assert fresh.certificate_received(certificate_of(cryptos[:2], 0, view, h), proposal) == [
+        Rejected("certificate", 0, "no_quorum")
+    ]
+    stranger = FakeCrypto(77)
+    assert fresh.certificate_received(
+        certificate_of([*cryptos[:2], stranger], 0, view, h), proposal
+    ) == [Rejected("certificate", 0, "not_member")]
+    forged = certificate_of(cryptos[:3], 0, view, h)
+    forged = type(forged)(0, view, h, (*forged.votes[:2], (forged.votes[2][0], bytes(64))))
+    assert fresh.certificate_received(forged, proposal) == [
+        Rejected("certificate", 0, "bad_signature")
+    ]
+    dup = certificate_of(cryptos[:3], 0, view, h)
+    dup = type(dup)(0, view, h, (*dup.votes, dup.votes[0]))
+    assert fresh.certificate_received(dup, proposal) == [
+        Rejected("certificate", 0, "duplicate_voter")
+    ]
+    assert fresh.certificate_received(qc, None) == [Rejected("certificate", 0, "missing_proposal")]
+    other = sign_proposal(cryptos[0], 0, 0, [b"other"])
+    assert fresh.certificate_received(qc, other) == [Rejected("certificate", 0, "hash_mismatch")]
+    resigned = SignedProposal(proposal.proposal, bytes(64))
+    assert fresh.certificate_received(qc, resigned) == [Rejected("certificate", 0, "bad_proposal")]
+    assert fresh.certificate_received(certificate_of(cryptos[:3], 1, 0, h), proposal) == [
+        Rejected("certificate", 1, "not_next")
+    ]
+    (done,) = fresh.certificate_received(qc, proposal)
+    assert isinstance(done, Commit) and done.beacon_after == commit.beacon_after
+    assert done.value_hash == h and fresh.next_round == 1
+    assert fresh.certificate_received(qc, proposal) == [Rejected("certificate", 0, "already_final")]
+
+
+def test_a_decided_value_never_received_is_fetched() -> None:
+    committee, cryptos, commit = _committed()
+    qc, proposal = commit.certificate, commit.proposal
+    m = RoundMachine(committee, cryptos[1].public_key, cryptos[1])
+    m.round_closed(0)
+    actions: list[Action] = []
+    for voter in (c for c in cryptos if c is not cryptos[1]):
+        actions += m.vote_received(sign_vote(voter, PRECOMMIT, 0, qc.view, qc.value_hash))
+    (fetch,) = only(actions, FetchValue)
+    assert fetch.round == 0 and fetch.value_hash == qc.value_hash
+    assert fetch.certificate.verify(committee, cryptos[1])
+    assert (
+        only(m.vote_received(sign_vote(cryptos[1], PRECOMMIT, 0, qc.view, None)), FetchValue) == []
+    )
+    (done,) = only(m.certificate_received(fetch.certificate, proposal), Commit)
+    assert done.value_hash == qc.value_hash and done.beacon_after == commit.beacon_after
+
+
+def test_catch_up_when_more_than_a_third_of_the_stake_is_at_later_rounds() -> None:
+    t = Harness()
+    ahead = t.others
+    assert t.vote(ahead[:1], PREVOTE, 0, None, round_number=2) == []
+    assert t.vote(ahead[1:2], PREVOTE, 0, None, round_number=1) == [CatchUp(0)]
+    assert t.vote(ahead[2:], PREVOTE, 0, None, round_number=3) == []  # once per round
+    weighted = Harness((1, 1, 1, 6))  # the machine is a member of stake 1
+    small, large = weighted.others[:2], weighted.others[2:]
+    assert weighted.me is weighted.cryptos[0] and large == weighted.cryptos[3:]
+    assert weighted.vote(small, PREVOTE, 0, None, round_number=1) == []  # 2/9 of the stake
+    assert weighted.vote(large, PREVOTE, 0, None, round_number=1) == [CatchUp(0)]
+
+
+def test_early_proposer_and_everything_voter_change_nothing() -> None:
+    sim = Simulation(
+        [1, 1, 1, 1],
+        rounds=3,
+        behaviours={2: Behaviour.EARLY_PROPOSER},
+        network=Network(),
+        seed=11,
+        resend_ms=300,
+    )
+    assert sim.run(60_000), sim.describe()
+    assert sim.safety_violations() == []
+    reasons = {r.reason for n in sim.honest for r in n.rejected}
+    assert {"not_proposer", "too_far_ahead", "view_too_far_ahead"} <= reasons
+    noisy = Simulation([1, 1, 1, 1], rounds=3, behaviours={0: Behaviour.VOTES_FOR_EVERYTHING})
+    assert noisy.run(60_000), noisy.describe()
+    assert noisy.safety_violations() == []
+    assert all(n.evidence for n in noisy.honest)

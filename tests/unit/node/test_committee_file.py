@@ -2,9 +2,9 @@ from pathlib import Path
 
 import pytest
 
+from node.errors import ConfigError
 from node.ops.committee_file import load_committee
 from node.ops.config import DEFAULT_CONFIG
-from node.errors import ConfigError
 
 EXAMPLE = DEFAULT_CONFIG.parent / "committee.example.yaml"
 

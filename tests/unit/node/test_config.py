@@ -1,7 +1,7 @@
 import pytest
 
-from node.ops.config import DEFAULT_CONFIG, load_config
 from node.errors import ConfigError
+from node.ops.config import DEFAULT_CONFIG, load_config
 
 
 def test_defaults_load_and_resolve_weights_next_to_the_file():

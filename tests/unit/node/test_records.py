@@ -5,8 +5,8 @@ import numpy as np
 from encoders.embedding import ItemEmbedding
 from encoders.fusion import PairOutcome
 from encoders.modality import Modality
-from node.ops.config import load_config
 from node.errors import Reason
+from node.ops.config import load_config
 from node.rounds.records import Candidate, Prepared, RoundRecord, from_float16, prepare, score_round
 from rewards.history import HistoryIndex
 

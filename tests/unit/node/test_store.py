@@ -67,8 +67,61 @@ def test_commit_is_once_per_round_and_pays_once(tmp_path):
     assert [e.payload for e in store.outbox(0, 10)] == [b"final"]
 
 
-def test_a_signed_vote_is_never_replaced(tmp_path):
+def test_a_signed_message_is_never_replaced_and_is_pruned_at_commit(tmp_path):
     store = Store(tmp_path / "s.db")
-    assert store.record_vote(4, b"first") == b"first"
-    assert store.record_vote(4, b"second") == b"first"
-    assert store.signed_vote(4) == b"first"
+    assert store.record_signed(4, 0, "prevote", b"first") == b"first"
+    assert store.record_signed(4, 0, "prevote", b"second") == b"first"
+    assert store.record_signed(4, 1, "prevote", b"view1") == b"view1"
+    assert store.record_signed(4, 1, "precommit", b"pc") == b"pc"
+    assert store.record_signed(5, 0, "proposal", b"p5") == b"p5"
+    assert store.signed_since(4) == [b"first", b"pc", b"view1", b"p5"]
+    assert store.signed_since(5) == [b"p5"]
+    committed = CommittedRound(4, b"v" * 32, b"b" * 32, b"cert", b"summary")
+    assert store.commit_round(committed, [], [], 1, prune_signed_before=5)
+    assert store.signed_since(0) == [b"p5"]
+
+
+def test_a_certified_record_never_flips_a_decided_submission(tmp_path):
+    """A locally rejected or finalized submission keeps its state; the ledger pays once."""
+    store = Store(tmp_path / "s.db")
+    admit(store, b"a" * 32)
+    store.reject(b"a" * 32, b"s" * 32, "rate_limited", 5, Outgoing("t", b"rejected"))
+    admit(store, b"b" * 32, nonce=2, hashes=[b"q" * 32])
+    store.accept(b"b" * 32, b"prepared", Outgoing("t", b"accepted"))
+    outcomes = [
+        Finalization(b"a" * 32, b"s" * 32, State.FINAL, None, (b"va",), 10),
+        Finalization(b"b" * 32, b"s" * 32, State.FINAL, None, (b"vb",), 20),
+    ]
+    assert store.decided_states([b"a" * 32, b"b" * 32]) == {b"a" * 32: State.REJECTED}
+    assert store.commit_round(CommittedRound(1, b"v" * 32, b"b" * 32, b"c", b"s"), outcomes, [], 9)
+    assert store.submission_state(b"a" * 32) == (State.REJECTED, "rate_limited")
+    assert store.submission_state(b"b" * 32) == (State.FINAL, None)
+    # the same records certified again in another round (a replay) pay nothing more
+    assert store.commit_round(CommittedRound(2, b"w" * 32, b"b" * 32, b"c", b"s"), outcomes, [], 9)
+    assert store.balances() == {b"s" * 32: 30}
+    assert store.history_vectors() == [b"va", b"vb"]
+
+
+def test_a_store_of_the_old_schema_is_refused_with_a_message(tmp_path):
+    import sqlite3
+
+    import pytest
+
+    from node.store.sqlite import StoreError
+
+    path = tmp_path / "old.db"
+    Store(path).close()
+    db = sqlite3.connect(path)
+    db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (b"1",))
+    db.commit()
+    db.close()
+    with pytest.raises(StoreError, match="schema 1"):
+        Store(path)
+
+
+def test_conflict_of_names_a_nonce_or_data_held_here(tmp_path):
+    store = Store(tmp_path / "s.db")
+    admit(store, b"a" * 32)
+    assert store.conflict_of(b"s" * 32, 1, [b"z" * 32]) == "replay"
+    assert store.conflict_of(b"s" * 32, 7, [b"h" * 32]) == "duplicate"
+    assert store.conflict_of(b"s" * 32, 7, [b"z" * 32]) is None

@@ -8,11 +8,18 @@ import numpy as np
 import pytest
 
 from encoders.modality import Modality
-from node.ops.config import load_config
-from node.rounds.records import Candidate, Prepared, PreparedItem, RoundRecord, score_round, to_float16
-from node.store.sqlite import Store
-from node.rounds.verify import Mismatch, RecordVerifier, Tolerances
 from node.intake.wire import WireLimits
+from node.ops.config import load_config
+from node.rounds.records import (
+    Candidate,
+    Prepared,
+    PreparedItem,
+    RoundRecord,
+    score_round,
+    to_float16,
+)
+from node.rounds.verify import Mismatch, RecordVerifier, Tolerances
+from node.store.sqlite import Store
 from rewards.history import HistoryIndex
 
 CONFIG = load_config()
