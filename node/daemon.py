@@ -11,8 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any, TypeVar
@@ -43,6 +41,7 @@ from node.rounds.records import Tolerances, from_float16
 from node.rounds.sync import SyncService
 from node.rounds.verify import RecordVerifier
 from node.store.sqlite import Store
+from node.store.thread import StoreThread
 from rewards.history import HistoryIndex
 
 log = logging.getLogger("poc.node")
@@ -50,22 +49,6 @@ log = logging.getLogger("poc.node")
 T = TypeVar("T")
 
 DRAIN_TIMEOUT_S = 10.0
-
-
-class StoreThread:
-    """The store, confined to one thread; coroutines await calls on it."""
-
-    def __init__(self, store: Store) -> None:
-        self.store = store
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
-
-    async def __call__(self, call: Callable[[Store], T]) -> T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._thread, call, self.store)
-
-    def close(self) -> None:
-        self._thread.shutdown(wait=True)
-        self.store.close()
 
 
 def validator_key(config: Config) -> SigningKey:
@@ -211,8 +194,8 @@ class Node:
             self._encoders_loaded = True
             history = HistoryIndex(shard.dim)
             described = describe_committee(self.committee)
-            await store(lambda s: s.set_meta("committee", described))
-            vectors = await store(lambda s: s.history_vectors())
+            await store.set_meta("committee", described)
+            vectors = await store.history_vectors()
             if vectors:
                 history.add(np.stack([from_float16(v) for v in vectors]))
             self.metrics.history_size.set(len(history))
@@ -242,12 +225,12 @@ class Node:
             stack.callback(encoder.close)
 
             async def fetch(after: int, limit: int) -> list[tuple[int, str, bytes, bool]]:
-                entries = await store(lambda s: s.outbox(after, limit))
+                entries = await store.outbox(after, limit)
                 self.metrics.queue_depth.labels(queue="outbox").set(len(entries))
                 return [(e.seq, e.topic, e.payload, e.retain) for e in entries]
 
             async def done(seqs: list[int]) -> None:
-                await store(lambda s: s.published(seqs))
+                await store.published(seqs)
 
             publisher = OutboxPublisher(
                 self.bus, fetch, done, config.bus.publish_window, self.metrics
@@ -378,12 +361,12 @@ class Node:
             async with asyncio.timeout(DRAIN_TIMEOUT_S):
                 await intake.idle()
                 while self.bus.connected.is_set():
-                    unpublished: int = await store(lambda s: s.outbox_size())
+                    unpublished: int = await store.outbox_size()
                     if not unpublished:
                         break
                     await asyncio.sleep(0.05)  # the publisher deletes entries as PUBACKs arrive
         except TimeoutError:
-            unpublished = await store(lambda s: s.outbox_size())
+            unpublished = await store.outbox_size()
             log.warning(
                 "event=drain_incomplete queued=%d unpublished=%d (both resumed at next start)",
                 intake.queue.qsize(),

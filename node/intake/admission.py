@@ -41,9 +41,18 @@ from node.pipeline.encoding import EncoderService
 from node.pipeline.prepare import Preparer, fusion_alpha, media_limits
 from node.pipeline.sandbox import DecoderPool
 from node.rounds.chain import BeaconChain
-from node.store.sqlite import Admission, Outgoing, State, StoreCall, StoredSubmission
+from node.store.sqlite import Admission, Outgoing, State, StoredSubmission
+from node.store.thread import StoreThread
 
 log = logging.getLogger("poc.intake")
+
+
+@dataclass(frozen=True)
+class Pending:
+    """A verified, durably stored submission waiting for decoding and encoding."""
+
+    submission: Submission
+    intake_round: int
 
 
 
@@ -84,7 +93,7 @@ class Intake:
         self,
         config: Config,
         signer: MessageSigner,
-        store: StoreCall,
+        store: StoreThread,
         decoders: DecoderPool,
         encoder: EncoderService,
         chain: BeaconChain,
@@ -111,7 +120,7 @@ class Intake:
             config.intake.rate_limit.per_minute, config.intake.rate_limit.burst
         )
         self._window_ms = config.intake.stale_window_s * 1000
-        self.queue: asyncio.Queue[StoredSubmission] = asyncio.Queue(
+        self.queue: asyncio.Queue[Pending] = asyncio.Queue(
             maxsize=config.intake.queue_size
         )
         self._receiving = asyncio.Event()
@@ -144,9 +153,7 @@ class Intake:
         result = extra or Result(identity, self._signer.key.public_key, Status.REJECTED, reason)
         outgoing = self._result(result, submitter)
         now = self._clock.now_ms()
-        written = await self._store(
-            lambda store: store.reject(identity, submitter, reason, now, outgoing, nonce=nonce)
-        )
+        written = await self._store.reject(identity, submitter, reason, now, outgoing, nonce=nonce)
         if written:
             self._metrics.rejections.labels(reason=str(reason)).inc()
             log.info(
@@ -166,7 +173,7 @@ class Intake:
         self._metrics.messages.inc()
         started = time.perf_counter()
         identity = submission_id(raw)
-        if await self._store(lambda store: store.knows(identity)):
+        if await self._store.knows(identity):
             self._metrics.redeliveries.inc()
             return
         try:
@@ -206,8 +213,7 @@ class Intake:
             )
             return
         intake_round = max(self._committee.round_at(now), 0)
-        admission = await self._store(
-            lambda store: store.admit(
+        admission = await self._store.admit(
                 identity,
                 submission.submitter,
                 submission.nonce,
@@ -218,7 +224,6 @@ class Intake:
                 intake_round,
                 self._window_ms,
             )
-        )
         if admission is Admission.KNOWN:
             self._metrics.redeliveries.inc()
         elif admission is Admission.REPLAY:
@@ -237,19 +242,28 @@ class Intake:
                 nonce=(submission.nonce, submission.created_ms),
             )
         else:
-            stored = StoredSubmission(
-                identity, submission.submitter, State.RECEIVED, submission.raw, intake_round, None
-            )
-            await self.queue.put(stored)  # waits while full: the bus stops being acknowledged
+            # The parsed submission travels on: it is parsed and verified once.
+            pending = Pending(submission, intake_round)
+            await self.queue.put(pending)  # waits while full: the bus stops being acknowledged
             self._metrics.queue_depth.labels(queue="prepare").set(self.queue.qsize())
 
     async def resume(self) -> None:
         """Queue the submissions stored but not prepared before the last stop."""
-        pending = await self._store(lambda store: store.submissions_in(State.RECEIVED))
-        for stored in pending:
-            await self.queue.put(stored)
-        if pending:
-            log.info("event=resumed submissions=%d", len(pending))
+        stored = await self._store.submissions_in(State.RECEIVED)
+        for row in stored:
+            try:
+                pending = self._reparse(row)
+            except Rejected as rejected:  # the limits changed since it was stored
+                await self._reject(row.id, row.submitter, rejected.reason, rejected.detail)
+                continue
+            await self.queue.put(pending)
+        if stored:
+            log.info("event=resumed submissions=%d", len(stored))
+
+    def _reparse(self, row: StoredSubmission) -> Pending:
+        """A submission stored before a restart, parsed again (its bytes were verified)."""
+        assert row.raw is not None
+        return Pending(parse_submission(row.raw, self._wire_limits), row.intake_round or 0)
 
     # -- prepare --------------------------------------------------------------
 
@@ -260,28 +274,28 @@ class Intake:
 
     async def _preparer(self) -> None:
         while True:
-            stored = await self.queue.get()
+            pending = await self.queue.get()
             self._metrics.queue_depth.labels(queue="prepare").set(self.queue.qsize())
+            submission = pending.submission
             try:
-                await self._prepare(stored)
+                await self._prepare(pending)
             except asyncio.CancelledError:
                 raise
             except Exception as error:  # one submission's failure never stops the node
-                log.exception("event=prepare_failed submission=%s", stored.id.hex()[:16])
+                log.exception("event=prepare_failed submission=%s", submission.id.hex()[:16])
                 # A check that cannot run rejects; it never passes.
                 await self._reject(
-                    stored.id,
-                    stored.submitter,
+                    submission.id,
+                    submission.submitter,
                     Reason.UNDECODABLE,
                     f"internal error while preparing: {type(error).__name__}",
                 )
             finally:
                 self.queue.task_done()
 
-    async def _prepare(self, stored: StoredSubmission) -> None:
-        assert stored.raw is not None
-        submission = parse_submission(stored.raw, self._wire_limits)
-        epoch = self._committee.epoch_of(stored.intake_round or 0)
+    async def _prepare(self, pending: Pending) -> None:
+        submission = pending.submission
+        epoch = self._committee.epoch_of(pending.intake_round)
         try:
             prepared = await self.preparer.prepare(submission, epoch)
         except EncoderError as error:
@@ -300,9 +314,7 @@ class Intake:
             0,
         )
         outgoing = self._result(result, submission.submitter)
-        if await self._store(
-            lambda store: store.accept(submission.id, prepared.to_bytes(), outgoing)
-        ):
+        if await self._store.accept(submission.id, prepared.to_bytes(), outgoing):
             log.info(
                 "event=accepted submission=%s items=%d distance_ppm=%s",
                 submission.id.hex()[:16],

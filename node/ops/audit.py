@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry
 from consensus.beacon import proposer_of
 from consensus.committee import Committee
 from consensus.messages import Proposal
-from node.daemon import StoreThread, committee_from_description, load_shard
+from node.daemon import committee_from_description, load_shard
 from node.errors import NodeError
 from node.intake.keys import SigningKey
 from node.intake.signing import MessageSigner
@@ -42,7 +42,8 @@ from node.rounds.consensus_wire import (
 )
 from node.rounds.records import Mismatch, RoundRecord, Tolerances, from_float16
 from node.rounds.verify import RecordVerifier
-from node.store.sqlite import CommittedRound, Store
+from node.store.sqlite import CommittedRound, EvidenceRow, Store
+from node.store.thread import StoreThread
 from rewards.history import HistoryIndex
 
 log = logging.getLogger("poc.audit")
@@ -55,7 +56,7 @@ class _StoredBeacons:
         self._store = store
 
     async def epoch_beacon(self, epoch: int) -> tuple[int, bytes]:
-        beacon = await self._store(lambda s: s.get_meta(f"epoch_beacon/{epoch}"))
+        beacon = await self._store.get_meta(f"epoch_beacon/{epoch}")
         if beacon is None:
             raise Mismatch(f"the beacon of epoch {epoch} is not in the store")
         return epoch, beacon
@@ -80,11 +81,13 @@ class AuditReport:
     evidence: tuple[EvidenceFinding, ...] = ()
 
 
-def _check_evidence(store: Store, committee: Committee) -> tuple[EvidenceFinding, ...]:
+def _check_evidence(
+    rows: list[EvidenceRow], committee: Committee
+) -> tuple[EvidenceFinding, ...]:
     crypto = MessageSigner(SigningKey.generate())  # verification only
     names = {member.public_key: member.name for member in committee.members}
     findings = []
-    for row in store.evidence():
+    for row in rows:
         try:
             problem = decode_evidence(row.evidence).why_invalid(committee, crypto)
         except ConsensusWireError as error:
@@ -143,13 +146,13 @@ async def run_audit(
     store = StoreThread(Store(path))
     try:
         if committee is None:
-            described = await store(lambda s: s.get_meta("committee"))
+            described = await store.get_meta("committee")
             if described is None:
                 raise NodeError("the store names no committee; pass --committee")
             committee = committee_from_description(described)
         report = await _audit(config, store, committee, first, last)
         chosen = committee
-        evidence = await store(lambda s: _check_evidence(s, chosen))
+        evidence = _check_evidence(await store.evidence(), chosen)
         return AuditReport(report.checked, report.bad_round, report.reason, evidence)
     finally:
         store.close()
@@ -162,7 +165,7 @@ async def _audit(
     shard = await asyncio.to_thread(load_shard, config)
     metrics = Metrics(CollectorRegistry())
     history = HistoryIndex(shard.dim)
-    rows = await store(lambda s: s.history_rows())
+    rows = await store.history_rows()
     before = [from_float16(vector) for number, _, _, vector in rows if number < first]
     if before:
         history.add(np.stack(before))
@@ -201,9 +204,9 @@ async def _audit(
         asyncio.Lock(),
         recompute_always=True,
     )
-    ledger = await store(lambda s: s.ledger_entries())
-    rounds = await store(lambda s: s.committed_rounds(first, last, 10**9))
-    previous = await store(lambda s: s.committed_round(first - 1)) if first > 0 else None
+    ledger = await store.ledger_entries()
+    rounds = await store.committed_rounds(first, last, 10**9)
+    previous = await store.committed_round(first - 1) if first > 0 else None
     checked = 0
     runner = asyncio.create_task(encoder.run())
     try:

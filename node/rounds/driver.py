@@ -70,7 +70,8 @@ from node.rounds.records import (
 )
 from node.rounds.sync import FetchedRound, SyncService
 from node.rounds.verify import RecordVerifier
-from node.store.sqlite import CommittedRound, Finalization, Outgoing, State, Store, StoreCall
+from node.store.sqlite import CommittedRound, Finalization, Outgoing, State
+from node.store.thread import StoreThread
 from rewards.history import HistoryIndex
 
 log = logging.getLogger("poc.rounds")
@@ -101,7 +102,7 @@ class RoundDriver:
         config: Config,
         committee: Committee,
         signer: MessageSigner,
-        store: StoreCall,
+        store: StoreThread,
         history: HistoryIndex,
         chain: BeaconChain,
         metrics: Metrics,
@@ -144,8 +145,9 @@ class RoundDriver:
     async def start(self) -> None:
         """Resume after the last committed round, with what this member signed before."""
         now_round = max(self._committee.round_at(self._clock.now_ms()), 0)
-        first_round, beacon = await self._store(
-            lambda store: self._chain.resume_point(store, now_round if self._solo else -1)
+        target = now_round if self._solo else -1
+        first_round, beacon = await self._store.call(
+            lambda store: self._chain.resume_point(store, target)
         )
         self._machine = RoundMachine(
             self._committee,
@@ -155,7 +157,7 @@ class RoundDriver:
             first_round=first_round,
             beacon=beacon,
         )
-        signed = await self._store(lambda store: store.signed_since(first_round))
+        signed = await self._store.signed_since(first_round)
         restored = []
         for raw in signed:
             try:
@@ -348,9 +350,7 @@ class RoundDriver:
     async def _broadcast(self, message: SignedProposal | SignedVote) -> None:
         """Store what this member signed, then send it (a committee of one sends nothing)."""
         payload = encode_signed(message)
-        kept = await self._store(
-            lambda store: store.record_signed(message.round, message.view, message.kind, payload)
-        )
+        kept = await self._store.record_signed(message.round, message.view, message.kind, payload)
         if kept != payload:  # pragma: no cover - the machine never signs twice
             log.error("event=signed_twice round=%d view=%d", message.round, message.view)
             return
@@ -384,7 +384,7 @@ class RoundDriver:
     async def _proposal_records(self, round_number: int) -> list[bytes]:
         """This member's records for ``round_number``: every accepted submission, scored."""
         started = time.perf_counter()
-        accepted = await self._store(lambda store: store.submissions_in(State.ACCEPTED))
+        accepted = await self._store.submissions_in(State.ACCEPTED)
         oldest = round_number - self._config.rounds.expiry_rounds
         candidates = [
             Candidate(s.id, s.submitter, Prepared.from_bytes(s.prepared))
@@ -421,11 +421,9 @@ class RoundDriver:
     async def _record_evidence(self, evidence: Any, *, publish: bool) -> None:
         payload = encode_evidence(evidence)
         now = self._clock.now_ms()
-        fresh = await self._store(
-            lambda store: store.record_evidence(
+        fresh = await self._store.record_evidence(
                 evidence.round, evidence.view, evidence.kind, evidence.offender, payload, now
             )
-        )
         if not fresh:
             return
         self._metrics.equivocations.labels(member=self._name(evidence.offender)).inc()
@@ -455,7 +453,7 @@ class RoundDriver:
         started = time.perf_counter()
         records = [RoundRecord.from_bytes(raw) for raw in commit.value.records]
         ids = [record.submission_id for record in records]
-        decided = await self._store(lambda store: store.decided_states(ids))
+        decided = await self._store.decided_states(ids)
         me = self._signer.key.public_key
         outcomes = []
         outgoing = []
@@ -512,18 +510,20 @@ class RoundDriver:
             None if commit.proposal is None else encode_signed(commit.proposal),
         )
         now = self._clock.now_ms()
-        epoch_start = (commit.round + 1) % self._committee.epoch_rounds == 0
 
-        def write(store: Store) -> bool:
-            done = store.commit_round(
-                committed, outcomes, outgoing, now, prune_signed_before=commit.round - 2
-            )
-            if epoch_start:
-                epoch = self._committee.epoch_of(commit.round + 1)
-                store.set_meta(f"epoch_beacon/{epoch}", commit.beacon_after)
-            return done
-
-        if not await self._store(write):
+        epoch_beacon = (
+            (self._committee.epoch_of(commit.round + 1), commit.beacon_after)
+            if (commit.round + 1) % self._committee.epoch_rounds == 0
+            else None
+        )
+        if not await self._store.commit_round(
+            committed,
+            outcomes,
+            outgoing,
+            now,
+            prune_signed_before=commit.round - 2,
+            epoch_beacon=epoch_beacon,
+        ):
             log.warning("event=round_already_committed round=%d", commit.round)
             return
         vectors = [
@@ -549,7 +549,7 @@ class RoundDriver:
         if self._solo:
             return []
         oldest = round_number - self._config.rounds.expiry_rounds - 1
-        accepted = await self._store(lambda store: store.submissions_in(State.ACCEPTED))
+        accepted = await self._store.submissions_in(State.ACCEPTED)
         outgoing = []
         me = self._signer.key.public_key
         for stored in accepted:

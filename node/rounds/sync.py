@@ -25,7 +25,7 @@ from consensus.committee import Committee
 from node.intake.codec import CodecError, DecodeLimits, pack, unpack
 from node.intake.signing import MessageSigner
 from node.intake.wire import submission_id
-from node.store.sqlite import StoreCall
+from node.store.thread import StoreThread
 
 log = logging.getLogger("poc.sync")
 
@@ -55,7 +55,7 @@ class SyncService:
         signer: MessageSigner,
         committee: Committee,
         prefix: str,
-        store: StoreCall,
+        store: StoreThread,
         publish: Publish,
         reply_bytes: int = 4 * 1024 * 1024,
     ) -> None:
@@ -185,11 +185,9 @@ class SyncService:
         kind = request.get("kind")
         if kind == "rounds" and isinstance(request.get("first"), int):
             first = request["first"]
-            rounds = await self._store(
-                lambda store: store.committed_rounds(
+            rounds = await self._store.committed_rounds(
                     first, first + ROUNDS_PER_REPLY - 1, ROUNDS_PER_REPLY
                 )
-            )
             entries: list[Any] = []
             size = 0
             for r in rounds:
@@ -206,9 +204,7 @@ class SyncService:
                 return
         elif kind == "submissions" and isinstance(request.get("ids"), list):
             ids = [i for i in request["ids"][:SUBMISSIONS_PER_REQUEST] if isinstance(i, bytes)]
-            found = await self._store(
-                lambda store: [store.raw_submission(identity) for identity in ids]
-            )
+            found = [await self._store.raw_submission(identity) for identity in ids]
             entries = []
             size = 0
             for raw in found:

@@ -37,7 +37,8 @@ from node.rounds.records import (
     check_round_scores,
     compare_record,
 )
-from node.store.sqlite import State, StoreCall
+from node.store.sqlite import State
+from node.store.thread import StoreThread
 from rewards.history import EmbeddingIndex
 
 log = logging.getLogger("poc.verify")
@@ -61,7 +62,7 @@ class RecordVerifier:
 
     def __init__(
         self,
-        store: StoreCall,
+        store: StoreThread,
         recompute: Recompute,
         fetch: Fetch,
         delta: Delta,
@@ -106,7 +107,7 @@ class RecordVerifier:
         """
         known = None
         if not self._recompute_always:
-            known = await self._store(lambda store: store.prepared_of(record.submission_id))
+            known = await self._store.prepared_of(record.submission_id)
         name = record.submission_id.hex()[:16]
         if known is not None:
             state, reason, submitter, prepared = known
@@ -116,7 +117,7 @@ class RecordVerifier:
                 raise Mismatch(f"{record.submission_id.hex()[:16]} names another submitter")
             if prepared is not None:
                 return Prepared.from_bytes(prepared)
-        raw = await self._store(lambda store: store.raw_submission(record.submission_id))
+        raw = await self._store.raw_submission(record.submission_id)
         if raw is None:
             raw = (await self._fetch([record.submission_id])).get(record.submission_id)
         if raw is None:
@@ -129,11 +130,9 @@ class RecordVerifier:
             raise Mismatch(f"{name} names another submitter")
         if known is None and not self._recompute_always:
             # Never seen here: it must be new by this member's records too.
-            conflict = await self._store(
-                lambda store: store.conflict_of(
+            conflict = await self._store.conflict_of(
                     submission.submitter, submission.nonce, [i.sha256 for i in submission.items]
                 )
-            )
             if conflict is not None:
                 raise Mismatch(f"{name} is not new here: {conflict}")
         try:

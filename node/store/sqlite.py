@@ -16,7 +16,7 @@ calls it through a single-thread executor so the event loop never waits on
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -511,8 +511,13 @@ class Store:
         now_ms: int,
         *,
         prune_signed_before: int | None = None,
+        epoch_beacon: tuple[int, bytes] | None = None,
     ) -> bool:
         """Commit a certified round in one transaction; False if it was already committed.
+
+        ``epoch_beacon`` (epoch, beacon) is kept when the round's successor
+        starts an epoch; ``prune_signed_before`` drops what this member signed
+        for older rounds.
 
         History and ledger follow the certified records, so they are the same
         on every member. A submission's own row changes only while it is
@@ -579,6 +584,8 @@ class Store:
                     )
             if prune_signed_before is not None:
                 self._db.execute("DELETE FROM signed WHERE round < ?", (prune_signed_before,))
+            if epoch_beacon is not None:
+                self.set_meta(f"epoch_beacon/{epoch_beacon[0]}", epoch_beacon[1])
             self._enqueue(outgoing)
         return True
 
@@ -650,5 +657,4 @@ class _Transaction:
             self._db.execute("ROLLBACK")
 
 
-StoreCall = Callable[[Callable[[Store], Any]], Awaitable[Any]]
-"""How coroutines reach the store: run a function of it on the store's own thread."""
+

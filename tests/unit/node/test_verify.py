@@ -20,6 +20,7 @@ from node.rounds.records import (
 )
 from node.rounds.verify import Mismatch, RecordVerifier, Tolerances
 from node.store.sqlite import Store
+from node.store.thread import StoreThread
 from rewards.history import HistoryIndex
 
 CONFIG = load_config()
@@ -52,9 +53,6 @@ def make(tmp_path: Path, mine: dict[bytes, Prepared], history_size: int = 80):
     history = HistoryIndex(16)
     history.add(np.stack([unit(1000 + i, 0.05) for i in range(history_size)]))
 
-    async def call(function):
-        return function(store)
-
     async def no_recompute(submission, epoch):
         raise AssertionError("everything is prepared locally")
 
@@ -62,7 +60,7 @@ def make(tmp_path: Path, mine: dict[bytes, Prepared], history_size: int = 80):
         return {}
 
     scoring = CONFIG.scoring.model_copy(update={"k": 16})
-    verifier = RecordVerifier(call, no_recompute, no_fetch, lambda a, b: DELTA, history,
+    verifier = RecordVerifier(StoreThread(store), no_recompute, no_fetch, lambda a, b: DELTA, history,
                               scoring, Tolerances(0.02, 20_000, 1_000), WireLimits(),
                               asyncio.Lock())
     candidates = [Candidate(i, b"s" * 32, p) for i, p in mine.items()]
@@ -131,3 +129,34 @@ def test_a_decision_near_delta_follows_the_leader(tmp_path: Path):
                           CONFIG.scoring.model_copy(update={"k": 16}))
     with pytest.raises(Mismatch):
         check(verifier, records)
+
+
+def test_records_of_a_finalized_submission_are_refused_a_replay_of_a_committed_round(
+        tmp_path: Path):
+    """A proposer replaying records already committed gets its value refused."""
+    from node.store.sqlite import CommittedRound, Finalization, State
+
+    verifier, records = make(tmp_path, MINE)
+    check(verifier, records)
+    store = Store(tmp_path / "s.db")
+    first = records[0]
+    store.commit_round(
+        CommittedRound(0, b"v" * 32, b"b" * 32, b"c", b"s"),
+        [Finalization(first.submission_id, first.submitter, State.FINAL, None, (), 0)], [], 1)
+    store.close()
+    with pytest.raises(Mismatch, match="final here already"):
+        check(verifier, records)
+
+
+def test_a_submission_rejected_by_this_members_own_intake_is_judged_on_its_content(
+        tmp_path: Path):
+    """rate_limited here but accepted by the proposer: recomputed, not refused outright."""
+    from node.store.sqlite import Outgoing
+
+    verifier, records = make(tmp_path, MINE)
+    store = Store(tmp_path / "s.db")
+    store.reject(b"\x09" * 32, b"s" * 32, "rate_limited", 5, Outgoing("t", b"r"))
+    store.close()
+    ninth = dataclasses.replace(records[0], submission_id=b"\x09" * 32)
+    with pytest.raises(Mismatch, match="unknown here and to peers"):  # no bytes to recompute
+        check(verifier, [*records, ninth])

@@ -1,0 +1,190 @@
+"""The store confined to one thread, with typed async methods for coroutines.
+
+SQLite calls (and their ``fsync``) never run on the event loop: each method
+runs the store's method of the same name on the store's own thread and
+returns its result. ``call`` runs a function of the store on that thread for
+the rare compound step that must see no other call in between (the beacon
+chain's resume point reads and writes its checkpoint).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from node.store.sqlite import (
+    Admission,
+    CommittedRound,
+    EvidenceRow,
+    Finalization,
+    OutboxEntry,
+    Outgoing,
+    State,
+    Store,
+    StoredSubmission,
+)
+
+T = TypeVar("T")
+
+
+class StoreThread:
+    """The store, confined to one thread; coroutines await its typed methods."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
+
+    async def _run(self, method: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._thread, functools.partial(method, *args, **kwargs)
+        )
+
+    async def call(self, step: Callable[[Store], T]) -> T:
+        """Run ``step`` on the store's thread (a compound step, seen whole)."""
+        return await self._run(step, self.store)
+
+    def close(self) -> None:
+        self._thread.shutdown(wait=True)
+        self.store.close()
+
+    # -- meta -----------------------------------------------------------------
+
+    async def get_meta(self, key: str) -> bytes | None:
+        return await self._run(self.store.get_meta, key)
+
+    async def set_meta(self, key: str, value: bytes) -> None:
+        await self._run(self.store.set_meta, key, value)
+
+    # -- intake ---------------------------------------------------------------
+
+    async def knows(self, submission_id: bytes) -> bool:
+        return await self._run(self.store.knows, submission_id)
+
+    async def admit(
+        self,
+        submission_id: bytes,
+        submitter: bytes,
+        nonce: int,
+        created_ms: int,
+        item_hashes: Sequence[bytes],
+        raw: bytes,
+        now_ms: int,
+        intake_round: int,
+        window_ms: int,
+    ) -> Admission:
+        return await self._run(
+            self.store.admit,
+            submission_id,
+            submitter,
+            nonce,
+            created_ms,
+            item_hashes,
+            raw,
+            now_ms,
+            intake_round,
+            window_ms,
+        )
+
+    async def reject(
+        self,
+        submission_id: bytes,
+        submitter: bytes,
+        reason: str,
+        now_ms: int,
+        outgoing: Outgoing,
+        *,
+        nonce: tuple[int, int] | None = None,
+    ) -> bool:
+        return await self._run(
+            self.store.reject, submission_id, submitter, reason, now_ms, outgoing, nonce=nonce
+        )
+
+    async def accept(self, submission_id: bytes, prepared: bytes, outgoing: Outgoing) -> bool:
+        return await self._run(self.store.accept, submission_id, prepared, outgoing)
+
+    async def submissions_in(self, state: State) -> list[StoredSubmission]:
+        return await self._run(self.store.submissions_in, state)
+
+    async def raw_submission(self, submission_id: bytes) -> bytes | None:
+        return await self._run(self.store.raw_submission, submission_id)
+
+    async def prepared_of(
+        self, submission_id: bytes
+    ) -> tuple[State, str | None, bytes, bytes | None] | None:
+        return await self._run(self.store.prepared_of, submission_id)
+
+    async def conflict_of(
+        self, submitter: bytes, nonce: int, item_hashes: Sequence[bytes]
+    ) -> str | None:
+        return await self._run(self.store.conflict_of, submitter, nonce, item_hashes)
+
+    # -- rounds ---------------------------------------------------------------
+
+    async def record_signed(self, round_number: int, view: int, kind: str, message: bytes) -> bytes:
+        return await self._run(self.store.record_signed, round_number, view, kind, message)
+
+    async def signed_since(self, round_number: int) -> list[bytes]:
+        return await self._run(self.store.signed_since, round_number)
+
+    async def committed_round(self, round_number: int) -> CommittedRound | None:
+        return await self._run(self.store.committed_round, round_number)
+
+    async def committed_rounds(self, first: int, last: int, limit: int) -> list[CommittedRound]:
+        return await self._run(self.store.committed_rounds, first, last, limit)
+
+    async def decided_states(self, submission_ids: Iterable[bytes]) -> dict[bytes, State]:
+        return await self._run(self.store.decided_states, list(submission_ids))
+
+    async def commit_round(
+        self,
+        committed: CommittedRound,
+        outcomes: Iterable[Finalization],
+        outgoing: Iterable[Outgoing],
+        now_ms: int,
+        *,
+        prune_signed_before: int | None = None,
+        epoch_beacon: tuple[int, bytes] | None = None,
+    ) -> bool:
+        return await self._run(
+            self.store.commit_round,
+            committed,
+            list(outcomes),
+            list(outgoing),
+            now_ms,
+            prune_signed_before=prune_signed_before,
+            epoch_beacon=epoch_beacon,
+        )
+
+    async def record_evidence(
+        self, round_number: int, view: int, kind: str, offender: bytes, evidence: bytes, now_ms: int
+    ) -> bool:
+        return await self._run(
+            self.store.record_evidence, round_number, view, kind, offender, evidence, now_ms
+        )
+
+    async def evidence(self) -> list[EvidenceRow]:
+        return await self._run(self.store.evidence)
+
+    async def history_vectors(self) -> list[bytes]:
+        return await self._run(self.store.history_vectors)
+
+    async def history_rows(self) -> list[tuple[int, bytes, int, bytes]]:
+        return await self._run(self.store.history_rows)
+
+    async def ledger_entries(self) -> list[tuple[int, bytes, bytes, int]]:
+        return await self._run(self.store.ledger_entries)
+
+    # -- outbox ---------------------------------------------------------------
+
+    async def outbox(self, after: int, limit: int) -> list[OutboxEntry]:
+        return await self._run(self.store.outbox, after, limit)
+
+    async def outbox_size(self) -> int:
+        return await self._run(self.store.outbox_size)
+
+    async def published(self, seqs: Sequence[int]) -> None:
+        await self._run(self.store.published, seqs)
