@@ -1,0 +1,116 @@
+"""Sync on a real store: replies capped in bytes, and only a reply that verifies is taken."""
+
+import asyncio
+from pathlib import Path
+
+from consensus.committee import Committee, Member
+from node.intake.codec import DecodeLimits, pack, unpack
+from node.intake.keys import SigningKey
+from node.intake.signing import MessageSigner
+from node.rounds.sync import FetchedRound, SyncService
+from node.store.sqlite import CommittedRound, Store
+from node.store.thread import StoreThread
+
+PREFIX = "poc/v1"
+
+
+def members(count: int) -> tuple[Committee, list[MessageSigner]]:
+    signers = [MessageSigner(SigningKey.generate()) for _ in range(count)]
+    committee = Committee(0, 2, 60, tuple(
+        Member(f"v{i}", s.key.public_key, 1) for i, s in enumerate(signers)))
+    return committee, signers
+
+
+def test_a_reply_holds_whole_rounds_up_to_its_byte_cap(tmp_path: Path):
+    committee, (asker, answerer) = members(2)
+    store = Store(tmp_path / "s.db")
+    for number in range(32):
+        store.commit_round(CommittedRound(number, b"v" * 32, b"b" * 32, pack({"round": number}),
+                                          b"summary", b"p" * 100_000), [], [], 1)
+    sent: list[tuple[str, bytes]] = []
+
+    async def publish(topic: str, payload: bytes) -> None:
+        sent.append((topic, payload))
+
+    async def scenario() -> None:
+        service = SyncService(answerer, committee, PREFIX, StoreThread(store), publish,
+                              reply_bytes=256 * 1024)
+        request = asker.signed_bytes("poc/v1/sync-request", {
+            "v": 1, "requester": asker.key.public_key, "request_id": b"r" * 16,
+            "kind": "rounds", "first": 3})
+        await service.on_request(request)
+        stranger = MessageSigner(SigningKey.generate())
+        await service.on_request(stranger.signed_bytes("poc/v1/sync-request", {
+            "v": 1, "requester": stranger.key.public_key, "request_id": b"s" * 16,
+            "kind": "rounds", "first": 3}))
+
+    asyncio.run(scenario())
+    assert len(sent) == 1  # a stranger's request is not answered
+    topic, payload = sent[0]
+    assert topic == f"{PREFIX}/sync/replies/{asker.key.public_hex}"
+    assert len(payload) <= 256 * 1024
+    entries = unpack(payload, DecodeLimits(max_bytes=1 << 30))["entries"]
+    assert [e["round"] for e in entries] == [3, 4]
+
+
+def test_the_first_valid_reply_answers_junk_and_empty_replies_are_passed_over(tmp_path: Path):
+    committee, (asker, liar, honest) = members(3)
+
+    async def scenario() -> list[FetchedRound]:
+        service: SyncService
+        replies: list[bytes] = []
+
+        async def publish(topic: str, payload: bytes) -> None:
+            request = unpack(payload)
+            rid = request["request_id"]
+            replies.extend([
+                pack({"v": 1, "request_id": rid, "responder": liar.key.public_key,
+                      "entries": []}),
+                pack({"v": 1, "request_id": rid, "responder": liar.key.public_key,
+                      "entries": [{"round": 5, "certificate": {"lie": 1}, "proposal": b"x"}]}),
+                pack({"v": 1, "request_id": rid, "responder": liar.key.public_key,
+                      "entries": ["junk", 7]}),
+                pack({"v": 1, "request_id": rid, "responder": honest.key.public_key,
+                      "entries": [{"round": 5, "certificate": {"good": 1}, "proposal": b"p"},
+                                  {"round": 6, "certificate": {"good": 1}, "proposal": b"q"}]}),
+            ])
+
+        store = StoreThread(Store(tmp_path / "s.db"))
+        service = SyncService(asker, committee, PREFIX, store, publish)
+
+        def valid(fetched: FetchedRound) -> bool:
+            return unpack(fetched.certificate) == {"good": 1}
+
+        async def deliver() -> None:
+            while not replies:
+                await asyncio.sleep(0.01)
+            for reply in replies:
+                await service.on_reply(reply)
+
+        delivering = asyncio.create_task(deliver())
+        fetched = await service.fetch_rounds(5, 5.0, valid)
+        await delivering
+        assert service.refused_replies == 3
+        return fetched
+
+    fetched = asyncio.run(scenario())
+    assert [f.round for f in fetched] == [5, 6]
+
+
+def test_no_valid_reply_times_out_with_nothing(tmp_path: Path):
+    committee, (asker, liar) = members(2)
+
+    async def scenario() -> list[FetchedRound]:
+        service: SyncService | None = None
+
+        async def publish(topic: str, payload: bytes) -> None:
+            rid = unpack(payload)["request_id"]
+            assert service is not None
+            asyncio.get_running_loop().call_soon(asyncio.ensure_future, service.on_reply(pack(
+                {"v": 1, "request_id": rid, "responder": liar.key.public_key, "entries": []})))
+
+        service = SyncService(asker, committee, PREFIX,
+                              StoreThread(Store(tmp_path / "s.db")), publish)
+        return await service.fetch_rounds(0, 0.3, lambda fetched: True)
+
+    assert asyncio.run(scenario()) == []
