@@ -175,6 +175,9 @@ class Intake:
         identity = submission_id(raw)
         if await self._store.knows(identity):
             self._metrics.redeliveries.inc()
+            # Finalized by a round this member learned by sync: keep its bytes now
+            # (they hash to its id) for peers' sync and for audits.
+            await self._store.keep_raw(identity, raw)
             return
         try:
             submission = await asyncio.to_thread(parse_submission, raw, self._wire_limits)

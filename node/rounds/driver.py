@@ -536,11 +536,29 @@ class RoundDriver:
             async with self._history_lock:
                 self._history.add(np.stack(vectors))
         await self._chain.advanced(commit.round + 1, commit.beacon_after)
+        if self._sync is not None:
+            missing = await self._store.missing_raw(ids)
+            if missing:
+                self._spawn(self._fetch_bytes(missing))
         self._closed = {n for n in self._closed if n > commit.round}
         self._decided_at = time.monotonic()
         self._account(commit, records, now, started)
         self._progress.set()
         self._on_outbox()
+
+    async def _fetch_bytes(self, missing: list[bytes]) -> None:
+        """Fetch the bytes of submissions certified here without them (learned by sync)."""
+        assert self._sync is not None
+        found = await self._sync.fetch_submissions(
+            missing, self._config.consensus.sync_timeout_s
+        )
+        for identity, raw in found.items():  # fetch_submissions keeps only bytes hashing to ids
+            await self._store.keep_raw(identity, raw)
+        if len(found) < len(missing):
+            log.info(
+                "event=certified_bytes_missing count=%d (fetched again when they arrive)",
+                len(missing) - len(found),
+            )
 
     async def _expire(
         self, round_number: int, certified: set[bytes], outcomes: list[Finalization]

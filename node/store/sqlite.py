@@ -492,6 +492,30 @@ class Store:
                 return "duplicate"
         return None
 
+    def missing_raw(self, submission_ids: Iterable[bytes]) -> list[bytes]:
+        """Those of ``submission_ids`` finalized here without their bytes (known by sync)."""
+        missing = []
+        for identity in submission_ids:
+            row = self._db.execute(
+                "SELECT 1 FROM submissions WHERE id = ? AND raw IS NULL AND state = ?",
+                (identity, State.FINAL),
+            ).fetchone()
+            if row is not None:
+                missing.append(identity)
+        return missing
+
+    def keep_raw(self, submission_id: bytes, raw: bytes) -> bool:
+        """Keep the bytes of a finalized submission stored without them (``id`` = their hash).
+
+        A member that learned a round by sync has the certified records but not
+        the submissions' bytes, which peers' sync and ``poc-node audit`` need.
+        """
+        cursor = self._db.execute(
+            "UPDATE submissions SET raw = ? WHERE id = ? AND raw IS NULL AND state = ?",
+            (raw, submission_id, State.FINAL),
+        )
+        return cursor.rowcount == 1
+
     def decided_states(self, submission_ids: Iterable[bytes]) -> dict[bytes, State]:
         """The states of those of ``submission_ids`` that are final or rejected here."""
         decided: dict[bytes, State] = {}

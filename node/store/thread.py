@@ -136,6 +136,12 @@ class StoreThread:
     async def committed_rounds(self, first: int, last: int, limit: int) -> list[CommittedRound]:
         return await self._run(self.store.committed_rounds, first, last, limit)
 
+    async def missing_raw(self, submission_ids: Iterable[bytes]) -> list[bytes]:
+        return await self._run(self.store.missing_raw, list(submission_ids))
+
+    async def keep_raw(self, submission_id: bytes, raw: bytes) -> bool:
+        return await self._run(self.store.keep_raw, submission_id, raw)
+
     async def decided_states(self, submission_ids: Iterable[bytes]) -> dict[bytes, State]:
         return await self._run(self.store.decided_states, list(submission_ids))
 

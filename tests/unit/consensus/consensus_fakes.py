@@ -240,8 +240,9 @@ class Network:
     process receives m at time t, every correct process receives m by
     max(t, GST) + delta"): once an honest node holds a message, every node
     that has not been sent it gets it, after ``heal_ms`` if lost before.
-    Without it, a lost delivery is gone, and only the members' own resending
-    of ``current_messages()`` and sync make up for it.
+    Without it, a lost delivery is gone, and only the members' resending of
+    ``relay_messages()`` (what the node's driver resends) and sync make up
+    for it.
     """
 
     min_latency_ms: int = 1
@@ -305,8 +306,10 @@ class Simulation:
     committed ``rounds`` rounds or the clock passes ``until_ms``.
 
     A node answers ``BuildProposal`` with ``honest_records`` and
-    ``VerifyProposal`` with ``verifier`` after ``work_ms``; it resends
-    ``current_messages()`` when it made no progress for ``resend_ms``, and
+    ``VerifyProposal`` with ``verifier`` after ``work_ms``; when it made no
+    progress for ``resend_ms`` it resends ``relay_messages()`` if honest and
+    ``relay_resend`` (relayed messages may be signed by other members), else
+    only ``current_messages()`` (its own of its current view), and
     syncs finalized rounds from an honest member on ``FetchValue``,
     ``CatchUp`` or when its clock is ``lag_rounds`` rounds ahead of it.
     ``crashes`` maps members to (crash, restart) times: the node loses its
@@ -331,6 +334,7 @@ class Simulation:
         work_ms: tuple[int, int] = (1, 20),
         lag_rounds: int = 2,
         crashes: Mapping[int, tuple[int, int]] | None = None,
+        relay_resend: bool = True,
     ) -> None:
         self.committee, self.cryptos = make_committee(
             stakes, round_seconds=round_seconds, crypto=crypto
@@ -344,6 +348,7 @@ class Simulation:
         self.timeouts = timeouts or Timeouts()
         self.verifier = verifier
         self.resend_ms = resend_ms
+        self.relay_resend = relay_resend
         self.work_ms = work_ms
         self.lag_rounds = lag_rounds
         self.round_ms = self.committee.round_ms
@@ -651,7 +656,8 @@ class Simulation:
         assert m is not None
         progress = (m.next_round, m.view, str(m.step), len(node.commits))
         if progress == node.progress:
-            resend = m.relay_messages() if node.honest else m.current_messages()
+            relay = node.honest and self.relay_resend
+            resend = m.relay_messages() if relay else m.current_messages()
             for message in resend:
                 self.publish(node, message)
         node.progress = progress

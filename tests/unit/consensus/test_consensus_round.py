@@ -11,9 +11,11 @@ from consensus_fakes import (
     FakeCrypto,
     FastCrypto,
     Network,
+    Node,
     SimCrypto,
     Simulation,
     certificate_of,
+    deliver,
     honest_records,
     make_committee,
     sign_proposal,
@@ -33,6 +35,7 @@ from consensus import (
     Rejected,
     RoundMachine,
     ScheduleTimeout,
+    Signed,
     SignedProposal,
     SignedVote,
     Step,
@@ -615,3 +618,102 @@ def test_early_proposer_and_everything_voter_change_nothing() -> None:
     assert noisy.run(60_000), noisy.describe()
     assert noisy.safety_violations() == []
     assert all(n.evidence for n in noisy.honest)
+
+
+# -- relaying what a lock rests on -----------------------------------------------------
+
+
+class _LostPrevote(Simulation):
+    """Four equal members; ``a`` proposes X in view 0, and ``a``, ``b`` and ``c`` prevote it.
+
+    ``b``'s own sends of its view-0 prevote never reach ``c`` and ``d``, nor
+    ``a``'s of its proposal ``d``: ``a`` and ``b`` lock on X, ``c`` and ``d``
+    precommit nil, and nobody decides in view 0. Relayed by a member other
+    than its signer, a lost message gets through (no loss after that).
+    """
+
+    def __init__(self, *, relay_resend: bool) -> None:
+        super().__init__(
+            [1, 1, 1, 1],
+            rounds=1,
+            network=Network(relay=False),
+            relay_resend=relay_resend,
+            resend_ms=4_000,  # nothing is resent before everyone has left view 0
+        )
+        self.a = proposer_index(0)
+        self.b, self.c, self.d = (i for i in range(4) if i != self.a)
+
+    def send(self, sender: Node, target: Node, message: Signed) -> None:
+        own = message.signer == sender.public_key and (message.round, message.view) == (0, 0)
+        lost_prevote = (
+            isinstance(message, SignedVote)
+            and message.vote.kind is PREVOTE
+            and sender.index == self.b
+            and target.index in (self.c, self.d)
+        )
+        lost_proposal = isinstance(message, SignedProposal) and target.index == self.d
+        if not (own and (lost_prevote or lost_proposal)):
+            super().send(sender, target, message)
+
+    def machine(self, index: int) -> RoundMachine:
+        m = self.nodes[index].machine
+        assert m is not None
+        return m
+
+
+def test_locked_members_relay_the_prevotes_behind_their_lock_and_the_round_is_decided() -> None:
+    stalled = _LostPrevote(relay_resend=False)  # each resends only its current view's messages
+    assert not stalled.run(120_000)
+    a, b = stalled.machine(stalled.a), stalled.machine(stalled.b)
+    (proposal,) = [m for m in stalled.nodes[stalled.a].sent if isinstance(m, SignedProposal)][:1]
+    x = proposal.proposal.value.digest(stalled.cryptos[0])
+    assert a.locked == b.locked == (x, 0) and a.view > 3  # views go by, nobody decides
+    for blind in (stalled.c, stalled.d):
+        assert stalled.machine(blind).locked is None and not stalled.nodes[blind].commits
+    # What a locked member relays: the prevote quorum behind its lock, and not much else.
+    relayed = a.relay_messages()
+    behind = {m.signer for m in votes(relayed, PREVOTE) if m.view == 0 and m.vote.value_hash == x}
+    assert behind == {stalled.cryptos[i].public_key for i in (stalled.a, stalled.b, stalled.c)}
+    assert proposal in relayed
+    assert len(relayed) <= 3 * len(stalled.committee.members) + 2
+    assert len(b.relay_messages()) <= 3 * len(stalled.committee.members) + 2
+    # The same schedule, resending relay_messages(): c and d get b's prevote from a or b.
+    live = _LostPrevote(relay_resend=True)
+    assert live.run(120_000), live.describe()
+    assert live.safety_violations() == []
+    assert {n.commits[0].value_hash for n in live.nodes} == {x}
+    assert all(c.certificate.view > 0 for n in live.nodes for c in n.commits)
+
+
+def test_relayed_prevotes_include_both_of_an_equivocator_counted_for_the_lock() -> None:
+    t = Harness(avoid=[0])
+    t.machine.round_closed(0)
+    actions, value = t.propose(0, [b"A"])
+    t.verify(actions)
+    liar, honest, other = t.others
+    t.vote([liar], PREVOTE, 0, None)
+    t.vote([honest], PREVOTE, 0, value)
+    t.vote([liar], PREVOTE, 0, value)  # the liar counts for A only with both its prevotes
+    assert t.machine.locked == (value, 0)
+    relayed = t.machine.relay_messages()
+    assert len(relayed) <= 3 * len(t.committee.members) + 2
+    from_liar = [m for m in votes(relayed, PREVOTE) if m.signer == liar.public_key]
+    assert {m.vote.value_hash for m in from_liar} == {None, value}
+    # A member that kept the liar's nil prevote sees the quorum for A once relayed both.
+    w = RoundMachine(t.committee, other.public_key, other)
+    w.round_closed(0)
+    w.vote_received(sign_vote(liar, PREVOTE, 0, 0, None))
+    v1 = next(v for v in range(1, 64) if w.proposer(v).public_key != other.public_key)
+    while w.view < v1:
+        w.timeout(Step.PRECOMMIT, 0, w.view)
+    (liar_a,) = [m for m in from_liar if m.vote.value_hash == value]
+    for message in relayed:
+        if message is not liar_a:
+            deliver(w, message)
+    proposer = next(c for c in t.cryptos if c.public_key == w.proposer(v1).public_key)
+    assert w.proposal_received(sign_proposal(proposer, 0, v1, [b"A"], valid_view=0)) == []
+    actions = w.vote_received(liar_a)  # the evidence: the liar now counts for A
+    assert only(actions, Equivocation)
+    (request,) = only(actions, VerifyProposal)
+    (prevote,) = votes(w.value_verified(0, request.value_hash, True), PREVOTE)
+    assert prevote.view == v1 and prevote.vote.value_hash == value

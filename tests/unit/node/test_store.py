@@ -125,3 +125,15 @@ def test_conflict_of_names_a_nonce_or_data_held_here(tmp_path):
     assert store.conflict_of(b"s" * 32, 1, [b"z" * 32]) == "replay"
     assert store.conflict_of(b"s" * 32, 7, [b"h" * 32]) == "duplicate"
     assert store.conflict_of(b"s" * 32, 7, [b"z" * 32]) is None
+
+
+def test_bytes_of_a_round_learned_by_sync_are_kept_when_they_arrive(tmp_path):
+    store = Store(tmp_path / "s.db")
+    outcome = Finalization(b"a" * 32, b"s" * 32, State.FINAL, None, (b"v",), 0)
+    store.commit_round(CommittedRound(0, b"v" * 32, b"b" * 32, b"c", b"s"), [outcome], [], 1)
+    assert store.knows(b"a" * 32)
+    assert store.missing_raw([b"a" * 32, b"z" * 32]) == [b"a" * 32]
+    assert store.keep_raw(b"a" * 32, b"raw")
+    assert not store.keep_raw(b"a" * 32, b"other")  # kept once
+    assert store.raw_submission(b"a" * 32) == b"raw"
+    assert store.missing_raw([b"a" * 32]) == []
