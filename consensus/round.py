@@ -203,20 +203,23 @@ class RoundMachine:
         eventually reaches every honest member (gossip). Resending only one's
         own messages is not enough: members locked on a value whose prevote
         quorum another member never received would wait for it forever. So
-        this is this member's own messages of the current view, the proposal
-        and the prevotes behind its lock and its valid value, and the
-        precommits of the current and the previous view: at most a few
-        messages per member of the committee. The prevotes behind a value
-        include both prevotes of a member proven to have signed two there:
-        they count for the value only together (``_tally``), and the second
-        may have reached this member alone.
+        this is this member's own messages of the current and the previous
+        view (a member one view behind may need them to finish its view, and
+        one that restarted holds nothing else of it), the proposal and the
+        prevotes behind its lock and its valid value, and the precommits of
+        the current and the previous view: at most a few messages per member
+        of the committee. The prevotes behind a value include both prevotes
+        of a member proven to have signed two there: they count for the
+        value only together (``_tally``), and the second may have reached
+        this member alone.
         """
         state = self._rounds.get(self._round)
         if state is None:
             return self.current_messages()
         relay: dict[tuple[str, int, bytes], Signed] = {}
-        for message in self.current_messages():
-            relay[(message.kind, message.view, message.signer)] = message
+        for (kind, r, view), message in sorted(self._mine.items(), key=lambda kv: kv[0]):
+            if r == self._round and view in (self._view - 1, self._view):
+                relay[(kind, view, self._me)] = message
         backed = [self._locked] if self._locked is not None else []
         if self._valid is not None:
             backed.append((self._valid[1], self._valid[2]))

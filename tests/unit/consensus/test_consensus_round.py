@@ -665,7 +665,7 @@ def test_locked_members_relay_the_prevotes_behind_their_lock_and_the_round_is_de
     stalled = _LostPrevote(relay_resend=False)  # each resends only its current view's messages
     assert not stalled.run(120_000)
     a, b = stalled.machine(stalled.a), stalled.machine(stalled.b)
-    (proposal,) = [m for m in stalled.nodes[stalled.a].sent if isinstance(m, SignedProposal)][:1]
+    proposal = next(m for m in stalled.nodes[stalled.a].sent if isinstance(m, SignedProposal))
     x = proposal.proposal.value.digest(stalled.cryptos[0])
     assert a.locked == b.locked == (x, 0) and a.view > 3  # views go by, nobody decides
     for blind in (stalled.c, stalled.d):
