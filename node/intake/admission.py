@@ -7,7 +7,7 @@ Result in the outbox. ``prepare`` then decodes (sandboxed), encodes
 (batched) and fuses each stored submission and marks it accepted.
 
 Check order (the first that fails names the reason): the stateless checks of
-:func:`node.wire.parse_submission`, then ``stale``, ``rate_limited``,
+:func:`node.intake.wire.parse_submission`, then ``stale``, ``rate_limited``,
 ``replay``, ``duplicate``; while preparing, ``too_large`` (media headers) and
 ``undecodable``.
 """

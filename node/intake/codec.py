@@ -33,6 +33,8 @@ class DecodeLimits:
     max_str_len: int = 64 * 1024
     max_depth: int = 32
     """Nesting of maps and arrays; msgpack allows ~1000, past Python's recursion limit."""
+    max_objects: int = 200_000
+    """Values in the whole message (containers, keys and leaves), counted before any is built."""
 
 
 def _canonical(value: Any) -> Any:
@@ -92,6 +94,7 @@ def unpack(raw: bytes, limits: DecodeLimits = DecodeLimits()) -> Any:
     """
     if len(raw) > limits.max_bytes:
         raise CodecError(f"{len(raw)} bytes exceed the limit of {limits.max_bytes}")
+    check_shape(raw, limits)
     try:
         value = msgpack.unpackb(
             raw,
@@ -114,6 +117,64 @@ def unpack(raw: bytes, limits: DecodeLimits = DecodeLimits()) -> Any:
     if again != raw:
         raise NonCanonicalError("bytes are not the canonical encoding of their own decoding")
     return value
+
+
+_ARRAY_HEADERS = frozenset(range(0x90, 0xA0)) | {0xDC, 0xDD}
+_MAP_HEADERS = frozenset(range(0x80, 0x90)) | {0xDE, 0xDF}
+
+
+def check_shape(raw: bytes, limits: DecodeLimits) -> None:
+    """Walk the message's structure without building it; refuse it past the limits.
+
+    Decoding builds one Python object per msgpack value, and a value can be
+    one byte: a few MiB of nested one-byte arrays would become hundreds of MB
+    of lists and seconds of work before anything else could look at them (a
+    message that names no submitter, so no rate limit applies). This walk
+    reads only container headers, skips every leaf in C (``Unpacker.skip``),
+    and stops at ``max_objects`` values or ``max_depth`` levels, so its cost
+    is bounded by the limits, not by what the sender chose.
+    """
+    unpacker = msgpack.Unpacker(
+        raw=False,
+        max_buffer_size=max(len(raw), 1),
+        max_str_len=limits.max_str_len,
+        max_bin_len=limits.max_bytes,
+        max_array_len=limits.max_container_len,
+        max_map_len=limits.max_container_len,
+        max_ext_len=0,
+    )
+    unpacker.feed(raw)
+    remaining = [1]  # values still to read at each open level
+    budget = limits.max_objects
+    try:
+        while remaining:
+            if remaining[-1] == 0:
+                remaining.pop()
+                continue
+            remaining[-1] -= 1
+            budget -= 1
+            if budget < 0:
+                raise CodecError(f"more than {limits.max_objects} values")
+            position = unpacker.tell()
+            if position >= len(raw):
+                raise CodecError("truncated message")
+            header = raw[position]
+            if header in _ARRAY_HEADERS:
+                count = unpacker.read_array_header()
+            elif header in _MAP_HEADERS:
+                count = 2 * unpacker.read_map_header()
+            else:
+                unpacker.skip()
+                continue
+            if len(remaining) > limits.max_depth:
+                raise CodecError(f"containers are nested deeper than {limits.max_depth} levels")
+            remaining.append(count)
+    except CodecError:
+        raise
+    except (ValueError, TypeError, msgpack.UnpackException, StopIteration) as error:
+        raise CodecError(f"not a msgpack value: {error}") from error
+    if unpacker.tell() != len(raw):
+        raise CodecError("extra bytes after the message")
 
 
 def peek_field(raw: bytes, field: str, limits: DecodeLimits = DecodeLimits()) -> Any:

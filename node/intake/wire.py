@@ -20,6 +20,13 @@ from node.intake.codec import CodecError, DecodeLimits, NonCanonicalError, pack,
 from node.intake.keys import verify_signature
 
 VERSION = 1
+
+
+def submission_decode_limits(message_bytes: int) -> DecodeLimits:
+    """A submission has about 40 values; a thousand is room enough, and cheap to walk."""
+    return DecodeLimits(
+        max_bytes=message_bytes, max_container_len=64, max_depth=8, max_objects=1024
+    )
 SUBMISSION_DOMAIN = b"poc/v1/submission"
 RESULT_DOMAIN = b"poc/v1/result"
 UINT64_MAX = 2**64 - 1
@@ -112,7 +119,7 @@ def parse_submission(raw: bytes, limits: WireLimits | None = None) -> Submission
             claimed_submitter(raw),
         )
     try:
-        message = unpack(raw, DecodeLimits(max_bytes=limits.message_bytes, max_container_len=64))
+        message = unpack(raw, submission_decode_limits(limits.message_bytes))
     except NonCanonicalError as error:
         raise Rejected(Reason.NON_CANONICAL, str(error), claimed_submitter(raw)) from error
     except CodecError as error:

@@ -8,9 +8,9 @@ ledger entries and submission states are committed in one transaction, keyed
 by round, so nothing is paid twice. The ledger is append-only and unique per
 submission.
 
-The class is synchronous and confined to one thread; :class:`node.daemon`
-calls it through a single-thread executor so the event loop never waits on
-``fsync``.
+The class is synchronous and confined to one thread; coroutines call it
+through :class:`node.store.thread.StoreThread`, so the event loop never
+waits on ``fsync``.
 """
 
 from __future__ import annotations

@@ -58,3 +58,51 @@ def test_peek_field_reads_one_field_without_the_rest():
     assert peek_field(raw, "submitter") == b"k" * 32
     assert peek_field(raw[:10], "zz") is None
     assert peek_field(b"\xc1garbage", "submitter") is None
+
+
+def _tree(depth: int, header: bytes = b"\x9f", width: int = 15, leaf: bytes = b"\x90") -> bytes:
+    return leaf if depth == 0 else header + _tree(depth - 1, header, width, leaf) * width
+
+
+AMPLIFIERS = {
+    "wide tree of one-byte arrays": _tree(5),
+    "wide tree of one-byte maps": _tree(4, b"\x8f", 30, b"\x80"),
+    "deep nesting": b"\x91" * (4 * 1024 * 1024) + b"\x90",
+    "many empty strings in arrays": (b"\xdc\x00\x40" + b"\xa0" * 64) * 8000,
+    "a map of many tiny keys": b"\xdf\x00\x00\x10\x00" + b"".join(
+        b"\xa2" + i.to_bytes(2, "big") + b"\xc0" for i in range(4096)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(AMPLIFIERS))
+def test_amplifying_shapes_are_refused_before_any_object_is_built(name):
+    """No message costs more than a few times its size in memory (DESIGN §3, THREATS)."""
+    import tracemalloc
+
+    from node.intake.codec import CodecError, DecodeLimits, unpack
+    from node.intake.wire import Reason, Rejected, parse_submission
+
+    raw = AMPLIFIERS[name]
+    tracemalloc.start()
+    try:
+        with pytest.raises(CodecError):
+            unpack(raw, DecodeLimits(max_bytes=8 * 1024 * 1024, max_container_len=64,
+                                     max_objects=1024))
+        with pytest.raises(Rejected) as refused:
+            parse_submission(raw)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert refused.value.reason is Reason.MALFORMED
+    assert peak <= 3 * len(raw) + 2 * 1024 * 1024, f"{name}: peak {peak} for {len(raw)} bytes"
+
+
+def test_an_amplifying_message_that_names_a_submitter_is_attributed():
+    from node.intake.codec import pack
+    from node.intake.wire import Reason, Rejected, parse_submission
+
+    # a map whose first field names the submitter and whose second is a bomb
+    raw = b"\x82" + pack("submitter") + pack(b"k" * 32) + pack("x") + _tree(5)
+    with pytest.raises(Rejected) as refused:
+        parse_submission(raw)
+    assert refused.value.reason is Reason.MALFORMED and refused.value.submitter == b"k" * 32
