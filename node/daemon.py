@@ -300,7 +300,7 @@ class Node:
         store: StoreThread,
     ) -> None:
         async def on_submission(topic: str, payload: bytes) -> None:
-            await intake.receive(payload)
+            await intake.receive(payload, topic)
 
         prefix = self.topics.prefix
         consensus_topics = [

@@ -14,6 +14,7 @@ class Reason(StrEnum):
 
     MALFORMED = "malformed"
     NON_CANONICAL = "non_canonical"
+    WRONG_TOPIC = "wrong_topic"
     BAD_SIGNATURE = "bad_signature"
     BAD_COMMITMENT = "bad_commitment"
     STALE = "stale"

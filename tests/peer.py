@@ -20,6 +20,12 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 PREFIX = "poc/v1"
+REASONS = frozenset({
+    "malformed", "non_canonical", "wrong_topic", "bad_signature", "bad_commitment", "stale",
+    "replay", "duplicate", "too_large", "unsupported_modality", "same_modality",
+    "undecodable", "pair_too_far", "rate_limited", "expired",
+})
+"""The closed set of rejection reason codes (DESIGN.md §3)."""
 
 
 def canonical(value: Any) -> Any:
@@ -75,6 +81,22 @@ class Peer:
         return self.sign(self.body(items, **kwargs))
 
 
+def submission_topic(raw: bytes) -> str:
+    """The topic a submission must be published on: its submitter's own.
+
+    Bytes that name no readable 32-byte submitter go to the all-zero key's
+    topic (the node reads the submitter from the bytes, never from the topic).
+    """
+    submitter = bytes(32)
+    try:
+        message = msgpack.unpackb(raw, raw=False)
+        if isinstance(message, dict) and isinstance(message.get("submitter"), bytes):
+            submitter = message["submitter"]
+    except Exception:  # junk, on purpose: any topic will do
+        pass
+    return f"{PREFIX}/submissions/{submitter.hex()}"
+
+
 def submission_id(raw: bytes) -> bytes:
     return hashlib.sha256(raw).digest()
 
@@ -87,6 +109,7 @@ def verify_result(raw: bytes) -> dict[str, Any]:
     Ed25519PublicKey.from_public_bytes(message["validator"]).verify(
         message["sig"], b"poc/v1/result" + pack(unsigned)
     )
+    assert message["reason"] is None or message["reason"] in REASONS, message["reason"]
     return message
 
 
@@ -122,9 +145,10 @@ class ResultListener:
             self.results.append(result)
             self._changed.set()
 
-    async def publish(self, raw: bytes) -> None:
+    async def publish(self, raw: bytes, topic: str | None = None) -> None:
+        """Publish on the submitter's own topic (``submissions/<submitter hex>``)."""
         assert self._client is not None
-        await self._client.publish(f"{PREFIX}/submissions", raw, qos=1)
+        await self._client.publish(topic or submission_topic(raw), raw, qos=1)
 
     def about(self, identity: bytes) -> list[dict[str, Any]]:
         return [r for r in self.results if r["submission_id"] == identity]

@@ -53,7 +53,12 @@ class Topics:
 
     @property
     def submissions(self) -> str:
-        return f"{self.prefix}/submissions"
+        """The filter validators subscribe: every submitter's own topic."""
+        return f"{self.prefix}/submissions/+"
+
+    def submission(self, submitter: bytes) -> str:
+        """Where ``submitter`` publishes (its key as lowercase hex); the broker's ACL binds it."""
+        return f"{self.prefix}/submissions/{submitter.hex()}"
 
     def results(self, submitter: bytes) -> str:
         return f"{self.prefix}/results/{submitter.hex()}"
@@ -128,6 +133,9 @@ class Bus:
         self._client_id = client_id
         self._metrics = metrics
         self._role = role
+        consensus = role == "consensus" and settings.consensus_username is not None
+        self._username = settings.consensus_username if consensus else settings.username
+        self._password = settings.consensus_password if consensus else settings.password
         self._tls = (
             tls_context(settings.tls_ca, settings.tls_cert, settings.tls_key)
             if settings.tls
@@ -142,8 +150,8 @@ class Bus:
             hostname=self._settings.host,
             port=self._settings.port,
             identifier=self._client_id,
-            username=self._settings.username,
-            password=self._settings.password,
+            username=self._username,
+            password=self._password,
             tls_context=self._tls,
             clean_session=False,
             clean_start=MQTT_CLEAN_START_FIRST_ONLY,
@@ -180,7 +188,7 @@ class Bus:
                         self._settings.port,
                         self._client_id,
                         self._tls is not None,
-                        self._settings.username,
+                        self._username,
                     )
                     delay = self._settings.reconnect_min_s
                     async for message in client.messages:

@@ -7,7 +7,7 @@ Result in the outbox. ``prepare`` then decodes (sandboxed), encodes
 (batched) and fuses each stored submission and marks it accepted.
 
 Check order (the first that fails names the reason): the stateless checks of
-:func:`node.intake.wire.parse_submission`, then ``stale``, ``rate_limited``,
+:func:`node.intake.wire.parse_submission`, then ``wrong_topic``, ``stale``, ``rate_limited``,
 ``replay``, ``duplicate``; while preparing, ``too_large`` (media headers) and
 ``undecodable``.
 """
@@ -167,8 +167,13 @@ class Intake:
 
     # -- receive --------------------------------------------------------------
 
-    async def receive(self, raw: bytes) -> None:
-        """Handle one message from the submissions topic; durable when it returns."""
+    async def receive(self, raw: bytes, topic: str | None = None) -> None:
+        """Handle one message from a submissions topic; durable when it returns.
+
+        ``topic`` is where it was published: a submission on another key's
+        topic is ``wrong_topic`` (checked after its signature, so only its
+        signer ever hears of it). ``None`` skips the check (tests, tools).
+        """
         await self._receiving.wait()
         self._metrics.messages.inc()
         started = time.perf_counter()
@@ -197,6 +202,14 @@ class Intake:
             self._metrics.stage_seconds.labels(stage="verify").observe(
                 time.perf_counter() - started
             )
+        if topic is not None and topic != self._topics.submission(submission.submitter):
+            await self._reject(
+                identity,
+                submission.submitter,
+                Reason.WRONG_TOPIC,
+                f"published on {topic}, not on its submitter's own topic",
+            )
+            return
         await self._admit(submission)
 
     async def _admit(self, submission: Submission) -> None:

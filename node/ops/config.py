@@ -58,6 +58,8 @@ class BusSection(_Section):
     client_id: str | None = None
     username: str | None = None
     password: str | None = Field(default=None, validate_default=True)
+    consensus_username: str | None = None
+    consensus_password: str | None = None
     tls_ca: Path | None = Field(default=None, validate_default=True)
     tls_cert: Path | None = None
     tls_key: Path | None = Field(default=None, validate_default=True)

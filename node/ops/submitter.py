@@ -162,7 +162,7 @@ async def run_submit(
             timeout=10,
         ) as client:
             await client.subscribe(f"{prefix}/results/{key.public_hex}", qos=1)
-            await client.publish(f"{prefix}/submissions", raw, qos=1)
+            await client.publish(f"{prefix}/submissions/{key.public_hex}", raw, qos=1)
             async with asyncio.timeout(timeout_s):
                 async for message in client.messages:
                     payload = message.payload

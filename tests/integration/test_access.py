@@ -297,7 +297,10 @@ def test_a_submitter_publishes_only_submissions_and_reads_only_its_own_results(
             for topic in forbidden:
                 await a.publish(topic, b"forged by alice", qos=1, retain=topic.endswith("/1"))
             # Markers, each sent after the forgeries it must not be preceded by.
-            await a.publish(f"{PREFIX}/submissions", b"alice's submission", qos=1)
+            # Alice's own topic is hers; Bob's is not (one account, one key).
+            await a.publish(f"{PREFIX}/submissions/{bob}", b"alice as bob", qos=1)
+            await a.publish(f"{PREFIX}/submissions", b"alice on the bare topic", qos=1)
+            await a.publish(f"{PREFIX}/submissions/{alice}", b"alice's submission", qos=1)
             await v.publish(f"{PREFIX}/results/{bob}", b"result for bob", qos=1)
             await v.publish(f"{PREFIX}/results/{alice}", b"result for alice", qos=1)
             await v.publish(f"{PREFIX}/consensus/votes", b"validator's vote", qos=1)
@@ -317,7 +320,7 @@ def test_a_submitter_publishes_only_submissions_and_reads_only_its_own_results(
 
     got_v, got_b, got_a, got_late = asyncio.run(scenario())
     assert got_v == [
-        (f"{PREFIX}/submissions", b"alice's submission"),
+        (f"{PREFIX}/submissions/{alice}", b"alice's submission"),
         (f"{PREFIX}/consensus/votes", b"validator's vote"),
         (f"{PREFIX}/rounds/2", b"round 2 summary"),
     ]

@@ -16,7 +16,7 @@ import aiomqtt
 import pytest
 
 from tests.conftest import start_mosquitto, start_node, write_node_config
-from tests.peer import PREFIX, Peer, submission_id, verify_result
+from tests.peer import PREFIX, Peer, submission_id, submission_topic, verify_result
 
 pytestmark = pytest.mark.integration
 
@@ -48,7 +48,7 @@ class PersistentListener:
 async def publish(port: int, raws: list[bytes]) -> None:
     async with aiomqtt.Client("127.0.0.1", port) as client:
         for raw in raws:
-            await client.publish(f"{PREFIX}/submissions", raw, qos=1)
+            await client.publish(submission_topic(raw), raw, qos=1)
 
 
 def test_the_node_rides_out_a_broker_restart(tmp_path: Path):

@@ -20,7 +20,7 @@ import pytest
 
 from tests.conftest import Broker, NodeProcess, start_node, write_node_config
 from tests.media import image_bytes, mp4_bytes, png_header_only, wav_bytes
-from tests.peer import Peer, ResultListener, pack, submission_id
+from tests.peer import PREFIX, Peer, ResultListener, pack, submission_id
 
 pytestmark = pytest.mark.integration
 
@@ -173,6 +173,27 @@ def test_replay_and_duplicate(node: NodeProcess, mosquitto: Broker):
     assert (duplicated["status"], duplicated["reason"]) == ("rejected", "duplicate")
 
 
+def test_a_submission_on_another_keys_topic_is_wrong_topic(node: NodeProcess, mosquitto: Broker):
+    """Identity is the topic's key: a message signed by A on B's topic is refused, to A."""
+    alice, bob = Peer(), Peer()
+    raw = alice.submission([("text", "text/plain", b"alice, dressed up as bob")])
+    fine = bob.submission([("text", "text/plain", b"bob, on his own topic")])
+
+    async def scenario() -> tuple[dict, dict, list]:
+        async with ResultListener(mosquitto.port) as listener:
+            await listener.publish(raw, f"{PREFIX}/submissions/{bob.public.hex()}")
+            await listener.publish(fine)
+            refused = await listener.final(submission_id(raw))
+            accepted = await listener.final(submission_id(fine))
+            return refused, accepted, listener.results
+
+    refused, accepted, _ = run(scenario())
+    assert (refused["status"], refused["reason"]) == ("rejected", "wrong_topic")
+    assert refused["_topic_submitter"] == alice.public.hex()  # only its signer hears of it
+    assert accepted["status"] == "final"
+    assert node.metric("poc_rejections_total", 'reason="wrong_topic"') >= 1
+
+
 def test_the_same_bytes_again_are_not_answered_twice(node: NodeProcess, mosquitto: Broker):
     raw = Peer().submission([("text", "text/plain", b"delivered twice by the bus")])
 
@@ -220,7 +241,7 @@ def test_bytes_naming_no_submitter_are_counted_not_answered(node: NodeProcess, m
 
 
 def test_metrics_and_health_endpoints(node: NodeProcess):
-    text = node.ops.metrics()
+    text = node.metrics()
     for name in (
         "poc_rejections_total",
         "poc_stage_seconds_bucket",
