@@ -87,9 +87,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=30)
     parser.add_argument("--rate", type=float, default=300, help="submissions per second")
     parser.add_argument("--quiet", type=float, default=20, help="seconds of quiet rounds first")
+    parser.add_argument("--keep", type=Path, help="keep the members' logs and stores here")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="poc-bench-committee-") as name:
-        directory = Path(name)
+        directory = args.keep or Path(name)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "broker").mkdir()
         broker = start_mosquitto(directory / "broker")
         nodes: list[NodeProcess] = []
         try:
@@ -97,19 +100,23 @@ def main() -> None:
             committee_file, keys = committee(directory, genesis)
             bus = f"mqtt://127.0.0.1:{broker.port}"
 
-            def start(index: int) -> NodeProcess:
-                config = write_node_config(
+            def configure(index: int) -> Path:
+                return write_node_config(
                     directory / f"c{index}" / "node.yaml",
                     node={"committee": str(committee_file), "key": str(keys[index]),
-                          "log_level": "WARNING"},
+                          "log_level": "INFO" if args.keep else "WARNING"},
                     rounds={"genesis_ms": genesis, "round_seconds": ROUND_SECONDS},
                     consensus={"propose_timeout_s": 2, "prevote_timeout_s": 1,
                                "precommit_timeout_s": 1, "timeout_delta_s": 0.5},
                 )
-                return start_node(directory / f"n{index}", bus, config, 240)
 
+            # Configs (and the seeded test weights they name) are made here, once:
+            # members with different weights would disagree on every embedding.
+            configs = [configure(index) for index in range(4)]
             with ThreadPoolExecutor(4) as pool:
-                nodes = list(pool.map(start, range(4)))
+                nodes = list(pool.map(
+                    lambda index: start_node(directory / f"n{index}", bus, configs[index], 240),
+                    range(4)))
             time.sleep(max(genesis / 1000 - time.time(), 0) + args.quiet)
             quiet = finality(nodes)
             print(f"quiet: {quiet[1]:.0f} member-rounds, "

@@ -269,6 +269,7 @@ class Node:
                 Tolerances.of(config.consensus),
                 intake.wire_limits,
                 history_lock,
+                max_records=config.rounds.max_records,
             )
             driver = RoundDriver(
                 config,

@@ -145,6 +145,7 @@ class RoundsSection(_Section):
     round_seconds: PositiveInt
     epoch_rounds: PositiveInt
     expiry_rounds: PositiveInt
+    max_records: PositiveInt
     summary_retention_rounds: PositiveInt
 
 

@@ -382,15 +382,20 @@ class RoundDriver:
             await self._perform(self.machine.proposal_built(action.round, action.view, records))
 
     async def _proposal_records(self, round_number: int) -> list[bytes]:
-        """This member's records for ``round_number``: every accepted submission, scored."""
+        """This member's records for ``round_number``: the oldest accepted submissions, scored.
+
+        At most ``rounds.max_records`` of them, so that a value stays below the
+        broker's packet limit and its check within the propose timeout under a
+        flood; the others wait for the next rounds (or expire).
+        """
         started = time.perf_counter()
         accepted = await self._store.submissions_in(State.ACCEPTED)
         oldest = round_number - self._config.rounds.expiry_rounds
         candidates = [
             Candidate(s.id, s.submitter, Prepared.from_bytes(s.prepared))
-            for s in accepted
+            for s in accepted  # oldest first
             if s.prepared is not None and (self._solo or (s.intake_round or 0) >= oldest)
-        ]
+        ][: self._config.rounds.max_records]
         async with self._history_lock:
             records = await asyncio.to_thread(
                 score_round, candidates, self._history, self._config.scoring
@@ -405,6 +410,8 @@ class RoundDriver:
                 await self._verifier.check(action.records)
                 ok = True
             except Mismatch as mismatch:
+                if action.round < self.machine.next_round:
+                    return  # decided meanwhile (certified by the others): moot
                 self._metrics.record_mismatches.inc()
                 log.warning(
                     "event=record_mismatch round=%d view=%d proposer=%s why=%r",

@@ -73,7 +73,9 @@ class RecordVerifier:
         history_lock: asyncio.Lock,
         *,
         recompute_always: bool = False,
+        max_records: int | None = None,
     ) -> None:
+        self._max_records = max_records
         self._history_lock = history_lock
         self._recompute_always = recompute_always
         self._store = store
@@ -87,6 +89,8 @@ class RecordVerifier:
 
     async def check(self, records: Sequence[bytes]) -> None:
         """Return when every record is acceptable; raise :class:`Mismatch` otherwise."""
+        if self._max_records is not None and len(records) > self._max_records:
+            raise Mismatch(f"{len(records)} records, more than rounds.max_records")
         try:
             decoded = [RoundRecord.from_bytes(raw) for raw in records]
         except (CodecError, KeyError, ValueError, TypeError) as error:

@@ -160,3 +160,13 @@ def test_a_submission_rejected_by_this_members_own_intake_is_judged_on_its_conte
     ninth = dataclasses.replace(records[0], submission_id=b"\x09" * 32)
     with pytest.raises(Mismatch, match="unknown here and to peers"):  # no bytes to recompute
         check(verifier, [*records, ninth])
+
+
+def test_a_value_with_more_records_than_a_round_holds_is_refused(tmp_path: Path):
+    """A flood must not make one proposal outgrow the broker's packet limit."""
+    verifier, records = make(tmp_path, MINE)
+    verifier._max_records = len(records) - 1
+    with pytest.raises(Mismatch, match="max_records"):
+        check(verifier, records)
+    verifier._max_records = len(records)
+    check(verifier, records)
