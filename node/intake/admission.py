@@ -267,8 +267,8 @@ class Intake:
         """Queue the submissions stored but not prepared before the last stop."""
         stored = await self._store.submissions_in(State.RECEIVED)
         for row in stored:
-            try:
-                pending = self._reparse(row)
+            try:  # signature checks: off the event loop, as on the live path
+                pending = await asyncio.to_thread(self._reparse, row)
             except Rejected as rejected:  # the limits changed since it was stored
                 await self._reject(row.id, row.submitter, rejected.reason, rejected.detail)
                 continue

@@ -41,8 +41,9 @@ def _decode(raw: bytes) -> dict[str, Any]:
     return body
 
 
-def _decode_signed(raw: bytes, kind: str, build: Callable[[dict[str, Any], bytes], T]) -> T:
-    body = _decode(raw)
+def _signed_from_body(
+    body: dict[str, Any], kind: str, build: Callable[[dict[str, Any], bytes], T]
+) -> T:
     try:
         signature = body.pop("sig")
         return build(body, signature)
@@ -50,12 +51,20 @@ def _decode_signed(raw: bytes, kind: str, build: Callable[[dict[str, Any], bytes
         raise ConsensusWireError(f"bad {kind}: {error}") from None
 
 
+def _proposal(body: dict[str, Any], sig: bytes) -> SignedProposal:
+    return SignedProposal(Proposal.from_body(body), sig)
+
+
+def _vote(body: dict[str, Any], sig: bytes) -> SignedVote:
+    return SignedVote(Vote.from_body(body), sig)
+
+
 def decode_signed(raw: bytes) -> SignedProposal | SignedVote:
     """A proposal or a vote, told apart by its fields (as stored by the driver)."""
     body = _decode(raw)
     if "proposer" in body:
-        return decode_proposal(raw)
-    return decode_vote(raw)
+        return _signed_from_body(body, "proposal", _proposal)
+    return _signed_from_body(body, "vote", _vote)
 
 
 def encode_signed(signed: SignedProposal | SignedVote) -> bytes:
@@ -69,9 +78,7 @@ def encode_proposal(signed: SignedProposal) -> bytes:
 
 
 def decode_proposal(raw: bytes) -> SignedProposal:
-    return _decode_signed(
-        raw, "proposal", lambda body, sig: SignedProposal(Proposal.from_body(body), sig)
-    )
+    return _signed_from_body(_decode(raw), "proposal", _proposal)
 
 
 def encode_vote(signed: SignedVote) -> bytes:
@@ -79,7 +86,7 @@ def encode_vote(signed: SignedVote) -> bytes:
 
 
 def decode_vote(raw: bytes) -> SignedVote:
-    return _decode_signed(raw, "vote", lambda body, sig: SignedVote(Vote.from_body(body), sig))
+    return _signed_from_body(_decode(raw), "vote", _vote)
 
 
 def encode_certificate(certificate: QuorumCertificate) -> bytes:

@@ -134,8 +134,6 @@ class RoundDriver:
         self._history_lock = history_lock or asyncio.Lock()
         self._progress = asyncio.Event()
         self._catch_up = asyncio.Event()
-        self._closed: set[int] = set()
-        self._timers: set[asyncio.TimerHandle] = set()
         self._background: set[asyncio.Task[None]] = set()
         self._names = {member.public_key: member.name for member in committee.members}
         self._decided_at = time.monotonic()
@@ -196,8 +194,7 @@ class RoundDriver:
             if now < end:
                 await self._wait_progress((end - now) / 1000)
                 continue
-            if round_number not in self._closed:
-                self._closed.add(round_number)
+            if not self.machine.started:
                 async with self._lock:
                     await self._perform(self.machine.round_closed(round_number))
                 continue
@@ -304,10 +301,16 @@ class RoundDriver:
         )
         applied = False
         for entry in fetched:
-            if entry.round != self.machine.next_round or not self._valid_round(entry):
+            # The machine verifies each certificate and proposal before it commits
+            # (``certificate_received``); the reply's first round was checked once
+            # more, to choose the reply.
+            if entry.round != self.machine.next_round:
                 break
-            certificate = decode_certificate(entry.certificate)
-            signed = decode_proposal(entry.proposal)
+            try:
+                certificate = decode_certificate(entry.certificate)
+                signed = decode_proposal(entry.proposal)
+            except ConsensusWireError:
+                break
             async with self._lock:
                 actions = self.machine.certificate_received(certificate, signed)
                 await self._perform(actions)
@@ -363,14 +366,11 @@ class RoundDriver:
         await self._publish(f"{self._topics.prefix}/consensus/{kind}", encode_signed(message))
 
     def _schedule(self, action: ScheduleTimeout) -> None:
-        loop = asyncio.get_running_loop()
-
-        def fire() -> None:
-            self._timers.discard(handle)
-            self._spawn(self._timeout(action.step, action.round, action.view))
-
-        handle = loop.call_later(action.delay_ms / 1000, fire)
-        self._timers.add(handle)
+        """A timeout that fires after the machine moved on is ignored by it."""
+        asyncio.get_running_loop().call_later(
+            action.delay_ms / 1000,
+            lambda: self._spawn(self._timeout(action.step, action.round, action.view)),
+        )
 
     async def _timeout(self, step: Step, round_number: int, view: int) -> None:
         async with self._lock:
@@ -547,7 +547,6 @@ class RoundDriver:
             missing = await self._store.missing_raw(ids)
             if missing:
                 self._spawn(self._fetch_bytes(missing))
-        self._closed = {n for n in self._closed if n > commit.round}
         self._decided_at = time.monotonic()
         self._account(commit, records, now, started)
         self._progress.set()
