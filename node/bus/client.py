@@ -133,6 +133,7 @@ class Bus:
         self._client_id = client_id
         self._metrics = metrics
         self._role = role
+        self._reports = role == "submissions"  # the bus gauges describe the submissions session
         consensus = role == "consensus" and settings.consensus_username is not None
         self._username = settings.consensus_username if consensus else settings.username
         self._password = settings.consensus_password if consensus else settings.password
@@ -173,12 +174,12 @@ class Bus:
                 async with self._make_client() as client:
                     self._client = client
                     self._connections += 1
-                    if self._connections > 1 and self._role == "submissions":
+                    if self._connections > 1 and self._reports:
                         self._metrics.bus_reconnects.inc()
                     for topic in subscriptions:
                         await client.subscribe(topic, qos=1)
                     self.connected.set()
-                    if self._role == "submissions":
+                    if self._reports:
                         self._metrics.bus_connected.set(1)
                     log.info(
                         "event=bus_connected role=%s host=%s port=%d client_id=%s tls=%s "
@@ -208,7 +209,7 @@ class Bus:
             finally:
                 self._client = None
                 self.connected.clear()
-                if self._role == "submissions":
+                if self._reports:
                     self._metrics.bus_connected.set(0)
             await asyncio.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, self._settings.reconnect_max_s)

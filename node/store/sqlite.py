@@ -248,17 +248,9 @@ class Store:
             if self.knows(submission_id):
                 return Admission.KNOWN
             self._db.execute("DELETE FROM nonces WHERE created_ms < ?", (now_ms - 2 * window_ms,))
-            seen = self._db.execute(
-                "SELECT 1 FROM nonces WHERE submitter = ? AND nonce = ?", (submitter, nonce)
-            ).fetchone()
-            if seen is not None:
-                return Admission.REPLAY
-            for digest in item_hashes:
-                claimed = self._db.execute(
-                    "SELECT 1 FROM data_claims WHERE sha256 = ?", (digest,)
-                ).fetchone()
-                if claimed is not None:
-                    return Admission.DUPLICATE
+            conflict = self.conflict_of(submitter, nonce, item_hashes)
+            if conflict is not None:
+                return conflict
             self._db.execute(
                 "INSERT INTO nonces (submitter, nonce, created_ms) VALUES (?, ?, ?)",
                 (submitter, nonce, created_ms),
@@ -477,19 +469,23 @@ class Store:
 
     def conflict_of(
         self, submitter: bytes, nonce: int, item_hashes: Sequence[bytes]
-    ) -> str | None:
-        """Why a submission this store never received would not be new here, or None."""
+    ) -> Admission | None:
+        """Why a submission would not be new here (``REPLAY``, ``DUPLICATE``), or None.
+
+        The checks of :meth:`admit`, also asked about a submission this store
+        never received when a proposer's record names it.
+        """
         seen = self._db.execute(
             "SELECT 1 FROM nonces WHERE submitter = ? AND nonce = ?", (submitter, nonce)
         ).fetchone()
         if seen is not None:
-            return "replay"
+            return Admission.REPLAY
         for digest in item_hashes:
             claimed = self._db.execute(
                 "SELECT 1 FROM data_claims WHERE sha256 = ?", (digest,)
             ).fetchone()
             if claimed is not None:
-                return "duplicate"
+                return Admission.DUPLICATE
         return None
 
     def missing_raw(self, submission_ids: Iterable[bytes]) -> list[bytes]:

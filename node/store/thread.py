@@ -119,7 +119,7 @@ class StoreThread:
 
     async def conflict_of(
         self, submitter: bytes, nonce: int, item_hashes: Sequence[bytes]
-    ) -> str | None:
+    ) -> Admission | None:
         return await self._run(self.store.conflict_of, submitter, nonce, item_hashes)
 
     # -- rounds ---------------------------------------------------------------

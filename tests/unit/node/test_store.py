@@ -122,8 +122,8 @@ def test_a_store_of_the_old_schema_is_refused_with_a_message(tmp_path):
 def test_conflict_of_names_a_nonce_or_data_held_here(tmp_path):
     store = Store(tmp_path / "s.db")
     admit(store, b"a" * 32)
-    assert store.conflict_of(b"s" * 32, 1, [b"z" * 32]) == "replay"
-    assert store.conflict_of(b"s" * 32, 7, [b"h" * 32]) == "duplicate"
+    assert store.conflict_of(b"s" * 32, 1, [b"z" * 32]) is Admission.REPLAY
+    assert store.conflict_of(b"s" * 32, 7, [b"h" * 32]) is Admission.DUPLICATE
     assert store.conflict_of(b"s" * 32, 7, [b"z" * 32]) is None
 
 
