@@ -24,11 +24,16 @@ import yaml
 
 from consensus.beacon import proposer_of
 from consensus.committee import Committee, Member
-from consensus.messages import Proposal, SignedProposal, SignedVote, Vote, VoteKind
+from consensus.messages import Evidence, Proposal, SignedProposal, SignedVote, Vote, VoteKind
 from node.intake.codec import unpack
 from node.intake.keys import SigningKey, load_key, write_key
 from node.intake.signing import MessageSigner
-from node.rounds.consensus_wire import decode_proposal, encode_proposal, encode_vote
+from node.rounds.consensus_wire import (
+    decode_proposal,
+    encode_evidence,
+    encode_proposal,
+    encode_vote,
+)
 from node.rounds.records import RoundRecord
 from node.store.sqlite import Store
 from tests.conftest import POC_NODE, Broker, NodeProcess, start_node, write_node_config
@@ -67,6 +72,8 @@ def member_config(directory: Path, committee: Path, key: Path) -> Path:
     return write_node_config(
         directory / "node.yaml",
         node={"committee": str(committee), "key": str(key)},
+        # A flood of 150 spans several rounds: the cap on a round's records must fire.
+        rounds={"max_records": 20, "expiry_rounds": 20},
         consensus={"sync_timeout_s": 1, "propose_timeout_s": 2, "prevote_timeout_s": 1,
                    "precommit_timeout_s": 1, "timeout_delta_s": 0.5, "rebroadcast_s": 1},
     )
@@ -196,6 +203,10 @@ def test_four_members_finalize_through_a_late_start_a_freeze_a_kill_and_a_flood(
         assert node.stop() == 0, node.log_text()[-3000:]
     states = [read_state(node.data_dir, up_to) for node in members]
     assert states[0]["rounds"] and states[0]["history"]
+    per_round: dict[int, set[bytes]] = {}
+    for number, identity, _, _ in states[0]["history"]:
+        per_round.setdefault(number, set()).add(identity)
+    assert max(len(ids) for ids in per_round.values()) == 20  # rounds.max_records held
     for state in states[1:]:
         assert state == states[0]
     audit = subprocess.run(
@@ -239,11 +250,23 @@ class ByzantineMember:
                              10**6, 10**6)
         return (record.to_bytes(),)
 
+    def forged_evidence(self) -> bytes:
+        """Evidence accusing honest v0, which v0 never signed: it must convince nobody."""
+        victim = next(m for m in self.committee.members if m.name == "v0").public_key
+        votes = [
+            SignedVote(Vote(VoteKind.PREVOTE, 0, 0, victim, value),
+                       self.signer.sign(Vote.DOMAIN, Vote(VoteKind.PREVOTE, 0, 0, victim,
+                                                          value).body()))
+            for value in (b"\x07" * 32, None)
+        ]
+        return encode_evidence(Evidence(votes[0], votes[1]))
+
     async def run(self, until: float) -> None:
         async with aiomqtt.Client("127.0.0.1", self.port) as client:
             await client.subscribe(f"{PREFIX}/consensus/proposals", qos=1)
             await client.subscribe(f"{PREFIX}/rounds/+", qos=1)
             led: set[tuple[int, int]] = set()
+            await client.publish(f"{PREFIX}/consensus/evidence", self.forged_evidence(), qos=1)
             async with asyncio.timeout(until):
                 async for message in client.messages:
                     topic = str(message.topic)
@@ -325,6 +348,9 @@ def test_a_byzantine_member_cannot_break_the_committee(
     for node in honest:
         assert node.process.poll() is None, node.log_text()[-3000:]
         assert node.metric("poc_equivocations_total", 'member="v3"') >= 1
+        assert node.metric("poc_equivocations_total", 'member="v0"') == 0  # forged accusation
+        assert node.metric("poc_consensus_rejected_total",
+                           'reason="evidence_bad_signature"') >= 1
         assert node.metric("poc_consensus_rejected_total", 'reason="not_proposer"') >= 1
         assert node.metric("poc_consensus_rejected_total", 'reason="too_far_ahead"') >= 1
     assert sum(node.metric("poc_record_mismatches_total") for node in honest) >= 1
