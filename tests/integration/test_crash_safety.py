@@ -164,3 +164,55 @@ def test_a_killed_node_leaves_no_decoder_processes_behind(tmp_path: Path):
             time.sleep(0.2)
     finally:
         broker.stop()
+
+
+def test_a_commit_the_store_refuses_stops_the_node_and_a_restart_recovers(tmp_path: Path):
+    """Crash-only: a store that cannot commit a certified round never lets the machine run on.
+
+    A trigger in the node's real SQLite file makes every round commit fail.
+    The node must exit (status 70) rather than go on with a machine that has
+    moved past a round its store does not hold; restarted on the repaired
+    store, it finalizes the same submission once.
+    """
+    broker = start_mosquitto(tmp_path)
+    bus = f"mqtt://127.0.0.1:{broker.port}"
+    config = write_node_config(tmp_path / "node.yaml", rounds={"round_seconds": 1})
+    node = start_node(tmp_path / "node", bus, config)
+    database = node.data_dir / "node.sqlite3"
+    raw = Peer().submission([("text", "text/plain", b"committed after a store failure")])
+    try:
+        db = sqlite3.connect(database, timeout=30)
+        db.execute("CREATE TRIGGER no_commit BEFORE INSERT ON rounds "
+                   "BEGIN SELECT RAISE(ABORT, 'disk refused the write'); END")
+        db.commit()
+        db.close()
+
+        async def publish() -> None:
+            async with ResultListener(broker.port) as listener:
+                await listener.publish(raw)
+
+        asyncio.run(publish())  # the node may already be gone: the broker keeps it
+        assert node.process.wait(60) == 70, node.log_text()[-3000:]
+        assert "event=commit_failed" in node.log_text()
+        db = sqlite3.connect(database, timeout=30)
+        db.execute("DROP TRIGGER no_commit")
+        db.commit()
+        assert db.execute("SELECT COUNT(*) FROM rounds").fetchone()[0] == 0
+        db.close()
+
+        node = start_node(tmp_path / "node", bus, config)
+
+        async def final() -> dict:
+            async with ResultListener(broker.port) as listener:
+                return await listener.final(submission_id(raw), timeout=60)
+
+        outcome = asyncio.run(final())
+        assert outcome["status"] == "final"
+        assert node.stop() == 0, node.log_text()[-3000:]
+        db = sqlite3.connect(database)
+        finals = db.execute("SELECT COUNT(*) FROM submissions WHERE state = 'final'").fetchone()
+        db.close()
+        assert finals[0] == 1
+    finally:
+        node.stop(signal.SIGKILL)
+        broker.stop()
