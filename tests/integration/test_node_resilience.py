@@ -146,3 +146,41 @@ def test_the_node_refuses_to_start_on_weights_that_do_not_match(tmp_path: Path):
     )
     assert result.returncode == 1
     assert "manifest.json" in result.stderr and sha256_file(manifest) in result.stderr
+
+
+def test_the_broker_keeps_only_the_last_round_summaries(tmp_path: Path):
+    """Retained rounds/<r> older than rounds.summary_retention_rounds are cleared."""
+    import aiomqtt
+
+    from tests.peer import PREFIX
+
+    broker = start_mosquitto(tmp_path)
+    config = write_node_config(
+        tmp_path / "node.yaml", rounds={"round_seconds": 1, "summary_retention_rounds": 3}
+    )
+    node = start_node(tmp_path / "node", f"mqtt://127.0.0.1:{broker.port}", config)
+    try:
+        first = node.metric("poc_finalized_round")
+        wait_until(lambda: node.metric("poc_finalized_round") >= first + 6, timeout=60)
+        last = int(node.metric("poc_finalized_round"))
+
+        async def retained() -> set[int]:
+            rounds: set[int] = set()
+            async with aiomqtt.Client("127.0.0.1", broker.port) as client:
+                await client.subscribe(f"{PREFIX}/rounds/+", qos=1)
+                try:
+                    async with asyncio.timeout(2):
+                        async for message in client.messages:
+                            if message.retain and message.payload:
+                                rounds.add(int(str(message.topic).rsplit("/", 1)[1]))
+                except TimeoutError:
+                    pass
+            return rounds
+
+        kept = asyncio.run(retained())
+        assert kept, "no retained summary at all"
+        assert min(kept) >= last - 3, (kept, last)  # older ones were cleared
+        assert max(kept) >= last - 1
+    finally:
+        node.stop()
+        broker.stop()
