@@ -29,7 +29,7 @@ from encoders.model import EncoderConfig, MultimodalEncoder
 from encoders.patches import audio_patches, image_patches, video_tubelets
 from encoders.registry import loader_for
 from encoders.text_backbone import TextBackbone, TextTokens
-from encoders.weights import read_manifest
+from encoders.weights import UNCALIBRATED_SCORING, ScoringCalibration, read_manifest
 
 __all__ = ["EncodeRequest", "ItemEmbedding", "Shard", "load_poc_encoder"]
 
@@ -54,6 +54,8 @@ class Shard:
         rule: EnsembleRule,
         mask_count: int,
         device: str,
+        scoring: ScoringCalibration = UNCALIBRATED_SCORING,
+        genesis: Path | None = None,
     ) -> None:
         if mask_count < 1:
             raise ValueError(f"mask_count={mask_count} must be at least 1")
@@ -67,6 +69,8 @@ class Shard:
         self.weights_id = weights_id
         self.preprocess = preprocess
         self.pair_delta = dict(pair_delta)
+        self.scoring = scoring
+        self.genesis = genesis
         self._encoders = tuple(encoders)
         self._backbone = backbone
         self._rule = rule
@@ -104,6 +108,8 @@ class Shard:
             rule=EnsembleRule(tau=tau),
             mask_count=mask_count,
             device=device,
+            scoring=manifest.scoring,
+            genesis=manifest.genesis,
         )
 
     def delta(self, a: Modality, b: Modality) -> float:

@@ -28,7 +28,8 @@ from encoders.model import EncoderConfig, MultimodalEncoder
 from encoders.patches import PATCH, TUBELET
 from encoders.text_backbone import BACKBONE_FILE, BACKBONE_PACKAGE, backbone_dir
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: the manifest carries the scoring calibration (qualify ratio, near-duplicate radii)."""
 MANIFEST_NAME = "manifest.json"
 DEFAULT_KIND = "poc"
 """Encoder kind of the project's own ``MultimodalEncoder`` (``encoders.registry``)."""
@@ -50,6 +51,37 @@ UNCALIBRATED_NOTE = (
     "distance: no pair is disqualified. Calibration on held-out matched and mismatched "
     "pairs replaces it once trained."
 )
+
+
+@dataclass(frozen=True)
+class ScoringCalibration:
+    """The scoring constants that depend on the embedding space, calibrated beside δ.
+
+    ``qualify_ratio``: an item qualifies when ``d_E <= ratio * d_nn``
+    (DESIGN.md §6). ``duplicate_radius``: per modality, the cosine distance
+    below which two items are re-encodings of one datum (DESIGN.md §3).
+    """
+
+    qualify_ratio: float
+    duplicate_radius: dict[Modality, float]
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "qualify_ratio": float(self.qualify_ratio),
+            "duplicate_radius": {str(m): float(self.duplicate_radius[m]) for m in Modality},
+        }
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> ScoringCalibration:
+        ratio = float(body["qualify_ratio"])
+        radius = {m: float(body["duplicate_radius"][str(m)]) for m in Modality}
+        if not ratio > 0 or not all(0 <= r < 2 for r in radius.values()):
+            raise ValueError(f"scoring calibration out of range: {dict(body)}")
+        return cls(ratio, radius)
+
+
+UNCALIBRATED_SCORING = ScoringCalibration(2.0, dict.fromkeys(Modality, 1e-6))
+"""For untrained weights: every item qualifies; only identical embeddings are duplicates."""
 
 
 def sha256_file(path: Path) -> str:
@@ -131,6 +163,7 @@ def create_untrained_shard(
         },
         trained=False,
         notes=UNCALIBRATED_NOTE,
+        scoring=UNCALIBRATED_SCORING,
     )
 
 
@@ -142,6 +175,7 @@ def write_shard(
     pair_delta: Mapping[frozenset[Modality], float],
     trained: bool,
     notes: str,
+    scoring: ScoringCalibration = UNCALIBRATED_SCORING,
     extra: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write encoders (float16 safetensors) and a manifest pinning them; return its path.
@@ -180,6 +214,7 @@ def write_shard(
                 pair_key(a, b): float(pair_delta[frozenset((a, b))])
                 for a, b in itertools.combinations(list(Modality), 2)
             },
+            "scoring": {**manifest.get("scoring", {}), **scoring.body()},
             "notes": notes,
         }
     )
@@ -213,6 +248,9 @@ class Manifest:
     backbone_dir: Path
     pair_delta: dict[frozenset[Modality], float]
     trained: bool
+    scoring: ScoringCalibration
+    genesis: Path | None
+    """The genesis history (``read_genesis``), verified like every other file."""
 
 
 def verify_file(path: Path, expected: str) -> None:
@@ -238,9 +276,10 @@ def read_manifest(manifest_path: Path, manifest_sha256: str) -> Manifest:
 
 def _parse(raw: dict[str, Any], manifest_path: Path, sha: str) -> Manifest:
     if raw["format_version"] != FORMAT_VERSION:
+        missing = " (no scoring calibration)" if raw["format_version"] == 1 else ""
         raise WeightsError(
-            f"manifest {manifest_path} has format {raw['format_version']}, "
-            f"this node reads {FORMAT_VERSION}"
+            f"manifest {manifest_path} has format {raw['format_version']}{missing}, "
+            f"this node reads {FORMAT_VERSION}: run `poc-node calibrate` on it"
         )
     base = manifest_path.parent
     hashes = {entry["path"]: entry["sha256"] for entry in raw["files"]}
@@ -279,4 +318,51 @@ def _parse(raw: dict[str, Any], manifest_path: Path, sha: str) -> Manifest:
         backbone_dir=backbone_dir(),
         pair_delta=pair_delta,
         trained=bool(raw["trained"]),
+        scoring=ScoringCalibration.from_body(raw["scoring"]),
+        genesis=_genesis_path(raw, base, hashes, manifest_path),
     )
+
+
+def _genesis_path(
+    raw: Mapping[str, Any], base: Path, hashes: Mapping[str, str], manifest_path: Path
+) -> Path | None:
+    genesis = raw.get("genesis")
+    if genesis is None:
+        return None
+    if genesis["file"] not in hashes:
+        raise WeightsError(f"manifest {manifest_path} does not pin {genesis['file']}")
+    return base / str(genesis["file"])
+
+
+GENESIS_FILE = "genesis.safetensors"
+
+
+def write_genesis(path: Path, modalities: Sequence[str], vectors: Any) -> None:
+    """Store a genesis history: float16 vectors and their modalities, in order."""
+    import numpy as np
+    from safetensors.numpy import save_file as save_numpy
+
+    names = [str(m) for m in Modality]
+    codes = np.asarray([names.index(m) for m in modalities], dtype=np.uint8)
+    half = np.ascontiguousarray(np.asarray(vectors, dtype=np.float16))
+    if half.ndim != 2 or len(half) != len(codes):
+        raise ValueError(f"{len(codes)} modalities for vectors of shape {half.shape}")
+    save_numpy(
+        {"vectors": half, "modality": codes}, str(path), metadata={"modalities": ",".join(names)}
+    )
+
+
+def read_genesis(path: Path, dim: int) -> tuple[list[str], Any]:
+    """The genesis history's modalities and float16 vectors ``[n, dim]`` (file already verified)."""
+    import numpy as np
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as handle:
+        names = (handle.metadata() or {}).get("modalities", "").split(",")
+        vectors = np.asarray(handle.get_tensor("vectors"), dtype=np.float16)
+        codes = np.asarray(handle.get_tensor("modality"), dtype=np.int64)
+    if vectors.ndim != 2 or vectors.shape[1] != dim or len(codes) != len(vectors):
+        raise WeightsError(f"genesis history {path} has shape {vectors.shape}, expected [n, {dim}]")
+    if len(codes) and (codes.min() < 0 or codes.max() >= len(names)):
+        raise WeightsError(f"genesis history {path} names an unknown modality")
+    return [names[int(c)] for c in codes], vectors

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import aiomqtt
-import numpy as np
 from prometheus_client import CollectorRegistry
 
 from consensus.committee import Committee, Member
@@ -37,12 +36,12 @@ from node.pipeline.encoding import EncoderService
 from node.pipeline.sandbox import DecoderPool
 from node.rounds.chain import BeaconChain
 from node.rounds.driver import RoundDriver
-from node.rounds.records import Tolerances, from_float16
+from node.rounds.history import load_history
+from node.rounds.records import RoundRules, Tolerances
 from node.rounds.sync import SyncService
 from node.rounds.verify import RecordVerifier
 from node.store.sqlite import Store
 from node.store.thread import StoreThread
-from rewards.history import HistoryIndex
 
 log = logging.getLogger("poc.node")
 
@@ -192,12 +191,9 @@ class Node:
                 torch.set_num_threads(config.encoders.threads)
             shard = await asyncio.to_thread(load_shard, config)
             self._encoders_loaded = True
-            history = HistoryIndex(shard.dim)
             described = describe_committee(self.committee)
             await store.set_meta("committee", described)
-            vectors = await store.history_vectors()
-            if vectors:
-                history.add(np.stack([from_float16(v) for v in vectors]))
+            history = load_history(shard, await store.history_items())
             self.metrics.history_size.set(len(history))
             log.info(
                 "event=encoders_loaded weights=%s dim=%d history=%d",
@@ -265,7 +261,7 @@ class Node:
                 lambda ids: sync.fetch_submissions(ids, config.consensus.sync_timeout_s),
                 shard.delta,
                 history,
-                config.scoring,
+                RoundRules.of(config.scoring, shard.scoring),
                 Tolerances.of(config.consensus),
                 intake.wire_limits,
                 history_lock,
@@ -277,6 +273,7 @@ class Node:
                 self.signer,
                 store,
                 history,
+                RoundRules.of(config.scoring, shard.scoring),
                 chain,
                 self.metrics,
                 self.topics,

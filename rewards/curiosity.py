@@ -1,10 +1,18 @@
 """Proof of Curiosity: how well an embedding fills a gap in the history (DESIGN.md §6).
 
 For an embedding e and its k nearest neighbours nn_1..nn_k in the history H:
-centroid ``C = mean(nn_i)``, gap size ``d_nn = mean ||C - nn_i||``,
-``d_E = ||e - C||``. The item qualifies only if ``d_E <= d_nn * ratio``
-(it sits inside the gap rather than beside the cluster), and its score is
-``d_nn`` (the bigger the gap it fills, the more it is worth).
+centroid ``C = normalize(mean(nn_i))`` (the centre of the gap, put back on
+the unit sphere where every embedding lives), gap size
+``d_nn = mean ||C - nn_i||``, ``d_E = ||e - C||``. The item qualifies only if
+``d_E <= d_nn * ratio`` (it sits inside the gap rather than beside the
+cluster), and its score is ``d_nn`` (the bigger the gap it fills, the more it
+is worth). The ratio is calibrated beside the weights (``training.scoring``).
+
+A round's items are scored one after another (``score_in_order``), each
+against H plus the round's earlier non-duplicate items, so a datum sent
+twice fills its gap once; an item within the near-duplicate radius of its
+modality (or whose bytes were already accepted) is a duplicate and earns
+nothing.
 
 Scores feed consensus, so they must not depend on batch size, on the order in
 which an index returns near-ties, nor on which index a validator runs. Hence:
@@ -16,20 +24,21 @@ neighbours in id order.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from rewards.history import EmbeddingIndex, quantize
+from rewards.history import History, Searchable, quantize
 
 PPM = 1_000_000
 """Fixed-point scale of scores: parts per million."""
 
-DEFAULT_K = 16
-DEFAULT_QUALIFY_RATIO = 1 / 3
+DEFAULT_K = 32
+DEFAULT_QUALIFY_RATIO = 1.0
+"""Only for callers without a calibration; the node always uses the manifest's."""
 
 
 @dataclass(frozen=True)
@@ -80,7 +89,9 @@ def _score_one(
     order = np.lexsort((ids, _squared_distances(points, query)))[:k]
     chosen = order[np.argsort(ids[order], kind="stable")]
     neighbours = points[chosen]
-    centroid = neighbours.sum(axis=0) / k
+    mean = neighbours.sum(axis=0) / k
+    norm = float(np.sqrt((mean * mean).sum()))
+    centroid = mean / norm if norm > 0 else mean
     d_nn = float(np.sqrt(_squared_distances(neighbours, centroid)).sum() / k)
     diff = query - centroid
     d_e = float(np.sqrt((diff * diff).sum()))
@@ -94,7 +105,7 @@ def _score_one(
 
 
 def gap_scores(
-    history: EmbeddingIndex,
+    history: Searchable,
     queries: npt.NDArray[Any],
     k: int = DEFAULT_K,
     qualify_ratio: float = DEFAULT_QUALIFY_RATIO,
@@ -139,3 +150,140 @@ def submission_score(
     if valid_pair:
         total = total * pair_bonus_ppm // PPM
     return total
+
+
+@dataclass(frozen=True)
+class ScoringRules:
+    """What decides a round's scores, identical on every member of a committee.
+
+    ``qualify_ratio`` and ``duplicate_radius`` (cosine distance, per
+    modality name) are calibrated beside the weights; the others come from
+    the configuration.
+    """
+
+    k: int = DEFAULT_K
+    qualify_ratio: float = DEFAULT_QUALIFY_RATIO
+    duplicate_radius: Mapping[str, float] = field(default_factory=dict)
+    pair_bonus_ppm: int = 1_500_000
+
+    def __post_init__(self) -> None:
+        if self.k <= 0:
+            raise ValueError(f"k must be positive, got {self.k}")
+        if not self.qualify_ratio >= 0:
+            raise ValueError(f"qualify_ratio must be >= 0, got {self.qualify_ratio}")
+        for modality, radius in self.duplicate_radius.items():
+            if not 0 <= radius < 2:
+                raise ValueError(f"duplicate_radius of {modality} must be in [0, 2), got {radius}")
+        if self.pair_bonus_ppm < 0:
+            raise ValueError(f"pair_bonus_ppm must be >= 0, got {self.pair_bonus_ppm}")
+
+
+@dataclass(frozen=True)
+class RoundItem:
+    """One item of a round's submission, as scoring sees it."""
+
+    modality: str
+    vector: npt.NDArray[Any]
+    byte_duplicate: bool = False
+    """Its bytes were accepted before (an earlier round, or an earlier item of this one)."""
+
+
+@dataclass(frozen=True)
+class ItemVerdict:
+    """A duplicate item earns nothing and joins nothing; any other has a gap score."""
+
+    duplicate: bool
+    gap: GapScore
+    nearest: float
+    """Cosine distance to the nearest item of its modality in the context (2.0 if none)."""
+
+
+def cosine_distances(
+    points: npt.NDArray[np.float64], query: npt.NDArray[np.float64]
+) -> npt.NDArray[np.float64]:
+    """Row-wise ``1 - cos`` in float64, summed the same way whatever the batch."""
+    dots = (points * query).sum(axis=1)
+    norms = np.sqrt((points * points).sum(axis=1)) * float(np.sqrt((query * query).sum()))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cos = np.where(norms > 0, dots / np.where(norms > 0, norms, 1.0), 0.0)
+    return np.asarray(1.0 - cos, dtype=np.float64)
+
+
+NEAREST_CANDIDATES = 4
+"""Candidates asked of a modality's index before the exact cosine check."""
+
+
+def score_in_order(
+    history: History, submissions: Sequence[Sequence[RoundItem]], rules: ScoringRules
+) -> list[list[ItemVerdict]]:
+    """Score a round's submissions in the given order (DESIGN.md §3, §6).
+
+    Each submission's items are judged against the context: H plus the
+    non-duplicate items of the submissions before it. An item is a duplicate
+    when its bytes were accepted before, or when it lies within the
+    near-duplicate radius of its modality of a context item of the same
+    modality; otherwise it gets the gap score against the context (nothing
+    scores while the context holds fewer than k embeddings). The two items of
+    one submission share one context. History searches are batched; the
+    kNN is exact over H and the round's earlier items together, with ties
+    broken by id (H's ids, then the round's items in order).
+    """
+    k = rules.k
+    flat = [item for items in submissions for item in items]
+    if not flat:
+        return [[] for _ in submissions]
+    queries = quantize(np.stack([np.asarray(item.vector) for item in flat]), history.dim)
+    exact = queries.astype(np.float64)
+    size = len(history)
+    gap_candidates = history.neighbours(queries, candidate_count(k, size)) if size else None
+    near: dict[int, npt.NDArray[np.int64]] = {}
+    by_modality: dict[str, list[int]] = {}
+    for position, item in enumerate(flat):
+        by_modality.setdefault(item.modality, []).append(position)
+    for modality, positions in by_modality.items():
+        found = history.nearest_of(modality, queries[positions], NEAREST_CANDIDATES)
+        for position, row in zip(positions, found, strict=True):
+            near[position] = row[row >= 0]
+
+    context_ids: list[int] = []
+    context_vectors: list[npt.NDArray[np.float64]] = []
+    context_modality: list[str] = []
+    verdicts: list[list[ItemVerdict]] = []
+    position = 0
+    for items in submissions:
+        own: list[ItemVerdict] = []
+        for item in items:
+            query = exact[position]
+            same = [j for j, m in enumerate(context_modality) if m == item.modality]
+            pool = [history.vectors(near[position])] if len(near[position]) else []
+            pool += [np.stack([context_vectors[j] for j in same])] if same else []
+            nearest = float(cosine_distances(np.concatenate(pool), query).min()) if pool else 2.0
+            radius = rules.duplicate_radius.get(item.modality, 0.0)
+            if item.byte_duplicate or nearest <= radius:
+                own.append(ItemVerdict(True, NOT_SCORED, nearest))
+            elif size + len(context_ids) < k:
+                own.append(ItemVerdict(False, NOT_SCORED, nearest))
+            else:
+                ids = np.asarray(context_ids, dtype=np.int64)
+                points = (
+                    np.stack(context_vectors) if context_vectors else np.empty((0, history.dim))
+                )
+                if gap_candidates is not None:
+                    row = gap_candidates[position]
+                    found = np.unique(row[row >= 0])
+                    ids = np.concatenate([found, ids])
+                    points = np.concatenate([history.vectors(found), points])
+                own.append(
+                    ItemVerdict(
+                        False, _score_one(query, ids, points, k, rules.qualify_ratio), nearest
+                    )
+                )
+            position += 1
+        start = position - len(items)
+        for offset, verdict in enumerate(own):
+            if not verdict.duplicate:
+                context_ids.append(size + len(context_ids))
+                context_vectors.append(exact[start + offset])
+                context_modality.append(items[offset].modality)
+        verdicts.append(own)
+    return verdicts

@@ -9,6 +9,7 @@ indexes are measured against.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import faiss
@@ -43,6 +44,20 @@ def quantize(vectors: npt.ArrayLike, dim: int) -> npt.NDArray[np.float16]:
     if not np.isfinite(half).all():
         raise ValueError("vectors must be finite and within float16 range")
     return half
+
+
+@runtime_checkable
+class Searchable(Protocol):
+    """What gap scoring reads from a history: its size, candidate ids and exact vectors."""
+
+    @property
+    def dim(self) -> int: ...
+
+    def __len__(self) -> int: ...
+
+    def neighbours(self, queries: npt.NDArray[Any], k: int) -> npt.NDArray[np.int64]: ...
+
+    def vectors(self, ids: npt.NDArray[np.int64]) -> npt.NDArray[np.float64]: ...
 
 
 @runtime_checkable
@@ -133,3 +148,134 @@ class HistoryIndex:
             raise IndexError(f"ids out of range 0..{len(self) - 1}")
         stored = self._index.reconstruct_batch(flat)
         return np.asarray(stored, dtype=np.float64)
+
+
+class _Ids:
+    """A growable int64 array (amortised doubling), so that lookups stay numpy-fast."""
+
+    def __init__(self) -> None:
+        self._data = np.empty(64, dtype=np.int64)
+        self._size = 0
+
+    def extend(self, values: npt.NDArray[np.int64]) -> None:
+        need = self._size + len(values)
+        if need > len(self._data):
+            grown = np.empty(max(need, 2 * len(self._data)), dtype=np.int64)
+            grown[: self._size] = self._data[: self._size]
+            self._data = grown
+        self._data[self._size : need] = values
+        self._size = need
+
+    @property
+    def array(self) -> npt.NDArray[np.int64]:
+        return self._data[: self._size]
+
+
+class History:
+    """The history H with the modality of every embedding: one exact index per modality.
+
+    Ids are global, in the order embeddings were added, whatever their
+    modality; ``neighbours`` searches every modality's index and returns the
+    union of their candidates, so the k nearest of H are always among them
+    (each index holds its own k nearest). ``nearest_of`` searches one
+    modality only: near-duplicates are judged between items of one modality
+    (DESIGN.md §3), because a fused caption and the picture it was paired
+    with lie closer together than two renderings of one picture.
+    """
+
+    def __init__(self, dim: int) -> None:
+        if dim <= 0:
+            raise ValueError(f"dim must be positive, got {dim}")
+        self._dim = dim
+        self._indexes: dict[str, HistoryIndex] = {}
+        self._global: dict[str, _Ids] = {}
+        self._modality_of = _Ids()  # position of the modality in self._names
+        self._local = _Ids()
+        self._names: list[str] = []
+
+    @property
+    def dim(self) -> int:
+        """Dimension of the embeddings."""
+        return self._dim
+
+    def __len__(self) -> int:
+        return len(self._local.array)
+
+    def modalities(self) -> dict[str, int]:
+        """How many embeddings of each modality H holds."""
+        return {name: len(index) for name, index in sorted(self._indexes.items())}
+
+    def add(self, modalities: Sequence[str], vectors: npt.NDArray[Any]) -> None:
+        """Append embeddings with their modalities; they get the next ids in order."""
+        half = quantize(vectors, self._dim)
+        if len(modalities) != len(half):
+            raise ValueError(f"{len(modalities)} modalities for {len(half)} vectors")
+        start = len(self)
+        labels = np.asarray(list(modalities), dtype=object)
+        codes = np.empty(len(half), dtype=np.int64)
+        local = np.empty(len(half), dtype=np.int64)
+        for modality in dict.fromkeys(modalities):
+            rows = np.flatnonzero(labels == modality)
+            index = self._indexes.get(modality)
+            if index is None:
+                index = self._indexes[modality] = HistoryIndex(self._dim)
+                self._global[modality] = _Ids()
+                self._names.append(modality)
+            codes[rows] = self._names.index(modality)
+            local[rows] = len(index) + np.arange(len(rows))
+            self._global[modality].extend(start + rows)
+            index.add(half[rows])
+        self._modality_of.extend(codes)
+        self._local.extend(local)
+
+    def neighbours(self, queries: npt.NDArray[Any], k: int) -> npt.NDArray[np.int64]:
+        """Global ids ``[n, >= k]``: each modality's k nearest; -1 where missing."""
+        if k <= 0:
+            raise ValueError(f"k must be positive, got {k}")
+        half = quantize(queries, self._dim)
+        parts = [np.full((len(half), 0), -1, dtype=np.int64)]
+        for modality, index in sorted(self._indexes.items()):
+            local = index.neighbours(half, min(k, len(index)))
+            table = self._global[modality].array
+            parts.append(np.where(local >= 0, table[np.maximum(local, 0)], -1))
+        found = np.concatenate(parts, axis=1)
+        if found.shape[1] < k:
+            pad = np.full((len(half), k - found.shape[1]), -1, dtype=np.int64)
+            found = np.concatenate([found, pad], axis=1)
+        return found
+
+    def vectors(self, ids: npt.NDArray[np.int64]) -> npt.NDArray[np.float64]:
+        """Float64 copies of the stored embeddings with these global ids."""
+        flat = np.asarray(ids, dtype=np.int64).reshape(-1)
+        out = np.empty((flat.size, self._dim), dtype=np.float64)
+        if flat.size == 0:
+            return out
+        if flat.min() < 0 or flat.max() >= len(self):
+            raise IndexError(f"ids out of range 0..{len(self) - 1}")
+        codes = self._modality_of.array[flat]
+        local = self._local.array[flat]
+        for code in np.unique(codes).tolist():
+            rows = np.flatnonzero(codes == code)
+            out[rows] = self._indexes[self._names[code]].vectors(local[rows])
+        return out
+
+    def modality_of(self, ids: npt.NDArray[np.int64]) -> list[str]:
+        """The modality of each global id."""
+        flat = np.asarray(ids, dtype=np.int64).reshape(-1)
+        return [self._names[code] for code in self._modality_of.array[flat].tolist()]
+
+    def nearest_of(
+        self, modality: str, queries: npt.NDArray[Any], count: int
+    ) -> npt.NDArray[np.int64]:
+        """Global ids ``[n, count]`` of (about) the nearest embeddings of ``modality``; -1 missing.
+
+        Like ``HistoryIndex.neighbours``, ids near-tied in float32 may come in
+        either order: callers recompute exact distances.
+        """
+        half = quantize(queries, self._dim)
+        index = self._indexes.get(modality)
+        if index is None or len(index) == 0:
+            return np.full((len(half), count), -1, dtype=np.int64)
+        local = index.neighbours(half, count)
+        table = self._global[modality].array
+        return np.where(local >= 0, table[np.maximum(local, 0)], -1)

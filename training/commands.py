@@ -74,6 +74,22 @@ def register(commands: argparse._SubParsersAction) -> dict[str, Handler]:  # typ
     )
     evaluate.add_argument("--json", action="store_true", help="print the figures as JSON")
 
+    calibrate = commands.add_parser(
+        "calibrate",
+        help="calibrate qualify_ratio and the near-duplicate radii; write them and the genesis "
+        "history beside the weights",
+    )
+    calibrate.add_argument(
+        "--weights",
+        type=Path,
+        default=DEFAULT_MANIFEST,
+        help="manifest to calibrate in place (default weights/default/manifest.json)",
+    )
+    calibrate.add_argument(
+        "--k", type=_positive, default=32, help="scoring.k the ratio is calibrated for (default 32)"
+    )
+    calibrate.add_argument("--seed", type=int, default=0, help="world seed (default 0)")
+
     embed = commands.add_parser("embed", help="print an item's embedding as JSON")
     _weights_options(embed)
     embed.add_argument(
@@ -82,7 +98,7 @@ def register(commands: argparse._SubParsersAction) -> dict[str, Handler]:  # typ
         help="epoch beacon as hex, which seeds the differential-loss masks (default empty)",
     )
     embed.add_argument("item", metavar="ITEM", help='text:"..." or a PNG/JPEG/WAV/MP4/UTF-8 file')
-    return {"train": _train, "eval": _eval, "embed": _embed}
+    return {"train": _train, "eval": _eval, "embed": _embed, "calibrate": _calibrate}
 
 
 def _weights_options(parser: argparse.ArgumentParser) -> None:
@@ -133,8 +149,12 @@ def _log(line: str) -> None:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from encoders.modality import Modality
+    from encoders.shard import Shard
     from training.evaluation import format_report
     from training.pipeline import manifest_info, run_eval
+    from training.scoring import format_report as format_scoring
+    from training.scoring import report as scoring_report
     from training.speech import SpeechError
 
     try:
@@ -153,9 +173,72 @@ def _eval(args: argparse.Namespace) -> int:
             trials=args.trials,
             log=lambda line: print(line, file=sys.stderr),
         )
+        shard = Shard.load(manifest, sha)
+        scoring = scoring_report(
+            shard,
+            dict.fromkeys(Modality, 0.75),
+            shard.scoring,
+            k=_calibrated_k(manifest_info(manifest)),
+            seed=seed + 1,
+            log=lambda line: print(line, file=sys.stderr),
+        )
     except (SpeechError, EncoderError, OSError, ValueError) as error:
         return _fail("eval", str(error))
-    print(json.dumps(figures, indent=2) if args.json else format_report(figures))
+    figures["scoring"] = scoring
+    if args.json:
+        print(json.dumps(figures, indent=2))
+    else:
+        print(format_report(figures))
+        print(format_scoring(shard.scoring, scoring))
+    return 0
+
+
+def _calibrated_k(info: dict[str, Any]) -> int:
+    """The scoring.k a manifest's qualify_ratio was calibrated for (32 if it does not say)."""
+    figures = info.get("scoring", {}).get("figures", {})
+    return int(figures.get("calibration", {}).get("k", 32))
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from encoders.modality import Modality
+    from encoders.shard import Shard
+    from training.scoring import (
+        calibrate_scoring,
+        format_report,
+        prepare_for_calibration,
+        report,
+        write_calibration,
+    )
+    from training.speech import SpeechError
+
+    manifest: Path = args.weights
+    alpha = dict.fromkeys(Modality, 0.75)
+    try:
+        shard = Shard.load(manifest, prepare_for_calibration(manifest))
+        found = calibrate_scoring(
+            shard, alpha, k=args.k, seed=args.seed, log=lambda line: print(line, file=sys.stderr)
+        )
+        figures = {
+            "calibration": found.figures,
+            "report": report(
+                shard,
+                alpha,
+                found.calibration,
+                k=args.k,
+                seed=args.seed + 1,
+                log=lambda line: print(line, file=sys.stderr),
+            ),
+        }
+        sha = write_calibration(
+            manifest,
+            found.calibration,
+            figures,
+            (found.genesis_modalities, found.genesis_vectors),
+        )
+    except (SpeechError, EncoderError, OSError, ValueError) as error:
+        return _fail("calibrate", str(error))
+    print(format_report(found.calibration, figures["report"]))
+    print(f"wrote {manifest} (sha256 {sha}); pin it as encoders.manifest_sha256")
     return 0
 
 

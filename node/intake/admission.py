@@ -55,7 +55,6 @@ class Pending:
     intake_round: int
 
 
-
 class RateLimiter:
     """A token bucket per submitter, remembering a bounded number of submitters."""
 
@@ -120,9 +119,7 @@ class Intake:
             config.intake.rate_limit.per_minute, config.intake.rate_limit.burst
         )
         self._window_ms = config.intake.stale_window_s * 1000
-        self.queue: asyncio.Queue[Pending] = asyncio.Queue(
-            maxsize=config.intake.queue_size
-        )
+        self.queue: asyncio.Queue[Pending] = asyncio.Queue(maxsize=config.intake.queue_size)
         self._receiving = asyncio.Event()
         self._receiving.set()
 
@@ -230,16 +227,16 @@ class Intake:
             return
         intake_round = max(self._committee.round_at(now), 0)
         admission = await self._store.admit(
-                identity,
-                submission.submitter,
-                submission.nonce,
-                submission.created_ms,
-                [item.sha256 for item in submission.items],
-                submission.raw,
-                now,
-                intake_round,
-                self._window_ms,
-            )
+            identity,
+            submission.submitter,
+            submission.nonce,
+            submission.created_ms,
+            [item.sha256 for item in submission.items],
+            submission.raw,
+            now,
+            intake_round,
+            self._window_ms,
+        )
         if admission is Admission.KNOWN:
             self._metrics.redeliveries.inc()
         elif admission is Admission.REPLAY:

@@ -27,6 +27,8 @@ def submission_decode_limits(message_bytes: int) -> DecodeLimits:
     return DecodeLimits(
         max_bytes=message_bytes, max_container_len=64, max_depth=8, max_objects=1024
     )
+
+
 SUBMISSION_DOMAIN = b"poc/v1/submission"
 RESULT_DOMAIN = b"poc/v1/result"
 UINT64_MAX = 2**64 - 1
@@ -271,7 +273,8 @@ class Result:
     round: int | None = None
     embeddings: tuple[EmbeddingEntry, ...] = ()
     pair_distance_ppm: int | None = None
-    scores_ppm: tuple[int, ...] | None = None
+    scores_ppm: tuple[int | None, ...] | None = None
+    """Per item; None for a duplicate item (not scored), None as a whole when unscored."""
     reward: int = 0
 
     def body(self) -> dict[str, Any]:

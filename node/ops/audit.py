@@ -40,11 +40,11 @@ from node.rounds.consensus_wire import (
     decode_evidence,
     decode_proposal,
 )
-from node.rounds.records import Mismatch, RoundRecord, Tolerances, from_float16
+from node.rounds.history import load_history
+from node.rounds.records import Mismatch, RoundRecord, RoundRules, Tolerances, from_float16
 from node.rounds.verify import RecordVerifier
 from node.store.sqlite import CommittedRound, EvidenceRow, Store
 from node.store.thread import StoreThread
-from rewards.history import HistoryIndex
 
 log = logging.getLogger("poc.audit")
 
@@ -81,9 +81,7 @@ class AuditReport:
     evidence: tuple[EvidenceFinding, ...] = ()
 
 
-def _check_evidence(
-    rows: list[EvidenceRow], committee: Committee
-) -> tuple[EvidenceFinding, ...]:
+def _check_evidence(rows: list[EvidenceRow], committee: Committee) -> tuple[EvidenceFinding, ...]:
     crypto = MessageSigner(SigningKey.generate())  # verification only
     names = {member.public_key: member.name for member in committee.members}
     findings = []
@@ -164,11 +162,10 @@ async def _audit(
     crypto = MessageSigner(SigningKey.generate())  # verification only
     shard = await asyncio.to_thread(load_shard, config)
     metrics = Metrics(CollectorRegistry())
-    history = HistoryIndex(shard.dim)
     rows = await store.history_rows()
-    before = [from_float16(vector) for number, _, _, vector in rows if number < first]
-    if before:
-        history.add(np.stack(before))
+    history = load_history(
+        shard, [(modality, vector) for number, _, _, modality, vector in rows if number < first]
+    )
     decoders = DecoderPool(
         config.decode.workers,
         config.decode.timeout_s,
@@ -196,7 +193,7 @@ async def _audit(
         no_fetch,
         shard.delta,
         history,
-        config.scoring,
+        RoundRules.of(config.scoring, shard.scoring),
         Tolerances.of(config.consensus),
         WireLimits(
             config.limits.message_bytes, config.limits.text_bytes, config.limits.image_bytes
@@ -214,14 +211,17 @@ async def _audit(
             try:
                 proposal = _check_certificate(committed, committee, crypto, previous)
                 records = list(proposal.records)
-                await verifier.check(records)
+                await verifier.check(records, before_round=committed.round)
                 decoded = [RoundRecord.from_bytes(raw) for raw in records]
                 _check_stored(committed.round, decoded, rows, ledger)
             except (Mismatch, ConsensusWireError) as error:
                 return AuditReport(checked, committed.round, str(error))
-            vectors = [from_float16(v) for record in decoded for v in record.history_vectors]
-            if vectors:
-                history.add(np.stack(vectors))
+            joined = [item for record in decoded for item in record.history_items]
+            if joined:
+                history.add(
+                    [modality for _, modality, _ in joined],
+                    np.stack([from_float16(vector) for _, _, vector in joined]),
+                )
             checked += 1
             previous = committed
     finally:
@@ -235,16 +235,18 @@ async def _audit(
 def _check_stored(
     round_number: int,
     records: list[RoundRecord],
-    rows: list[tuple[int, bytes, int, bytes]],
+    rows: list[tuple[int, bytes, int, str, bytes]],
     ledger: list[tuple[int, bytes, bytes, int]],
 ) -> None:
     expected_history = [
-        (record.submission_id, index, vector)
+        (record.submission_id, index, modality, vector)
         for record in records
-        for index, vector in enumerate(record.history_vectors)
+        for index, modality, vector in record.history_items
     ]
     stored_history = [
-        (sid, index, vector) for number, sid, index, vector in rows if number == round_number
+        (sid, index, modality, vector)
+        for number, sid, index, modality, vector in rows
+        if number == round_number
     ]
     if sorted(expected_history) != sorted(stored_history):
         raise Mismatch("stored history differs from the certified records")

@@ -203,10 +203,21 @@ class FusionSection(_Section):
 
 class ScoringSection(_Section):
     k: PositiveInt
-    qualify_ratio: PositiveFloat
+    qualify_ratio: PositiveFloat | None = None
+    """None: the manifest's calibrated ratio (the only value a committee should use)."""
+    duplicate_radius: dict[str, Annotated[float, Field(ge=0.0, lt=2.0)]] | None = None
+    """None: the manifest's calibrated radii; else one per modality."""
     pair_bonus_ppm: PositiveInt
     emission: Annotated[int, Field(ge=0)]
     top_k: PositiveInt
+
+    @field_validator("duplicate_radius")
+    @classmethod
+    def _every_radius(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        expected = {"text", "image", "audio", "video"}
+        if value is not None and set(value) != expected:
+            raise ValueError(f"must give exactly the modalities {sorted(expected)}")
+        return value
 
 
 class ConsensusSection(_Section):

@@ -86,7 +86,9 @@ def describe(result: Result) -> dict[str, Any]:
         "pair_distance": None
         if result.pair_distance_ppm is None
         else result.pair_distance_ppm / 1e6,
-        "scores": None if result.scores_ppm is None else [s / 1e6 for s in result.scores_ppm],
+        "scores": None
+        if result.scores_ppm is None
+        else [None if s is None else s / 1e6 for s in result.scores_ppm],
         "reward": result.reward,
     }
 
@@ -104,7 +106,7 @@ def _print(result: Result, as_json: bool) -> None:
     if info["pair_distance"] is not None:
         line += f" pair_distance={info['pair_distance']:.4f}"
     if info["scores"] is not None:
-        line += " scores=" + ",".join(f"{s:.4f}" for s in info["scores"])
+        line += " scores=" + ",".join("-" if s is None else f"{s:.4f}" for s in info["scores"])
     if info["status"] != "accepted":
         line += f" reward={info['reward']}"
     items = ", ".join(

@@ -100,6 +100,8 @@ class Preparer:
                 self._alpha,
                 shard.delta(modalities[0], modalities[1]),
             )
-        prepared = prepare(epoch, modalities, embeddings, pair)
+        prepared = prepare(
+            epoch, modalities, embeddings, pair, [item.sha256 for item in submission.items]
+        )
         self._metrics.stage_seconds.labels(stage="fuse").observe(time.perf_counter() - started)
         return prepared

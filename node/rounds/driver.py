@@ -65,6 +65,7 @@ from node.rounds.records import (
     Mismatch,
     Prepared,
     RoundRecord,
+    RoundRules,
     from_float16,
     score_round,
 )
@@ -72,7 +73,7 @@ from node.rounds.sync import FetchedRound, SyncService
 from node.rounds.verify import RecordVerifier
 from node.store.sqlite import CommittedRound, Finalization, Outgoing, State
 from node.store.thread import StoreThread
-from rewards.history import HistoryIndex
+from rewards.history import History
 
 log = logging.getLogger("poc.rounds")
 
@@ -103,7 +104,8 @@ class RoundDriver:
         committee: Committee,
         signer: MessageSigner,
         store: StoreThread,
-        history: HistoryIndex,
+        history: History,
+        rules: RoundRules,
         chain: BeaconChain,
         metrics: Metrics,
         topics: Topics,
@@ -120,6 +122,7 @@ class RoundDriver:
         self._signer = signer
         self._store = store
         self._history = history
+        self._rules = rules
         self._chain = chain
         self._metrics = metrics
         self._topics = topics
@@ -396,9 +399,12 @@ class RoundDriver:
             for s in accepted  # oldest first
             if s.prepared is not None and (self._solo or (s.intake_round or 0) >= oldest)
         ][: self._config.rounds.max_records]
+        certified = await self._store.accepted_hashes(
+            [item.sha256 for candidate in candidates for item in candidate.prepared.items]
+        )
         async with self._history_lock:
             records = await asyncio.to_thread(
-                score_round, candidates, self._history, self._config.scoring
+                score_round, candidates, self._history, self._rules, certified
             )
         self._metrics.stage_seconds.labels(stage="score").observe(time.perf_counter() - started)
         return [record.to_bytes() for record in records]
@@ -429,8 +435,8 @@ class RoundDriver:
         payload = encode_evidence(evidence)
         now = self._clock.now_ms()
         fresh = await self._store.record_evidence(
-                evidence.round, evidence.view, evidence.kind, evidence.offender, payload, now
-            )
+            evidence.round, evidence.view, evidence.kind, evidence.offender, payload, now
+        )
         if not fresh:
             return
         self._metrics.equivocations.labels(member=self._name(evidence.offender)).inc()
@@ -472,14 +478,14 @@ class RoundDriver:
                     record.submitter,
                     State.FINAL if final else State.REJECTED,
                     None if record.reason is None else str(record.reason),
-                    record.history_vectors,
+                    record.history_items,
+                    record.accepted_hashes,
                     record.reward,
                 )
             )
             if record.submission_id in decided:
                 log.warning(
-                    "event=certified_record_for_decided_submission round=%d submission=%s "
-                    "state=%s",
+                    "event=certified_record_for_decided_submission round=%d submission=%s state=%s",
                     commit.round,
                     record.submission_id.hex()[:16],
                     decided[record.submission_id],
@@ -533,15 +539,18 @@ class RoundDriver:
         ):
             log.warning("event=round_already_committed round=%d", commit.round)
             return
-        vectors = [
-            from_float16(v)
+        joined = [
+            item
             for record in records
             if decided.get(record.submission_id) is not State.FINAL  # already in the history
-            for v in record.history_vectors
+            for item in record.history_items
         ]
-        if vectors:
+        if joined:
             async with self._history_lock:
-                self._history.add(np.stack(vectors))
+                self._history.add(
+                    [modality for _, modality, _ in joined],
+                    np.stack([from_float16(vector) for _, _, vector in joined]),
+                )
         await self._chain.advanced(commit.round + 1, commit.beacon_after)
         if self._sync is not None:
             missing = await self._store.missing_raw(ids)
@@ -555,9 +564,7 @@ class RoundDriver:
     async def _fetch_bytes(self, missing: list[bytes]) -> None:
         """Fetch the bytes of submissions certified here without them (learned by sync)."""
         assert self._sync is not None
-        found = await self._sync.fetch_submissions(
-            missing, self._config.consensus.sync_timeout_s
-        )
+        found = await self._sync.fetch_submissions(missing, self._config.consensus.sync_timeout_s)
         for identity, raw in found.items():  # fetch_submissions keeps only bytes hashing to ids
             await self._store.keep_raw(identity, raw)
         if len(found) < len(missing):
@@ -581,7 +588,7 @@ class RoundDriver:
                 continue
             outcomes.append(
                 Finalization(
-                    stored.id, stored.submitter, State.REJECTED, str(Reason.EXPIRED), (), 0
+                    stored.id, stored.submitter, State.REJECTED, str(Reason.EXPIRED), (), (), 0
                 )
             )
             result = Result(stored.id, me, Status.REJECTED, Reason.EXPIRED, round_number)
@@ -647,4 +654,3 @@ class RoundDriver:
 
     def _name(self, key: bytes) -> str:
         return self._names.get(key, key.hex()[:16])
-

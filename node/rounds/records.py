@@ -15,7 +15,7 @@ know nothing of each other.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,12 +25,20 @@ import numpy.typing as npt
 from encoders.embedding import ItemEmbedding
 from encoders.fusion import PairOutcome, cosine_distance
 from encoders.modality import Modality
+from encoders.weights import ScoringCalibration
 from node.errors import Reason
 from node.intake.codec import pack, unpack
 from node.intake.wire import EmbeddingEntry
 from node.ops.config import ConsensusSection, ScoringSection
-from rewards.curiosity import GapScore, gap_scores, submission_score
-from rewards.history import EmbeddingIndex
+from rewards.curiosity import (
+    GapScore,
+    ItemVerdict,
+    RoundItem,
+    ScoringRules,
+    score_in_order,
+    submission_score,
+)
+from rewards.history import History
 from rewards.payout import round_payout
 
 PPM = 1_000_000
@@ -57,6 +65,32 @@ class Tolerances:
         )
 
 
+@dataclass(frozen=True)
+class RoundRules:
+    """Everything that decides a round's records besides the history."""
+
+    scoring: ScoringRules
+    emission: int
+    top_k: int
+
+    @classmethod
+    def of(cls, section: ScoringSection, calibration: ScoringCalibration) -> RoundRules:
+        """The configuration's economics with the manifest's calibration (or its overrides)."""
+        radius = (
+            {str(m): r for m, r in calibration.duplicate_radius.items()}
+            if section.duplicate_radius is None
+            else dict(section.duplicate_radius)
+        )
+        ratio = (
+            calibration.qualify_ratio if section.qualify_ratio is None else section.qualify_ratio
+        )
+        return cls(
+            ScoringRules(section.k, ratio, radius, section.pair_bonus_ppm),
+            section.emission,
+            section.top_k,
+        )
+
+
 def to_float16(vector: npt.NDArray[Any]) -> bytes:
     """D little-endian float16 values, the wire form of an embedding."""
     return np.asarray(vector, dtype="<f2").tobytes()
@@ -72,6 +106,7 @@ class PreparedItem:
     vector: bytes  # fused when the pair is valid, else the item's own embedding
     fused: bool
     quality_ppm: int
+    sha256: bytes  # of the item's data: a byte duplicate is judged on it
 
 
 @dataclass(frozen=True)
@@ -100,6 +135,7 @@ class Prepared:
                         "vector": item.vector,
                         "fused": item.fused,
                         "quality_ppm": item.quality_ppm,
+                        "sha256": item.sha256,
                     }
                     for item in self.items
                 ],
@@ -115,7 +151,11 @@ class Prepared:
             epoch=body["epoch"],
             items=tuple(
                 PreparedItem(
-                    Modality(item["modality"]), item["vector"], item["fused"], item["quality_ppm"]
+                    Modality(item["modality"]),
+                    item["vector"],
+                    item["fused"],
+                    item["quality_ppm"],
+                    item["sha256"],
                 )
                 for item in body["items"]
             ),
@@ -129,6 +169,7 @@ def prepare(
     modalities: Sequence[Modality],
     embeddings: Sequence[ItemEmbedding],
     pair: PairOutcome | None,
+    hashes: Sequence[bytes],
 ) -> Prepared:
     """Quantize the shard's output (and the pair's fusion) into a :class:`Prepared`."""
     if pair is None or pair.fused is None:
@@ -138,8 +179,10 @@ def prepare(
         vectors = list(pair.fused)
         fused = True
     items = tuple(
-        PreparedItem(modality, to_float16(vector), fused, round(embedding.quality * PPM))
-        for modality, vector, embedding in zip(modalities, vectors, embeddings, strict=True)
+        PreparedItem(modality, to_float16(vector), fused, round(embedding.quality * PPM), digest)
+        for modality, vector, embedding, digest in zip(
+            modalities, vectors, embeddings, hashes, strict=True
+        )
     )
     return Prepared(
         epoch=epoch,
@@ -151,7 +194,12 @@ def prepare(
 
 @dataclass(frozen=True)
 class RoundRecord:
-    """The certified outcome of one submission in one round."""
+    """The certified outcome of one submission in one round.
+
+    ``scores_ppm`` has one entry per item: its gap score, or None for a
+    duplicate item (which earns nothing and does not join the history); it is
+    None as a whole for a rejection.
+    """
 
     submission_id: bytes
     submitter: bytes
@@ -160,9 +208,10 @@ class RoundRecord:
     epoch: int
     embeddings: tuple[EmbeddingEntry, ...]
     pair_distance_ppm: int | None
-    scores_ppm: tuple[int, ...] | None
+    scores_ppm: tuple[int | None, ...] | None
     score: int
     reward: int
+    item_sha256: tuple[bytes, ...] = ()
 
     def body(self) -> dict[str, Any]:
         return {
@@ -172,6 +221,7 @@ class RoundRecord:
             "reason": None if self.reason is None else str(self.reason),
             "epoch": self.epoch,
             "embeddings": [entry.body() for entry in self.embeddings],
+            "item_sha256": list(self.item_sha256),
             "pair_distance_ppm": self.pair_distance_ppm,
             "scores_ppm": None if self.scores_ppm is None else list(self.scores_ppm),
             "score": self.score,
@@ -195,14 +245,26 @@ class RoundRecord:
             scores_ppm=None if body["scores_ppm"] is None else tuple(body["scores_ppm"]),
             score=body["score"],
             reward=body["reward"],
+            item_sha256=tuple(body["item_sha256"]),
         )
 
     @property
-    def history_vectors(self) -> tuple[bytes, ...]:
-        """What joins the history: every item of a final, non-disqualified submission."""
-        if self.status != "final":
+    def history_items(self) -> tuple[tuple[int, str, bytes], ...]:
+        """What joins the history: (item, modality, vector) of a final submission's new items."""
+        if self.status != "final" or self.scores_ppm is None:
             return ()
-        return tuple(entry.vector for entry in self.embeddings)
+        return tuple(
+            (index, str(entry.modality), entry.vector)
+            for index, (entry, score) in enumerate(
+                zip(self.embeddings, self.scores_ppm, strict=True)
+            )
+            if score is not None
+        )
+
+    @property
+    def accepted_hashes(self) -> tuple[bytes, ...]:
+        """Item bytes this record makes accepted: every item of a final submission."""
+        return self.item_sha256 if self.status == "final" else ()
 
 
 @dataclass(frozen=True)
@@ -212,59 +274,90 @@ class Candidate:
     prepared: Prepared
 
 
-def score_round(
-    candidates: Sequence[Candidate], history: EmbeddingIndex, scoring: ScoringSection
-) -> list[RoundRecord]:
-    """Score a round's submissions against the history and share the emission.
+def _round_items(
+    items: Sequence[tuple[Modality, bytes, bytes]],
+    certified: Collection[bytes],
+    earlier: set[bytes],
+) -> list[RoundItem]:
+    """Scoring's view of one submission's items; records its hashes in ``earlier``."""
+    out = [
+        RoundItem(str(modality), from_float16(vector), digest in certified or digest in earlier)
+        for modality, vector, digest in items
+    ]
+    earlier.update(digest for _, _, digest in items)
+    return out
 
-    Every item is scored against the history as it stood before the round
-    (DESIGN.md §6), in one batched search; records come out sorted by
-    submission id, the order a proposal carries them in.
+
+def _submission_score(verdicts: Sequence[ItemVerdict], pair_bonus_ppm: int) -> int:
+    """Qualified new items' scores; the pair bonus only when both items are new."""
+    new = [verdict.gap for verdict in verdicts if not verdict.duplicate]
+    valid_pair = len(verdicts) == 2 and len(new) == 2
+    return submission_score(new, valid_pair=valid_pair, pair_bonus_ppm=pair_bonus_ppm)
+
+
+def score_round(
+    candidates: Sequence[Candidate],
+    history: History,
+    rules: RoundRules,
+    certified: Collection[bytes],
+) -> list[RoundRecord]:
+    """Score a round's submissions in submission-id order and share the emission.
+
+    ``certified`` holds those of the round's item hashes that earlier rounds
+    accepted. Each submission is judged against the history plus the
+    round's earlier non-duplicate items (DESIGN.md §3, §6): a one-item
+    submission whose item is a duplicate, or a pair whose two items are, is
+    rejected ``duplicate``; a pair with one duplicate item is scored on its
+    new item without the pair bonus. Records come out sorted by submission
+    id, the order a proposal carries them in.
     """
     ordered = sorted(candidates, key=lambda candidate: candidate.submission_id)
     eligible = [candidate for candidate in ordered if not candidate.prepared.too_far]
-    queries = [
-        from_float16(item.vector) for candidate in eligible for item in candidate.prepared.items
-    ]
-    flat: list[GapScore] = (
-        gap_scores(history, np.stack(queries), k=scoring.k, qualify_ratio=scoring.qualify_ratio)
-        if queries
-        else []
-    )
-    item_scores: dict[bytes, list[GapScore]] = {}
-    position = 0
-    for candidate in eligible:
-        count = len(candidate.prepared.items)
-        item_scores[candidate.submission_id] = flat[position : position + count]
-        position += count
-    totals = {
-        submission_id: submission_score(
-            scores, valid_pair=len(scores) == 2, pair_bonus_ppm=scoring.pair_bonus_ppm
+    earlier: set[bytes] = set()
+    batches = [
+        _round_items(
+            [(i.modality, i.vector, i.sha256) for i in candidate.prepared.items],
+            certified,
+            earlier,
         )
-        for submission_id, scores in item_scores.items()
+        for candidate in eligible
+    ]
+    verdicts = dict(
+        zip(
+            (c.submission_id for c in eligible),
+            score_in_order(history, batches, rules.scoring),
+            strict=True,
+        )
+    )
+    totals = {
+        submission_id: _submission_score(own, rules.scoring.pair_bonus_ppm)
+        for submission_id, own in verdicts.items()
+        if not all(verdict.duplicate for verdict in own)
     }
-    rewards = round_payout(totals, scoring.emission, scoring.top_k)
+    rewards = round_payout(totals, rules.emission, rules.top_k)
 
     records = []
     for candidate in ordered:
         prepared = candidate.prepared
-        if prepared.too_far:
+        hashes = tuple(item.sha256 for item in prepared.items)
+        own = verdicts.get(candidate.submission_id)
+        if own is None or candidate.submission_id not in totals:
             records.append(
                 RoundRecord(
                     candidate.submission_id,
                     candidate.submitter,
                     "rejected",
-                    Reason.PAIR_TOO_FAR,
+                    Reason.PAIR_TOO_FAR if prepared.too_far else Reason.DUPLICATE,
                     prepared.epoch,
                     prepared.entries(),
                     prepared.pair_distance_ppm,
                     None,
                     0,
                     0,
+                    hashes,
                 )
             )
             continue
-        scores = item_scores[candidate.submission_id]
         records.append(
             RoundRecord(
                 candidate.submission_id,
@@ -274,9 +367,10 @@ def score_round(
                 prepared.epoch,
                 prepared.entries(),
                 prepared.pair_distance_ppm,
-                tuple(score.score_ppm for score in scores),
+                tuple(None if v.duplicate else v.gap.score_ppm for v in own),
                 totals[candidate.submission_id],
                 rewards.get(candidate.submission_id, 0),
+                hashes,
             )
         )
     return records
@@ -294,6 +388,8 @@ def compare_record(
     name = record.submission_id.hex()[:16]
     if [item.modality for item in mine.items] != [e.modality for e in record.embeddings]:
         raise Mismatch(f"{name}: modalities differ")
+    if tuple(item.sha256 for item in mine.items) != record.item_sha256:
+        raise Mismatch(f"{name}: item hashes differ")
     for item, entry in zip(mine.items, record.embeddings, strict=True):
         theirs = from_float16(entry.vector).astype(np.float64)
         if theirs.shape != from_float16(item.vector).shape or not np.isfinite(theirs).all():
@@ -308,9 +404,7 @@ def compare_record(
             raise Mismatch(f"{name}: pair distance {record.pair_distance_ppm} vs {mine_ppm}")
         delta_ppm = round(delta(mine.items[0].modality, mine.items[1].modality) * PPM)
         leader_too_far = record.pair_distance_ppm > delta_ppm
-        near_threshold = (
-            abs(record.pair_distance_ppm - delta_ppm) <= tolerances.distance_ppm
-        )
+        near_threshold = abs(record.pair_distance_ppm - delta_ppm) <= tolerances.distance_ppm
         if leader_too_far != mine.too_far and not near_threshold:
             raise Mismatch(f"{name}: pair decision differs")
         if leader_too_far != (record.reason is Reason.PAIR_TOO_FAR):
@@ -320,9 +414,11 @@ def compare_record(
         if record.pair_distance_ppm is not None:
             raise Mismatch(f"{name}: a single item with a pair distance")
         too_far = False
-    expected_status = "rejected" if too_far else "final"
-    if record.status != expected_status:
-        raise Mismatch(f"{name}: status {record.status}, expected {expected_status}")
+    if too_far:
+        if record.status != "rejected":
+            raise Mismatch(f"{name}: status {record.status}, expected rejected")
+    elif record.status != "final" and record.reason is not Reason.DUPLICATE:
+        raise Mismatch(f"{name}: status {record.status} ({record.reason}), expected final")
     fused = not too_far and len(mine.items) == 2
     for item, entry in zip(mine.items, record.embeddings, strict=True):
         if entry.fused != fused:
@@ -339,53 +435,70 @@ def compare_record(
 
 def check_round_scores(
     records: list[RoundRecord],
-    history: EmbeddingIndex,
-    scoring: ScoringSection,
+    history: History,
+    rules: RoundRules,
     tolerances: Tolerances,
+    certified: Collection[bytes],
 ) -> None:
-    """Raise :class:`Mismatch` unless the records' scores and rewards follow from their embeddings.
+    """Raise :class:`Mismatch` unless the records' outcomes follow from their embeddings.
 
-    Gap scores are recomputed from the proposer's float16 embeddings against
-    this member's history (identical on honest members), within the score
-    tolerance; submission scores and rewards are recomputed exactly.
+    The round is scored again, in order, from the proposer's float16
+    embeddings and item hashes against this member's history and accepted
+    hashes (identical on honest members): duplicate items and ``duplicate``
+    rejections must be the same, gap scores within the score tolerance;
+    submission scores and rewards are recomputed exactly from the
+    proposer's gap scores.
     """
-    eligible = [record for record in records if record.status == "final"]
-    queries = [from_float16(entry.vector) for record in eligible for entry in record.embeddings]
-    flat: list[GapScore] = (
-        gap_scores(
-            history,
-            np.stack(queries),
-            k=scoring.k,
-            qualify_ratio=scoring.qualify_ratio,
-        )
-        if queries
-        else []
-    )
-    position = 0
+    if [r.submission_id for r in records] != sorted(r.submission_id for r in records):
+        raise Mismatch("records are not in submission-id order")
+    eligible = [record for record in records if record.reason is not Reason.PAIR_TOO_FAR]
+    earlier: set[bytes] = set()
+    batches = []
     for record in eligible:
-        mine = flat[position : position + len(record.embeddings)]
-        position += len(record.embeddings)
+        if len(record.item_sha256) != len(record.embeddings):
+            raise Mismatch(f"{record.submission_id.hex()[:16]}: item hashes missing")
+        batches.append(
+            _round_items(
+                [
+                    (entry.modality, entry.vector, digest)
+                    for entry, digest in zip(record.embeddings, record.item_sha256, strict=True)
+                ],
+                certified,
+                earlier,
+            )
+        )
+    verdicts = score_in_order(history, batches, rules.scoring)
+    totals: dict[bytes, int] = {}
+    for record, mine in zip(eligible, verdicts, strict=True):
+        name = record.submission_id.hex()[:16]
+        if all(verdict.duplicate for verdict in mine):
+            if record.status != "rejected" or record.reason is not Reason.DUPLICATE:
+                raise Mismatch(f"{name}: every item is a duplicate, yet {record.status}")
+            continue
+        if record.status != "final" or record.reason is not None:
+            raise Mismatch(f"{name}: {record.status} {record.reason}, yet it has a new item")
         theirs = record.scores_ppm or ()
-        if len(theirs) != len(mine) or any(
-            abs(a.score_ppm - b) > tolerances.score_ppm
-            for a, b in zip(mine, theirs, strict=True)
-        ):
-            raise Mismatch(f"{record.submission_id.hex()[:16]}: gap scores differ")
-        expected = submission_score(
-            [GapScore(score > 0, score, 0.0, 0.0) for score in theirs],
-            valid_pair=len(theirs) == 2,
-            pair_bonus_ppm=scoring.pair_bonus_ppm,
+        if len(theirs) != len(mine):
+            raise Mismatch(f"{name}: gap scores differ")
+        for verdict, score in zip(mine, theirs, strict=True):
+            if verdict.duplicate != (score is None):
+                raise Mismatch(f"{name}: duplicate items differ")
+            if score is not None and abs(verdict.gap.score_ppm - score) > tolerances.score_ppm:
+                raise Mismatch(f"{name}: gap scores differ")
+        expected = _submission_score(
+            [
+                ItemVerdict(score is None, GapScore(bool(score), score or 0, 0.0, 0.0), 0.0)
+                for score in theirs
+            ],
+            rules.scoring.pair_bonus_ppm,
         )
         if record.score != expected:
-            raise Mismatch(f"{record.submission_id.hex()[:16]}: score does not follow")
+            raise Mismatch(f"{name}: score does not follow")
+        totals[record.submission_id] = record.score
     for record in records:
         if record.status != "final" and (record.score or record.reward):
             raise Mismatch(f"{record.submission_id.hex()[:16]}: a rejection is paid")
-    rewards = round_payout(
-        {r.submission_id: r.score for r in eligible},
-        scoring.emission,
-        scoring.top_k,
-    )
-    for record in eligible:
+    rewards = round_payout(totals, rules.emission, rules.top_k)
+    for record in records:
         if rewards.get(record.submission_id, 0) != record.reward:
             raise Mismatch(f"{record.submission_id.hex()[:16]}: reward does not follow")

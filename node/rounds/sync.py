@@ -186,8 +186,8 @@ class SyncService:
         if kind == "rounds" and isinstance(request.get("first"), int):
             first = request["first"]
             rounds = await self._store.committed_rounds(
-                    first, first + ROUNDS_PER_REPLY - 1, ROUNDS_PER_REPLY
-                )
+                first, first + ROUNDS_PER_REPLY - 1, ROUNDS_PER_REPLY
+            )
             entries: list[Any] = []
             size = 0
             for r in rounds:

@@ -27,19 +27,19 @@ from encoders.errors import EncoderError
 from node.errors import Reason, Rejected
 from node.intake.codec import CodecError
 from node.intake.wire import Submission, WireLimits, parse_submission
-from node.ops.config import ScoringSection
 from node.rounds.records import (
     Delta,
     Mismatch,
     Prepared,
     RoundRecord,
+    RoundRules,
     Tolerances,
     check_round_scores,
     compare_record,
 )
 from node.store.sqlite import State
 from node.store.thread import StoreThread
-from rewards.history import EmbeddingIndex
+from rewards.history import History
 
 log = logging.getLogger("poc.verify")
 
@@ -66,8 +66,8 @@ class RecordVerifier:
         recompute: Recompute,
         fetch: Fetch,
         delta: Delta,
-        history: EmbeddingIndex,
-        scoring: ScoringSection,
+        history: History,
+        rules: RoundRules,
         tolerances: Tolerances,
         wire_limits: WireLimits,
         history_lock: asyncio.Lock,
@@ -83,12 +83,16 @@ class RecordVerifier:
         self._fetch = fetch
         self._delta = delta
         self._history = history
-        self._scoring = scoring
+        self._rules = rules
         self._tolerances = tolerances
         self._wire_limits = wire_limits
 
-    async def check(self, records: Sequence[bytes]) -> None:
-        """Return when every record is acceptable; raise :class:`Mismatch` otherwise."""
+    async def check(self, records: Sequence[bytes], before_round: int | None = None) -> None:
+        """Return when every record is acceptable; raise :class:`Mismatch` otherwise.
+
+        ``before_round`` (an audit replaying history) counts as accepted only
+        the item bytes of rounds before it; live, every committed round is.
+        """
         if self._max_records is not None and len(records) > self._max_records:
             raise Mismatch(f"{len(records)} records, more than rounds.max_records")
         try:
@@ -100,8 +104,11 @@ class RecordVerifier:
             raise Mismatch("records are not sorted by distinct submission id")
         for record in decoded:
             await self._check_record(record)
+        certified = await self._store.accepted_hashes(
+            [digest for record in decoded for digest in record.item_sha256], before_round
+        )
         async with self._history_lock:
-            await asyncio.to_thread(self._check_scores, decoded)
+            await asyncio.to_thread(self._check_scores, decoded, certified)
 
     async def _mine(self, record: RoundRecord) -> Prepared:
         """This node's own computation of the record's submission.
@@ -133,10 +140,9 @@ class RecordVerifier:
         if submission.submitter != record.submitter:
             raise Mismatch(f"{name} names another submitter")
         if known is None and not self._recompute_always:
-            # Never seen here: it must be new by this member's records too.
-            conflict = await self._store.conflict_of(
-                    submission.submitter, submission.nonce, [i.sha256 for i in submission.items]
-                )
+            # Never seen here: its nonce must be new by this member's records too.
+            # (Its data may repeat: duplicates are judged per item by the round.)
+            conflict = await self._store.conflict_of(submission.submitter, submission.nonce, [])
             if conflict is not None:
                 raise Mismatch(f"{name} is not new here: {conflict}")
         try:
@@ -148,5 +154,5 @@ class RecordVerifier:
         mine = await self._mine(record)
         compare_record(mine, record, self._delta, self._tolerances)
 
-    def _check_scores(self, records: list[RoundRecord]) -> None:
-        check_round_scores(records, self._history, self._scoring, self._tolerances)
+    def _check_scores(self, records: list[RoundRecord], certified: set[bytes]) -> None:
+        check_round_scores(records, self._history, self._rules, self._tolerances, certified)

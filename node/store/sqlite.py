@@ -22,7 +22,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
@@ -81,8 +81,13 @@ CREATE TABLE IF NOT EXISTS history (
     round INTEGER NOT NULL,
     submission_id BLOB NOT NULL,
     item INTEGER NOT NULL,
+    modality TEXT NOT NULL,
     vector BLOB NOT NULL,
     UNIQUE (submission_id, item)
+);
+CREATE TABLE IF NOT EXISTS accepted_items (
+    sha256 BLOB PRIMARY KEY,
+    round INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS ledger (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -154,7 +159,8 @@ class Finalization:
     submitter: bytes
     state: State
     reason: str | None
-    vectors: tuple[bytes, ...]  # fused float16 vectors that join the history
+    history: tuple[tuple[int, str, bytes], ...]  # (item, modality, float16 vector) joining H
+    accepted: tuple[bytes, ...]  # item hashes this outcome makes accepted (byte duplicates)
     reward: int
 
 
@@ -256,7 +262,7 @@ class Store:
                 (submitter, nonce, created_ms),
             )
             self._db.executemany(
-                "INSERT INTO data_claims (sha256, submission_id) VALUES (?, ?)",
+                "INSERT OR IGNORE INTO data_claims (sha256, submission_id) VALUES (?, ?)",
                 [(digest, submission_id) for digest in item_hashes],
             )
             self._db.execute(
@@ -461,11 +467,11 @@ class Store:
         )
         return [(int(r[0]), bytes(r[1]), bytes(r[2]), int(r[3])) for r in rows]
 
-    def history_rows(self) -> list[tuple[int, bytes, int, bytes]]:
+    def history_rows(self) -> list[tuple[int, bytes, int, str, bytes]]:
         rows = self._db.execute(
-            "SELECT round, submission_id, item, vector FROM history ORDER BY seq"
+            "SELECT round, submission_id, item, modality, vector FROM history ORDER BY seq"
         )
-        return [(int(r[0]), bytes(r[1]), int(r[2]), bytes(r[3])) for r in rows]
+        return [(int(r[0]), bytes(r[1]), int(r[2]), str(r[3]), bytes(r[4])) for r in rows]
 
     def conflict_of(
         self, submitter: bytes, nonce: int, item_hashes: Sequence[bytes]
@@ -480,13 +486,16 @@ class Store:
         ).fetchone()
         if seen is not None:
             return Admission.REPLAY
+        # Duplicates are judged per item (DESIGN.md §3): only a submission
+        # all of whose items are claimed is refused here; a pair with one
+        # claimed item goes on, and its round scores the new item alone.
         for digest in item_hashes:
             claimed = self._db.execute(
                 "SELECT 1 FROM data_claims WHERE sha256 = ?", (digest,)
             ).fetchone()
-            if claimed is not None:
-                return Admission.DUPLICATE
-        return None
+            if claimed is None:
+                return None
+        return Admission.DUPLICATE if item_hashes else None
 
     def missing_raw(self, submission_ids: Iterable[bytes]) -> list[bytes]:
         """Those of ``submission_ids`` finalized here without their bytes (known by sync)."""
@@ -589,12 +598,16 @@ class Store:
                         "DELETE FROM data_claims WHERE submission_id = ?", (outcome.submission_id,)
                     )
                 self._db.executemany(
-                    "INSERT OR IGNORE INTO history (round, submission_id, item, vector) "
-                    "VALUES (?, ?, ?, ?)",
+                    "INSERT OR IGNORE INTO history (round, submission_id, item, modality, vector) "
+                    "VALUES (?, ?, ?, ?, ?)",
                     [
-                        (committed.round, outcome.submission_id, index, vector)
-                        for index, vector in enumerate(outcome.vectors)
+                        (committed.round, outcome.submission_id, index, modality, vector)
+                        for index, modality, vector in outcome.history
                     ],
+                )
+                self._db.executemany(
+                    "INSERT OR IGNORE INTO accepted_items (sha256, round) VALUES (?, ?)",
+                    [(digest, committed.round) for digest in outcome.accepted],
                 )
                 if outcome.reward > 0:
                     self._db.execute(
@@ -609,11 +622,29 @@ class Store:
             self._enqueue(outgoing)
         return True
 
-    def history_vectors(self) -> list[bytes]:
-        """Every history vector, in the order they were committed."""
+    def history_items(self) -> list[tuple[str, bytes]]:
+        """Every history item as (modality, vector), in the order they were committed."""
         return [
-            bytes(row[0]) for row in self._db.execute("SELECT vector FROM history ORDER BY seq")
+            (str(row[0]), bytes(row[1]))
+            for row in self._db.execute("SELECT modality, vector FROM history ORDER BY seq")
         ]
+
+    def accepted_hashes(
+        self, hashes: Iterable[bytes], before_round: int | None = None
+    ) -> set[bytes]:
+        """Those of ``hashes`` whose bytes a certified round accepted (byte duplicates).
+
+        ``before_round`` counts only rounds before it (an audit's replay).
+        """
+        limit = 2**62 if before_round is None else before_round
+        found = set()
+        for digest in set(hashes):
+            row = self._db.execute(
+                "SELECT 1 FROM accepted_items WHERE sha256 = ? AND round < ?", (digest, limit)
+            ).fetchone()
+            if row is not None:
+                found.add(digest)
+        return found
 
     # -- ledger -------------------------------------------------------------
 
@@ -675,6 +706,3 @@ class _Transaction:
             self._db.execute("COMMIT")
         else:
             self._db.execute("ROLLBACK")
-
-
-

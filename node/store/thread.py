@@ -39,9 +39,7 @@ class StoreThread:
 
     async def _run(self, method: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self._thread, functools.partial(method, *args, **kwargs)
-        )
+        return await loop.run_in_executor(self._thread, functools.partial(method, *args, **kwargs))
 
     async def call(self, step: Callable[[Store], T]) -> T:
         """Run ``step`` on the store's thread (a compound step, seen whole)."""
@@ -175,11 +173,16 @@ class StoreThread:
     async def evidence(self) -> list[EvidenceRow]:
         return await self._run(self.store.evidence)
 
-    async def history_vectors(self) -> list[bytes]:
-        return await self._run(self.store.history_vectors)
+    async def history_items(self) -> list[tuple[str, bytes]]:
+        return await self._run(self.store.history_items)
 
-    async def history_rows(self) -> list[tuple[int, bytes, int, bytes]]:
+    async def history_rows(self) -> list[tuple[int, bytes, int, str, bytes]]:
         return await self._run(self.store.history_rows)
+
+    async def accepted_hashes(
+        self, hashes: list[bytes], before_round: int | None = None
+    ) -> set[bytes]:
+        return await self._run(self.store.accepted_hashes, hashes, before_round)
 
     async def ledger_entries(self) -> list[tuple[int, bytes, bytes, int]]:
         return await self._run(self.store.ledger_entries)

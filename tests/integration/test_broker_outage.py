@@ -8,6 +8,8 @@ was away are published once it is back.
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,7 @@ from typing import Any
 import aiomqtt
 import pytest
 
-from tests.conftest import start_mosquitto, start_node, write_node_config
+from tests.conftest import POC_NODE, start_mosquitto, start_node, write_node_config
 from tests.peer import PREFIX, Peer, submission_id, submission_topic, verify_result
 
 pytestmark = pytest.mark.integration
@@ -52,9 +54,11 @@ async def publish(port: int, raws: list[bytes]) -> None:
 
 
 def test_the_node_rides_out_a_broker_restart(tmp_path: Path):
+    """On a stream that pays: the ledger equals the final rewards and is not zero."""
     broker = start_mosquitto(tmp_path)
     node = start_node(tmp_path / "node", f"mqtt://127.0.0.1:{broker.port}",
-                      write_node_config(tmp_path / "node.yaml", rounds={"round_seconds": 1}))
+                      write_node_config(tmp_path / "node.yaml", rounds={"round_seconds": 1},
+                                        scoring={"k": 2, "qualify_ratio": 10.0, "top_k": 3}))
     peer = Peer()
     before = [peer.submission([("text", "text/plain", f"before {i}".encode())])
               for i in range(8)]
@@ -88,3 +92,8 @@ def test_the_node_rides_out_a_broker_restart(tmp_path: Path):
     finally:
         assert node.stop() == 0, node.log_text()[-3000:]
         broker.stop()
+    ledger = subprocess.run(
+        [str(POC_NODE), "ledger", "--data-dir", str(tmp_path / "node" / "data"), "--json"],
+        capture_output=True, text=True, timeout=60, check=True)
+    told = sum(int(finals[submission_id(raw)]["reward"]) for raw in before + after)
+    assert sum(json.loads(ledger.stdout).values()) == told > 0

@@ -204,7 +204,7 @@ def test_four_members_finalize_through_a_late_start_a_freeze_a_kill_and_a_flood(
     states = [read_state(node.data_dir, up_to) for node in members]
     assert states[0]["rounds"] and states[0]["history"]
     per_round: dict[int, set[bytes]] = {}
-    for number, identity, _, _ in states[0]["history"]:
+    for number, identity, _, _, _ in states[0]["history"]:
         per_round.setdefault(number, set()).add(identity)
     assert max(len(ids) for ids in per_round.values()) == 20  # rounds.max_records held
     for state in states[1:]:

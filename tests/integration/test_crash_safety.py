@@ -31,8 +31,9 @@ pytestmark = pytest.mark.integration
 EMISSION = 1_000_000
 
 
-def stream(port: int, peers: list[Peer], count: int, sent: list[bytes], done: threading.Event
-           ) -> None:
+def stream(port: int, peers: list[Peer], count: int, sent: list[bytes], done: threading.Event,
+           finals: dict[bytes, dict[str, object]]) -> None:
+    """Publish ``count`` submissions, set ``done``, then collect every one's last Result."""
     async def publish() -> None:
         async with ResultListener(port) as listener:
             for index in range(count):
@@ -45,9 +46,18 @@ def stream(port: int, peers: list[Peer], count: int, sent: list[bytes], done: th
                 sent.append(raw)
                 await listener.publish(raw)
                 await asyncio.sleep(0.15)
+            done.set()
+            deadline = time.monotonic() + 180
+            wanted = {submission_id(raw) for raw in sent}
+            while time.monotonic() < deadline:
+                for result in listener.results:
+                    if result["status"] in ("final", "rejected"):
+                        finals[result["submission_id"]] = result
+                if wanted <= set(finals):
+                    return
+                await asyncio.sleep(0.5)
 
     asyncio.run(publish())
-    done.set()
 
 
 def test_kill_9_anywhere_loses_nothing_and_pays_nothing_twice(tmp_path: Path):
@@ -63,8 +73,10 @@ def test_kill_9_anywhere_loses_nothing_and_pays_nothing_twice(tmp_path: Path):
     node: NodeProcess = start_node(directory, bus, config)
     sent: list[bytes] = []
     done = threading.Event()
+    finals: dict[bytes, dict[str, object]] = {}
     peers = [Peer() for _ in range(4)]
-    publisher = threading.Thread(target=stream, args=(broker.port, peers, 60, sent, done))
+    publisher = threading.Thread(
+        target=stream, args=(broker.port, peers, 60, sent, done, finals))
     publisher.start()
     rng = random.Random(7)
     kills = 0
@@ -74,7 +86,6 @@ def test_kill_9_anywhere_loses_nothing_and_pays_nothing_twice(tmp_path: Path):
             node.stop(signal.SIGKILL)
             kills += 1
             node = start_node(directory, bus, config)
-        publisher.join()
 
         database = directory / "data" / "node.sqlite3"
         deadline = time.monotonic() + 120
@@ -88,6 +99,7 @@ def test_kill_9_anywhere_loses_nothing_and_pays_nothing_twice(tmp_path: Path):
                 break
             assert time.monotonic() < deadline, (pending, known, len(sent))
             time.sleep(0.5)
+        publisher.join()
     finally:
         assert node.stop() == 0, node.log_text()[-3000:]
         broker.stop()
@@ -113,6 +125,11 @@ def test_kill_9_anywhere_loses_nothing_and_pays_nothing_twice(tmp_path: Path):
         [str(POC_NODE), "ledger", "--data-dir", str(directory / "data"), "--json"],
         capture_output=True, text=True, timeout=60, check=True)
     assert sum(json.loads(balances.stdout).values()) == sum(a for _, _, a in ledger)
+    # what submitters were told matches what was paid, once, and it is not nothing
+    assert {submission_id(raw) for raw in sent} <= set(finals), "a Result never came"
+    told = sum(int(r["reward"]) for r in finals.values())  # type: ignore[call-overload]
+    assert told == sum(a for _, _, a in ledger) > 0
+    assert sum(1 for r in finals.values() if r["reward"]) == len(paid_ids)
     audit = subprocess.run(
         [str(POC_NODE), "audit", "--data-dir", str(directory / "data"), "--config", str(config)],
         capture_output=True, text=True, timeout=300, check=False)

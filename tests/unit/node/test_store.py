@@ -54,11 +54,23 @@ def test_commit_is_once_per_round_and_pays_once(tmp_path):
     assert store.accept(b"a" * 32, b"prepared", Outgoing("t", b"accepted"))
     assert not store.accept(b"a" * 32, b"prepared", Outgoing("t", b"accepted"))
     committed = CommittedRound(3, b"p" * 32, b"b" * 32, b"cert", b"summary")
-    outcome = Finalization(b"a" * 32, b"s" * 32, State.FINAL, None, (b"v1", b"v2"), 70)
+    outcome = Finalization(
+        b"a" * 32,
+        b"s" * 32,
+        State.FINAL,
+        None,
+        ((0, "text", b"v1"), (1, "image", b"v2")),
+        (b"h" * 32, b"k" * 32),
+        70,
+    )
+    assert store.accepted_hashes([b"h" * 32, b"x" * 32]) == set()
     assert store.commit_round(committed, [outcome], [Outgoing("t", b"final")], 9)
     assert not store.commit_round(committed, [outcome], [Outgoing("t", b"final")], 9)
     assert store.balances() == {b"s" * 32: 70}
-    assert store.history_vectors() == [b"v1", b"v2"]
+    assert store.history_items() == [("text", b"v1"), ("image", b"v2")]
+    assert store.accepted_hashes([b"h" * 32, b"x" * 32]) == {b"h" * 32}
+    assert store.accepted_hashes([b"h" * 32], before_round=3) == set()  # an audit's replay
+    assert store.accepted_hashes([b"h" * 32], before_round=4) == {b"h" * 32}
     assert store.last_round() == committed
     assert store.submission_state(b"a" * 32) == (State.FINAL, None)
     entries = store.outbox(0, 10)
@@ -89,8 +101,8 @@ def test_a_certified_record_never_flips_a_decided_submission(tmp_path):
     admit(store, b"b" * 32, nonce=2, hashes=[b"q" * 32])
     store.accept(b"b" * 32, b"prepared", Outgoing("t", b"accepted"))
     outcomes = [
-        Finalization(b"a" * 32, b"s" * 32, State.FINAL, None, (b"va",), 10),
-        Finalization(b"b" * 32, b"s" * 32, State.FINAL, None, (b"vb",), 20),
+        Finalization(b"a" * 32, b"s" * 32, State.FINAL, None, ((0, "text", b"va"),), (), 10),
+        Finalization(b"b" * 32, b"s" * 32, State.FINAL, None, ((0, "text", b"vb"),), (), 20),
     ]
     assert store.decided_states([b"a" * 32, b"b" * 32]) == {b"a" * 32: State.REJECTED}
     assert store.commit_round(CommittedRound(1, b"v" * 32, b"b" * 32, b"c", b"s"), outcomes, [], 9)
@@ -99,7 +111,7 @@ def test_a_certified_record_never_flips_a_decided_submission(tmp_path):
     # the same records certified again in another round (a replay) pay nothing more
     assert store.commit_round(CommittedRound(2, b"w" * 32, b"b" * 32, b"c", b"s"), outcomes, [], 9)
     assert store.balances() == {b"s" * 32: 30}
-    assert store.history_vectors() == [b"va", b"vb"]
+    assert store.history_items() == [("text", b"va"), ("text", b"vb")]
 
 
 def test_a_store_of_the_old_schema_is_refused_with_a_message(tmp_path):
@@ -125,11 +137,14 @@ def test_conflict_of_names_a_nonce_or_data_held_here(tmp_path):
     assert store.conflict_of(b"s" * 32, 1, [b"z" * 32]) is Admission.REPLAY
     assert store.conflict_of(b"s" * 32, 7, [b"h" * 32]) is Admission.DUPLICATE
     assert store.conflict_of(b"s" * 32, 7, [b"z" * 32]) is None
+    # duplicates are judged per item: a pair with one new item is not refused here
+    assert store.conflict_of(b"s" * 32, 7, [b"h" * 32, b"z" * 32]) is None
+    assert admit(store, b"c" * 32, nonce=8, hashes=[b"h" * 32, b"z" * 32]) is Admission.ADMITTED
 
 
 def test_bytes_of_a_round_learned_by_sync_are_kept_when_they_arrive(tmp_path):
     store = Store(tmp_path / "s.db")
-    outcome = Finalization(b"a" * 32, b"s" * 32, State.FINAL, None, (b"v",), 0)
+    outcome = Finalization(b"a" * 32, b"s" * 32, State.FINAL, None, ((0, "text", b"v"),), (), 0)
     store.commit_round(CommittedRound(0, b"v" * 32, b"b" * 32, b"c", b"s"), [outcome], [], 1)
     assert store.knows(b"a" * 32)
     assert store.missing_raw([b"a" * 32, b"z" * 32]) == [b"a" * 32]

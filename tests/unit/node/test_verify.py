@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from encoders.modality import Modality
+from node.errors import Reason
 from node.intake.wire import WireLimits
 from node.ops.config import load_config
 from node.rounds.records import (
@@ -15,16 +16,23 @@ from node.rounds.records import (
     Prepared,
     PreparedItem,
     RoundRecord,
+    RoundRules,
     score_round,
     to_float16,
 )
 from node.rounds.verify import Mismatch, RecordVerifier, Tolerances
 from node.store.sqlite import Store
 from node.store.thread import StoreThread
-from rewards.history import HistoryIndex
+from rewards.curiosity import ScoringRules
+from rewards.history import History
 
 CONFIG = load_config()
 DELTA = 0.5
+RULES = RoundRules(
+    ScoringRules(16, 1.0, dict.fromkeys(["text", "image", "audio", "video"], 1e-6)),
+    CONFIG.scoring.emission,
+    CONFIG.scoring.top_k,
+)
 
 
 CENTRE = np.ones(16) / 4.0
@@ -39,7 +47,8 @@ def unit(seed: int, spread: float = 0.005) -> np.ndarray:
 def prepared(seed: int, pair: bool, distance: float = 0.3) -> Prepared:
     modalities = [Modality.TEXT, Modality.IMAGE] if pair else [Modality.TEXT]
     too_far = pair and distance > DELTA
-    items = tuple(PreparedItem(m, to_float16(unit(seed + i)), pair and not too_far, 900_000)
+    items = tuple(PreparedItem(m, to_float16(unit(seed + i)), pair and not too_far, 900_000,
+                               bytes([seed % 256, i]) * 16)
                   for i, m in enumerate(modalities))
     return Prepared(0, items, round(distance * 1e6) if pair else None, too_far)
 
@@ -50,8 +59,7 @@ def make(tmp_path: Path, mine: dict[bytes, Prepared], history_size: int = 80):
         store.admit(identity, b"s" * 32, int.from_bytes(identity[:4], "big"), 0,
                     [identity], b"raw", 0, 0, 600_000)
         store.accept(identity, prep.to_bytes(), _outgoing())
-    history = HistoryIndex(16)
-    history.add(np.stack([unit(1000 + i, 0.05) for i in range(history_size)]))
+    history = cluster_history(history_size)
 
     async def no_recompute(submission, epoch):
         raise AssertionError("everything is prepared locally")
@@ -59,13 +67,18 @@ def make(tmp_path: Path, mine: dict[bytes, Prepared], history_size: int = 80):
     async def no_fetch(ids):
         return {}
 
-    scoring = CONFIG.scoring.model_copy(update={"k": 16})
     verifier = RecordVerifier(StoreThread(store), no_recompute, no_fetch, lambda a, b: DELTA, history,
-                              scoring, Tolerances(0.02, 20_000, 1_000), WireLimits(),
+                              RULES, Tolerances(0.02, 20_000, 1_000), WireLimits(),
                               asyncio.Lock())
     candidates = [Candidate(i, b"s" * 32, p) for i, p in mine.items()]
-    records = score_round(candidates, history, scoring)
+    records = score_round(candidates, history, RULES, set())
     return verifier, records
+
+
+def cluster_history(size: int = 80) -> History:
+    history = History(16)
+    history.add(["image"] * size, np.stack([unit(1000 + i, 0.05) for i in range(size)]))
+    return history
 
 
 def _outgoing():
@@ -91,6 +104,10 @@ def test_the_leaders_honest_records_are_accepted(tmp_path: Path):
     lambda r: dataclasses.replace(r, reward=r.reward + 1),
     lambda r: dataclasses.replace(r, score=r.score + 5),
     lambda r: dataclasses.replace(r, scores_ppm=tuple(s + 5000 for s in r.scores_ppm)),
+    lambda r: dataclasses.replace(r, scores_ppm=(None,) * len(r.scores_ppm)),
+    lambda r: dataclasses.replace(r, status="rejected", reason=Reason.DUPLICATE, scores_ppm=None,
+                                  score=0, reward=0),
+    lambda r: dataclasses.replace(r, item_sha256=tuple(b"\x00" * 32 for _ in r.item_sha256)),
     lambda r: dataclasses.replace(r, embeddings=tuple(
         dataclasses.replace(e, vector=to_float16(-unit(999))) for e in r.embeddings)),
     lambda r: dataclasses.replace(r, submitter=b"x" * 32),
@@ -119,14 +136,11 @@ def test_a_decision_near_delta_follows_the_leader(tmp_path: Path):
     leader_view = dataclasses.replace(
         near, too_far=False, pair_distance_ppm=round((DELTA - 0.005) * 1e6),
         items=tuple(dataclasses.replace(i, fused=True) for i in near.items))
-    history = HistoryIndex(16)
-    history.add(np.stack([unit(1000 + i, 0.05) for i in range(80)]))
-    records = score_round([Candidate(identity, b"s" * 32, leader_view)], history,
-                          CONFIG.scoring.model_copy(update={"k": 16}))
+    history = cluster_history()
+    records = score_round([Candidate(identity, b"s" * 32, leader_view)], history, RULES, set())
     check(verifier, records)
     far_view = dataclasses.replace(leader_view, pair_distance_ppm=round((DELTA - 0.2) * 1e6))
-    records = score_round([Candidate(identity, b"s" * 32, far_view)], history,
-                          CONFIG.scoring.model_copy(update={"k": 16}))
+    records = score_round([Candidate(identity, b"s" * 32, far_view)], history, RULES, set())
     with pytest.raises(Mismatch):
         check(verifier, records)
 
@@ -142,7 +156,7 @@ def test_records_of_a_finalized_submission_are_refused_a_replay_of_a_committed_r
     first = records[0]
     store.commit_round(
         CommittedRound(0, b"v" * 32, b"b" * 32, b"c", b"s"),
-        [Finalization(first.submission_id, first.submitter, State.FINAL, None, (), 0)], [], 1)
+        [Finalization(first.submission_id, first.submitter, State.FINAL, None, (), (), 0)], [], 1)
     store.close()
     with pytest.raises(Mismatch, match="final here already"):
         check(verifier, records)

@@ -1,0 +1,104 @@
+"""One round scored in order, against a history of several modalities."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from rewards import History, RoundItem, ScoringRules, gap_scores, score_in_order
+
+DIM = 16
+MODALITIES = ("text", "image", "audio", "video")
+
+
+def unit_rows(rng: np.random.Generator, n: int) -> np.ndarray:
+    x = rng.standard_normal((n, DIM))
+    return np.asarray(x / np.linalg.norm(x, axis=1, keepdims=True))
+
+
+def filled(rng: np.random.Generator, n: int) -> tuple[History, list[str], np.ndarray]:
+    labels = [MODALITIES[int(i)] for i in rng.integers(0, 4, n)]
+    vectors = unit_rows(rng, n)
+    history = History(DIM)
+    history.add(labels, vectors)
+    return history, labels, vectors
+
+
+def test_global_ids_keep_the_order_of_addition_across_modalities() -> None:
+    rng = np.random.default_rng(1)
+    history, labels, vectors = filled(rng, 300)
+    assert len(history) == 300 and sum(history.modalities().values()) == 300
+    ids = np.array([299, 0, 17, 42])
+    assert (history.vectors(ids) == vectors[ids].astype(np.float16).astype(np.float64)).all()
+    assert history.modality_of(ids) == [labels[i] for i in ids]
+
+
+def test_neighbours_contain_the_exact_k_nearest_of_all_modalities() -> None:
+    rng = np.random.default_rng(2)
+    history, _, vectors = filled(rng, 500)
+    queries = unit_rows(rng, 20)
+    half = vectors.astype(np.float16).astype(np.float64)
+    for query, row in zip(queries, history.neighbours(queries, 8), strict=True):
+        q = query.astype(np.float16).astype(np.float64)
+        nearest = set(np.argsort(((half - q) ** 2).sum(axis=1), kind="stable")[:8].tolist())
+        assert nearest <= set(row[row >= 0].tolist())
+
+
+def test_nearest_of_searches_one_modality() -> None:
+    rng = np.random.default_rng(3)
+    history, labels, vectors = filled(rng, 200)
+    found = history.nearest_of("audio", vectors[:5], 1)[:, 0]
+    assert all(labels[i] == "audio" for i in found)
+    assert (History(DIM).nearest_of("audio", vectors[:2], 3) == -1).all()
+
+
+def test_scoring_in_order_equals_scoring_against_the_history_grown_by_earlier_items() -> None:
+    """The definition of DESIGN.md §6: H plus the round's earlier non-duplicate items."""
+    rng = np.random.default_rng(4)
+    history, labels, vectors = filled(rng, 200)
+    round_vectors = unit_rows(rng, 6)
+    round_labels = ["image", "text", "image", "audio", "video", "image"]
+    rules = ScoringRules(k=16, qualify_ratio=1.5, duplicate_radius=dict.fromkeys(MODALITIES, 0.0))
+    verdicts = score_in_order(
+        history,
+        [[RoundItem(m, v)] for m, v in zip(round_labels, round_vectors, strict=True)],
+        rules,
+    )
+    grown = History(DIM)
+    grown.add(labels, vectors)
+    for (verdict,), label, vector in zip(verdicts, round_labels, round_vectors, strict=True):
+        (want,) = gap_scores(grown, vector[None], k=16, qualify_ratio=1.5)
+        assert verdict.gap == want
+        grown.add([label], vector[None])
+
+
+def test_both_items_of_one_submission_share_their_context() -> None:
+    rng = np.random.default_rng(5)
+    history, _, _ = filled(rng, 100)
+    a, b = unit_rows(rng, 2)
+    rules = ScoringRules(k=16, qualify_ratio=2.0, duplicate_radius=dict.fromkeys(MODALITIES, 0.0))
+    [[first, second]] = score_in_order(history, [[RoundItem("text", a), RoundItem("image", b)]], rules)
+    assert first.gap == gap_scores(history, a[None], k=16, qualify_ratio=2.0)[0]
+    assert second.gap == gap_scores(history, b[None], k=16, qualify_ratio=2.0)[0]
+
+
+def test_a_copy_within_the_radius_is_a_duplicate_and_joins_nothing() -> None:
+    rng = np.random.default_rng(6)
+    history, _, _ = filled(rng, 100)
+    x = unit_rows(rng, 1)[0]
+    copy = x + 1e-3 * unit_rows(rng, 1)[0]
+    rules = ScoringRules(k=16, qualify_ratio=2.0, duplicate_radius=dict.fromkeys(MODALITIES, 1e-3))
+    verdicts = score_in_order(
+        history,
+        [[RoundItem("image", x)], [RoundItem("image", copy)], [RoundItem("image", copy)]],
+        rules,
+    )
+    assert [v[0].duplicate for v in verdicts] == [False, True, True]
+    assert verdicts[1][0].nearest < 1e-3 and verdicts[1][0].gap.score_ppm == 0
+
+
+def test_scoring_rules_refuse_nonsense() -> None:
+    with pytest.raises(ValueError):
+        ScoringRules(k=0)
+    with pytest.raises(ValueError):
+        ScoringRules(duplicate_radius={"image": 2.5})

@@ -1,0 +1,355 @@
+"""Calibrating the gap cutoff ``qualify_ratio`` and the near-duplicate radii ε.
+
+Both depend on the embedding space, so they are measured on the shipped
+encoders and stored beside the weights, as δ is (``encoders.weights``):
+
+- A history H of the closed world: captioned pictures, speech and clips of
+  every concept the encoders were trained on, embedded and fused exactly as
+  the node does.
+- ``qualify_ratio``: the ratio ``d_E / d_nn`` of genuine new data (new
+  renderings of known concepts and colour-shape combinations H has never
+  held) against that of noise (random pixels, tones, tokens, flicker), each
+  scored against H; the cutoff is chosen as δ is (``calibrate_delta``:
+  most genuine accepted plus noise rejected, the middle of a tie).
+- ``duplicate_radius`` per modality: the cosine distance between an item of
+  H and the same datum in new bytes (re-saved, resized, a few pixels
+  changed, trimmed or re-sampled, re-encoded, re-cased) against the distance
+  between that item and another datum of the same concept; chosen the same
+  way.
+
+A second stream from another seed then reports, by kind, what scoring makes
+of data it did not calibrate on (``report``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from encoders.fusion import cosine_distance
+from encoders.modality import Modality
+from encoders.shard import Shard
+from encoders.weights import (
+    FORMAT_VERSION,
+    GENESIS_FILE,
+    UNCALIBRATED_SCORING,
+    ScoringCalibration,
+    sha256_file,
+    write_genesis,
+)
+from rewards.curiosity import DEFAULT_K, PPM, RoundItem, ScoringRules, gap_scores, score_in_order
+from rewards.history import History
+from training.calibration import calibrate_delta, rates
+from training.stream import (
+    MEDIA,
+    Embedded,
+    WorldMaker,
+    WorldSubmission,
+    concepts,
+    embed_submissions,
+)
+
+Log = Callable[[str], None]
+BEACON = b"poc-scoring-calibration"
+HISTORY_MEDIA = (Modality.IMAGE, Modality.IMAGE, Modality.IMAGE, Modality.AUDIO, Modality.VIDEO)
+"""The pairs each known concept contributes to the calibration history."""
+
+
+@dataclass(frozen=True)
+class WorldHistory:
+    """H built from embedded history submissions, and where each item came from."""
+
+    history: History
+    embedded: list[Embedded]
+    hashes: set[bytes]
+
+
+def build_history(
+    shard: Shard, alpha: Mapping[Modality, float], maker: WorldMaker, rounds: int = 1
+) -> WorldHistory:
+    """Pairs of every known concept (``HISTORY_MEDIA`` per concept, ``rounds`` times)."""
+    submissions = [
+        maker.pair("seen", concept, media)
+        for _ in range(rounds)
+        for concept in concepts(novel=False)
+        for media in HISTORY_MEDIA
+    ]
+    embedded = [e for e in embed_submissions(shard, submissions, alpha, BEACON) if not e.too_far]
+    history = History(shard.dim)
+    history.add(
+        [str(item.modality) for e in embedded for item in e.submission.items],
+        np.stack([v for e in embedded for v in e.vectors]),
+    )
+    hashes = {item.sha256 for e in embedded for item in e.submission.items}
+    return WorldHistory(history, embedded, hashes)
+
+
+def _ratios(history: History, vectors: Sequence[npt.NDArray[np.float64]], k: int) -> list[float]:
+    scores = gap_scores(history, np.stack(vectors), k=k, qualify_ratio=1.0)
+    return [s.d_e / s.d_nn for s in scores if s.d_nn > 0]
+
+
+def _reencoded(maker: WorldMaker, original: WorldSubmission, modality: Modality) -> WorldSubmission:
+    """The same submission with its ``modality`` item saved again in new bytes."""
+    items = tuple(
+        maker.reencode(item) if item.modality is modality else item for item in original.items
+    )
+    return WorldSubmission("reencoding", items)
+
+
+def _vector_of(embedded: Embedded, modality: Modality) -> npt.NDArray[np.float64]:
+    for item, vector in zip(embedded.submission.items, embedded.vectors, strict=True):
+        if item.modality is modality:
+            return vector
+    raise ValueError(f"no {modality} item")
+
+
+def _radius_samples(
+    shard: Shard,
+    alpha: Mapping[Modality, float],
+    maker: WorldMaker,
+    world: WorldHistory,
+    per_modality: int,
+) -> dict[Modality, tuple[list[float], list[float]]]:
+    """Per modality: (re-encoding distances, distinct same-concept distances)."""
+    out: dict[Modality, tuple[list[float], list[float]]] = {}
+    for modality in Modality:
+        originals = [
+            e
+            for e in world.embedded
+            if any(item.modality is modality for item in e.submission.items)
+        ]
+        picks = [originals[int(i)] for i in maker.rng.sample(range(len(originals)), per_modality)]
+        copies = [_reencoded(maker, e.submission, modality) for e in picks]
+        fresh = []
+        for e in picks:
+            media = next(i.modality for i in e.submission.items if i.modality is not Modality.TEXT)
+            concept = e.submission.items[0].concept
+            assert concept is not None
+            pair = maker.pair("seen", concept, media)
+            while modality is Modality.TEXT and pair.items[0].data == e.submission.items[0].data:
+                pair = maker.pair("seen", concept, media)
+            fresh.append(pair)
+        embedded = embed_submissions(shard, copies + fresh, alpha, BEACON)
+        same, distinct = [], []
+        for index, original in enumerate(picks):
+            mine = _vector_of(original, modality)
+            copy, other = embedded[index], embedded[len(picks) + index]
+            if not copy.too_far:
+                same.append(cosine_distance(mine, _vector_of(copy, modality)))
+            if not other.too_far:
+                distinct.append(cosine_distance(mine, _vector_of(other, modality)))
+        out[modality] = (same, distinct)
+    return out
+
+
+def _genuine_and_noise(
+    maker: WorldMaker, per_kind: int
+) -> tuple[list[WorldSubmission], list[WorldSubmission], list[WorldSubmission]]:
+    known, novel = concepts(novel=False), concepts(novel=True)
+    seen = [
+        maker.pair("seen", maker.rng.choice(known), maker.rng.choice(MEDIA))
+        for _ in range(per_kind)
+    ]
+    new = [
+        maker.pair("novel", novel[i % len(novel)], MEDIA[(i // len(novel)) % len(MEDIA)])
+        for i in range(per_kind)
+    ]
+    noise = [maker.noise(list(Modality)[i % len(Modality)]) for i in range(per_kind)]
+    return seen, new, noise
+
+
+@dataclass(frozen=True)
+class Calibrated:
+    """The outcome of ``calibrate_scoring``: the constants, the figures, the genesis history."""
+
+    calibration: ScoringCalibration
+    figures: dict[str, Any]
+    genesis_modalities: list[str]
+    genesis_vectors: npt.NDArray[np.float16]
+
+
+def calibrate_scoring(
+    shard: Shard,
+    alpha: Mapping[Modality, float],
+    *,
+    k: int = DEFAULT_K,
+    seed: int = 0,
+    per_kind: int = 64,
+    log: Log = print,
+) -> Calibrated:
+    """Measure ``qualify_ratio`` and the ε of every modality against a genesis history.
+
+    The history the constants were measured against is returned as well: it
+    ships beside the weights as the genesis history, so that a fresh node
+    scores from its first round and its first rounds judge "new" exactly as
+    the calibration did.
+    """
+    maker = WorldMaker(seed)
+    log("scoring calibration: building the history")
+    world = build_history(shard, alpha, maker)
+    log(f"scoring calibration: |H| = {len(world.history)}; genuine data and noise")
+    seen, new, noise = _genuine_and_noise(maker, per_kind)
+    embedded = embed_submissions(shard, seen + new + noise, alpha, BEACON)
+    by_kind: dict[str, list[npt.NDArray[np.float64]]] = {"seen": [], "novel": [], "noise": []}
+    for e in embedded:
+        if not e.too_far:
+            by_kind[e.submission.kind].extend(e.vectors)
+    ratios = {kind: _ratios(world.history, vectors, k) for kind, vectors in by_kind.items()}
+    genuine = ratios["seen"] + ratios["novel"]
+    ratio = calibrate_delta(genuine, ratios["noise"])
+    log("scoring calibration: re-encodings against distinct data of one concept")
+    samples = _radius_samples(shard, alpha, maker, world, per_kind // 2)
+    radius = {m: calibrate_delta(same, distinct) for m, (same, distinct) in samples.items()}
+    figures: dict[str, Any] = {
+        "seed": seed,
+        "k": k,
+        "history": len(world.history),
+        "ratio_quantiles": {kind: _quantiles(values) for kind, values in ratios.items() if values},
+        "qualify_ratio": {
+            "genuine_qualified": rates(genuine, ratios["noise"], ratio).accepted,
+            "novel_qualified": rates(ratios["novel"], ratios["noise"], ratio).accepted,
+            "noise_refused": rates(genuine, ratios["noise"], ratio).rejected,
+        },
+        "duplicate_radius": {
+            str(m): {
+                "reencoding": _quantiles(same),
+                "distinct": _quantiles(distinct),
+                "reencodings_caught": rates(same, distinct, radius[m]).accepted,
+                "distinct_spared": rates(same, distinct, radius[m]).rejected,
+            }
+            for m, (same, distinct) in samples.items()
+        },
+    }
+    genesis = [
+        (str(item.modality), vector)
+        for e in world.embedded
+        for item, vector in zip(e.submission.items, e.vectors, strict=True)
+    ]
+    return Calibrated(
+        ScoringCalibration(ratio, radius),
+        figures,
+        [m for m, _ in genesis],
+        np.stack([v for _, v in genesis]).astype(np.float16),
+    )
+
+
+def _quantiles(values: Sequence[float]) -> dict[str, float]:
+    array = np.asarray(values, dtype=np.float64)
+    return {
+        "min": float(array.min()),
+        "median": float(np.median(array)),
+        "p95": float(np.quantile(array, 0.95)),
+        "max": float(array.max()),
+    }
+
+
+def report(
+    shard: Shard,
+    alpha: Mapping[Modality, float],
+    calibration: ScoringCalibration,
+    *,
+    k: int = DEFAULT_K,
+    seed: int = 1,
+    per_kind: int = 48,
+    log: Log = print,
+) -> dict[str, Any]:
+    """Qualification rate and mean score by kind, on a stream the calibration never saw.
+
+    Each submission is scored alone against H, as the first of its round, by
+    the node's own ``score_in_order``; duplicates count as scoring 0.
+    """
+    maker = WorldMaker(seed)
+    log("scoring report: building the history")
+    world = build_history(shard, alpha, maker)
+    seen, new, noise = _genuine_and_noise(maker, per_kind)
+    picks = maker.rng.sample(world.embedded, per_kind)
+    copies = [
+        _reencoded(maker, e.submission, maker.rng.choice(list(e.submission.items)).modality)
+        for e in picks
+    ]
+    log("scoring report: scoring seen, novel, noise and re-encoded data")
+    embedded = embed_submissions(shard, seen + new + noise + copies, alpha, BEACON)
+    rules = ScoringRules(
+        k, calibration.qualify_ratio, {str(m): r for m, r in calibration.duplicate_radius.items()}
+    )
+    rows: dict[str, list[tuple[bool, bool, int]]] = {}
+    for e in embedded:
+        if e.too_far:
+            continue
+        items = [
+            RoundItem(str(item.modality), vector, item.sha256 in world.hashes)
+            for item, vector in zip(e.submission.items, e.vectors, strict=True)
+        ]
+        [verdicts] = score_in_order(world.history, [items], rules)
+        rows.setdefault(e.submission.kind, []).extend(
+            (v.duplicate, v.gap.qualified, v.gap.score_ppm) for v in verdicts
+        )
+    out: dict[str, Any] = {"seed": seed, "k": k, "history": len(world.history)}
+    for kind, values in rows.items():
+        fresh = [row for row in values if not row[0]]
+        out[kind] = {
+            "items": len(values),
+            "duplicates": sum(row[0] for row in values) / len(values),
+            "qualified": (sum(row[1] for row in fresh) / len(fresh)) if fresh else 0.0,
+            "mean_score": sum(row[2] for row in values) / len(values) / PPM,
+        }
+    return out
+
+
+def format_report(calibration: ScoringCalibration, figures: Mapping[str, Any]) -> str:
+    """The scoring section of ``poc-node eval``'s report."""
+    lines = [
+        f"scoring (k = {figures.get('k', 16)}, |H| = {figures['history']}): "
+        f"qualify_ratio {calibration.qualify_ratio:.3f}, duplicate radius "
+        + ", ".join(f"{m} {r:.4f}" for m, r in calibration.duplicate_radius.items()),
+        f"  {'kind':<11} {'items':>5} {'duplicate':>9} {'qualified':>9} {'mean score':>10}",
+    ]
+    for kind in ("seen", "novel", "noise", "reencoding"):
+        row = figures.get(kind)
+        if row:
+            lines.append(
+                f"  {kind:<11} {row['items']:>5} {row['duplicates']:>9.2f} "
+                f"{row['qualified']:>9.2f} {row['mean_score']:>10.3f}"
+            )
+    return "\n".join(lines)
+
+
+def write_calibration(
+    manifest: Path,
+    calibration: ScoringCalibration,
+    figures: Mapping[str, Any] | None = None,
+    genesis: tuple[Sequence[str], npt.NDArray[np.float16]] | None = None,
+) -> str:
+    """Store the calibration, its figures and its genesis history in ``manifest``.
+
+    Returns the manifest's new SHA-256 (pin it in the configuration). A
+    manifest of format 1 is brought to format 2 on the way: that is the only
+    difference between the two.
+    """
+    raw = json.loads(manifest.read_text(encoding="utf-8"))
+    raw["format_version"] = FORMAT_VERSION
+    raw["scoring"] = {**calibration.body(), **({"figures": dict(figures)} if figures else {})}
+    if genesis is not None:
+        path = manifest.parent / GENESIS_FILE
+        write_genesis(path, genesis[0], genesis[1])
+        raw["files"] = [f for f in raw["files"] if f["path"] != GENESIS_FILE] + [
+            {"path": GENESIS_FILE, "sha256": sha256_file(path)}
+        ]
+        raw["genesis"] = {"file": GENESIS_FILE, "items": len(genesis[0])}
+    manifest.write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return sha256_file(manifest)
+
+
+def prepare_for_calibration(manifest: Path) -> str:
+    """Make ``manifest`` loadable for calibration (format 2) without touching its weights."""
+    raw = json.loads(manifest.read_text(encoding="utf-8"))
+    if raw.get("format_version") == FORMAT_VERSION and "scoring" in raw:
+        return sha256_file(manifest)
+    return write_calibration(manifest, UNCALIBRATED_SCORING)
