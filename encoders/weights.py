@@ -64,20 +64,25 @@ class ScoringCalibration:
 
     qualify_ratio: float
     duplicate_radius: dict[Modality, float]
+    junk_radius: dict[Modality, float] = dataclasses.field(default_factory=dict)
+    """Per modality: an item this close to the genesis history's known junk repeats it."""
 
     def body(self) -> dict[str, Any]:
         return {
             "qualify_ratio": float(self.qualify_ratio),
             "duplicate_radius": {str(m): float(self.duplicate_radius[m]) for m in Modality},
+            "junk_radius": {str(m): float(r) for m, r in self.junk_radius.items()},
         }
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> ScoringCalibration:
         ratio = float(body["qualify_ratio"])
         radius = {m: float(body["duplicate_radius"][str(m)]) for m in Modality}
-        if not ratio > 0 or not all(0 <= r < 2 for r in radius.values()):
+        junk = {Modality(m): float(r) for m, r in body.get("junk_radius", {}).items()}
+        radii = [*radius.values(), *junk.values()]
+        if not ratio > 0 or not all(0 <= r < 2 for r in radii):
             raise ValueError(f"scoring calibration out of range: {dict(body)}")
-        return cls(ratio, radius)
+        return cls(ratio, radius, junk)
 
 
 UNCALIBRATED_SCORING = ScoringCalibration(2.0, dict.fromkeys(Modality, 1e-6))
@@ -337,23 +342,38 @@ def _genesis_path(
 GENESIS_FILE = "genesis.safetensors"
 
 
-def write_genesis(path: Path, modalities: Sequence[str], vectors: Any) -> None:
-    """Store a genesis history: float16 vectors and their modalities, in order."""
+def write_genesis(
+    path: Path, modalities: Sequence[str], vectors: Any, junk: Sequence[bool]
+) -> None:
+    """Store a genesis history: float16 vectors, their modalities and junk flags, in order."""
     import numpy as np
     from safetensors.numpy import save_file as save_numpy
 
     names = [str(m) for m in Modality]
     codes = np.asarray([names.index(m) for m in modalities], dtype=np.uint8)
     half = np.ascontiguousarray(np.asarray(vectors, dtype=np.float16))
-    if half.ndim != 2 or len(half) != len(codes):
+    flags = np.asarray(list(junk), dtype=np.uint8)
+    if half.ndim != 2 or not len(half) == len(codes) == len(flags):
         raise ValueError(f"{len(codes)} modalities for vectors of shape {half.shape}")
     save_numpy(
-        {"vectors": half, "modality": codes}, str(path), metadata={"modalities": ",".join(names)}
+        {"vectors": half, "modality": codes, "junk": flags},
+        str(path),
+        metadata={"modalities": ",".join(names)},
     )
 
 
-def read_genesis(path: Path, dim: int) -> tuple[list[str], Any]:
-    """The genesis history's modalities and float16 vectors ``[n, dim]`` (file already verified)."""
+@dataclass(frozen=True)
+class Genesis:
+    """The genesis history: what H starts with, and the known junk kept beside it."""
+
+    modalities: list[str]
+    vectors: Any  # float16 [n, dim]
+    junk_modalities: list[str]
+    junk_vectors: Any  # float16 [j, dim]
+
+
+def read_genesis(path: Path, dim: int) -> Genesis:
+    """Read a genesis history (the file was verified with the manifest)."""
     import numpy as np
     from safetensors import safe_open
 
@@ -361,8 +381,19 @@ def read_genesis(path: Path, dim: int) -> tuple[list[str], Any]:
         names = (handle.metadata() or {}).get("modalities", "").split(",")
         vectors = np.asarray(handle.get_tensor("vectors"), dtype=np.float16)
         codes = np.asarray(handle.get_tensor("modality"), dtype=np.int64)
-    if vectors.ndim != 2 or vectors.shape[1] != dim or len(codes) != len(vectors):
+        flags = (
+            np.asarray(handle.get_tensor("junk"), dtype=bool)
+            if "junk" in set(handle.keys())
+            else np.zeros(len(codes), dtype=bool)
+        )
+    if vectors.ndim != 2 or vectors.shape[1] != dim or not len(codes) == len(vectors) == len(flags):
         raise WeightsError(f"genesis history {path} has shape {vectors.shape}, expected [n, {dim}]")
     if len(codes) and (codes.min() < 0 or codes.max() >= len(names)):
         raise WeightsError(f"genesis history {path} names an unknown modality")
-    return [names[int(c)] for c in codes], vectors
+    labels = [names[int(c)] for c in codes]
+    return Genesis(
+        [m for m, j in zip(labels, flags, strict=True) if not j],
+        vectors[~flags],
+        [m for m, j in zip(labels, flags, strict=True) if j],
+        vectors[flags],
+    )

@@ -165,15 +165,18 @@ class ScoringRules:
     qualify_ratio: float = DEFAULT_QUALIFY_RATIO
     duplicate_radius: Mapping[str, float] = field(default_factory=dict)
     pair_bonus_ppm: int = 1_500_000
+    junk_radius: Mapping[str, float] = field(default_factory=dict)
+    """Per modality: an item this close (cosine) to known junk repeats it."""
 
     def __post_init__(self) -> None:
         if self.k <= 0:
             raise ValueError(f"k must be positive, got {self.k}")
         if not self.qualify_ratio >= 0:
             raise ValueError(f"qualify_ratio must be >= 0, got {self.qualify_ratio}")
-        for modality, radius in self.duplicate_radius.items():
-            if not 0 <= radius < 2:
-                raise ValueError(f"duplicate_radius of {modality} must be in [0, 2), got {radius}")
+        for name, radii in (("duplicate", self.duplicate_radius), ("junk", self.junk_radius)):
+            for modality, radius in radii.items():
+                if not 0 <= radius < 2:
+                    raise ValueError(f"{name} radius of {modality} must be in [0, 2), got {radius}")
         if self.pair_bonus_ppm < 0:
             raise ValueError(f"pair_bonus_ppm must be >= 0, got {self.pair_bonus_ppm}")
 
@@ -196,6 +199,8 @@ class ItemVerdict:
     gap: GapScore
     nearest: float
     """Cosine distance to the nearest item of its modality in the context (2.0 if none)."""
+    junk: float = 2.0
+    """Cosine distance to the nearest known junk of its modality (2.0 if none)."""
 
 
 def cosine_distances(
@@ -220,10 +225,12 @@ def score_in_order(
 
     Each submission's items are judged against the context: H plus the
     non-duplicate items of the submissions before it. An item is a duplicate
-    when its bytes were accepted before, or when it lies within the
+    when its bytes were accepted before, when it lies within the
     near-duplicate radius of its modality of a context item of the same
-    modality; otherwise it gets the gap score against the context (nothing
-    scores while the context holds fewer than k embeddings). The two items of
+    modality, or when it lies within the junk radius of its modality of the
+    known junk beside H (``History.junk``); otherwise it gets the gap score
+    against the context (nothing scores while the context holds fewer than k
+    embeddings). The two items of
     one submission share one context. History searches are batched; the
     kNN is exact over H and the round's earlier items together, with ties
     broken by id (H's ids, then the round's items in order).
@@ -237,6 +244,7 @@ def score_in_order(
     size = len(history)
     gap_candidates = history.neighbours(queries, candidate_count(k, size)) if size else None
     near: dict[int, npt.NDArray[np.int64]] = {}
+    junk_distance = np.full(len(flat), 2.0)
     by_modality: dict[str, list[int]] = {}
     for position, item in enumerate(flat):
         by_modality.setdefault(item.modality, []).append(position)
@@ -244,6 +252,13 @@ def score_in_order(
         found = history.nearest_of(modality, queries[positions], NEAREST_CANDIDATES)
         for position, row in zip(positions, found, strict=True):
             near[position] = row[row >= 0]
+        known_junk = history.junk
+        if known_junk is not None and modality in rules.junk_radius:
+            rows = known_junk.nearest_of(modality, queries[positions], NEAREST_CANDIDATES)
+            for position, row in zip(positions, rows, strict=True):
+                if (row >= 0).any():
+                    points = known_junk.vectors(row[row >= 0])
+                    junk_distance[position] = float(cosine_distances(points, exact[position]).min())
 
     context_ids: list[int] = []
     context_vectors: list[npt.NDArray[np.float64]] = []
@@ -259,10 +274,15 @@ def score_in_order(
             pool += [np.stack([context_vectors[j] for j in same])] if same else []
             nearest = float(cosine_distances(np.concatenate(pool), query).min()) if pool else 2.0
             radius = rules.duplicate_radius.get(item.modality, 0.0)
-            if item.byte_duplicate or nearest <= radius:
-                own.append(ItemVerdict(True, NOT_SCORED, nearest))
+            to_junk = float(junk_distance[position])
+            if (
+                item.byte_duplicate
+                or nearest <= radius
+                or to_junk <= rules.junk_radius.get(item.modality, -1.0)
+            ):
+                own.append(ItemVerdict(True, NOT_SCORED, nearest, to_junk))
             elif size + len(context_ids) < k:
-                own.append(ItemVerdict(False, NOT_SCORED, nearest))
+                own.append(ItemVerdict(False, NOT_SCORED, nearest, to_junk))
             else:
                 ids = np.asarray(context_ids, dtype=np.int64)
                 points = (
@@ -275,7 +295,10 @@ def score_in_order(
                     points = np.concatenate([history.vectors(found), points])
                 own.append(
                     ItemVerdict(
-                        False, _score_one(query, ids, points, k, rules.qualify_ratio), nearest
+                        False,
+                        _score_one(query, ids, points, k, rules.qualify_ratio),
+                        nearest,
+                        to_junk,
                     )
                 )
             position += 1

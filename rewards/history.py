@@ -192,6 +192,18 @@ class History:
         self._modality_of = _Ids()  # position of the modality in self._names
         self._local = _Ids()
         self._names: list[str] = []
+        self._junk: History | None = None
+
+    @property
+    def junk(self) -> History | None:
+        """Known junk beside H (the genesis history's noise): never a gap, never scored."""
+        return self._junk
+
+    def add_junk(self, modalities: Sequence[str], vectors: npt.NDArray[Any]) -> None:
+        """Remember embeddings of known junk; they are not part of H (``len`` ignores them)."""
+        if self._junk is None:
+            self._junk = History(self._dim)
+        self._junk.add(modalities, vectors)
 
     @property
     def dim(self) -> int:

@@ -233,7 +233,7 @@ def _calibrate(args: argparse.Namespace) -> int:
             manifest,
             found.calibration,
             figures,
-            (found.genesis_modalities, found.genesis_vectors),
+            (found.genesis_modalities, found.genesis_vectors, found.genesis_junk),
         )
     except (SpeechError, EncoderError, OSError, ValueError) as error:
         return _fail("calibrate", str(error))

@@ -167,7 +167,7 @@ def run_training(
         manifest,
         found.calibration,
         scoring_figures,
-        (found.genesis_modalities, found.genesis_vectors),
+        (found.genesis_modalities, found.genesis_vectors, found.genesis_junk),
     )
     log(
         f"wrote {manifest}: corpus {corpus_seconds:.0f} s, training {train_seconds:.0f} s, "

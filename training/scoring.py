@@ -61,6 +61,14 @@ HISTORY_MEDIA = (Modality.IMAGE, Modality.IMAGE, Modality.IMAGE, Modality.AUDIO,
 """The pairs each known concept contributes to the calibration history."""
 
 
+JUNK_PER_MODALITY = 24
+"""Noise items of each modality that the genesis history holds (see ``add_junk``)."""
+JUNK_SPARED = 0.99
+"""A junk radius is used only where it spares this share of genuine items: a
+modality whose noise mixes with genuine data (text: random tokens land among
+captions) is left to the gap cutoff."""
+
+
 @dataclass(frozen=True)
 class WorldHistory:
     """H built from embedded history submissions, and where each item came from."""
@@ -68,6 +76,26 @@ class WorldHistory:
     history: History
     embedded: list[Embedded]
     hashes: set[bytes]
+    modalities: list[str]
+    vectors: list[npt.NDArray[np.float64]]
+    junk: list[bool]
+
+    def add(self, embedded: Sequence[Embedded], *, junk: bool = False) -> None:
+        """Append items to H, or to the known junk beside it (and to the genesis file)."""
+        items = [
+            (str(item.modality), vector, item.sha256)
+            for e in embedded
+            if not e.too_far
+            for item, vector in zip(e.submission.items, e.vectors, strict=True)
+        ]
+        if not items:
+            return
+        add = self.history.add_junk if junk else self.history.add
+        add([m for m, _, _ in items], np.stack([v for _, v, _ in items]))
+        self.modalities.extend(m for m, _, _ in items)
+        self.vectors.extend(v for _, v, _ in items)
+        self.junk.extend(junk for _ in items)
+        self.hashes.update(h for _, _, h in items)
 
 
 def build_history(
@@ -81,16 +109,32 @@ def build_history(
         for media in HISTORY_MEDIA
     ]
     embedded = [e for e in embed_submissions(shard, submissions, alpha, BEACON) if not e.too_far]
-    history = History(shard.dim)
-    history.add(
-        [str(item.modality) for e in embedded for item in e.submission.items],
-        np.stack([v for e in embedded for v in e.vectors]),
-    )
-    hashes = {item.sha256 for e in embedded for item in e.submission.items}
-    return WorldHistory(history, embedded, hashes)
+    world = WorldHistory(History(shard.dim), embedded, set(), [], [], [])
+    world.add(embedded)
+    return world
+
+
+def add_junk(
+    shard: Shard, alpha: Mapping[Modality, float], maker: WorldMaker, world: WorldHistory
+) -> list[Embedded]:
+    """Keep samples of every noise family beside H as known junk.
+
+    Noise pictures and clips land within a few hundredths of each other,
+    about as far from every concept as new combinations do, so no gap rule
+    tells them apart; but they repeat each other. An item within the junk
+    radius of its modality of known junk repeats it and earns nothing. Junk
+    is kept beside H, not in it, so that it never shrinks the gap of genuine
+    new data near it.
+    """
+    junk = [maker.noise(m) for m in Modality for _ in range(JUNK_PER_MODALITY)]
+    embedded = embed_submissions(shard, junk, alpha, BEACON)
+    world.add(embedded, junk=True)
+    return embedded
 
 
 def _ratios(history: History, vectors: Sequence[npt.NDArray[np.float64]], k: int) -> list[float]:
+    if not vectors:
+        return []
     scores = gap_scores(history, np.stack(vectors), k=k, qualify_ratio=1.0)
     return [s.d_e / s.d_nn for s in scores if s.d_nn > 0]
 
@@ -125,7 +169,8 @@ def _radius_samples(
             for e in world.embedded
             if any(item.modality is modality for item in e.submission.items)
         ]
-        picks = [originals[int(i)] for i in maker.rng.sample(range(len(originals)), per_modality)]
+        count = min(per_modality, len(originals))
+        picks = [originals[int(i)] for i in maker.rng.sample(range(len(originals)), count)]
         copies = [_reencoded(maker, e.submission, modality) for e in picks]
         fresh = []
         for e in picks:
@@ -173,6 +218,7 @@ class Calibrated:
     figures: dict[str, Any]
     genesis_modalities: list[str]
     genesis_vectors: npt.NDArray[np.float16]
+    genesis_junk: list[bool]
 
 
 def calibrate_scoring(
@@ -198,24 +244,68 @@ def calibrate_scoring(
     seen, new, noise = _genuine_and_noise(maker, per_kind)
     embedded = embed_submissions(shard, seen + new + noise, alpha, BEACON)
     by_kind: dict[str, list[npt.NDArray[np.float64]]] = {"seen": [], "novel": [], "noise": []}
+    labelled: list[tuple[str, Modality, npt.NDArray[np.float64]]] = []
     for e in embedded:
         if not e.too_far:
             by_kind[e.submission.kind].extend(e.vectors)
+            labelled.extend(
+                (e.submission.kind, item.modality, vector)
+                for item, vector in zip(e.submission.items, e.vectors, strict=True)
+            )
+    log("scoring calibration: known junk, noise against genuine data")
+    junk = add_junk(shard, alpha, maker, world)
+    junk_radius: dict[Modality, float] = {}
+    junk_figures: dict[str, Any] = {}
+    for modality in Modality:
+        mine = [e.vectors[0] for e in junk if e.submission.items[0].modality is modality]
+        near_noise = [
+            _nearest(mine, v) for kind, m, v in labelled if kind == "noise" and m is modality
+        ]
+        near_genuine = [
+            _nearest(mine, v) for kind, m, v in labelled if kind != "noise" and m is modality
+        ]
+        if not near_noise or not near_genuine:
+            continue
+        cut = calibrate_delta(near_noise, near_genuine)
+        spared = rates(near_noise, near_genuine, cut).rejected
+        junk_figures[str(modality)] = {
+            "noise": _quantiles(near_noise),
+            "genuine": _quantiles(near_genuine),
+            "radius": cut,
+            "noise_caught": rates(near_noise, near_genuine, cut).accepted,
+            "genuine_spared": spared,
+            "used": spared >= JUNK_SPARED,
+        }
+        if spared >= JUNK_SPARED:
+            junk_radius[modality] = cut
+    # The cutoff has to stop the noise that the junk radius lets through.
+    by_kind["noise"] = [
+        v
+        for kind, m, v in labelled
+        if kind == "noise"
+        and (
+            m not in junk_radius
+            or _nearest([e.vectors[0] for e in junk if e.submission.items[0].modality is m], v)
+            > junk_radius[m]
+        )
+    ]
     ratios = {kind: _ratios(world.history, vectors, k) for kind, vectors in by_kind.items()}
     genuine = ratios["seen"] + ratios["novel"]
-    ratio = calibrate_delta(genuine, ratios["noise"])
+    # With no noise left past the junk radius, every genuine item qualifies.
+    ratio = calibrate_delta(genuine, ratios["noise"]) if ratios["noise"] else 1.01 * max(genuine)
     log("scoring calibration: re-encodings against distinct data of one concept")
-    samples = _radius_samples(shard, alpha, maker, world, per_kind // 2)
+    samples = _radius_samples(shard, alpha, maker, world, per_kind)
     radius = {m: calibrate_delta(same, distinct) for m, (same, distinct) in samples.items()}
     figures: dict[str, Any] = {
         "seed": seed,
         "k": k,
         "history": len(world.history),
         "ratio_quantiles": {kind: _quantiles(values) for kind, values in ratios.items() if values},
+        "noise_past_junk": len(ratios["noise"]),
         "qualify_ratio": {
-            "genuine_qualified": rates(genuine, ratios["noise"], ratio).accepted,
-            "novel_qualified": rates(ratios["novel"], ratios["noise"], ratio).accepted,
-            "noise_refused": rates(genuine, ratios["noise"], ratio).rejected,
+            "genuine_qualified": rates(genuine, ratios["noise"] or [2.0], ratio).accepted,
+            "novel_qualified": rates(ratios["novel"], ratios["noise"] or [2.0], ratio).accepted,
+            "noise_refused": rates(genuine, ratios["noise"] or [2.0], ratio).rejected,
         },
         "duplicate_radius": {
             str(m): {
@@ -227,17 +317,20 @@ def calibrate_scoring(
             for m, (same, distinct) in samples.items()
         },
     }
-    genesis = [
-        (str(item.modality), vector)
-        for e in world.embedded
-        for item, vector in zip(e.submission.items, e.vectors, strict=True)
-    ]
+    figures["junk_radius"] = junk_figures
+    figures["genesis"] = {"concept_items": len(world.history), "junk_items": sum(world.junk)}
+    log(f"scoring calibration: genesis history of {len(world.vectors)} items")
     return Calibrated(
-        ScoringCalibration(ratio, radius),
+        ScoringCalibration(ratio, radius, junk_radius),
         figures,
-        [m for m, _ in genesis],
-        np.stack([v for _, v in genesis]).astype(np.float16),
+        list(world.modalities),
+        np.stack(world.vectors).astype(np.float16),
+        list(world.junk),
     )
+
+
+def _nearest(points: Sequence[npt.NDArray[np.float64]], vector: npt.NDArray[np.float64]) -> float:
+    return min(cosine_distance(p, vector) for p in points)
 
 
 def _quantiles(values: Sequence[float]) -> dict[str, float]:
@@ -268,8 +361,9 @@ def report(
     maker = WorldMaker(seed)
     log("scoring report: building the history")
     world = build_history(shard, alpha, maker)
+    add_junk(shard, alpha, maker, world)
     seen, new, noise = _genuine_and_noise(maker, per_kind)
-    picks = maker.rng.sample(world.embedded, per_kind)
+    picks = maker.rng.sample(world.embedded, per_kind)  # concept pairs, never junk
     copies = [
         _reencoded(maker, e.submission, maker.rng.choice(list(e.submission.items)).modality)
         for e in picks
@@ -277,7 +371,10 @@ def report(
     log("scoring report: scoring seen, novel, noise and re-encoded data")
     embedded = embed_submissions(shard, seen + new + noise + copies, alpha, BEACON)
     rules = ScoringRules(
-        k, calibration.qualify_ratio, {str(m): r for m, r in calibration.duplicate_radius.items()}
+        k,
+        calibration.qualify_ratio,
+        {str(m): r for m, r in calibration.duplicate_radius.items()},
+        junk_radius={str(m): r for m, r in calibration.junk_radius.items()},
     )
     rows: dict[str, list[tuple[bool, bool, int]]] = {}
     for e in embedded:
@@ -308,7 +405,9 @@ def format_report(calibration: ScoringCalibration, figures: Mapping[str, Any]) -
     lines = [
         f"scoring (k = {figures.get('k', 16)}, |H| = {figures['history']}): "
         f"qualify_ratio {calibration.qualify_ratio:.3f}, duplicate radius "
-        + ", ".join(f"{m} {r:.4f}" for m, r in calibration.duplicate_radius.items()),
+        + ", ".join(f"{m} {r:.4f}" for m, r in calibration.duplicate_radius.items())
+        + "; junk radius "
+        + ", ".join(f"{m} {r:.3f}" for m, r in calibration.junk_radius.items()),
         f"  {'kind':<11} {'items':>5} {'duplicate':>9} {'qualified':>9} {'mean score':>10}",
     ]
     for kind in ("seen", "novel", "noise", "reencoding"):
@@ -325,7 +424,7 @@ def write_calibration(
     manifest: Path,
     calibration: ScoringCalibration,
     figures: Mapping[str, Any] | None = None,
-    genesis: tuple[Sequence[str], npt.NDArray[np.float16]] | None = None,
+    genesis: tuple[Sequence[str], npt.NDArray[np.float16], Sequence[bool]] | None = None,
 ) -> str:
     """Store the calibration, its figures and its genesis history in ``manifest``.
 
@@ -338,11 +437,15 @@ def write_calibration(
     raw["scoring"] = {**calibration.body(), **({"figures": dict(figures)} if figures else {})}
     if genesis is not None:
         path = manifest.parent / GENESIS_FILE
-        write_genesis(path, genesis[0], genesis[1])
+        write_genesis(path, genesis[0], genesis[1], genesis[2])
         raw["files"] = [f for f in raw["files"] if f["path"] != GENESIS_FILE] + [
             {"path": GENESIS_FILE, "sha256": sha256_file(path)}
         ]
-        raw["genesis"] = {"file": GENESIS_FILE, "items": len(genesis[0])}
+        raw["genesis"] = {
+            "file": GENESIS_FILE,
+            "items": len(genesis[0]) - sum(genesis[2]),
+            "junk": sum(genesis[2]),
+        }
     manifest.write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return sha256_file(manifest)
 

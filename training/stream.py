@@ -7,7 +7,8 @@ kinds an open network receives, each labelled with what it is:
 
 - ``seen``: a new rendering of a concept the history already holds;
 - ``novel``: a colour-shape combination the history has never held;
-- ``noise``: random pixels, random tones, random tokens (off the manifold);
+- ``noise``: random pixels, tones, tokens, frames (off the manifold;
+  ``NOISE_FAMILIES``);
 - ``reencoding``: an accepted datum saved again (JPEG/PNG re-save, resized,
   a few pixels changed, trimmed or re-sampled audio, re-encoded video,
   re-cased or re-spaced text): new bytes, same datum.
@@ -41,6 +42,14 @@ from training.corpus import VIDEO_FPS, VIDEO_FRAMES, VIDEO_SIZE
 from training.world import MOTIONS, Concept, caption, still_concepts
 
 KINDS = ("seen", "novel", "noise", "reencoding")
+NOISE_FAMILIES: dict[Modality, tuple[str, ...]] = {
+    Modality.TEXT: ("letters", "symbols"),
+    Modality.IMAGE: ("uniform", "gaussian"),
+    Modality.AUDIO: ("tones", "white"),
+    Modality.VIDEO: ("flicker", "static"),
+}
+"""Random tokens or characters; uniform or Gaussian pixels; tones or white noise;
+flickering or frozen noise frames."""
 MEDIA = (Modality.IMAGE, Modality.AUDIO, Modality.VIDEO)
 _LIMITS = MediaLimits()
 
@@ -112,33 +121,52 @@ class WorldMaker:
         return WorldSubmission(kind, (self.item(modality, concept),))
 
     def noise(self, modality: Modality) -> WorldSubmission:
-        """One off-manifold item: random pixels, tones, tokens or flickering frames."""
+        """One off-manifold item of a random family (``NOISE_FAMILIES``)."""
         rng = self.rng
+        family = rng.choice(NOISE_FAMILIES[modality])
         np_rng = np.random.default_rng(rng.getrandbits(32))
         if modality is Modality.TEXT:
-            words = [
-                "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(2, 9)))
-                for _ in range(rng.randint(2, 8))
-            ]
-            item = WorldItem(modality, "text/plain", " ".join(words).encode(), None)
+            if family == "letters":
+                words = [
+                    "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(2, 9)))
+                    for _ in range(rng.randint(2, 8))
+                ]
+                text = " ".join(words)
+            else:
+                alphabet = string.ascii_letters + string.digits + string.punctuation
+                text = "".join(rng.choice(alphabet) for _ in range(rng.randint(8, 60)))
+            item = WorldItem(modality, "text/plain", text.encode(), None)
         elif modality is Modality.IMAGE:
-            size = rng.choice((64, 96, 128, 200))
-            pixels = np_rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+            size = (rng.choice((64, 96, 128, 200)), rng.choice((64, 96, 128, 200)))
+            if family == "uniform":
+                pixels = np_rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+            else:
+                grey = rng.uniform(40, 215)
+                values = np_rng.normal(grey, rng.uniform(20, 80), (size[1], size[0], 3))
+                pixels = np.clip(values, 0, 255).astype(np.uint8)
             item = WorldItem(modality, "image/png", _png(Image.fromarray(pixels)), None)
         elif modality is Modality.AUDIO:
             rate = 16_000
-            t = np.arange(int(rate * rng.uniform(1.0, 3.0))) / rate
-            tones = sum(
-                np.sin(2 * np.pi * rng.uniform(80, 4000) * t + rng.uniform(0, 6.3))
-                for _ in range(rng.randint(1, 4))
-            )
-            signal = 0.8 * np.asarray(tones) / max(1.0, float(np.max(np.abs(tones))))
+            length = int(rate * rng.uniform(1.0, 3.0))
+            if family == "tones":
+                t = np.arange(length) / rate
+                signal = np.asarray(
+                    sum(
+                        np.sin(2 * np.pi * rng.uniform(80, 4000) * t + rng.uniform(0, 6.3))
+                        for _ in range(rng.randint(1, 4))
+                    )
+                )
+            else:
+                signal = np_rng.normal(0.0, 1.0, length)
+            signal = 0.8 * signal / max(1.0, float(np.max(np.abs(signal))))
             item = WorldItem(modality, "audio/wav", _wav(signal, rate), None)
         else:
-            frames = [
-                np_rng.integers(0, 256, (VIDEO_SIZE, VIDEO_SIZE, 3), dtype=np.uint8)
-                for _ in range(VIDEO_FRAMES)
-            ]
+            shape = (VIDEO_SIZE, VIDEO_SIZE, 3)
+            if family == "flicker":
+                frames = [np_rng.integers(0, 256, shape, dtype=np.uint8) for _ in range(12)]
+            else:
+                still = np_rng.integers(0, 256, shape, dtype=np.uint8)
+                frames = [still] * VIDEO_FRAMES
             item = WorldItem(modality, "video/mp4", video.encode_mp4(frames, VIDEO_FPS, rng), None)
         return WorldSubmission("noise", (item,))
 

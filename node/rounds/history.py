@@ -1,5 +1,8 @@
 """The history H as every member holds it: the genesis history, then certified items.
 
+The genesis history's known junk (noise of every modality) is kept beside H,
+not in it: an item close to it repeats it (``rewards.curiosity``).
+
 The genesis history ships beside the weights (pinned by the manifest); the
 rest is read from the store in commit order. Both ``poc-node run`` and
 ``poc-node audit`` start from here, so they can only agree.
@@ -21,9 +24,11 @@ def load_history(shard: Shard, items: Sequence[tuple[str, bytes]]) -> History:
     """H from the shard's genesis history and the certified ``(modality, vector)`` items."""
     history = History(shard.dim)
     if shard.genesis is not None:
-        modalities, vectors = read_genesis(shard.genesis, shard.dim)
-        if len(vectors):
-            history.add(modalities, vectors)
+        genesis = read_genesis(shard.genesis, shard.dim)
+        if len(genesis.vectors):
+            history.add(genesis.modalities, genesis.vectors)
+        if len(genesis.junk_vectors):
+            history.add_junk(genesis.junk_modalities, genesis.junk_vectors)
     if items:
         history.add(
             [modality for modality, _ in items],

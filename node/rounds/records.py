@@ -84,8 +84,9 @@ class RoundRules:
         ratio = (
             calibration.qualify_ratio if section.qualify_ratio is None else section.qualify_ratio
         )
+        junk = {str(m): r for m, r in calibration.junk_radius.items()}
         return cls(
-            ScoringRules(section.k, ratio, radius, section.pair_bonus_ppm),
+            ScoringRules(section.k, ratio, radius, section.pair_bonus_ppm, junk),
             section.emission,
             section.top_k,
         )

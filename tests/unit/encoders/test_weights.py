@@ -84,3 +84,59 @@ def test_malformed_manifest_is_a_weights_error(tmp_path: Path) -> None:
     manifest.write_text("{not json")
     with pytest.raises(WeightsError, match="malformed"):
         read_manifest(manifest, sha256_file(manifest))
+
+
+def _copy(shard_manifest: Path, tmp_path: Path) -> Path:
+    target = tmp_path / "weights"
+    shutil.copytree(shard_manifest.parent, target)
+    return target / shard_manifest.name
+
+
+def test_a_manifest_of_format_1_is_refused_naming_the_format(
+    shard_manifest: Path, tmp_path: Path
+) -> None:
+    manifest = _copy(shard_manifest, tmp_path)
+    raw = json.loads(manifest.read_text())
+    raw["format_version"] = 1
+    del raw["scoring"]
+    manifest.write_text(json.dumps(raw))
+    with pytest.raises(WeightsError, match=r"format 1 \(no scoring calibration\).*poc-node calibrate"):
+        read_manifest(manifest, sha256_file(manifest))
+
+
+def test_scoring_calibration_and_genesis_round_trip(shard_manifest: Path, tmp_path: Path) -> None:
+    """What `poc-node calibrate` writes is what a node reads: constants, history and junk."""
+    import numpy as np
+
+    from encoders.modality import Modality
+    from encoders.weights import ScoringCalibration, read_genesis
+    from training.scoring import prepare_for_calibration, write_calibration
+
+    manifest = _copy(shard_manifest, tmp_path)
+    raw = json.loads(manifest.read_text())
+    raw["format_version"] = 1
+    del raw["scoring"]
+    manifest.write_text(json.dumps(raw))
+    assert read_manifest(manifest, prepare_for_calibration(manifest)).genesis is None
+    calibration = ScoringCalibration(
+        0.8, dict.fromkeys(Modality, 0.005), {Modality.IMAGE: 0.18, Modality.AUDIO: 0.27}
+    )
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((5, 256)).astype(np.float16)
+    sha = write_calibration(
+        manifest,
+        calibration,
+        {"note": "figures"},
+        (["text", "image", "image", "audio", "video"], vectors, [False, False, True, False, True]),
+    )
+    loaded = read_manifest(manifest, sha)
+    assert loaded.scoring == calibration
+    assert loaded.genesis is not None
+    genesis = read_genesis(loaded.genesis, 256)
+    assert genesis.modalities == ["text", "image", "audio"]
+    assert genesis.junk_modalities == ["image", "video"]
+    assert (genesis.vectors == vectors[[0, 1, 3]]).all()
+    assert (genesis.junk_vectors == vectors[[2, 4]]).all()
+    (manifest.parent / "genesis.safetensors").write_bytes(b"tampered")
+    with pytest.raises(WeightsError, match=r"genesis\.safetensors"):
+        read_manifest(manifest, sha)

@@ -263,3 +263,25 @@ def test_a_proposer_cannot_hide_a_duplicate_or_invent_one():
     )
     with pytest.raises(Mismatch):
         check_round_scores([invented, records[1]], history, RULES, TOLERANCES, set())
+
+
+def test_round_rules_take_the_calibration_unless_the_configuration_overrides_it():
+    from encoders.weights import ScoringCalibration
+
+    calibration = ScoringCalibration(
+        0.78, dict.fromkeys(Modality, 0.005), {Modality.IMAGE: 0.18}
+    )
+    rules = RoundRules.of(SCORING, calibration)
+    assert rules.scoring.qualify_ratio == 0.78
+    assert rules.scoring.duplicate_radius == dict.fromkeys(RADIUS, 0.005)
+    assert rules.scoring.junk_radius == {"image": 0.18}
+    assert (rules.emission, rules.top_k, rules.scoring.k) == (
+        SCORING.emission,
+        SCORING.top_k,
+        SCORING.k,
+    )
+    overridden = RoundRules.of(
+        SCORING.model_copy(update={"qualify_ratio": 2.0, "duplicate_radius": RADIUS}), calibration
+    )
+    assert overridden.scoring.qualify_ratio == 2.0
+    assert overridden.scoring.duplicate_radius == RADIUS

@@ -102,3 +102,31 @@ def test_scoring_rules_refuse_nonsense() -> None:
         ScoringRules(k=0)
     with pytest.raises(ValueError):
         ScoringRules(duplicate_radius={"image": 2.5})
+
+
+def test_an_item_near_known_junk_repeats_it_and_junk_is_not_in_the_history() -> None:
+    """Noise lands as far from every concept as new data does; it repeats known junk."""
+    rng = np.random.default_rng(7)
+    history, _, _ = filled(rng, 100)
+    junk = unit_rows(rng, 3)
+    history.add_junk(["image"] * 3, junk)
+    assert len(history) == 100 and history.junk is not None and len(history.junk) == 3
+    noise = junk[0] + 0.05 * unit_rows(rng, 1)[0]
+    genuine = unit_rows(rng, 1)[0]
+    rules = ScoringRules(
+        k=16,
+        qualify_ratio=2.0,
+        duplicate_radius=dict.fromkeys(MODALITIES, 1e-3),
+        junk_radius={"image": 0.05},
+    )
+    verdicts = score_in_order(
+        history,
+        [[RoundItem("image", noise)], [RoundItem("image", genuine)], [RoundItem("text", noise)]],
+        rules,
+    )
+    assert verdicts[0][0].duplicate and verdicts[0][0].junk < 0.05
+    assert not verdicts[1][0].duplicate and verdicts[1][0].gap.score_ppm > 0
+    assert not verdicts[2][0].duplicate  # no junk radius for text: left to the cutoff
+    # without a junk radius the same noise is scored like new data
+    (plain,) = score_in_order(history, [[RoundItem("image", noise)]], ScoringRules(16, 2.0))
+    assert not plain[0].duplicate and plain[0].gap.score_ppm > 0
