@@ -200,45 +200,17 @@ def _calibrated_k(info: dict[str, Any]) -> int:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
-    from encoders.modality import Modality
-    from encoders.shard import Shard
-    from training.scoring import (
-        calibrate_scoring,
-        format_report,
-        prepare_for_calibration,
-        report,
-        write_calibration,
-    )
+    from training.scoring import calibrate_manifest, format_report
     from training.speech import SpeechError
 
-    manifest: Path = args.weights
-    alpha = dict.fromkeys(Modality, 0.75)
     try:
-        shard = Shard.load(manifest, prepare_for_calibration(manifest))
-        found = calibrate_scoring(
-            shard, alpha, k=args.k, seed=args.seed, log=lambda line: print(line, file=sys.stderr)
-        )
-        figures = {
-            "calibration": found.figures,
-            "report": report(
-                shard,
-                alpha,
-                found.calibration,
-                k=args.k,
-                seed=args.seed + 1,
-                log=lambda line: print(line, file=sys.stderr),
-            ),
-        }
-        sha = write_calibration(
-            manifest,
-            found.calibration,
-            figures,
-            (found.genesis_modalities, found.genesis_vectors, found.genesis_junk),
+        calibration, figures, sha = calibrate_manifest(
+            args.weights, k=args.k, seed=args.seed, log=lambda line: print(line, file=sys.stderr)
         )
     except (SpeechError, EncoderError, OSError, ValueError) as error:
         return _fail("calibrate", str(error))
-    print(format_report(found.calibration, figures["report"]))
-    print(f"wrote {manifest} (sha256 {sha}); pin it as encoders.manifest_sha256")
+    print(format_report(calibration, figures))
+    print(f"wrote {args.weights} (sha256 {sha}); pin it as encoders.manifest_sha256")
     return 0
 
 

@@ -34,8 +34,7 @@ from rewards.curiosity import DEFAULT_K
 from training import corpus as corpus_module
 from training.corpus import CORPUS_VERSION, DEFAULT_SIZE, Corpus, CorpusSize
 from training.evaluation import calibrate, embed_halves, evaluate
-from training.scoring import calibrate_scoring, write_calibration
-from training.scoring import report as scoring_report
+from training.scoring import calibrate_manifest
 from training.text_table import build_table
 from training.trainer import EpochReport, TrainSettings, train
 from training.world import training_captions
@@ -154,21 +153,7 @@ def run_training(
         out_dir, seeded, spec=spec, pair_delta=deltas, trained=True, notes=TRAINED_NOTE, extra=extra
     )
     log("calibrating the scoring constants and writing the genesis history")
-    shard = Shard.load(manifest, sha256_file(manifest))
-    alpha = dict.fromkeys(Modality, 0.75)
-    found = calibrate_scoring(shard, alpha, k=DEFAULT_K, seed=settings.seed, log=log)
-    scoring_figures = {
-        "calibration": found.figures,
-        "report": scoring_report(
-            shard, alpha, found.calibration, k=DEFAULT_K, seed=settings.seed + 1, log=log
-        ),
-    }
-    write_calibration(
-        manifest,
-        found.calibration,
-        scoring_figures,
-        (found.genesis_modalities, found.genesis_vectors, found.genesis_junk),
-    )
+    calibrate_manifest(manifest, k=DEFAULT_K, seed=settings.seed, log=log)
     log(
         f"wrote {manifest}: corpus {corpus_seconds:.0f} s, training {train_seconds:.0f} s, "
         f"total {time.monotonic() - started:.0f} s"

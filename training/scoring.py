@@ -456,3 +456,27 @@ def prepare_for_calibration(manifest: Path) -> str:
     if raw.get("format_version") == FORMAT_VERSION and "scoring" in raw:
         return sha256_file(manifest)
     return write_calibration(manifest, UNCALIBRATED_SCORING)
+
+
+def calibrate_manifest(
+    manifest: Path, *, k: int = DEFAULT_K, seed: int = 0, log: Log = print
+) -> tuple[ScoringCalibration, dict[str, Any], str]:
+    """Calibrate the weights ``manifest`` pins, in place: ``poc-node calibrate`` and ``train``.
+
+    Returns the calibration, the report on a stream of ``seed + 1`` and the
+    manifest's new SHA-256.
+    """
+    alpha = dict.fromkeys(Modality, 0.75)
+    shard = Shard.load(manifest, prepare_for_calibration(manifest))
+    found = calibrate_scoring(shard, alpha, k=k, seed=seed, log=log)
+    figures = {
+        "calibration": found.figures,
+        "report": report(shard, alpha, found.calibration, k=k, seed=seed + 1, log=log),
+    }
+    sha = write_calibration(
+        manifest,
+        found.calibration,
+        figures,
+        (found.genesis_modalities, found.genesis_vectors, found.genesis_junk),
+    )
+    return found.calibration, figures["report"], sha
