@@ -230,10 +230,10 @@ def score_in_order(
     modality, or when it lies within the junk radius of its modality of the
     known junk beside H (``History.junk``); otherwise it gets the gap score
     against the context (nothing scores while the context holds fewer than k
-    embeddings). The two items of
-    one submission share one context. History searches are batched; the
-    kNN is exact over H and the round's earlier items together, with ties
-    broken by id (H's ids, then the round's items in order).
+    embeddings). The two items of one submission share one context. History
+    searches are batched; the kNN is exact over H and the round's earlier
+    items together, with ties broken by id (H's ids, then the round's items
+    in order).
     """
     k = rules.k
     flat = [item for items in submissions for item in items]
