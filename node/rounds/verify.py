@@ -139,12 +139,14 @@ class RecordVerifier:
             raise Mismatch(f"{record.submission_id.hex()[:16]} is {rejected.reason}") from None
         if submission.submitter != record.submitter:
             raise Mismatch(f"{name} names another submitter")
-        if known is None and not self._recompute_always:
-            # Never seen here: its nonce must be new by this member's records too.
-            # (Its data may repeat: duplicates are judged per item by the round.)
-            conflict = await self._store.conflict_of(submission.submitter, submission.nonce, [])
-            if conflict is not None:
-                raise Mismatch(f"{name} is not new here: {conflict}")
+        # Never seen here: its nonce must be new by this member's records too. (Its
+        # data may repeat data held here: the round's scoring judges that per item.)
+        if (
+            known is None
+            and not self._recompute_always
+            and await self._store.replayed(submission.submitter, submission.nonce)
+        ):
+            raise Mismatch(f"{name} is not new here: its nonce was seen (replay)")
         try:
             return await self._recompute(submission, record.epoch)
         except EncoderError as error:

@@ -473,29 +473,31 @@ class Store:
         )
         return [(int(r[0]), bytes(r[1]), int(r[2]), str(r[3]), bytes(r[4])) for r in rows]
 
+    def replayed(self, submitter: bytes, nonce: int) -> bool:
+        """Whether ``(submitter, nonce)`` was seen inside the stale window (a replay)."""
+        seen = self._db.execute(
+            "SELECT 1 FROM nonces WHERE submitter = ? AND nonce = ?", (submitter, nonce)
+        ).fetchone()
+        return seen is not None
+
     def conflict_of(
         self, submitter: bytes, nonce: int, item_hashes: Sequence[bytes]
     ) -> Admission | None:
         """Why a submission would not be new here (``REPLAY``, ``DUPLICATE``), or None.
 
-        The checks of :meth:`admit`, also asked about a submission this store
-        never received when a proposer's record names it.
+        Duplicates are judged per item (DESIGN.md §3): only a submission all
+        of whose items are claimed is refused here; a pair with one claimed
+        item goes on, and its round scores the new item alone.
         """
-        seen = self._db.execute(
-            "SELECT 1 FROM nonces WHERE submitter = ? AND nonce = ?", (submitter, nonce)
-        ).fetchone()
-        if seen is not None:
+        if self.replayed(submitter, nonce):
             return Admission.REPLAY
-        # Duplicates are judged per item (DESIGN.md §3): only a submission
-        # all of whose items are claimed is refused here; a pair with one
-        # claimed item goes on, and its round scores the new item alone.
-        for digest in item_hashes:
-            claimed = self._db.execute(
-                "SELECT 1 FROM data_claims WHERE sha256 = ?", (digest,)
-            ).fetchone()
-            if claimed is None:
-                return None
-        return Admission.DUPLICATE if item_hashes else None
+        claimed = [
+            self._db.execute("SELECT 1 FROM data_claims WHERE sha256 = ?", (digest,)).fetchone()
+            for digest in item_hashes
+        ]
+        if claimed and all(row is not None for row in claimed):
+            return Admission.DUPLICATE
+        return None
 
     def missing_raw(self, submission_ids: Iterable[bytes]) -> list[bytes]:
         """Those of ``submission_ids`` finalized here without their bytes (known by sync)."""

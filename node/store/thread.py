@@ -115,10 +115,8 @@ class StoreThread:
     ) -> tuple[State, str | None, bytes, bytes | None] | None:
         return await self._run(self.store.prepared_of, submission_id)
 
-    async def conflict_of(
-        self, submitter: bytes, nonce: int, item_hashes: Sequence[bytes]
-    ) -> Admission | None:
-        return await self._run(self.store.conflict_of, submitter, nonce, item_hashes)
+    async def replayed(self, submitter: bytes, nonce: int) -> bool:
+        return await self._run(self.store.replayed, submitter, nonce)
 
     # -- rounds ---------------------------------------------------------------
 

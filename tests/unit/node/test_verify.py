@@ -184,3 +184,44 @@ def test_a_value_with_more_records_than_a_round_holds_is_refused(tmp_path: Path)
         check(verifier, records)
     verifier._max_records = len(records)
     check(verifier, records)
+
+
+def test_an_unknown_submission_is_refused_for_a_seen_nonce_but_not_for_repeated_data(
+        tmp_path: Path):
+    """Replays are refused outright; repeated data is the round's per-item business."""
+    import hashlib
+    import time
+
+    from tests.peer import Peer, submission_id
+
+    peer = Peer()
+    data = b"a caption this member already holds"
+    raw = peer.submission([("text", "text/plain", data)])
+    identity = submission_id(raw)
+    prepared_here = Prepared(0, (PreparedItem(Modality.TEXT, to_float16(unit(3)), False, 900_000,
+                                              hashlib.sha256(data).digest()),), None, False)
+
+    async def recompute(submission, epoch):
+        return prepared_here
+
+    async def fetch(ids):
+        return {identity: raw}
+
+    def verifier_over(store: Store) -> RecordVerifier:
+        return RecordVerifier(StoreThread(store), recompute, fetch, lambda a, b: DELTA,
+                              cluster_history(), RULES, Tolerances(0.02, 20_000, 1_000),
+                              WireLimits(), asyncio.Lock())
+
+    records = score_round([Candidate(identity, peer.public, prepared_here)], cluster_history(),
+                          RULES, set())
+    now = time.time_ns() // 10**6
+    # another message of this member's store claims the same data: judged on content, accepted
+    held = Store(tmp_path / "held.db")
+    held.admit(b"\x66" * 32, b"o" * 32, 1, now, [hashlib.sha256(data).digest()], b"r", now, 0,
+               600_000)
+    check(verifier_over(held), records)
+    # the same key and nonce were seen here: a replay, refused
+    seen = Store(tmp_path / "seen.db")
+    seen.admit(b"\x77" * 32, peer.public, peer.nonce, now, [b"q" * 32], b"r", now, 0, 600_000)
+    with pytest.raises(Mismatch, match="nonce was seen"):
+        check(verifier_over(seen), records)
