@@ -24,7 +24,8 @@ of data it did not calibrate on (``report``).
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -450,12 +451,27 @@ def write_calibration(
     return sha256_file(manifest)
 
 
-def prepare_for_calibration(manifest: Path) -> str:
-    """Make ``manifest`` loadable for calibration (format 2) without touching its weights."""
+@contextmanager
+def loadable_manifest(manifest: Path) -> Iterator[tuple[Path, str]]:
+    """``(path, sha256)`` of a manifest the node reads, for calibrating ``manifest``.
+
+    A format-2 manifest is itself. A format-1 one (no scoring calibration) is
+    copied, beside it so that its files resolve, as format 2 with uncalibrated
+    scoring; the copy is removed afterwards and ``manifest`` is left as it
+    was, so a calibration that fails never leaves an uncalibrated manifest
+    for a node to load.
+    """
     raw = json.loads(manifest.read_text(encoding="utf-8"))
     if raw.get("format_version") == FORMAT_VERSION and "scoring" in raw:
-        return sha256_file(manifest)
-    return write_calibration(manifest, UNCALIBRATED_SCORING)
+        yield manifest, sha256_file(manifest)
+        return
+    staging = manifest.with_name(f".{manifest.name}.calibrating")
+    raw.update(format_version=FORMAT_VERSION, scoring=UNCALIBRATED_SCORING.body())
+    staging.write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    try:
+        yield staging, sha256_file(staging)
+    finally:
+        staging.unlink(missing_ok=True)
 
 
 def calibrate_manifest(
@@ -467,7 +483,8 @@ def calibrate_manifest(
     manifest's new SHA-256.
     """
     alpha = dict.fromkeys(Modality, 0.75)
-    shard = Shard.load(manifest, prepare_for_calibration(manifest))
+    with loadable_manifest(manifest) as (path, sha):
+        shard = Shard.load(path, sha)
     found = calibrate_scoring(shard, alpha, k=k, seed=seed, log=log)
     figures = {
         "calibration": found.figures,

@@ -110,14 +110,18 @@ def test_scoring_calibration_and_genesis_round_trip(shard_manifest: Path, tmp_pa
 
     from encoders.modality import Modality
     from encoders.weights import ScoringCalibration, read_genesis
-    from training.scoring import prepare_for_calibration, write_calibration
+    from training.scoring import loadable_manifest, write_calibration
 
     manifest = _copy(shard_manifest, tmp_path)
     raw = json.loads(manifest.read_text())
     raw["format_version"] = 1
     del raw["scoring"]
     manifest.write_text(json.dumps(raw))
-    assert read_manifest(manifest, prepare_for_calibration(manifest)).genesis is None
+    before = manifest.read_bytes()
+    with loadable_manifest(manifest) as (path, sha):
+        assert read_manifest(path, sha).genesis is None
+    assert manifest.read_bytes() == before  # a failed calibration leaves nothing half-done
+    assert sorted(p.name for p in manifest.parent.glob(".*")) == []
     calibration = ScoringCalibration(
         0.8, dict.fromkeys(Modality, 0.005), {Modality.IMAGE: 0.18, Modality.AUDIO: 0.27}
     )
