@@ -260,18 +260,18 @@ def score_in_order(
                     points = known_junk.vectors(row[row >= 0])
                     junk_distance[position] = float(cosine_distances(points, exact[position]).min())
 
-    context_ids: list[int] = []
-    context_vectors: list[npt.NDArray[np.float64]] = []
-    context_modality: list[str] = []
+    context = np.empty_like(exact)  # the round's non-duplicate items so far, in order
+    size_of_context = 0
+    context_of: dict[str, list[int]] = {}  # their rows, by modality
     verdicts: list[list[ItemVerdict]] = []
     position = 0
     for items in submissions:
         own: list[ItemVerdict] = []
         for item in items:
             query = exact[position]
-            same = [j for j, m in enumerate(context_modality) if m == item.modality]
+            same = context_of.get(item.modality, [])
             pool = [history.vectors(near[position])] if len(near[position]) else []
-            pool += [np.stack([context_vectors[j] for j in same])] if same else []
+            pool += [context[same]] if same else []
             nearest = float(cosine_distances(np.concatenate(pool), query).min()) if pool else 2.0
             radius = rules.duplicate_radius.get(item.modality, 0.0)
             to_junk = float(junk_distance[position])
@@ -281,13 +281,11 @@ def score_in_order(
                 or to_junk <= rules.junk_radius.get(item.modality, -1.0)
             ):
                 own.append(ItemVerdict(True, NOT_SCORED, nearest, to_junk))
-            elif size + len(context_ids) < k:
+            elif size + size_of_context < k:
                 own.append(ItemVerdict(False, NOT_SCORED, nearest, to_junk))
             else:
-                ids = np.asarray(context_ids, dtype=np.int64)
-                points = (
-                    np.stack(context_vectors) if context_vectors else np.empty((0, history.dim))
-                )
+                ids = size + np.arange(size_of_context, dtype=np.int64)
+                points = context[:size_of_context]
                 if gap_candidates is not None:
                     row = gap_candidates[position]
                     found = np.unique(row[row >= 0])
@@ -305,8 +303,8 @@ def score_in_order(
         start = position - len(items)
         for offset, verdict in enumerate(own):
             if not verdict.duplicate:
-                context_ids.append(size + len(context_ids))
-                context_vectors.append(exact[start + offset])
-                context_modality.append(items[offset].modality)
+                context[size_of_context] = exact[start + offset]
+                context_of.setdefault(items[offset].modality, []).append(size_of_context)
+                size_of_context += 1
         verdicts.append(own)
     return verdicts

@@ -48,26 +48,12 @@ def quantize(vectors: npt.ArrayLike, dim: int) -> npt.NDArray[np.float16]:
 
 @runtime_checkable
 class Searchable(Protocol):
-    """What gap scoring reads from a history: its size, candidate ids and exact vectors."""
+    """What gap scoring reads from a history (an exact or approximate index, or ``History``).
 
-    @property
-    def dim(self) -> int: ...
-
-    def __len__(self) -> int: ...
-
-    def neighbours(self, queries: npt.NDArray[Any], k: int) -> npt.NDArray[np.int64]: ...
-
-    def vectors(self, ids: npt.NDArray[np.int64]) -> npt.NDArray[np.float64]: ...
-
-
-@runtime_checkable
-class EmbeddingIndex(Protocol):
-    """What gap scoring needs from a history index (exact or approximate).
-
-    Implementations must store the float16 values given to ``add`` exactly and
-    return them from ``vectors`` as float64, so that scores recomputed from the
-    returned ids do not depend on which index a validator runs; only the choice
-    of candidate ids may differ (approximate recall).
+    Implementations return the stored float16 values exactly, as float64, so
+    that scores recomputed from the returned ids do not depend on which index
+    a validator runs; only the choice of candidate ids may differ
+    (approximate recall).
     """
 
     @property
@@ -79,16 +65,21 @@ class EmbeddingIndex(Protocol):
         """Number of embeddings in the history; ids are ``0 .. len - 1``."""
         ...
 
-    def add(self, vectors: npt.NDArray[Any]) -> None:
-        """Append ``[n, dim]`` embeddings; they get the next ``n`` ids in order."""
-        ...
-
     def neighbours(self, queries: npt.NDArray[Any], k: int) -> npt.NDArray[np.int64]:
         """Ids ``[n, k]`` of (about) the k nearest stored embeddings to each query."""
         ...
 
     def vectors(self, ids: npt.NDArray[np.int64]) -> npt.NDArray[np.float64]:
         """The stored embeddings with these ids, as float64 copies ``[len(ids), dim]``."""
+        ...
+
+
+@runtime_checkable
+class EmbeddingIndex(Searchable, Protocol):
+    """A single-modality index: ``Searchable`` plus appending in id order."""
+
+    def add(self, vectors: npt.NDArray[Any]) -> None:
+        """Append ``[n, dim]`` embeddings, stored as float16; they get the next ``n`` ids."""
         ...
 
 

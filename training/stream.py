@@ -41,7 +41,6 @@ from training import render, speech, video
 from training.corpus import VIDEO_FPS, VIDEO_FRAMES, VIDEO_SIZE
 from training.world import MOTIONS, Concept, caption, still_concepts
 
-KINDS = ("seen", "novel", "noise", "reencoding")
 NOISE_FAMILIES: dict[Modality, tuple[str, ...]] = {
     Modality.TEXT: ("letters", "symbols"),
     Modality.IMAGE: ("uniform", "gaussian"),
