@@ -163,8 +163,10 @@ async def _audit(
     shard = await asyncio.to_thread(load_shard, config)
     metrics = Metrics(CollectorRegistry())
     rows = await store.history_rows()
-    history = load_history(
-        shard, [(modality, vector) for number, _, _, modality, vector in rows if number < first]
+    history = await asyncio.to_thread(
+        load_history,
+        shard,
+        [(modality, vector) for number, _, _, modality, vector in rows if number < first],
     )
     decoders = DecoderPool(
         config.decode.workers,
