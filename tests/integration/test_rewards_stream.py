@@ -5,8 +5,8 @@ genesis history) receives captioned pictures of the closed world through
 Mosquitto. New data is paid: the ledger holds exactly the rewards of the
 final Results, and they are not zero. Then the cheapest attacks on the
 reward: near-copies of a paid pair from other keys (new bytes, same datum)
-earn nothing, and a caption reused with a new picture pays for the picture
-alone.
+and noise pictures earn nothing, and a caption reused with a new picture
+pays for the picture alone.
 """
 
 from __future__ import annotations
@@ -60,6 +60,7 @@ def test_new_data_is_paid_and_copies_are_not(tmp_path: Path):
     ]
     fresh_picture = maker.item(Modality.IMAGE, other.items[1].concept)  # type: ignore[arg-type]
     reused = WorldSubmission("reused", (other.items[0], fresh_picture))
+    noise = [maker.noise(Modality.IMAGE) for _ in range(3)]  # random pixels, each its own key
 
     async def scenario() -> dict[bytes, dict[str, object]]:
         async with ResultListener(broker.port) as listener:
@@ -68,7 +69,7 @@ def test_new_data_is_paid_and_copies_are_not(tmp_path: Path):
                 await listener.publish(raw)
             for raw in first:
                 await listener.final(submission_id(raw), timeout=90)
-            later = [Peer().submission(wire(s)) for s in [*copies, reused]]
+            later = [Peer().submission(wire(s)) for s in [*copies, reused, *noise]]
             for raw in later:
                 await listener.publish(raw)
             for raw in later:
@@ -88,7 +89,7 @@ def test_new_data_is_paid_and_copies_are_not(tmp_path: Path):
         broker.stop()
 
     ids = list(finals)
-    first_ids, copy_ids, reused_id = ids[:16], ids[16:19], ids[19]
+    first_ids, copy_ids, reused_id, noise_ids = ids[:16], ids[16:19], ids[19], ids[20:]
     # new data is paid: the mechanism fires
     paid = [finals[i]["reward"] for i in first_ids]
     assert sum(paid) > 0 and sum(1 for r in paid if r) >= 2, paid  # type: ignore[operator]
@@ -98,6 +99,15 @@ def test_new_data_is_paid_and_copies_are_not(tmp_path: Path):
     assert sum(1 for s in novel_scores if s) >= 4, novel_scores
     # near-copies of a paid pair from other keys: duplicate, nothing paid
     for identity in copy_ids:
+        result = finals[identity]
+        assert (result["status"], result["reason"], result["reward"]) == (
+            "rejected",
+            "duplicate",
+            0,
+        ), result
+    # noise pictures repeat the genesis history's known junk: duplicates, nothing paid
+    assert len(noise_ids) == 3
+    for identity in noise_ids:
         result = finals[identity]
         assert (result["status"], result["reason"], result["reward"]) == (
             "rejected",
