@@ -59,8 +59,12 @@ def committee(directory: Path, genesis_ms: int) -> tuple[Path, list[Path]]:
         write_key(key, path)
         keys.append(path)
         members.append({"name": f"v{index}", "public_key": key.public_hex, "stake": 1})
-    document = {"genesis_ms": genesis_ms, "round_seconds": ROUND_SECONDS, "epoch_rounds": 60,
-                "members": members}
+    document = {
+        "genesis_ms": genesis_ms,
+        "round_seconds": ROUND_SECONDS,
+        "epoch_rounds": 60,
+        "members": members,
+    }
     path = directory / "committee.yaml"
     path.write_text(yaml.safe_dump(document))
     return path, keys
@@ -103,37 +107,53 @@ def main() -> None:
             def configure(index: int) -> Path:
                 return write_node_config(
                     directory / f"c{index}" / "node.yaml",
-                    node={"committee": str(committee_file), "key": str(keys[index]),
-                          "log_level": "INFO" if args.keep else "WARNING"},
+                    node={
+                        "committee": str(committee_file),
+                        "key": str(keys[index]),
+                        "log_level": "INFO" if args.keep else "WARNING",
+                    },
                     rounds={"genesis_ms": genesis, "round_seconds": ROUND_SECONDS},
-                    consensus={"propose_timeout_s": 2, "prevote_timeout_s": 1,
-                               "precommit_timeout_s": 1, "timeout_delta_s": 0.5},
+                    consensus={
+                        "propose_timeout_s": 2,
+                        "prevote_timeout_s": 1,
+                        "precommit_timeout_s": 1,
+                        "timeout_delta_s": 0.5,
+                    },
                 )
 
             # Configs (and the seeded test weights they name) are made here, once:
             # members with different weights would disagree on every embedding.
             configs = [configure(index) for index in range(4)]
             with ThreadPoolExecutor(4) as pool:
-                nodes = list(pool.map(
-                    lambda index: start_node(directory / f"n{index}", bus, configs[index], 240),
-                    range(4)))
+                nodes = list(
+                    pool.map(
+                        lambda index: start_node(directory / f"n{index}", bus, configs[index], 240),
+                        range(4),
+                    )
+                )
             time.sleep(max(genesis / 1000 - time.time(), 0) + args.quiet)
             quiet = finality(nodes)
-            print(f"quiet: {quiet[1]:.0f} member-rounds, "
-                  f"mean finality {quiet[0] / max(quiet[1], 1):.2f} s")
+            print(
+                f"quiet: {quiet[1]:.0f} member-rounds, "
+                f"mean finality {quiet[0] / max(quiet[1], 1):.2f} s"
+            )
             sent = asyncio.run(flood(broker.port, args.seconds, args.rate))
             loaded = finality(nodes)
             rounds = loaded[1] - quiet[1]
             seconds = loaded[0] - quiet[0]
-            print(f"flood: {sent} submissions in {args.seconds:.0f} s "
-                  f"({sent / args.seconds:.0f}/s), {rounds:.0f} member-rounds finalized, "
-                  f"mean finality {seconds / max(rounds, 1):.2f} s")
+            print(
+                f"flood: {sent} submissions in {args.seconds:.0f} s "
+                f"({sent / args.seconds:.0f}/s), {rounds:.0f} member-rounds finalized, "
+                f"mean finality {seconds / max(rounds, 1):.2f} s"
+            )
             quiet_mean = quiet[0] / max(quiet[1], 1)
             flood_mean = seconds / max(rounds, 1)
             print(f"finality ratio flood/quiet: {flood_mean / max(quiet_mean, 1e-9):.2f}")
             expected = args.seconds / ROUND_SECONDS * len(nodes)
-            print(f"rounds finalized during the flood: {rounds:.0f} of ~{expected:.0f} "
-                  f"({rounds / expected:.0%})")
+            print(
+                f"rounds finalized during the flood: {rounds:.0f} of ~{expected:.0f} "
+                f"({rounds / expected:.0%})"
+            )
             backlog = [node.metric("poc_queue_depth", 'queue="prepare"') for node in nodes]
             print(f"intake backlog at the end (per member): {backlog}")
         finally:

@@ -1,4 +1,4 @@
-"""Encode throughput per modality at batch sizes 1, 8, 32 and 64 (items/s), and the best.
+"""Encode throughput per modality at batch sizes 1 to 64 (items/s), and the best.
 
 Uses the default (trained) weights in ``weights/default``; the figures
 include the differential loss (1 + 2K forward variants per item, K = 4) and
@@ -23,7 +23,7 @@ from encoders.shard import Shard
 from encoders.weights import sha256_file
 
 MANIFEST = Path(__file__).resolve().parent.parent / "weights" / "default" / "manifest.json"
-BATCHES = (1, 8, 32, 64)
+BATCHES = (1, 4, 8, 16, 32, 64)
 MIN_SECONDS = 2.0
 SENTENCES = (
     "a dog runs across a sunny field chasing a red ball",

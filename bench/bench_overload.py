@@ -4,8 +4,9 @@ Starts a Mosquitto and a node process (committee of one) on loopback,
 measures how many submissions per second the node finalizes, floods it at
 ``--factor`` times that rate for ``--seconds`` from many submitters (plus
 one submitter far over its own rate), and prints: peak RSS of the node and
-its decoder processes, finalized rounds during the flood, what was shed and
-how, and how long the node took to drain the backlog and answer again.
+its decoder processes and its RSS over time (flat after warm-up: the queues
+are bounded), finalized rounds during the flood, what was shed and how, and
+how long the node took to drain the backlog and answer again.
 
     .venv/bin/python bench/bench_overload.py [--seconds 60] [--factor 10]
 """
@@ -51,8 +52,10 @@ def rss_kib(pid: int) -> int:
 
 async def measure_rate(port: int, count: int) -> float:
     peers = [Peer() for _ in range(count)]
-    raws = [peer.submission([("text", "text/plain", f"calibration {i}".encode())])
-            for i, peer in enumerate(peers)]
+    raws = [
+        peer.submission([("text", "text/plain", f"calibration {i}".encode())])
+        for i, peer in enumerate(peers)
+    ]
     async with ResultListener(port) as listener:
         started = time.monotonic()
         for raw in raws:
@@ -62,7 +65,28 @@ async def measure_rate(port: int, count: int) -> float:
         return count / (time.monotonic() - started)
 
 
-async def flood(port: int, rate: float, seconds: float, stats: dict[str, int]) -> list[bytes]:
+def noise_pictures(count: int, kib: int) -> list[bytes]:
+    """PNGs of random pixels, about ``kib`` KiB each (noise does not compress)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    side = max(8, int((kib * 1024 / 3) ** 0.5))
+    out = []
+    for _ in range(count):
+        buffer = io.BytesIO()
+        pixels = rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(buffer, "PNG")
+        out.append(buffer.getvalue())
+    return out
+
+
+async def flood(
+    port: int, rate: float, seconds: float, stats: dict[str, int], pictures: list[bytes]
+) -> list[bytes]:
+    """Every tenth submission from one greedy key; every fourth a caption and a picture."""
     greedy = Peer()
     sent: list[bytes] = []
     async with ResultListener(port) as listener:
@@ -71,6 +95,14 @@ async def flood(port: int, rate: float, seconds: float, stats: dict[str, int]) -
         while time.monotonic() - started < seconds:
             if index % 10 == 0:
                 raw = greedy.submission([("text", "text/plain", f"greedy {index}".encode())])
+            elif pictures and index % 4 == 1:
+                picture = pictures[index % len(pictures)]
+                raw = Peer().submission(
+                    [
+                        ("text", "text/plain", f"flood picture {index}".encode()),
+                        ("image", "image/png", picture),
+                    ]
+                )
             else:
                 raw = Peer().submission([("text", "text/plain", f"flood {index}".encode())])
             await listener.publish(raw)
@@ -89,22 +121,43 @@ async def flood(port: int, rate: float, seconds: float, stats: dict[str, int]) -
     return sent
 
 
+def print_series(series: list[tuple[float, int, float]], seconds: float) -> None:
+    """RSS over time, and whether it stays flat once the queues are full (after warm-up)."""
+    print("RSS over time (node and decoder processes; prepare queue depth)")
+    step = max(1, len(series) // 20)
+    for at, kib, queued in series[::step]:
+        print(f"  t={at:6.1f} s  RSS {kib / 1024:8.1f} MiB  queued {queued:6.0f}")
+    during = [(at, kib) for at, kib, _ in series if at <= seconds]
+    warm = [kib for at, kib in during if at >= seconds / 4]
+    if len(warm) >= 2:
+        print(
+            f"after warm-up (t >= {seconds / 4:.0f} s): RSS {min(warm) / 1024:.1f} .. "
+            f"{max(warm) / 1024:.1f} MiB, start {warm[0] / 1024:.1f}, end {warm[-1] / 1024:.1f} "
+            f"(growth {(warm[-1] - warm[0]) / 1024:+.1f} MiB)"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--factor", type=float, default=10.0)
     parser.add_argument("--calibration", type=int, default=60)
+    parser.add_argument(
+        "--picture-kib", type=int, default=256, help="size of the flood's pictures (0: none)"
+    )
     args = parser.parse_args()
 
     directory = Path(tempfile.mkdtemp(prefix="poc-overload-"))
     broker = start_mosquitto(directory)
-    config = write_node_config(directory / "node.yaml", rounds={"round_seconds": 2},
-                               node={"log_level": "WARNING"})
+    config = write_node_config(
+        directory / "node.yaml", rounds={"round_seconds": 2}, node={"log_level": "WARNING"}
+    )
     node = start_node(directory / "node", f"mqtt://127.0.0.1:{broker.port}", config)
     try:
         rate = asyncio.run(measure_rate(broker.port, args.calibration))
         print(f"sustainable rate        {rate:8.1f} submissions/s (text, verified and encoded)")
         flood_rate = rate * args.factor
+        pictures = noise_pictures(32, args.picture_kib) if args.picture_kib else []
         print(f"flood rate              {flood_rate:8.1f} submissions/s for {args.seconds:g} s")
         peak = rss_kib(node.process.pid)
         baseline = peak
@@ -114,14 +167,26 @@ def main() -> None:
 
         def sample() -> None:
             nonlocal peak
+            last = 0.0
             while not done.is_set():
-                peak = max(peak, rss_kib(node.process.pid))
+                rss = rss_kib(node.process.pid)
+                peak = max(peak, rss)
+                now = time.monotonic() - flood_start
+                if now - last >= 1.0:
+                    last = now
+                    try:
+                        queued = node.metric("poc_queue_depth", 'queue="prepare"')
+                    except OSError:
+                        queued = float("nan")
+                    series.append((now, rss, queued))
                 time.sleep(0.25)
 
+        series: list[tuple[float, int, float]] = []  # (seconds since flood start, KiB, queue)
+        flood_start = time.monotonic()
         sampler = threading.Thread(target=sample)
         sampler.start()
         try:
-            asyncio.run(flood(broker.port, flood_rate, args.seconds, stats))
+            asyncio.run(flood(broker.port, flood_rate, args.seconds, stats, pictures))
             finalized_during = node.metric("poc_finalized_round") - finalized_before
             flood_end = time.monotonic()
             probe = Peer().submission([("text", "text/plain", b"are you still there?")])
@@ -139,6 +204,7 @@ def main() -> None:
         print(f"node RSS before flood   {baseline / 1024:8.1f} MiB (node and decoder processes)")
         print(f"node RSS peak           {peak / 1024:8.1f} MiB  ratio {peak / baseline:.2f}")
         print(f"rounds finalized        {finalized_during:8.0f} during the flood")
+        print_series(series, args.seconds)
         print(f"published               {stats.get('published', 0):8d}")
         for key in sorted(k for k in stats if k.startswith("result:")):
             print(f"  {key[7:]:<22}{stats[key]:8d} results seen during the flood")

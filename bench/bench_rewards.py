@@ -269,7 +269,6 @@ def main() -> int:
             encoders={
                 "manifest": str(ROOT / "weights" / "default" / "manifest.json"),
                 "manifest_sha256": shipped["manifest_sha256"],
-                "batch_wait_ms": 20,
             },
             scoring={"qualify_ratio": args.qualify_ratio},
         )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any, TypeVar
@@ -32,6 +33,8 @@ from node.ops.committee_file import load_committee
 from node.ops.config import Config
 from node.ops.http import http_server
 from node.ops.metrics import Metrics
+from node.ops.threads import name_thread
+from node.pipeline.batching import BatchPolicy
 from node.pipeline.encoding import EncoderService
 from node.pipeline.sandbox import DecoderPool
 from node.rounds.chain import BeaconChain
@@ -48,6 +51,15 @@ log = logging.getLogger("poc.node")
 T = TypeVar("T")
 
 DRAIN_TIMEOUT_S = 10.0
+STORE_STAGES = {
+    "commit_round": "commit_write",
+    "outbox": "publish",
+    "published": "publish",
+    "admit": "intake",
+    "knows": "intake",
+    "reject": "intake",
+}
+"""The stage a store call's CPU time counts for (any other: ``store``)."""
 
 
 def validator_key(config: Config) -> SigningKey:
@@ -162,6 +174,10 @@ class Node:
         except (aiomqtt.MqttError, TimeoutError) as error:
             log.info("event=consensus_publish_failed topic=%s error=%r", topic, str(error))
 
+    def _store_cpu(self, method: str, seconds: float) -> None:
+        stage = STORE_STAGES.get(method, "store")
+        self.metrics.stage_cpu.labels(stage=stage).inc(seconds)
+
     def stop(self) -> None:
         """Begin a graceful drain (what SIGTERM does)."""
         self._stopping.set()
@@ -182,7 +198,14 @@ class Node:
             self.http_port = await stack.enter_async_context(
                 http_server(config.http.host, config.http.port, self.metrics, self.ready)
             )
-            store = StoreThread(Store(Path(config.node.data_dir) / "node.sqlite3"))
+            loop = asyncio.get_running_loop()
+            # Named, so that CPU time can be told apart (node.ops.threads).
+            work = ThreadPoolExecutor(
+                thread_name_prefix="work", initializer=name_thread, initargs=("poc-work",)
+            )
+            loop.set_default_executor(work)
+            stack.callback(work.shutdown, wait=False, cancel_futures=True)
+            store = StoreThread(Store(Path(config.node.data_dir) / "node.sqlite3"), self._store_cpu)
             stack.callback(store.close)
 
             if config.encoders.threads:
@@ -210,14 +233,11 @@ class Node:
                 config.decode.timeout_s,
                 config.decode.memory_mb,
                 config.decode.cpu_seconds,
+                self.metrics.stage_cpu.labels(stage="decode").inc,
             )
             stack.callback(decoders.close)
             encoder = EncoderService(
-                shard,
-                config.encoders.batch_size,
-                config.encoders.batch_wait_ms,
-                config.encoders.queue_size,
-                self.metrics,
+                shard, BatchPolicy.of(config.encoders), config.encoders.queue_size, self.metrics
             )
             stack.callback(encoder.close)
 
@@ -324,9 +344,7 @@ class Node:
                     )
                 workers += [
                     group.create_task(encoder.run(), name="encoder"),
-                    group.create_task(
-                        intake.run_preparers(self.config.decode.workers * 2), name="preparers"
-                    ),
+                    group.create_task(intake.run_preparers(self._preparers()), name="preparers"),
                     group.create_task(driver.run(), name="rounds"),
                     group.create_task(driver.sync_loop(), name="sync"),
                     group.create_task(driver.rebroadcast_loop(), name="rebroadcast"),
@@ -340,6 +358,12 @@ class Node:
                 )
         except* asyncio.CancelledError:
             pass
+
+    def _preparers(self) -> int:
+        """Submissions prepared at once: enough to fill the next batch of every modality
+        while the encoder works on one (and to keep every decoder busy)."""
+        policy = BatchPolicy.of(self.config.encoders)
+        return max(2 * self.config.decode.workers, 2 * max(b.size for b in policy.batches.values()))
 
     async def _drain_on_stop(
         self,

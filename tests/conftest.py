@@ -154,7 +154,7 @@ def write_node_config(path: Path, **sections: dict[str, object]) -> Path:
     base: dict[str, dict[str, object]] = {
         "rounds": {"genesis_ms": (time.time_ns() // 10**6) - 60_000, "round_seconds": 2},
         "node": {"log_level": "INFO"},
-        "encoders": {"batch_wait_ms": 5, **session_weights()},
+        "encoders": session_weights(),
     }
     for name, values in sections.items():
         base.setdefault(name, {}).update(values)

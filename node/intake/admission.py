@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -37,6 +37,7 @@ from node.intake.wire import (
 )
 from node.ops.config import Config
 from node.ops.metrics import Metrics
+from node.ops.threads import thread_cpu_timed
 from node.pipeline.encoding import EncoderService
 from node.pipeline.prepare import Preparer, fusion_alpha, media_limits
 from node.pipeline.sandbox import DecoderPool
@@ -53,6 +54,57 @@ class Pending:
 
     submission: Submission
     intake_round: int
+
+
+class ByteBudget:
+    """At most ``limit`` bytes held at once; ``take`` waits, first come first served.
+
+    A holder larger than the whole budget takes all of it (so it waits until
+    nothing else is held): it is delayed, never refused.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._held = 0
+        self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
+
+    @property
+    def held(self) -> int:
+        return self._held
+
+    async def take(self, size: int) -> None:
+        share = min(size, self._limit)
+        if not self._waiters and self._held + share <= self._limit:
+            self._held += share
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        entry = (share, waiter)
+        self._waiters.append(entry)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self.give(size)  # granted, then cancelled: hand it on
+            elif entry in self._waiters:
+                self._waiters.remove(entry)
+                self._wake()
+            raise
+
+    def give(self, size: int) -> None:
+        self._held -= min(size, self._limit)
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiters:
+            share, waiter = self._waiters[0]
+            if waiter.done():
+                self._waiters.popleft()
+                continue
+            if self._held + share > self._limit:
+                return
+            self._waiters.popleft()
+            self._held += share
+            waiter.set_result(None)
 
 
 class RateLimiter:
@@ -119,7 +171,9 @@ class Intake:
             config.intake.rate_limit.per_minute, config.intake.rate_limit.burst
         )
         self._window_ms = config.intake.stale_window_s * 1000
+        self._verify_cpu = metrics.stage_cpu.labels(stage="verify").inc
         self.queue: asyncio.Queue[Pending] = asyncio.Queue(maxsize=config.intake.queue_size)
+        self._queued_bytes = ByteBudget(config.intake.queue_mb * 1024 * 1024)
         self._receiving = asyncio.Event()
         self._receiving.set()
 
@@ -182,7 +236,9 @@ class Intake:
             await self._store.keep_raw(identity, raw)
             return
         try:
-            submission = await asyncio.to_thread(parse_submission, raw, self._wire_limits)
+            submission = await asyncio.to_thread(
+                thread_cpu_timed, self._verify_cpu, parse_submission, raw, self._wire_limits
+            )
         except Rejected as rejected:
             if rejected.submitter is None:
                 self._metrics.unattributed.inc()
@@ -256,8 +312,10 @@ class Intake:
             )
         else:
             # The parsed submission travels on: it is parsed and verified once.
-            pending = Pending(submission, intake_round)
-            await self.queue.put(pending)  # waits while full: the bus stops being acknowledged
+            # Waits while full (by count or bytes): the bus stops being acknowledged.
+            await self._queued_bytes.take(len(submission.raw))
+            self._metrics.intake_bytes.set(self._queued_bytes.held)
+            await self.queue.put(Pending(submission, intake_round))
             self._metrics.queue_depth.labels(queue="prepare").set(self.queue.qsize())
 
     async def resume(self) -> None:
@@ -269,6 +327,7 @@ class Intake:
             except Rejected as rejected:  # the limits changed since it was stored
                 await self._reject(row.id, row.submitter, rejected.reason, rejected.detail)
                 continue
+            await self._queued_bytes.take(len(pending.submission.raw))
             await self.queue.put(pending)
         if stored:
             log.info("event=resumed submissions=%d", len(stored))
@@ -304,6 +363,8 @@ class Intake:
                     f"internal error while preparing: {type(error).__name__}",
                 )
             finally:
+                self._queued_bytes.give(len(submission.raw))
+                self._metrics.intake_bytes.set(self._queued_bytes.held)
                 self.queue.task_done()
 
     async def _prepare(self, pending: Pending) -> None:

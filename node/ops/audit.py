@@ -31,6 +31,7 @@ from node.intake.signing import MessageSigner
 from node.intake.wire import WireLimits
 from node.ops.config import Config
 from node.ops.metrics import Metrics
+from node.pipeline.batching import BatchPolicy
 from node.pipeline.encoding import EncoderService
 from node.pipeline.prepare import Preparer, fusion_alpha, media_limits
 from node.pipeline.sandbox import DecoderPool
@@ -175,7 +176,10 @@ async def _audit(
         config.decode.cpu_seconds,
     )
     encoder = EncoderService(
-        shard, config.encoders.batch_size, 0, config.encoders.queue_size, metrics
+        shard,
+        BatchPolicy.of(config.encoders).without_waiting(),
+        config.encoders.queue_size,
+        metrics,
     )
     preparer = Preparer(
         decoders,

@@ -157,6 +157,7 @@ class RateLimitSection(_Section):
 class IntakeSection(_Section):
     stale_window_s: PositiveInt
     queue_size: PositiveInt
+    queue_mb: PositiveInt
     rate_limit: RateLimitSection
 
 
@@ -177,16 +178,28 @@ class DecodeSection(_Section):
     memory_mb: PositiveInt
 
 
+class BatchSection(_Section):
+    size: PositiveInt
+    wait_ms: Annotated[int, Field(ge=0)]
+
+
 class EncodersSection(_Section):
     manifest: Path
     manifest_sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
     device: str
     threads: Annotated[int, Field(ge=0)]
-    batch_size: PositiveInt
-    batch_wait_ms: Annotated[int, Field(ge=0)]
+    batch: dict[str, BatchSection]
     queue_size: PositiveInt
     tau: PositiveFloat
     mask_count: PositiveInt
+
+    @field_validator("batch")
+    @classmethod
+    def _batch_per_modality(cls, value: dict[str, BatchSection]) -> dict[str, BatchSection]:
+        expected = {"text", "image", "audio", "video"}
+        if set(value) != expected:
+            raise ValueError(f"must give exactly the modalities {sorted(expected)}")
+        return value
 
 
 class FusionSection(_Section):

@@ -61,8 +61,27 @@ class Metrics:
             buckets=_STAGE_BUCKETS,
             registry=registry,
         )
+        self.stage_cpu = Counter(
+            "poc_stage_cpu_seconds",
+            "CPU time spent per pipeline stage (decode: in the decoder processes; "
+            "encode: the encoder thread and the torch threads it started)",
+            ["stage"],
+            registry=registry,
+        )
+        self.encode_batch = Histogram(
+            "poc_encode_batch_items",
+            "Items per encoder micro-batch, by modality",
+            ["modality"],
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+            registry=registry,
+        )
         self.queue_depth = Gauge(
             "poc_queue_depth", "Items waiting, by queue", ["queue"], registry=registry
+        )
+        self.intake_bytes = Gauge(
+            "poc_intake_queued_bytes",
+            "Bytes of verified submissions queued or being prepared (intake.queue_mb bounds it)",
+            registry=registry,
         )
         self.round = Gauge("poc_round", "The round the node's clock is in", registry=registry)
         self.finalized_round = Gauge(

@@ -89,6 +89,7 @@ class Preparer:
         ]
         embeddings = await self._encoder.embed(requests, beacon)
         started = time.perf_counter()
+        cpu_started = time.thread_time()
         modalities = [item.modality for item in submission.items]
         pair = None
         if len(modalities) == 2:
@@ -104,4 +105,5 @@ class Preparer:
             epoch, modalities, embeddings, pair, [item.sha256 for item in submission.items]
         )
         self._metrics.stage_seconds.labels(stage="fuse").observe(time.perf_counter() - started)
+        self._metrics.stage_cpu.labels(stage="fuse").inc(time.thread_time() - cpu_started)
         return prepared

@@ -15,6 +15,7 @@ import logging
 import multiprocessing
 import os
 import resource
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
@@ -39,8 +40,11 @@ def _limit_worker(memory_bytes: int) -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
-def _cap_cpu(seconds: float) -> None:
-    """Let this item use at most ``seconds`` more CPU time; past it the kernel kills us."""
+def _cap_cpu(seconds: float) -> float:
+    """Let this item use at most ``seconds`` more CPU time; past it the kernel kills us.
+
+    Returns the CPU time this process had spent before.
+    """
     usage = resource.getrusage(resource.RUSAGE_SELF)
     spent = usage.ru_utime + usage.ru_stime
     _, hard = resource.getrlimit(resource.RLIMIT_CPU)
@@ -48,6 +52,7 @@ def _cap_cpu(seconds: float) -> None:
     if hard != resource.RLIM_INFINITY:
         soft = min(soft, hard)
     resource.setrlimit(resource.RLIMIT_CPU, (soft, hard))
+    return spent
 
 
 def _decode(
@@ -57,10 +62,13 @@ def _decode(
     limits: MediaLimits,
     spec: PreprocessSpec,
     cpu_seconds: float,
-) -> DecodedMedia:
-    _cap_cpu(cpu_seconds)
+) -> tuple[DecodedMedia, float]:
+    """The decoded item, and the CPU time this process spent decoding it."""
+    spent = _cap_cpu(cpu_seconds)
     try:
-        return decode_media(modality, mime, data, limits, spec)
+        media = decode_media(modality, mime, data, limits, spec)
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return media, usage.ru_utime + usage.ru_stime - spent
     except EncoderError:
         raise
     except MemoryError:
@@ -73,8 +81,15 @@ class DecoderPool:
     """``workers`` sandboxed decoder processes, used one item at a time each."""
 
     def __init__(
-        self, workers: int, timeout_s: float, memory_mb: int, cpu_seconds: float | None = None
+        self,
+        workers: int,
+        timeout_s: float,
+        memory_mb: int,
+        cpu_seconds: float | None = None,
+        on_cpu: Callable[[float], None] | None = None,
     ) -> None:
+        """``on_cpu`` hears the CPU time each decoded item cost its decoder process."""
+        self._on_cpu = on_cpu
         self._timeout_s = timeout_s
         self._cpu_seconds = cpu_seconds if cpu_seconds is not None else timeout_s
         self._memory_bytes = memory_mb * 1024 * 1024
@@ -114,7 +129,10 @@ class DecoderPool:
                 slot, _decode, modality, mime, data, limits, spec, self._cpu_seconds
             )
             async with asyncio.timeout(self._timeout_s):
-                return await future
+                media, cpu = await future
+            if self._on_cpu is not None:
+                self._on_cpu(cpu)
+            return media
         except TimeoutError:
             healthy = False
             raise UndecodableError(

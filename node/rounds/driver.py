@@ -48,6 +48,7 @@ from node.intake.signing import MessageSigner
 from node.intake.wire import RESULT_DOMAIN, Result, Status
 from node.ops.config import Config
 from node.ops.metrics import Metrics
+from node.ops.threads import thread_cpu_timed
 from node.rounds.chain import BeaconChain
 from node.rounds.consensus_wire import (
     ConsensusWireError,
@@ -392,19 +393,23 @@ class RoundDriver:
         flood; the others wait for the next rounds (or expire).
         """
         started = time.perf_counter()
-        accepted = await self._store.submissions_in(State.ACCEPTED)
-        oldest = round_number - self._config.rounds.expiry_rounds
-        candidates = [
-            Candidate(s.id, s.submitter, Prepared.from_bytes(s.prepared))
-            for s in accepted  # oldest first
-            if s.prepared is not None and (self._solo or (s.intake_round or 0) >= oldest)
-        ][: self._config.rounds.max_records]
+        oldest = None if self._solo else round_number - self._config.rounds.expiry_rounds
+        waiting = await self._store.waiting(self._config.rounds.max_records, oldest)
+        candidates = [  # oldest first
+            Candidate(s.id, s.submitter, Prepared.from_bytes(s.prepared)) for s in waiting
+        ]
         certified = await self._store.accepted_hashes(
             [item.sha256 for candidate in candidates for item in candidate.prepared.items]
         )
         async with self._history_lock:
             records = await asyncio.to_thread(
-                score_round, candidates, self._history, self._rules, certified
+                thread_cpu_timed,
+                self._metrics.stage_cpu.labels(stage="score").inc,
+                score_round,
+                candidates,
+                self._history,
+                self._rules,
+                certified,
             )
         self._metrics.stage_seconds.labels(stage="score").observe(time.perf_counter() - started)
         return [record.to_bytes() for record in records]
@@ -470,6 +475,7 @@ class RoundDriver:
         me = self._signer.key.public_key
         outcomes = []
         outgoing = []
+        cpu_started = time.thread_time()
         for record in records:
             final = record.status == "final"
             outcomes.append(
@@ -508,6 +514,7 @@ class RoundDriver:
                     self._signer.signed_bytes(RESULT_DOMAIN.decode(), result.body()),
                 )
             )
+        self._metrics.stage_cpu.labels(stage="commit").inc(time.thread_time() - cpu_started)
         outgoing += await self._expire(commit.round, set(ids), outcomes)
         summary = self._summary(commit, records)
         outgoing.append(Outgoing(self._topics.round(commit.round), summary, retain=True))
@@ -580,21 +587,18 @@ class RoundDriver:
         if self._solo:
             return []
         oldest = round_number - self._config.rounds.expiry_rounds - 1
-        accepted = await self._store.submissions_in(State.ACCEPTED)
         outgoing = []
         me = self._signer.key.public_key
-        for stored in accepted:
-            if stored.id in certified or (stored.intake_round or 0) >= oldest:
+        for identity, submitter in await self._store.expiring(oldest):
+            if identity in certified:
                 continue
             outcomes.append(
-                Finalization(
-                    stored.id, stored.submitter, State.REJECTED, str(Reason.EXPIRED), (), (), 0
-                )
+                Finalization(identity, submitter, State.REJECTED, str(Reason.EXPIRED), (), (), 0)
             )
-            result = Result(stored.id, me, Status.REJECTED, Reason.EXPIRED, round_number)
+            result = Result(identity, me, Status.REJECTED, Reason.EXPIRED, round_number)
             outgoing.append(
                 Outgoing(
-                    self._topics.results(stored.submitter),
+                    self._topics.results(submitter),
                     self._signer.signed_bytes(RESULT_DOMAIN.decode(), result.body()),
                 )
             )

@@ -22,7 +22,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
@@ -34,12 +34,15 @@ CREATE TABLE IF NOT EXISTS submissions (
     received_ms INTEGER NOT NULL,
     state TEXT NOT NULL,
     reason TEXT,
-    raw BLOB,
     intake_round INTEGER,
     prepared BLOB,
     round INTEGER
 );
 CREATE INDEX IF NOT EXISTS submissions_state ON submissions (state);
+CREATE TABLE IF NOT EXISTS submission_bytes (
+    id BLOB PRIMARY KEY,
+    raw BLOB NOT NULL
+);
 CREATE TABLE IF NOT EXISTS nonces (
     submitter BLOB NOT NULL,
     nonce INTEGER NOT NULL,
@@ -152,6 +155,16 @@ class StoredSubmission:
 
 
 @dataclass(frozen=True)
+class Waiting:
+    """An accepted submission waiting for its round, without its bytes."""
+
+    id: bytes
+    submitter: bytes
+    intake_round: int
+    prepared: bytes
+
+
+@dataclass(frozen=True)
 class Finalization:
     """The committed outcome of one submission in a certified round."""
 
@@ -205,12 +218,28 @@ class Store:
         version = self.get_meta("schema_version")
         if version is None:
             self.set_meta("schema_version", str(SCHEMA_VERSION).encode())
+        elif int(version) == 3:
+            self._migrate_from_3()
         elif int(version) != SCHEMA_VERSION:
             self._db.close()
             raise StoreError(
                 f"{path} has schema {int(version)}, this node reads {SCHEMA_VERSION} "
                 "(schema 1 predates consensus with views: start with an empty data_dir)"
             )
+
+    def _migrate_from_3(self) -> None:
+        """Schema 3 kept a submission's bytes in its row, rewritten on every change of state.
+
+        Schema 4 keeps them in ``submission_bytes``: a state change, or a round
+        reading the accepted submissions, no longer touches up to 8 MiB a row.
+        """
+        with self._transaction():
+            self._db.execute(
+                "INSERT OR IGNORE INTO submission_bytes (id, raw) "
+                "SELECT id, raw FROM submissions WHERE raw IS NOT NULL"
+            )
+            self._db.execute("ALTER TABLE submissions DROP COLUMN raw")
+            self.set_meta("schema_version", str(SCHEMA_VERSION).encode())
 
     def close(self) -> None:
         self._db.close()
@@ -267,17 +296,11 @@ class Store:
             )
             self._db.execute(
                 "INSERT INTO submissions (id, submitter, nonce, created_ms, received_ms, state, "
-                "raw, intake_round) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    submission_id,
-                    submitter,
-                    nonce,
-                    created_ms,
-                    now_ms,
-                    State.RECEIVED,
-                    raw,
-                    intake_round,
-                ),
+                "intake_round) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (submission_id, submitter, nonce, created_ms, now_ms, State.RECEIVED, intake_round),
+            )
+            self._db.execute(
+                "INSERT INTO submission_bytes (id, raw) VALUES (?, ?)", (submission_id, raw)
             )
         return Admission.ADMITTED
 
@@ -309,10 +332,11 @@ class Store:
                     (submitter, nonce[0], nonce[1]),
                 )
             self._db.execute("DELETE FROM data_claims WHERE submission_id = ?", (submission_id,))
+            self._db.execute("DELETE FROM submission_bytes WHERE id = ?", (submission_id,))
             self._db.execute(
                 "INSERT INTO submissions (id, submitter, received_ms, state, reason) "
                 "VALUES (?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET state = excluded.state, "
-                "reason = excluded.reason, raw = NULL, prepared = NULL",
+                "reason = excluded.reason, prepared = NULL",
                 (submission_id, submitter, now_ms, State.REJECTED, reason),
             )
             self._enqueue([outgoing])
@@ -330,9 +354,11 @@ class Store:
         return bool(updated)
 
     def submissions_in(self, state: State) -> list[StoredSubmission]:
+        """Every submission in ``state``, oldest first, with its bytes (resuming after a stop)."""
         rows = self._db.execute(
-            "SELECT id, submitter, state, raw, intake_round, prepared FROM submissions "
-            "WHERE state = ? ORDER BY received_ms, id",
+            "SELECT s.id, s.submitter, s.state, b.raw, s.intake_round, s.prepared "
+            "FROM submissions s LEFT JOIN submission_bytes b ON b.id = s.id "
+            "WHERE s.state = ? ORDER BY s.received_ms, s.id",
             (state,),
         ).fetchall()
         return [
@@ -346,6 +372,29 @@ class Store:
             )
             for r in rows
         ]
+
+    def waiting(self, limit: int, min_intake_round: int | None = None) -> list[Waiting]:
+        """At most ``limit`` accepted submissions, oldest first, as a proposal takes them.
+
+        ``min_intake_round`` leaves out those received before it (they expire).
+        Their bytes are not read: a round needs only their prepared form.
+        """
+        rows = self._db.execute(
+            "SELECT id, submitter, intake_round, prepared FROM submissions "
+            "WHERE state = ? AND prepared IS NOT NULL AND COALESCE(intake_round, 0) >= ? "
+            "ORDER BY received_ms, id LIMIT ?",
+            (State.ACCEPTED, -1 if min_intake_round is None else min_intake_round, limit),
+        ).fetchall()
+        return [Waiting(bytes(r[0]), bytes(r[1]), r[2] or 0, bytes(r[3])) for r in rows]
+
+    def expiring(self, before_round: int) -> list[tuple[bytes, bytes]]:
+        """(id, submitter) of the accepted submissions received before ``before_round``."""
+        rows = self._db.execute(
+            "SELECT id, submitter FROM submissions "
+            "WHERE state = ? AND COALESCE(intake_round, 0) < ? ORDER BY received_ms, id",
+            (State.ACCEPTED, before_round),
+        ).fetchall()
+        return [(bytes(r[0]), bytes(r[1])) for r in rows]
 
     def submission_state(self, submission_id: bytes) -> tuple[State, str | None] | None:
         row = self._db.execute(
@@ -439,9 +488,9 @@ class Store:
 
     def raw_submission(self, submission_id: bytes) -> bytes | None:
         row = self._db.execute(
-            "SELECT raw FROM submissions WHERE id = ?", (submission_id,)
+            "SELECT raw FROM submission_bytes WHERE id = ?", (submission_id,)
         ).fetchone()
-        return None if row is None or row[0] is None else bytes(row[0])
+        return None if row is None else bytes(row[0])
 
     def prepared_of(
         self, submission_id: bytes
@@ -504,7 +553,8 @@ class Store:
         missing = []
         for identity in submission_ids:
             row = self._db.execute(
-                "SELECT 1 FROM submissions WHERE id = ? AND raw IS NULL AND state = ?",
+                "SELECT 1 FROM submissions s WHERE id = ? AND state = ? "
+                "AND NOT EXISTS (SELECT 1 FROM submission_bytes b WHERE b.id = s.id)",
                 (identity, State.FINAL),
             ).fetchone()
             if row is not None:
@@ -518,7 +568,8 @@ class Store:
         the submissions' bytes, which peers' sync and ``poc-node audit`` need.
         """
         cursor = self._db.execute(
-            "UPDATE submissions SET raw = ? WHERE id = ? AND raw IS NULL AND state = ?",
+            "INSERT OR IGNORE INTO submission_bytes (id, raw) "
+            "SELECT id, ? FROM submissions WHERE id = ? AND state = ?",
             (raw, submission_id, State.FINAL),
         )
         return cursor.rowcount == 1
@@ -577,12 +628,11 @@ class Store:
             )
             for outcome in outcomes:
                 # A certified submission keeps its bytes: peers fetch them by sync,
-                # and an audit recomputes its record from them.
-                self._db.execute(
+                # and an audit recomputes its record from them. An expired one does not.
+                changed = self._db.execute(
                     "INSERT INTO submissions (id, submitter, received_ms, state, reason, round) "
                     "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET "
-                    "state = excluded.state, reason = excluded.reason, round = excluded.round, "
-                    "raw = CASE WHEN excluded.reason IS NOT 'expired' THEN raw END "
+                    "state = excluded.state, reason = excluded.reason, round = excluded.round "
                     "WHERE state IN (?, ?)",
                     (
                         outcome.submission_id,
@@ -594,7 +644,11 @@ class Store:
                         State.RECEIVED,
                         State.ACCEPTED,
                     ),
-                )
+                ).rowcount
+                if changed and outcome.reason == "expired":
+                    self._db.execute(
+                        "DELETE FROM submission_bytes WHERE id = ?", (outcome.submission_id,)
+                    )
                 if outcome.state is State.REJECTED:
                     self._db.execute(
                         "DELETE FROM data_claims WHERE submission_id = ?", (outcome.submission_id,)

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from node.ops.threads import name_thread, thread_cpu_timed
 from node.store.sqlite import (
     Admission,
     CommittedRound,
@@ -25,6 +26,7 @@ from node.store.sqlite import (
     State,
     Store,
     StoredSubmission,
+    Waiting,
 )
 
 T = TypeVar("T")
@@ -33,13 +35,24 @@ T = TypeVar("T")
 class StoreThread:
     """The store, confined to one thread; coroutines await its typed methods."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, on_cpu: Callable[[str, float], None] | None = None) -> None:
+        """``on_cpu(method name, seconds)`` hears each call's CPU time (on the store's thread)."""
         self.store = store
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
+        self._on_cpu = on_cpu
+        self._thread = ThreadPoolExecutor(
+            max_workers=1,
+            thread_name_prefix="store",
+            initializer=name_thread,
+            initargs=("poc-store",),
+        )
 
     async def _run(self, method: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._thread, functools.partial(method, *args, **kwargs))
+        call = functools.partial(method, *args, **kwargs)
+        if self._on_cpu is not None:
+            on_cpu, name = self._on_cpu, getattr(method, "__name__", "call")
+            call = functools.partial(thread_cpu_timed, lambda s: on_cpu(name, s), call)
+        return await loop.run_in_executor(self._thread, call)
 
     async def call(self, step: Callable[[Store], T]) -> T:
         """Run ``step`` on the store's thread (a compound step, seen whole)."""
@@ -106,6 +119,12 @@ class StoreThread:
 
     async def submissions_in(self, state: State) -> list[StoredSubmission]:
         return await self._run(self.store.submissions_in, state)
+
+    async def waiting(self, limit: int, min_intake_round: int | None = None) -> list[Waiting]:
+        return await self._run(self.store.waiting, limit, min_intake_round)
+
+    async def expiring(self, before_round: int) -> list[tuple[bytes, bytes]]:
+        return await self._run(self.store.expiring, before_round)
 
     async def raw_submission(self, submission_id: bytes) -> bytes | None:
         return await self._run(self.store.raw_submission, submission_id)

@@ -46,7 +46,7 @@ def test_new_data_is_paid_and_copies_are_not(tmp_path: Path):
     config = write_node_config(
         tmp_path / "node.yaml",
         rounds={"round_seconds": 2},
-        encoders={**shipped_weights(), "batch_wait_ms": 5},
+        encoders=shipped_weights(),
         scoring={"emission": EMISSION, "top_k": 5},
     )
     node = start_node(tmp_path / "node", f"mqtt://127.0.0.1:{broker.port}", config)

@@ -152,3 +152,66 @@ def test_bytes_of_a_round_learned_by_sync_are_kept_when_they_arrive(tmp_path):
     assert not store.keep_raw(b"a" * 32, b"other")  # kept once
     assert store.raw_submission(b"a" * 32) == b"raw"
     assert store.missing_raw([b"a" * 32]) == []
+
+
+def test_a_round_reads_waiting_submissions_without_their_bytes(tmp_path):
+    store = Store(tmp_path / "s.db")
+    for index, intake_round in enumerate((1, 5, 9)):
+        ident = bytes([index]) * 32
+        store.admit(
+            ident, b"s" * 32, index, 1, [ident], b"x" * 1_000_000, 1 + index, intake_round, WINDOW
+        )
+        assert store.accept(ident, f"prepared {index}".encode(), Outgoing("t", b"a"))
+    admit(store, b"r" * 32, nonce=99, hashes=[b"r" * 32])  # received, not yet prepared
+    waiting = store.waiting(10)
+    assert [w.id for w in waiting] == [bytes([i]) * 32 for i in range(3)]  # oldest first
+    assert [w.prepared for w in waiting] == [b"prepared 0", b"prepared 1", b"prepared 2"]
+    assert [w.intake_round for w in waiting] == [1, 5, 9]
+    assert [w.id for w in store.waiting(2)] == [bytes([0]) * 32, bytes([1]) * 32]
+    assert [w.id for w in store.waiting(10, min_intake_round=5)] == [
+        bytes([1]) * 32,
+        bytes([2]) * 32,
+    ]
+    assert store.expiring(5) == [(bytes([0]) * 32, b"s" * 32)]
+
+
+def test_an_expired_submission_loses_its_bytes_a_final_one_keeps_them(tmp_path):
+    store = Store(tmp_path / "s.db")
+    admit(store, b"a" * 32)
+    admit(store, b"b" * 32, nonce=2, hashes=[b"y" * 32])
+    for ident in (b"a" * 32, b"b" * 32):
+        store.accept(ident, b"p", Outgoing("t", b"a"))
+    outcomes = [
+        Finalization(b"a" * 32, b"s" * 32, State.FINAL, None, ((0, "text", b"v"),), (), 5),
+        Finalization(b"b" * 32, b"s" * 32, State.REJECTED, "expired", (), (), 0),
+    ]
+    assert store.commit_round(CommittedRound(0, b"v" * 32, b"b" * 32, b"c", b"s"), outcomes, [], 1)
+    assert store.raw_submission(b"a" * 32) == b"raw"
+    assert store.raw_submission(b"b" * 32) is None
+    assert store.submission_state(b"b" * 32) == (State.REJECTED, "expired")
+
+
+def test_a_store_of_schema_3_is_migrated_keeping_every_submission_s_bytes(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "v3.db"
+    store = Store(path)
+    admit(store, b"a" * 32)
+    store.close()
+    # Schema 3 kept the bytes in the submissions row.
+    db = sqlite3.connect(path)
+    db.execute("ALTER TABLE submissions ADD COLUMN raw BLOB")
+    db.execute(
+        "UPDATE submissions SET raw = (SELECT raw FROM submission_bytes b "
+        "WHERE b.id = submissions.id)"
+    )
+    db.execute("DROP TABLE submission_bytes")
+    db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (b"3",))
+    db.commit()
+    db.close()
+    again = Store(path)
+    assert again.get_meta("schema_version") == b"4"
+    assert again.raw_submission(b"a" * 32) == b"raw"
+    assert [s.raw for s in again.submissions_in(State.RECEIVED)] == [b"raw"]
+    columns = [row[1] for row in again._db.execute("PRAGMA table_info(submissions)")]
+    assert "raw" not in columns

@@ -1,0 +1,333 @@
+"""End to end: the node's rate against its own encoders' raw rate, on the same items.
+
+One command, one run. For each kind of submission (caption + image, caption
++ audio, caption + video, and single items of every modality) it:
+
+1. renders the items with the project's world generator
+   (``training.stream.WorldMaker``: PNG/JPEG, espeak-ng WAV, MP4);
+2. measures the **raw** rate: the shard called directly on the decoded items
+   at the node's batch policy (``encoders.batch``: the micro-batch size of
+   each modality), in this process;
+3. starts Mosquitto and a node process (or a committee of ``--committee``
+   nodes), and feeds the **same** submissions, signed by many keys, through
+   the bus; the node's rate counts items from the first publish to the last
+   ``accepted`` Result (everything decoded, encoded and stored), and again
+   to the last ``final`` Result (rounds included);
+
+and prints items/s both ways, their **ratio**, each stage's share of the
+node's CPU time (``poc_stage_cpu_seconds_total``, decoders' processes
+included) and the node's peak RSS. Figures only; nothing is asserted.
+
+    .venv/bin/python bench/bench_e2e.py [--device cpu|cuda] [--count 240]
+        [--kinds text+image,text+audio,text+video,single] [--committee 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.bench_overload import rss_kib  # noqa: E402
+from encoders.embedding import EncodeRequest  # noqa: E402
+from encoders.media import decode_media  # noqa: E402
+from encoders.modality import Modality  # noqa: E402
+from encoders.shard import Shard  # noqa: E402
+from node.ops.config import DEFAULT_CONFIG, load_config  # noqa: E402
+from node.pipeline.batching import BatchPolicy  # noqa: E402
+from node.pipeline.prepare import media_limits  # noqa: E402
+from tests.conftest import start_mosquitto, start_node  # noqa: E402
+from tests.peer import Peer, ResultListener, submission_id  # noqa: E402
+from training.stream import WorldMaker, WorldSubmission, concepts  # noqa: E402
+
+KINDS = ("text+image", "text+audio", "text+video", "single")
+STAGES = (
+    "verify",
+    "intake",
+    "decode",
+    "encode",
+    "fuse",
+    "score",
+    "commit",
+    "publish",
+    "store",
+    "bus",
+)
+
+
+@dataclass
+class Figures:
+    kind: str
+    items: int
+    raw_items_s: float
+    accepted_items_s: float
+    final_items_s: float
+    cpu: dict[str, float]
+    cpu_total: float
+    peak_rss_mib: float
+
+
+def world(kind: str, count: int, seed: int) -> list[WorldSubmission]:
+    maker = WorldMaker(seed)
+    pool = concepts(novel=False) + concepts(novel=True)
+    rng = random.Random(seed)
+    out = []
+    for index in range(count):
+        concept = rng.choice(pool)
+        if kind == "single":
+            modality = list(Modality)[index % len(Modality)]
+            out.append(maker.single("bench", concept, modality))
+        else:
+            media = Modality(kind.split("+")[1])
+            out.append(maker.pair("bench", concept, media))
+    return out
+
+
+def raw_rate(shard: Shard, submissions: list[WorldSubmission], policy: BatchPolicy) -> float:
+    """Items/s of the shard alone, on decoded items, in micro-batches of the node's sizes."""
+    limits = media_limits(load_config(DEFAULT_CONFIG))
+    by_modality: dict[Modality, list[EncodeRequest]] = {}
+    for submission in submissions:
+        for item in submission.items:
+            media = decode_media(item.modality, item.mime, item.data, limits, shard.preprocess)
+            by_modality.setdefault(item.modality, []).append(
+                EncodeRequest(item.modality, media, item.sha256)
+            )
+    beacon = b"bench-e2e-beacon"
+    for requests in by_modality.values():  # warm-up: first calls allocate
+        shard.embed(requests[: policy.size(requests[0].modality)], beacon)
+    total = sum(len(r) for r in by_modality.values())
+    started = time.perf_counter()
+    for modality, requests in by_modality.items():
+        size = policy.size(modality)
+        for start in range(0, len(requests), size):
+            shard.embed(requests[start : start + size], beacon)
+    return total / (time.perf_counter() - started)
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) of a process and every descendant, alive or reaped."""
+    total = 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    stack = [pid]
+    while stack:
+        current = stack.pop()
+        try:
+            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
+            total += sum(int(v) for v in fields[11:15]) / tick  # utime stime cutime cstime
+            for task in Path(f"/proc/{current}/task").iterdir():
+                stack += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return total
+
+
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds of the process's threads by name (the main thread is "loop")."""
+    names: dict[str, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            name = (task / "comm").read_text().strip()
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if task.name == str(pid):
+            name = "loop"
+        names[name] = names.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return names
+
+
+def main_thread_cpu(pid: int) -> float:
+    """CPU time of a process's main thread: the node's event loop."""
+    fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def mean_batches(metrics: str) -> dict[str, float]:
+    """Mean items per encoder micro-batch, by modality (``poc_encode_batch_items``)."""
+    sums: dict[str, float] = {}
+    counts: dict[str, float] = {}
+    for line in metrics.splitlines():
+        for suffix, into in (("_sum{", sums), ("_count{", counts)):
+            if line.startswith("poc_encode_batch_items" + suffix):
+                modality = line.split('modality="', 1)[1].split('"', 1)[0]
+                into[modality] = float(line.split()[-1])
+    return {m: sums[m] / counts[m] for m in sums if counts.get(m)}
+
+
+def stage_cpu(metrics: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for line in metrics.splitlines():
+        if line.startswith("poc_stage_cpu_seconds_total{"):
+            stage = line.split('stage="', 1)[1].split('"', 1)[0]
+            out[stage] = float(line.split()[-1])
+    return out
+
+
+async def feed(
+    port: int, submissions: list[WorldSubmission], submitters: int
+) -> tuple[float, float, int]:
+    """Publish every submission (signed by ``submitters`` keys); seconds to last accepted/final."""
+    peers = [Peer() for _ in range(submitters)]
+    raws = [
+        peers[i % submitters].submission(
+            [(str(item.modality), item.mime, item.data) for item in submission.items]
+        )
+        for i, submission in enumerate(submissions)
+    ]
+    ids = [submission_id(raw) for raw in raws]
+    async with ResultListener(port) as listener:
+        started = time.monotonic()
+        for raw in raws:
+            await listener.publish(raw)
+        accepted_at = final_at = started
+        rejected = 0
+        for identity in ids:
+            result = await listener.wait_for(identity, {"accepted", "rejected"}, 900)
+            accepted_at = max(accepted_at, time.monotonic())
+            if result["status"] == "rejected":
+                rejected += 1
+                continue
+            await listener.final(identity, 900)
+            final_at = max(final_at, time.monotonic())
+        # Results arrive in any order: the last one seen bounds both spans.
+        return accepted_at - started, final_at - started, rejected
+
+
+def node_config(directory: Path, args: argparse.Namespace) -> Path:
+    import yaml
+
+    config = {
+        "node": {"log_level": "WARNING"},
+        "rounds": {"genesis_ms": time.time_ns() // 10**6 - 60_000, "round_seconds": 1},
+        "intake": {"rate_limit": {"per_minute": 100_000, "burst": 10_000}},
+        "encoders": {"device": args.device},
+    }
+    path = directory / "node.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def run_kind(
+    kind: str, shard: Shard, policy: BatchPolicy, args: argparse.Namespace, seed: int
+) -> Figures:
+    submissions = world(kind, args.count, seed)
+    items = sum(len(s.items) for s in submissions)
+    raw = raw_rate(shard, submissions, policy)
+    directory = Path(tempfile.mkdtemp(prefix=f"poc-e2e-{kind.replace('+', '-')}-"))
+    broker = start_mosquitto(directory)
+    node = start_node(
+        directory / "node", f"mqtt://127.0.0.1:{broker.port}", node_config(directory, args)
+    )
+    peak = 0
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, rss_kib(node.process.pid))
+            time.sleep(0.2)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        cpu_before = cpu_seconds(node.process.pid)
+        loop_before = main_thread_cpu(node.process.pid)
+        threads_before = thread_cpu(node.process.pid)
+        stages_before = stage_cpu(node.metrics())
+        accepted_s, final_s, rejected = asyncio.run(feed(broker.port, submissions, args.submitters))
+        after = node.metrics()
+        stages_after = stage_cpu(after)
+        batches = mean_batches(after)
+        threads_after = thread_cpu(node.process.pid)
+        cpu_total = cpu_seconds(node.process.pid) - cpu_before
+        loop = main_thread_cpu(node.process.pid) - loop_before
+    finally:
+        done.set()
+        sampler.join()
+        node.stop()
+        broker.stop()
+    print(
+        f"  ({kind}: mean encoder batch "
+        + ", ".join(f"{m} {b:.1f}" for m, b in sorted(batches.items()))
+        + "; CPU s by thread "
+        + ", ".join(
+            f"{name} {seconds - threads_before.get(name, 0.0):.2f}"
+            for name, seconds in sorted(threads_after.items())
+        )
+        + ")"
+    )
+    if rejected:
+        print(f"  ({kind}: {rejected} of {len(submissions)} rejected; see {directory})")
+    stages = {s: stages_after.get(s, 0.0) - stages_before.get(s, 0.0) for s in stages_after}
+    # The event loop's own work (MQTT in and out, asyncio, Results) is "bus"; the
+    # stages measured on the loop thread are taken out of it.
+    stages["bus"] = loop - stages.get("fuse", 0.0) - stages.get("commit", 0.0)
+    stages["commit"] = stages.get("commit", 0.0) + stages.pop("commit_write", 0.0)
+    # Decoding costs everything its sandbox processes spend (calls, copies), not
+    # only what the decoders report.
+    in_process = sum(v - threads_before.get(k, 0.0) for k, v in threads_after.items())
+    stages["decode"] = cpu_total - in_process
+    return Figures(
+        kind, items, raw, items / accepted_s, items / final_s, stages, cpu_total, peak / 1024
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--count", type=int, default=240, help="submissions per kind")
+    parser.add_argument("--kinds", default=",".join(KINDS))
+    parser.add_argument("--committee", type=int, default=1, help="(1: a committee of one)")
+    parser.add_argument("--submitters", type=int, default=48, help="keys signing the stream")
+    parser.add_argument("--seed", type=int, default=11)
+    args = parser.parse_args()
+    if args.committee != 1:
+        parser.error("--committee: only a committee of one is measured so far")
+
+    config = load_config(DEFAULT_CONFIG)
+    policy = BatchPolicy.of(config.encoders)
+    shard = Shard.load(
+        config.encoders.manifest, config.encoders.manifest_sha256, device=args.device
+    )
+    print(f"weights {shard.weights_id[:16]}  device {args.device}  cores {os.cpu_count()}")
+    print(f"batch policy {policy.describe()}")
+    rows = []
+    for offset, kind in enumerate(args.kinds.split(",")):
+        figures = run_kind(kind, shard, policy, args, args.seed + offset)
+        rows.append(figures)
+        print(
+            f"{kind:<11} {figures.items:>5} items  raw {figures.raw_items_s:7.1f}/s  "
+            f"node {figures.accepted_items_s:7.1f}/s accepted "
+            f"(ratio {figures.accepted_items_s / figures.raw_items_s:4.2f}), "
+            f"{figures.final_items_s:7.1f}/s final "
+            f"(ratio {figures.final_items_s / figures.raw_items_s:4.2f})  "
+            f"peak RSS {figures.peak_rss_mib:6.0f} MiB",
+            flush=True,
+        )
+    print()
+    print("share of the node's CPU time per stage (decoder processes included)")
+    print(f"{'kind':<11}" + "".join(f"{s:>9}" for s in (*STAGES, "other")) + f"{'cpu s':>9}")
+    for figures in rows:
+        shares = [figures.cpu.get(s, 0.0) / figures.cpu_total for s in STAGES]
+        other = 1 - sum(shares)
+        print(
+            f"{figures.kind:<11}"
+            + "".join(f"{share:>9.1%}" for share in (*shares, other))
+            + f"{figures.cpu_total:>9.1f}"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""Named threads, and the CPU time spent by each name (Linux; elsewhere a no-op).
+
+The node names its threads (``poc-loop``, ``poc-store``, ``poc-work``,
+``poc-encoder``, ...) so that ``top -H``, ``py-spy`` and the
+``poc_stage_cpu_seconds_total`` metric can tell them apart. A thread a named
+thread starts inherits its name: torch's worker threads, started by the
+encoder thread, count as ``poc-encoder``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import ParamSpec, TypeVar
+
+_PR_SET_NAME = 15
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+P = ParamSpec("P")
+T = TypeVar("T")
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+
+
+def name_thread(name: str) -> None:
+    """Name the calling thread (at most 15 bytes survive)."""
+    with contextlib.suppress(AttributeError, OSError):  # not Linux: names are cosmetic
+        _libc.prctl(_PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
+
+
+def threads_cpu_seconds(name: str) -> float:
+    """User + system CPU time of this process's live threads called ``name``."""
+    total = 0
+    try:
+        tasks = list(Path("/proc/self/task").iterdir())
+    except OSError:
+        return 0.0
+    for task in tasks:
+        try:
+            if (task / "comm").read_text().rstrip("\n") != name:
+                continue
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended meanwhile
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / _TICK
+
+
+def thread_cpu_timed(
+    add: Callable[[float], None], fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs
+) -> T:
+    """``fn(*args)``; then ``add`` the CPU time this thread spent in it (even if it raised)."""
+    started = time.thread_time()
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        add(time.thread_time() - started)

@@ -1,0 +1,171 @@
+"""The encoder service's scheduling: batches per modality, never idle while items wait.
+
+A fake shard records every call; the real shard runs behind this service in
+the integration tests (tests/integration).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry
+
+from encoders.embedding import EncodeRequest, ItemEmbedding
+from encoders.modality import Modality
+from node.ops.metrics import Metrics
+from node.pipeline.batching import Batching, BatchPolicy
+from node.pipeline.encoding import EncoderService
+
+TEXT, IMAGE = Modality.TEXT, Modality.IMAGE
+
+
+class FakeShard:
+    """Embeds instantly, or blocks its first call until released."""
+
+    def __init__(self, block_first: bool = False, fail_on: str | None = None) -> None:
+        self.calls: list[tuple[list[str], bytes]] = []
+        self.release = threading.Event()
+        self.entered = threading.Event()
+        if not block_first:
+            self.release.set()
+        self.fail_on = fail_on
+
+    def embed(self, requests: list[EncodeRequest], beacon: bytes) -> list[ItemEmbedding]:
+        self.calls.append(([str(r.media) for r in requests], beacon))
+        self.entered.set()
+        self.release.wait(30)
+        if self.fail_on is not None and any(str(r.media) == self.fail_on for r in requests):
+            raise RuntimeError("this batch fails")
+        vector = np.ones(4, dtype=np.float32) / 2
+        return [ItemEmbedding(vector, 0.0, 1.0, (0.0,), (True,)) for _ in requests]
+
+
+def policy(text: int = 4, image: int = 2, wait_ms: int = 0) -> BatchPolicy:
+    return BatchPolicy(
+        {
+            TEXT: Batching(text, wait_ms),
+            IMAGE: Batching(image, wait_ms),
+            Modality.AUDIO: Batching(2, wait_ms),
+            Modality.VIDEO: Batching(2, wait_ms),
+        }
+    )
+
+
+def request(modality: Modality, name: str) -> EncodeRequest:
+    return EncodeRequest(modality, name, name.encode().ljust(32, b"."))  # type: ignore[arg-type]
+
+
+async def started(shard: FakeShard, service_policy: BatchPolicy, queue_size: int = 64):
+    service = EncoderService(shard, service_policy, queue_size, Metrics(CollectorRegistry()))  # type: ignore[arg-type]
+    task = asyncio.create_task(service.run())
+    return service, task
+
+
+async def stop(service: EncoderService, task: asyncio.Task[None]) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    service.close()
+
+
+async def test_batches_hold_one_modality_and_at_most_its_size() -> None:
+    shard = FakeShard(block_first=True)
+    service, task = await started(shard, policy(text=4, image=2))
+    first = asyncio.create_task(service.embed([request(TEXT, "t0")], b"b"))
+    await asyncio.to_thread(shard.entered.wait, 10)
+    waiting = [
+        asyncio.create_task(service.embed([request(TEXT, f"t{i}"), request(IMAGE, f"i{i}")], b"b"))
+        for i in range(1, 8)
+    ]
+    await asyncio.sleep(0.05)
+    shard.release.set()
+    await asyncio.gather(first, *waiting)
+    for names, _ in shard.calls:
+        modalities = {name[0] for name in names}
+        assert len(modalities) == 1
+        assert len(names) <= (4 if modalities == {"t"} else 2)
+    # Seven texts and seven images waited: full batches, not one call per item.
+    assert sorted(len(names) for names, _ in shard.calls[1:]) == [1, 2, 2, 2, 3, 4]
+    await stop(service, task)
+
+
+async def test_a_busy_encoder_starts_the_next_batch_without_waiting() -> None:
+    shard = FakeShard(block_first=True)
+    # A lone item at an idle encoder would wait a minute for company...
+    service, task = await started(shard, policy(text=2, wait_ms=60_000))
+    full = asyncio.create_task(service.embed([request(TEXT, "a"), request(TEXT, "b")], b"b"))
+    await asyncio.to_thread(shard.entered.wait, 10)
+    lone = asyncio.create_task(service.embed([request(TEXT, "c")], b"b"))
+    await asyncio.sleep(0.05)
+    shard.release.set()
+    # ...but one that arrived while the encoder was busy goes as soon as it is free.
+    async with asyncio.timeout(10):
+        await asyncio.gather(full, lone)
+    assert [names for names, _ in shard.calls] == [["a", "b"], ["c"]]
+    await stop(service, task)
+
+
+async def test_a_lone_item_at_an_idle_encoder_waits_for_company() -> None:
+    shard = FakeShard()
+    service, task = await started(shard, policy(text=3, wait_ms=300))
+    first = asyncio.create_task(service.embed([request(TEXT, "a")], b"b"))
+    await asyncio.sleep(0.05)
+    second = asyncio.create_task(service.embed([request(TEXT, "b"), request(TEXT, "c")], b"b"))
+    await asyncio.gather(first, second)
+    assert [names for names, _ in shard.calls] == [["a", "b", "c"]]
+    await stop(service, task)
+
+
+async def test_the_modality_that_waited_longest_goes_first() -> None:
+    shard = FakeShard(block_first=True)
+    service, task = await started(shard, policy(text=8, image=8))
+    busy = asyncio.create_task(service.embed([request(Modality.AUDIO, "x")], b"b"))
+    await asyncio.to_thread(shard.entered.wait, 10)
+    text = asyncio.create_task(service.embed([request(TEXT, "t")], b"b"))
+    await asyncio.sleep(0.01)
+    images = asyncio.create_task(service.embed([request(IMAGE, f"i{i}") for i in range(5)], b"b"))
+    await asyncio.sleep(0.05)
+    shard.release.set()
+    await asyncio.gather(busy, text, images)
+    assert [names[0][0] for names, _ in shard.calls] == ["x", "t", "i"]
+    await stop(service, task)
+
+
+async def test_items_of_different_epochs_never_share_a_batch() -> None:
+    shard = FakeShard(block_first=True)
+    service, task = await started(shard, policy(text=8))
+    busy = asyncio.create_task(service.embed([request(IMAGE, "x")], b"old"))
+    await asyncio.to_thread(shard.entered.wait, 10)
+    old = asyncio.create_task(service.embed([request(TEXT, "a"), request(TEXT, "b")], b"old"))
+    new = asyncio.create_task(service.embed([request(TEXT, "c")], b"new"))
+    await asyncio.sleep(0.05)
+    shard.release.set()
+    await asyncio.gather(busy, old, new)
+    assert shard.calls[1:] == [(["a", "b"], b"old"), (["c"], b"new")]
+    await stop(service, task)
+
+
+async def test_a_failing_batch_fails_its_items_only() -> None:
+    shard = FakeShard(fail_on="bad")
+    service, task = await started(shard, policy(text=1))
+    with pytest.raises(RuntimeError, match="this batch fails"):
+        await service.embed([request(TEXT, "bad")], b"b")
+    assert len(await service.embed([request(TEXT, "good")], b"b")) == 1
+    await stop(service, task)
+
+
+async def test_a_full_queue_holds_callers_back() -> None:
+    shard = FakeShard(block_first=True)
+    service, task = await started(shard, policy(text=1), queue_size=2)
+    running = asyncio.create_task(service.embed([request(TEXT, "a")], b"b"))
+    await asyncio.to_thread(shard.entered.wait, 10)
+    queued = asyncio.create_task(service.embed([request(TEXT, "b"), request(TEXT, "c")], b"b"))
+    held = asyncio.create_task(service.embed([request(TEXT, "d")], b"b"))
+    await asyncio.sleep(0.05)
+    assert service.queued == 2  # "d" waits for room
+    shard.release.set()
+    await asyncio.gather(running, queued, held)
+    assert service.queued == 0
+    await stop(service, task)
