@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack
@@ -36,6 +37,7 @@ from node.ops.metrics import Metrics
 from node.ops.threads import name_thread
 from node.pipeline.batching import BatchPolicy
 from node.pipeline.encoding import EncoderService
+from node.pipeline.engines import Engine, InProcess, ShardSpec, WorkerProcesses
 from node.pipeline.sandbox import DecoderPool
 from node.rounds.chain import BeaconChain
 from node.rounds.driver import RoundDriver
@@ -116,6 +118,23 @@ def load_shard(config: Config) -> Shard:
         )
     except WeightsError as error:
         raise NodeError(f"encoder weights refused: {error}") from None
+
+
+def encoder_engine(config: Config, shard: Shard) -> Engine:
+    """The node's own thread, or ``encoders.workers`` worker processes."""
+    encoders = config.encoders
+    if not encoders.workers:
+        return InProcess(shard)
+    threads = encoders.threads or max(1, (os.cpu_count() or 1) // encoders.workers)
+    spec = ShardSpec(
+        encoders.manifest,
+        encoders.manifest_sha256,
+        encoders.device,
+        encoders.tau,
+        encoders.mask_count,
+        threads,
+    )
+    return WorkerProcesses(spec, encoders.workers, shard.weights_id)
 
 
 class Node:
@@ -213,7 +232,6 @@ class Node:
 
                 torch.set_num_threads(config.encoders.threads)
             shard = await asyncio.to_thread(load_shard, config)
-            self._encoders_loaded = True
             described = describe_committee(self.committee)
             await store.set_meta("committee", described)
             # Off the loop: /healthz answers while a large history is read.
@@ -237,9 +255,16 @@ class Node:
             )
             stack.callback(decoders.close)
             encoder = EncoderService(
-                shard, BatchPolicy.of(config.encoders), config.encoders.queue_size, self.metrics
+                shard,
+                BatchPolicy.of(config.encoders),
+                config.encoders.queue_size,
+                self.metrics,
+                encoder_engine(config, shard),
             )
             stack.callback(encoder.close)
+            await encoder.engine.start()
+            self.metrics.encoder_workers.set(config.encoders.workers)
+            self._encoders_loaded = True
 
             async def fetch(after: int, limit: int) -> list[tuple[int, str, bytes, bool]]:
                 entries = await store.outbox(after, limit)

@@ -187,6 +187,7 @@ class EncodersSection(_Section):
     manifest: Path
     manifest_sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
     device: str
+    workers: Annotated[int, Field(ge=0)]
     threads: Annotated[int, Field(ge=0)]
     batch: dict[str, BatchSection]
     queue_size: PositiveInt

@@ -68,6 +68,11 @@ class Metrics:
             ["stage"],
             registry=registry,
         )
+        self.encoder_workers = Gauge(
+            "poc_encoder_workers",
+            "Encoder worker processes (encoders.workers; 0: the node's own thread encodes)",
+            registry=registry,
+        )
         self.encode_batch = Histogram(
             "poc_encode_batch_items",
             "Items per encoder micro-batch, by modality",

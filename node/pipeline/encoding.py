@@ -1,12 +1,14 @@
-"""Torch off the event loop: micro-batches per modality, one encoder thread, never idle.
+"""Torch off the event loop: micro-batches per modality, encoders never idle while items wait.
 
-Items wait in one queue per modality. The encoder thread runs one batch at a
-time: whenever it is free it takes the modality whose oldest item has waited
-longest, and up to that modality's batch size of its items (``BatchPolicy``).
-While the thread is busy, items gather by themselves, so under load batches
-fill without any waiting; only an item that arrives at an idle encoder waits,
-at most its modality's ``wait_ms``, for company. A full queue makes ``embed``
-wait, which pushes back on intake instead of growing memory.
+Items wait in one queue per modality. The engine (``node.pipeline.engines``:
+the node's own thread, or encoder worker processes) has slots, each running
+one batch at a time: whenever a slot is free it takes the modality whose
+oldest item has waited longest, and up to that modality's batch size of its
+items (``BatchPolicy``). While the slots are busy, items gather by
+themselves, so under load batches fill without any waiting; only an item that
+arrives while every slot is idle waits, at most its modality's ``wait_ms``,
+for company. A full queue makes ``embed`` wait, which pushes back on intake
+instead of growing memory.
 """
 
 from __future__ import annotations
@@ -16,19 +18,15 @@ import logging
 import time
 from collections import deque
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from encoders.modality import Modality
 from encoders.shard import EncodeRequest, ItemEmbedding, Shard
 from node.ops.metrics import Metrics
-from node.ops.threads import name_thread, threads_cpu_seconds
 from node.pipeline.batching import BatchPolicy
+from node.pipeline.engines import Engine, InProcess
 
 log = logging.getLogger("poc.encoding")
-
-ENCODER_THREAD = "poc-encoder"
-"""The encoder thread's name, inherited by the threads torch starts from it."""
 
 
 @dataclass
@@ -40,23 +38,24 @@ class _Job:
 
 
 class EncoderService:
-    """Runs a :class:`Shard` on its own thread for coroutines that await embeddings."""
+    """Runs a :class:`Shard` (through an engine) for coroutines that await embeddings."""
 
     def __init__(
-        self, shard: Shard, policy: BatchPolicy, queue_size: int, metrics: Metrics
+        self,
+        shard: Shard,
+        policy: BatchPolicy,
+        queue_size: int,
+        metrics: Metrics,
+        engine: Engine | None = None,
     ) -> None:
         self.shard = shard
+        self.engine = engine or InProcess(shard)
         self._policy = policy
         self._queues: dict[Modality, deque[_Job]] = {m: deque() for m in policy.batches}
         self._room = asyncio.Semaphore(queue_size)
         self._arrived = asyncio.Event()
         self._metrics = metrics
-        self._thread = ThreadPoolExecutor(
-            max_workers=1,
-            thread_name_prefix="encoder",
-            initializer=name_thread,
-            initargs=(ENCODER_THREAD,),
-        )
+        self._running = 0
 
     @property
     def queued(self) -> int:
@@ -77,27 +76,40 @@ class EncoderService:
         return min(waiting, key=lambda pair: pair[0])[1] if waiting else None
 
     async def run(self) -> None:
+        free: asyncio.Queue[int] = asyncio.Queue()
+        for slot in range(self.engine.slots):
+            free.put_nowait(slot)
+        async with asyncio.TaskGroup() as group:
+            while True:
+                slot = await free.get()
+                modality = await self._next()
+                group.create_task(self._encode(slot, self._take(modality), free))
+
+    async def _next(self) -> Modality:
+        """The modality to encode next, once there is one."""
         loop = asyncio.get_running_loop()
-        while True:
+        modality = self._oldest()
+        if modality is not None:
+            return modality
+        while modality is None:
+            self._arrived.clear()
+            await self._arrived.wait()
             modality = self._oldest()
-            if modality is None:
-                self._arrived.clear()
-                await self._arrived.wait()
-                # The encoder was idle: this item may wait a little for company.
-                modality = self._oldest()
-                assert modality is not None
-                deadline = loop.time() + self._policy.wait_s(modality)
-                while len(self._queues[modality]) < self._policy.size(modality):
-                    remaining = deadline - loop.time()
-                    if remaining <= 0:
-                        break
-                    self._arrived.clear()
-                    try:
-                        async with asyncio.timeout(remaining):
-                            await self._arrived.wait()
-                    except TimeoutError:
-                        break
-            await self._encode(self._take(modality))
+        if self._running:
+            return modality
+        # Every slot was idle: this item may wait a little for company.
+        deadline = loop.time() + self._policy.wait_s(modality)
+        while len(self._queues[modality]) < self._policy.size(modality):
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            self._arrived.clear()
+            try:
+                async with asyncio.timeout(remaining):
+                    await self._arrived.wait()
+            except TimeoutError:
+                break
+        return modality
 
     def _take(self, modality: Modality) -> list[_Job]:
         """Up to a batch of ``modality``'s oldest jobs, all of one beacon."""
@@ -119,14 +131,21 @@ class EncoderService:
         self._metrics.queue_depth.labels(queue="encode").set(self.queued)
         return batch
 
-    async def _encode(self, group: list[_Job]) -> None:
+    async def _encode(self, slot: int, group: list[_Job], free: asyncio.Queue[int]) -> None:
+        self._running += 1
+        try:
+            await self._encode_on(slot, group)
+        finally:
+            self._running -= 1
+            free.put_nowait(slot)
+
+    async def _encode_on(self, slot: int, group: list[_Job]) -> None:
         if not group:
             return
-        loop = asyncio.get_running_loop()
         started = time.perf_counter()
         try:
-            embeddings, cpu = await loop.run_in_executor(
-                self._thread, _embed, self.shard, [job.request for job in group], group[0].beacon
+            embeddings, cpu = await self.engine.embed(
+                slot, [job.request for job in group], group[0].beacon
             )
         except Exception as error:  # a failing batch fails its items, never the node
             log.exception("event=encode_failed items=%d", len(group))
@@ -148,13 +167,4 @@ class EncoderService:
                     ).observe(loss)
 
     def close(self) -> None:
-        self._thread.shutdown(wait=False, cancel_futures=True)
-
-
-def _embed(
-    shard: Shard, requests: list[EncodeRequest], beacon: bytes
-) -> tuple[list[ItemEmbedding], float]:
-    """The batch's embeddings, and the CPU time the encoder's threads spent on them."""
-    before = threads_cpu_seconds(ENCODER_THREAD)
-    embeddings = shard.embed(requests, beacon)
-    return embeddings, threads_cpu_seconds(ENCODER_THREAD) - before
+        self.engine.close()

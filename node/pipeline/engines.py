@@ -1,0 +1,205 @@
+"""Where the encoders run: in the node's process, or in encoder worker processes.
+
+An engine offers ``slots``: batches that may be encoded at once. The
+``EncoderService`` fills them (``node.pipeline.encoding``).
+
+- ``InProcess``: the node's own shard on one thread (``poc-encoder``); the
+  choice for a GPU, where one process should own the device.
+- ``WorkerProcesses``: ``encoders.workers`` processes, each loading the
+  pinned shard itself (its hash checked at start) and encoding one batch at
+  a time with ``encoders.threads`` torch threads. On CPU this is the faster
+  choice: the node's other threads (the bus, verification, the store) never
+  hold a worker's interpreter lock, and one single-threaded worker per core
+  wastes no time at the barriers of torch's thread pool when another process
+  takes a core for a while (bench/bench_e2e.py).
+
+A worker that dies mid-batch is replaced and the batch is tried once more on
+the new one; items never depend on which worker encoded them (the shard is a
+pure function of the bytes, the epoch beacon and the weights).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import resource
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from encoders.shard import EncodeRequest, ItemEmbedding, Shard
+from node.errors import NodeError
+from node.ops.threads import name_thread, threads_cpu_seconds
+
+log = logging.getLogger("poc.encoding")
+
+ENCODER_THREAD = "poc-encoder"
+"""The encoder thread's name, inherited by the threads torch starts from it."""
+
+Embedded = tuple[list[ItemEmbedding], float]
+"""A batch's embeddings, and the CPU seconds spent encoding them."""
+
+
+class Engine(Protocol):
+    """Runs the shard on batches, ``slots`` of them at once."""
+
+    @property
+    def slots(self) -> int: ...
+
+    async def start(self) -> None:
+        """Ready to encode (workers started and their weights checked)."""
+        ...
+
+    async def embed(self, slot: int, requests: Sequence[EncodeRequest], beacon: bytes) -> Embedded:
+        """Encode one batch on ``slot`` (never used twice at once)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class InProcess:
+    """The node's shard, on one thread of the node."""
+
+    def __init__(self, shard: Shard) -> None:
+        self.shard = shard
+        self._thread = ThreadPoolExecutor(
+            max_workers=1, initializer=name_thread, initargs=(ENCODER_THREAD,)
+        )
+
+    @property
+    def slots(self) -> int:
+        return 1
+
+    async def start(self) -> None:
+        return None
+
+    async def embed(self, slot: int, requests: Sequence[EncodeRequest], beacon: bytes) -> Embedded:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._thread, _embed, self.shard, requests, beacon)
+
+    def close(self) -> None:
+        self._thread.shutdown(wait=False, cancel_futures=True)
+
+
+def _embed(shard: Shard, requests: Sequence[EncodeRequest], beacon: bytes) -> Embedded:
+    before = threads_cpu_seconds(ENCODER_THREAD)
+    embeddings = shard.embed(requests, beacon)
+    return embeddings, threads_cpu_seconds(ENCODER_THREAD) - before
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """What a worker needs to load the pinned shard by itself."""
+
+    manifest: Path
+    manifest_sha256: str
+    device: str
+    tau: float
+    mask_count: int
+    threads: int
+
+
+_WORKER_SHARD: Shard | None = None
+
+
+def _start_worker(spec: ShardSpec) -> None:
+    """Runs first in every encoder worker: load and verify the shard, once."""
+    global _WORKER_SHARD
+    from node.ops.orphan_guard import watch_parent
+
+    watch_parent()
+    name_thread(ENCODER_THREAD)
+    import torch
+
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    _WORKER_SHARD = Shard.load(
+        spec.manifest,
+        spec.manifest_sha256,
+        device=spec.device,
+        tau=spec.tau,
+        mask_count=spec.mask_count,
+    )
+
+
+def _worker_weights() -> str:
+    assert _WORKER_SHARD is not None
+    return _WORKER_SHARD.weights_id
+
+
+def _worker_embed(requests: Sequence[EncodeRequest], beacon: bytes) -> Embedded:
+    assert _WORKER_SHARD is not None
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    embeddings = _WORKER_SHARD.embed(requests, beacon)
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return embeddings, cpu
+
+
+class WorkerProcesses:
+    """``workers`` encoder processes, one batch at a time each."""
+
+    def __init__(self, spec: ShardSpec, workers: int, weights_id: str) -> None:
+        if workers < 1:
+            raise ValueError(f"workers={workers} must be at least 1")
+        self._spec = spec
+        self._weights_id = weights_id
+        self._context = multiprocessing.get_context("forkserver")
+        self._workers = [self._new_worker() for _ in range(workers)]
+
+    def _new_worker(self) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(
+            max_workers=1,
+            mp_context=self._context,
+            initializer=_start_worker,
+            initargs=(self._spec,),
+        )
+
+    @property
+    def slots(self) -> int:
+        return len(self._workers)
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            found = await asyncio.gather(
+                *(loop.run_in_executor(worker, _worker_weights) for worker in self._workers)
+            )
+        except BrokenProcessPool:
+            raise NodeError(
+                "an encoder worker could not load the weights (see its error above)"
+            ) from None
+        wrong = [weights for weights in found if weights != self._weights_id]
+        if wrong:  # pragma: no cover - the same pinned manifest is loaded
+            raise NodeError(f"an encoder worker loaded weights {wrong[0]}, not {self._weights_id}")
+
+    async def embed(self, slot: int, requests: Sequence[EncodeRequest], beacon: bytes) -> Embedded:
+        loop = asyncio.get_running_loop()
+        for attempt in (1, 2):
+            worker = self._workers[slot]
+            try:
+                return await loop.run_in_executor(worker, _worker_embed, list(requests), beacon)
+            except BrokenProcessPool:
+                log.error(
+                    "event=encoder_worker_lost slot=%d items=%d attempt=%d",
+                    slot,
+                    len(requests),
+                    attempt,
+                )
+                _kill(worker)
+                self._workers[slot] = self._new_worker()
+        raise RuntimeError("encoder workers died twice on this batch")
+
+    def close(self) -> None:
+        for worker in self._workers:
+            _kill(worker)
+
+
+def _kill(worker: ProcessPoolExecutor) -> None:
+    for process in list(getattr(worker, "_processes", {}).values()):
+        process.kill()
+    worker.shutdown(wait=False, cancel_futures=True)
