@@ -193,8 +193,9 @@ class Node:
             self._encoders_loaded = True
             described = describe_committee(self.committee)
             await store.set_meta("committee", described)
-            # Off the loop: /healthz answers while a large history is read.
-            history = await asyncio.to_thread(load_history, shard, await store.history_items())
+            # Off the loop, on the store's thread, in chunks: /healthz answers
+            # while a large history is read.
+            history = await store.call(lambda db: load_history(shard, db.history_chunks(shard.dim)))
             self.metrics.history_size.set(len(history))
             log.info(
                 "event=encoders_loaded weights=%s dim=%d history=%d",
