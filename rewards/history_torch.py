@@ -27,7 +27,9 @@ Why it answers as the reference does:
   becomes a ``[queries, N]`` matrix.
 - Each chunk's k nearest are chosen by the key (distance, id), then merged
   with the running k nearest by the same key: equal float32 distances go to
-  the smaller id, whatever the chunking. Like faiss, the float32 value of a
+  the smaller id, whatever the chunking. (``topk`` on the distances finds
+  them unless the k-th and the next distance of a chunk are equal, which
+  the search detects and then ranks that block's rows by key.) Like faiss, the float32 value of a
   distance may still differ in its last bits between batch shapes (matrix
   products block their sums differently), so near-ties may come in another
   order; the exact re-ranking makes that harmless.
@@ -154,28 +156,50 @@ class TorchHistoryIndex:
         with torch.inference_mode():
             for start in range(0, len(half), self._query_block):
                 block = wide[start : start + self._query_block]
-                keys = self._nearest_keys(block, wanted)
+                keys, tied = self._nearest_keys(block, wanted, exact_ties=False)
+                if bool(tied):
+                    keys, _ = self._nearest_keys(block, wanted, exact_ties=True)
                 ids = (keys & 0xFFFFFFFF).cpu().numpy()
                 found[start : start + len(block), :wanted] = ids
         return found
 
-    def _nearest_keys(self, queries: torch.Tensor, wanted: int) -> torch.Tensor:
-        """Sorted keys ``[q, wanted]`` of the nearest rows: distance bits, then id."""
+    def _nearest_keys(
+        self, queries: torch.Tensor, wanted: int, *, exact_ties: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sorted keys ``[q, wanted]`` of the nearest rows (distance bits, then id), and a flag.
+
+        Without ``exact_ties`` each chunk keeps the ``wanted`` smallest
+        distances that ``topk`` picks, which are the right rows unless the
+        next smallest distance equals the last one kept: then the flag (a
+        device tensor, read once by the caller) says to search again with
+        ``exact_ties``, which ranks every row of a chunk by its key.
+        """
+        rows = min(self._chunk_rows, self._size)
+        wide = torch.empty((rows, self._dim), dtype=torch.float32, device=self._device)
+        scratch = torch.empty(len(queries) * rows, dtype=torch.float32, device=self._device)
+        tied = torch.zeros((), dtype=torch.bool, device=self._device)
         best: torch.Tensor | None = None
-        for start in range(0, self._size, self._chunk_rows):
-            stop = min(start + self._chunk_rows, self._size)
-            rows = self._stored[start:stop].float()
-            distances = torch.addmm(self._norms[start:stop], queries, rows.T, alpha=-2.0)
-            ids = torch.arange(start, stop, dtype=torch.int64, device=self._device)
-            keys = _sortable(distances) + ids
-            nearest = keys.topk(min(wanted, stop - start), largest=False, sorted=False).values
+        for start in range(0, self._size, rows):
+            stop = min(start + rows, self._size)
+            count = stop - start
+            chunk = wide[:count]
+            chunk.copy_(self._stored[start:stop])
+            distances = scratch[: len(queries) * count].view(len(queries), count)
+            torch.addmm(self._norms[start:stop], queries, chunk.T, alpha=-2.0, out=distances)
+            if exact_ties or count <= wanted:
+                ids = torch.arange(start, stop, dtype=torch.int64, device=self._device)
+                keys = _sortable(distances) + ids
+                nearest = keys.topk(min(wanted, count), largest=False, sorted=False).values
+            else:
+                values, ids = distances.topk(wanted + 1, dim=1, largest=False)
+                tied |= (values[:, wanted] == values[:, wanted - 1]).any()
+                nearest = _sortable(values[:, :wanted]) + ids[:, :wanted] + start
             if best is not None:
                 nearest = torch.cat([best, nearest], dim=1)
-                count = min(wanted, nearest.shape[1])
-                nearest = nearest.topk(count, largest=False, sorted=False).values
+                nearest = nearest.topk(min(wanted, nearest.shape[1]), largest=False).values
             best = nearest
         assert best is not None
-        return best.sort(dim=1).values
+        return best.sort(dim=1).values, tied
 
     def vectors(self, ids: npt.NDArray[np.int64]) -> npt.NDArray[np.float64]:
         """Float64 copies of the stored float16 embeddings, for exact recomputation."""
