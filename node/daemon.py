@@ -234,8 +234,9 @@ class Node:
             shard = await asyncio.to_thread(load_shard, config)
             described = describe_committee(self.committee)
             await store.set_meta("committee", described)
-            # Off the loop: /healthz answers while a large history is read.
-            history = await asyncio.to_thread(load_history, shard, await store.history_items())
+            # Off the loop, on the store's thread, in chunks: /healthz answers
+            # while a large history is read.
+            history = await store.call(lambda db: load_history(shard, db.history_chunks(shard.dim)))
             self.metrics.history_size.set(len(history))
             log.info(
                 "event=encoders_loaded weights=%s dim=%d history=%d",

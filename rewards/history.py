@@ -5,11 +5,20 @@ gap score is computed from it (DESIGN.md §6, §7). So the history stores the
 float16 values that consensus certified, never a validator's own floats, and
 the exact index (faiss ``IndexFlatL2``) is the reference that approximate
 indexes are measured against.
+
+Two exact indexes implement ``EmbeddingIndex``: ``HistoryIndex`` (faiss, on
+the CPU, the default) and ``rewards.history_torch.TorchHistoryIndex`` (torch,
+on the CPU or a CUDA device; its own module, so that importing the rewards
+does not import torch). ``History(dim, index=...)`` takes the factory of its
+per-modality indexes, e.g. ``partial(TorchHistoryIndex, device="cuda")``.
+Both propose candidates only: gap scores re-rank them exactly in float64
+(``rewards.curiosity``), so validators running either index agree on every
+score as long as the true k nearest are among the candidates.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import faiss
@@ -32,7 +41,9 @@ def quantize(vectors: npt.ArrayLike, dim: int) -> npt.NDArray[np.float16]:
     Converting straight to float16 (not via float32) gives every validator the
     same values whatever dtype its encoder produced. Non-finite values, or
     values that overflow float16, are refused: one of them would poison every
-    distance computed against it.
+    distance computed against it. An array that is already C-contiguous
+    float16 is returned as it is, not copied (a history of a million rows is
+    read in float16).
     """
     array = np.asarray(vectors)
     if array.ndim != 2 or array.shape[1] != dim:
@@ -40,7 +51,7 @@ def quantize(vectors: npt.ArrayLike, dim: int) -> npt.NDArray[np.float16]:
     if array.dtype.kind not in "fiu":
         raise ValueError(f"expected a numeric array, got dtype {array.dtype}")
     with np.errstate(over="ignore", invalid="ignore"):
-        half = np.ascontiguousarray(array.astype(np.float16))
+        half = np.ascontiguousarray(array.astype(np.float16, copy=False))
     if not np.isfinite(half).all():
         raise ValueError("vectors must be finite and within float16 range")
     return half
@@ -141,6 +152,10 @@ class HistoryIndex:
         return np.asarray(stored, dtype=np.float64)
 
 
+IndexFactory = Callable[[int], EmbeddingIndex]
+"""Makes an empty exact index of a dimension: ``HistoryIndex``, or a ``TorchHistoryIndex``."""
+
+
 class _Ids:
     """A growable int64 array (amortised doubling), so that lookups stay numpy-fast."""
 
@@ -172,13 +187,17 @@ class History:
     modality only: near-duplicates are judged between items of one modality
     (DESIGN.md §3), because a fused caption and the picture it was paired
     with lie closer together than two renderings of one picture.
+
+    ``index`` makes each modality's exact index (and the known junk's):
+    ``HistoryIndex`` by default, or a ``TorchHistoryIndex`` factory.
     """
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, index: IndexFactory = HistoryIndex) -> None:
         if dim <= 0:
             raise ValueError(f"dim must be positive, got {dim}")
         self._dim = dim
-        self._indexes: dict[str, HistoryIndex] = {}
+        self._new_index = index
+        self._indexes: dict[str, EmbeddingIndex] = {}
         self._global: dict[str, _Ids] = {}
         self._modality_of = _Ids()  # position of the modality in self._names
         self._local = _Ids()
@@ -193,7 +212,7 @@ class History:
     def add_junk(self, modalities: Sequence[str], vectors: npt.NDArray[Any]) -> None:
         """Remember embeddings of known junk; they are not part of H (``len`` ignores them)."""
         if self._junk is None:
-            self._junk = History(self._dim)
+            self._junk = History(self._dim, self._new_index)
         self._junk.add(modalities, vectors)
 
     @property
@@ -221,13 +240,13 @@ class History:
             rows = np.flatnonzero(labels == modality)
             index = self._indexes.get(modality)
             if index is None:
-                index = self._indexes[modality] = HistoryIndex(self._dim)
+                index = self._indexes[modality] = self._new_index(self._dim)
                 self._global[modality] = _Ids()
                 self._names.append(modality)
             codes[rows] = self._names.index(modality)
             local[rows] = len(index) + np.arange(len(rows))
             self._global[modality].extend(start + rows)
-            index.add(half[rows])
+            index.add(half if len(rows) == len(half) else half[rows])
         self._modality_of.extend(codes)
         self._local.extend(local)
 

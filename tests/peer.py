@@ -20,11 +20,25 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 PREFIX = "poc/v1"
-REASONS = frozenset({
-    "malformed", "non_canonical", "wrong_topic", "bad_signature", "bad_commitment", "stale",
-    "replay", "duplicate", "too_large", "unsupported_modality", "same_modality",
-    "undecodable", "pair_too_far", "rate_limited", "expired",
-})
+REASONS = frozenset(
+    {
+        "malformed",
+        "non_canonical",
+        "wrong_topic",
+        "bad_signature",
+        "bad_commitment",
+        "stale",
+        "replay",
+        "duplicate",
+        "too_large",
+        "unsupported_modality",
+        "same_modality",
+        "undecodable",
+        "pair_too_far",
+        "rate_limited",
+        "expired",
+    }
+)
 """The closed set of rejection reason codes (DESIGN.md §3)."""
 
 

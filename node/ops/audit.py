@@ -164,10 +164,8 @@ async def _audit(
     shard = await asyncio.to_thread(load_shard, config)
     metrics = Metrics(CollectorRegistry())
     rows = await store.history_rows()
-    history = await asyncio.to_thread(
-        load_history,
-        shard,
-        [(modality, vector) for number, _, _, modality, vector in rows if number < first],
+    history = await store.call(
+        lambda db: load_history(shard, db.history_chunks(shard.dim, before_round=first))
     )
     decoders = DecoderPool(
         config.decode.workers,

@@ -10,18 +10,24 @@ rest is read from the store in commit order. Both ``poc-node run`` and
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
-import numpy as np
+import numpy.typing as npt
 
 from encoders.shard import Shard
 from encoders.weights import read_genesis
-from node.rounds.records import from_float16
 from rewards.history import History
 
 
-def load_history(shard: Shard, items: Sequence[tuple[str, bytes]]) -> History:
-    """H from the shard's genesis history and the certified ``(modality, vector)`` items."""
+def load_history(shard: Shard, chunks: Iterable[tuple[Sequence[str], npt.NDArray[Any]]]) -> History:
+    """H from the shard's genesis history and the certified items, in chunks.
+
+    ``chunks`` are ``(modalities, float16 [n, dim])`` in commit order, as
+    ``Store.history_chunks`` reads them; each is added before the next is
+    read, so loading a history of a million items holds the index and one
+    chunk, not a second copy of the history.
+    """
     history = History(shard.dim)
     if shard.genesis is not None:
         genesis = read_genesis(shard.genesis, shard.dim)
@@ -29,9 +35,6 @@ def load_history(shard: Shard, items: Sequence[tuple[str, bytes]]) -> History:
             history.add(genesis.modalities, genesis.vectors)
         if len(genesis.junk_vectors):
             history.add_junk(genesis.junk_modalities, genesis.junk_vectors)
-    if items:
-        history.add(
-            [modality for modality, _ in items],
-            np.stack([from_float16(vector) for _, vector in items]),
-        )
+    for modalities, vectors in chunks:
+        history.add(modalities, vectors)
     return history

@@ -16,11 +16,14 @@ waits on ``fsync``.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+import numpy.typing as npt
 
 SCHEMA_VERSION = 4
 
@@ -684,6 +687,33 @@ class Store:
             (str(row[0]), bytes(row[1]))
             for row in self._db.execute("SELECT modality, vector FROM history ORDER BY seq")
         ]
+
+    def history_chunks(
+        self, dim: int, *, before_round: int | None = None, chunk_rows: int = 50_000
+    ) -> Iterator[tuple[list[str], npt.NDArray[np.float16]]]:
+        """The history in commit order: (modalities, float16 ``[n, dim]``) of ``chunk_rows`` items.
+
+        A history of a million items is never in memory as Python objects:
+        each chunk's vectors are one array over the joined bytes, and the
+        caller adds it to the index before the next chunk is read.
+        ``before_round`` yields only rounds before it (an audit's replay).
+        The generator reads the database while it is consumed: consume it on
+        the store's thread (``StoreThread.call``).
+        """
+        limit = 2**62 if before_round is None else before_round
+        cursor = self._db.execute(
+            "SELECT modality, vector FROM history WHERE round < ? ORDER BY seq", (limit,)
+        )
+        try:
+            while batch := cursor.fetchmany(chunk_rows):
+                modalities = [str(modality) for modality, _ in batch]
+                vectors = [vector for _, vector in batch]
+                if any(len(vector) != 2 * dim for vector in vectors):
+                    raise StoreError(f"a history vector is not {dim} float16 values")
+                joined = np.frombuffer(b"".join(vectors), dtype="<f2")
+                yield modalities, joined.reshape(len(batch), dim)
+        finally:
+            cursor.close()
 
     def accepted_hashes(
         self, hashes: Iterable[bytes], before_round: int | None = None

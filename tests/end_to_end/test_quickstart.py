@@ -87,9 +87,12 @@ def test_keygen_submit_through_the_embedded_broker(tmp_path: Path):
 
     database = sqlite3.connect(node.data_dir / "node.sqlite3")
     round_number, vector = database.execute(
-        "SELECT round, vector FROM history ORDER BY seq LIMIT 1").fetchone()
-    database.execute("UPDATE history SET vector = ? WHERE round = ? AND item = 0",
-                     (bytes(len(vector)), round_number))
+        "SELECT round, vector FROM history ORDER BY seq LIMIT 1"
+    ).fetchone()
+    database.execute(
+        "UPDATE history SET vector = ? WHERE round = ? AND item = 0",
+        (bytes(len(vector)), round_number),
+    )
     database.commit()
     database.close()
     tampered = poc("audit", "--data-dir", str(node.data_dir), "--config", str(config))
@@ -133,8 +136,17 @@ def test_a_key_outside_the_committee_refuses_to_start(tmp_path: Path):
     keygen = poc("keygen", "--out", str(tmp_path / "stranger.key"))
     assert keygen.returncode == 0
     committee = ROOT / "config" / "committee.example.yaml"
-    result = poc("run", "--committee", str(committee), "--key", str(tmp_path / "stranger.key"),
-                 "--data-dir", str(tmp_path / "data"), "--bus", "mqtt://127.0.0.1:9")
+    result = poc(
+        "run",
+        "--committee",
+        str(committee),
+        "--key",
+        str(tmp_path / "stranger.key"),
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--bus",
+        "mqtt://127.0.0.1:9",
+    )
     assert result.returncode == 1
     assert "is not a member of the committee" in result.stderr
     assert keygen.stdout.strip() in result.stderr

@@ -34,8 +34,9 @@ class PersistentListener:
     async def run(self) -> None:
         while True:
             try:
-                async with aiomqtt.Client("127.0.0.1", self.port, identifier="outage-listener",
-                                          clean_session=False) as client:
+                async with aiomqtt.Client(
+                    "127.0.0.1", self.port, identifier="outage-listener", clean_session=False
+                ) as client:
                     await client.subscribe(f"{PREFIX}/results/#", qos=1)
                     self.connected.set()
                     async for message in client.messages:
@@ -56,12 +57,17 @@ async def publish(port: int, raws: list[bytes]) -> None:
 def test_the_node_rides_out_a_broker_restart(tmp_path: Path):
     """On a stream that pays: the ledger equals the final rewards and is not zero."""
     broker = start_mosquitto(tmp_path)
-    node = start_node(tmp_path / "node", f"mqtt://127.0.0.1:{broker.port}",
-                      write_node_config(tmp_path / "node.yaml", rounds={"round_seconds": 1},
-                                        scoring={"k": 2, "qualify_ratio": 10.0, "top_k": 3}))
+    node = start_node(
+        tmp_path / "node",
+        f"mqtt://127.0.0.1:{broker.port}",
+        write_node_config(
+            tmp_path / "node.yaml",
+            rounds={"round_seconds": 1},
+            scoring={"k": 2, "qualify_ratio": 10.0, "top_k": 3},
+        ),
+    )
     peer = Peer()
-    before = [peer.submission([("text", "text/plain", f"before {i}".encode())])
-              for i in range(8)]
+    before = [peer.submission([("text", "text/plain", f"before {i}".encode())]) for i in range(8)]
     after = [peer.submission([("text", "text/plain", f"after {i}".encode())]) for i in range(4)]
 
     async def scenario() -> dict[bytes, dict[str, Any]]:
@@ -94,6 +100,10 @@ def test_the_node_rides_out_a_broker_restart(tmp_path: Path):
         broker.stop()
     ledger = subprocess.run(
         [str(POC_NODE), "ledger", "--data-dir", str(tmp_path / "node" / "data"), "--json"],
-        capture_output=True, text=True, timeout=60, check=True)
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     told = sum(int(finals[submission_id(raw)]["reward"]) for raw in before + after)
     assert sum(json.loads(ledger.stdout).values()) == told > 0

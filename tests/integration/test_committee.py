@@ -45,8 +45,9 @@ pytestmark = pytest.mark.integration
 ROUND_SECONDS = 3
 
 
-def make_committee(directory: Path, count: int, start_in_s: float) -> tuple[Path, list[Path],
-                                                                             Committee]:
+def make_committee(
+    directory: Path, count: int, start_in_s: float
+) -> tuple[Path, list[Path], Committee]:
     keys = []
     for index in range(count):
         path = directory / f"v{index}.key"
@@ -58,13 +59,19 @@ def make_committee(directory: Path, count: int, start_in_s: float) -> tuple[Path
         "genesis_ms": genesis,
         "round_seconds": ROUND_SECONDS,
         "epoch_rounds": 20,
-        "members": [{"name": f"v{i}", "public_key": key.public_hex, "stake": 100}
-                    for i, (_, key) in enumerate(keys)],
+        "members": [
+            {"name": f"v{i}", "public_key": key.public_hex, "stake": 100}
+            for i, (_, key) in enumerate(keys)
+        ],
     }
     path = directory / "committee.yaml"
     path.write_text(yaml.safe_dump(document))
-    committee = Committee(genesis, ROUND_SECONDS, 20, tuple(
-        Member(f"v{i}", key.public_key, 100) for i, (_, key) in enumerate(keys)))
+    committee = Committee(
+        genesis,
+        ROUND_SECONDS,
+        20,
+        tuple(Member(f"v{i}", key.public_key, 100) for i, (_, key) in enumerate(keys)),
+    )
     return path, [p for p, _ in keys], committee
 
 
@@ -74,17 +81,29 @@ def member_config(directory: Path, committee: Path, key: Path) -> Path:
         node={"committee": str(committee), "key": str(key)},
         # A flood of 150 spans several rounds: the cap on a round's records must fire.
         rounds={"max_records": 20, "expiry_rounds": 20},
-        consensus={"sync_timeout_s": 1, "propose_timeout_s": 2, "prevote_timeout_s": 1,
-                   "precommit_timeout_s": 1, "timeout_delta_s": 0.5, "rebroadcast_s": 1},
+        consensus={
+            "sync_timeout_s": 1,
+            "propose_timeout_s": 2,
+            "prevote_timeout_s": 1,
+            "precommit_timeout_s": 1,
+            "timeout_delta_s": 0.5,
+            "rebroadcast_s": 1,
+        },
     )
 
 
-def start_members(directory: Path, bus: str, committee: Path, keys: list[Path]
-                  ) -> list[NodeProcess]:
+def start_members(
+    directory: Path, bus: str, committee: Path, keys: list[Path]
+) -> list[NodeProcess]:
     with ThreadPoolExecutor(len(keys)) as pool:
         futures = [
-            pool.submit(start_node, directory / f"n{i}", bus,
-                        member_config(directory / f"c{i}", committee, key), 240)
+            pool.submit(
+                start_node,
+                directory / f"n{i}",
+                bus,
+                member_config(directory / f"c{i}", committee, key),
+                240,
+            )
             for i, key in enumerate(keys)
         ]
         return [future.result() for future in futures]
@@ -96,27 +115,29 @@ def read_state(data_dir: Path, up_to: int) -> dict[str, Any]:
         return {
             "ledger": [e for e in store.ledger_entries() if e[0] <= up_to],
             "history": [h for h in store.history_rows() if h[0] <= up_to],
-            "rounds": [(r.round, r.value_hash)
-                       for r in store.committed_rounds(0, up_to, 100_000)],
+            "rounds": [(r.round, r.value_hash) for r in store.committed_rounds(0, up_to, 100_000)],
         }
     finally:
         store.close()
 
 
-async def finals_from_all(listener: ResultListener, identity: bytes, validators: set[bytes],
-                          timeout: float = 90) -> list[dict[str, Any]]:
+async def finals_from_all(
+    listener: ResultListener, identity: bytes, validators: set[bytes], timeout: float = 90
+) -> list[dict[str, Any]]:
     async with asyncio.timeout(timeout):
         while True:
-            finals = {r["validator"]: r for r in listener.about(identity)
-                      if r["status"] in ("final", "rejected")}
+            finals = {
+                r["validator"]: r
+                for r in listener.about(identity)
+                if r["status"] in ("final", "rejected")
+            }
             if validators <= set(finals):
                 return [finals[v] for v in validators]
             await asyncio.sleep(0.2)
 
 
 def same_outcome(results: list[dict[str, Any]]) -> None:
-    keys = ("status", "reason", "round", "scores_ppm", "reward", "pair_distance_ppm",
-            "embeddings")
+    keys = ("status", "reason", "round", "scores_ppm", "reward", "pair_distance_ppm", "embeddings")
     first = {k: results[0][k] for k in keys}
     for other in results[1:]:
         assert {k: other[k] for k in keys} == first
@@ -139,7 +160,8 @@ def wait_metric(node: NodeProcess, name: str, at_least: float, timeout: float) -
 
 
 def test_four_members_finalize_through_a_late_start_a_freeze_a_kill_and_a_flood(
-        mosquitto: Broker, tmp_path: Path, stop_all: list[NodeProcess]):
+    mosquitto: Broker, tmp_path: Path, stop_all: list[NodeProcess]
+):
     """Staggered starts, SIGSTOP, SIGKILL and a flood: every submission reaches one final."""
     committee_file, keys, committee = make_committee(tmp_path, 4, start_in_s=25)
     bus = f"mqtt://127.0.0.1:{mosquitto.port}"
@@ -153,15 +175,25 @@ def test_four_members_finalize_through_a_late_start_a_freeze_a_kill_and_a_flood(
     async def scenario() -> None:
         async with ResultListener(mosquitto.port) as listener:
             # v3 starts about ten seconds after the others have begun finalizing.
-            first = peer.submission([("text", "text/plain", b"a yellow triangle"),
-                                     ("image", "image/png", image_bytes("RGB", size=(41, 40)))])
+            first = peer.submission(
+                [
+                    ("text", "text/plain", b"a yellow triangle"),
+                    ("image", "image/png", image_bytes("RGB", size=(41, 40))),
+                ]
+            )
             await listener.publish(first)
             present = validators - {key_of[3]}
             same_outcome(await finals_from_all(listener, submission_id(first), present, 120))
             await asyncio.sleep(10)
-            late.append(await asyncio.to_thread(
-                start_node, tmp_path / "n3", bus,
-                member_config(tmp_path / "c3", committee_file, keys[3]), 240))
+            late.append(
+                await asyncio.to_thread(
+                    start_node,
+                    tmp_path / "n3",
+                    bus,
+                    member_config(tmp_path / "c3", committee_file, keys[3]),
+                    240,
+                )
+            )
             stop_all.append(late[0])
             raw = peer.submission([("text", "text/plain", b"after the late start")])
             await listener.publish(raw)
@@ -173,8 +205,11 @@ def test_four_members_finalize_through_a_late_start_a_freeze_a_kill_and_a_flood(
             try:
                 raw = peer.submission([("text", "text/plain", b"while one member is frozen")])
                 await listener.publish(raw)
-                same_outcome(await finals_from_all(listener, submission_id(raw),
-                                                   validators - {key_of[1]}, 60))
+                same_outcome(
+                    await finals_from_all(
+                        listener, submission_id(raw), validators - {key_of[1]}, 60
+                    )
+                )
                 await asyncio.sleep(max(20 - (time.monotonic() - frozen_at), 0))
             finally:
                 nodes[1].process.send_signal(signal.SIGCONT)
@@ -182,13 +217,19 @@ def test_four_members_finalize_through_a_late_start_a_freeze_a_kill_and_a_flood(
             # v2 is killed; a flood arrives meanwhile; v2 comes back.
             nodes[2].stop(signal.SIGKILL)
             crowd = [Peer() for _ in range(30)]  # within each key's rate limit
-            flood = [crowd[i % 30].submission([("text", "text/plain", f"flood {i}".encode())])
-                     for i in range(150)]
+            flood = [
+                crowd[i % 30].submission([("text", "text/plain", f"flood {i}".encode())])
+                for i in range(150)
+            ]
             await asyncio.gather(*(listener.publish(raw) for raw in flood))
             await asyncio.sleep(3)
             nodes[2] = await asyncio.to_thread(
-                start_node, tmp_path / "n2", bus,
-                member_config(tmp_path / "c2", committee_file, keys[2]), 240)
+                start_node,
+                tmp_path / "n2",
+                bus,
+                member_config(tmp_path / "c2", committee_file, keys[2]),
+                240,
+            )
             stop_all.append(nodes[2])
             for raw in [flood[0], flood[-1], *flood[1:-1:15]]:
                 same_outcome(await finals_from_all(listener, submission_id(raw), validators, 180))
@@ -210,9 +251,19 @@ def test_four_members_finalize_through_a_late_start_a_freeze_a_kill_and_a_flood(
     for state in states[1:]:
         assert state == states[0]
     audit = subprocess.run(
-        [str(POC_NODE), "audit", "--data-dir", str(nodes[2].data_dir), "--config",
-         str(tmp_path / "c2" / "node.yaml")],
-        capture_output=True, text=True, timeout=300, check=False)
+        [
+            str(POC_NODE),
+            "audit",
+            "--data-dir",
+            str(nodes[2].data_dir),
+            "--config",
+            str(tmp_path / "c2" / "node.yaml"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert audit.returncode == 0, audit.stdout + audit.stderr
 
 
@@ -243,20 +294,23 @@ class ByzantineMember:
     def proposal(self, round_number: int, view: int, records: tuple[bytes, ...]) -> bytes:
         proposal = Proposal(round_number, view, self.key.public_key, records)
         return encode_proposal(
-            SignedProposal(proposal, self.signer.sign(Proposal.DOMAIN, proposal.body())))
+            SignedProposal(proposal, self.signer.sign(Proposal.DOMAIN, proposal.body()))
+        )
 
     def false_records(self) -> tuple[bytes, ...]:
-        record = RoundRecord(b"\x01" * 32, self.key.public_key, "final", None, 0, (), None, (),
-                             10**6, 10**6)
+        record = RoundRecord(
+            b"\x01" * 32, self.key.public_key, "final", None, 0, (), None, (), 10**6, 10**6
+        )
         return (record.to_bytes(),)
 
     def forged_evidence(self) -> bytes:
         """Evidence accusing honest v0, which v0 never signed: it must convince nobody."""
         victim = next(m for m in self.committee.members if m.name == "v0").public_key
         votes = [
-            SignedVote(Vote(VoteKind.PREVOTE, 0, 0, victim, value),
-                       self.signer.sign(Vote.DOMAIN, Vote(VoteKind.PREVOTE, 0, 0, victim,
-                                                          value).body()))
+            SignedVote(
+                Vote(VoteKind.PREVOTE, 0, 0, victim, value),
+                self.signer.sign(Vote.DOMAIN, Vote(VoteKind.PREVOTE, 0, 0, victim, value).body()),
+            )
             for value in (b"\x07" * 32, None)
         ]
         return encode_evidence(Evidence(votes[0], votes[1]))
@@ -284,13 +338,17 @@ class ByzantineMember:
                             for choice in (value, None):
                                 await client.publish(
                                     f"{PREFIX}/consensus/votes",
-                                    self.vote(kind, signed.round, signed.view, choice), qos=1)
+                                    self.vote(kind, signed.round, signed.view, choice),
+                                    qos=1,
+                                )
                         self.equivocations += 1
                         # Out of turn: a proposal for this round and one far ahead.
                         for r in (signed.round, signed.round + 100):
                             await client.publish(
                                 f"{PREFIX}/consensus/proposals",
-                                self.proposal(r, signed.view, self.false_records()), qos=1)
+                                self.proposal(r, signed.view, self.false_records()),
+                                qos=1,
+                            )
                         self.out_of_turn += 1
                         continue
                     summary = unpack(payload)
@@ -302,8 +360,7 @@ class ByzantineMember:
                     beacon = summary["beacon_after"]
                     for view in (0,):  # members only verify the view they are in
                         proposer = proposer_of(beacon, view, self.committee)
-                        if (proposer.public_key != self.key.public_key
-                                or (upcoming, view) in led):
+                        if proposer.public_key != self.key.public_key or (upcoming, view) in led:
                             continue
                         led.add((upcoming, view))
                         end = self.committee.round_end_ms(upcoming) / 1000
@@ -312,12 +369,15 @@ class ByzantineMember:
                         for records in (self.false_records(), replay):
                             await client.publish(
                                 f"{PREFIX}/consensus/proposals",
-                                self.proposal(upcoming, view, records), qos=1)
+                                self.proposal(upcoming, view, records),
+                                qos=1,
+                            )
                         self.proposals_as_proposer += 1
 
 
 def test_a_byzantine_member_cannot_break_the_committee(
-        mosquitto: Broker, tmp_path: Path, stop_all: list[NodeProcess]):
+    mosquitto: Broker, tmp_path: Path, stop_all: list[NodeProcess]
+):
     committee_file, keys, committee = make_committee(tmp_path, 4, start_in_s=25)
     bus = f"mqtt://127.0.0.1:{mosquitto.port}"
     honest = start_members(tmp_path, bus, committee_file, keys[:3])
@@ -349,8 +409,7 @@ def test_a_byzantine_member_cannot_break_the_committee(
         assert node.process.poll() is None, node.log_text()[-3000:]
         assert node.metric("poc_equivocations_total", 'member="v3"') >= 1
         assert node.metric("poc_equivocations_total", 'member="v0"') == 0  # forged accusation
-        assert node.metric("poc_consensus_rejected_total",
-                           'reason="evidence_bad_signature"') >= 1
+        assert node.metric("poc_consensus_rejected_total", 'reason="evidence_bad_signature"') >= 1
         assert node.metric("poc_consensus_rejected_total", 'reason="not_proposer"') >= 1
         assert node.metric("poc_consensus_rejected_total", 'reason="too_far_ahead"') >= 1
     assert sum(node.metric("poc_record_mismatches_total") for node in honest) >= 1
@@ -369,15 +428,26 @@ def test_a_byzantine_member_cannot_break_the_committee(
     finally:
         store.close()
     audit = subprocess.run(
-        [str(POC_NODE), "audit", "--data-dir", str(honest[0].data_dir), "--config",
-         str(tmp_path / "c0" / "node.yaml")],
-        capture_output=True, text=True, timeout=300, check=False)
+        [
+            str(POC_NODE),
+            "audit",
+            "--data-dir",
+            str(honest[0].data_dir),
+            "--config",
+            str(tmp_path / "c0" / "node.yaml"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert audit.returncode == 0, audit.stdout + audit.stderr
     assert "v3 signed two" in audit.stdout and "proves equivocation" in audit.stdout
 
 
 def test_twins_sharing_one_key_cannot_split_the_committee(
-        mosquitto: Broker, tmp_path: Path, stop_all: list[NodeProcess]):
+    mosquitto: Broker, tmp_path: Path, stop_all: list[NodeProcess]
+):
     """Two processes run with v3's key (an operator's failover gone wrong)."""
     committee_file, keys, committee = make_committee(tmp_path, 4, start_in_s=25)
     bus = f"mqtt://127.0.0.1:{mosquitto.port}"
@@ -389,8 +459,10 @@ def test_twins_sharing_one_key_cannot_split_the_committee(
 
     async def scenario() -> None:
         async with ResultListener(mosquitto.port) as listener:
-            raws = [crowd[i % 4].submission([("text", "text/plain", f"twins {i}".encode())])
-                    for i in range(8)]
+            raws = [
+                crowd[i % 4].submission([("text", "text/plain", f"twins {i}".encode())])
+                for i in range(8)
+            ]
             for raw in raws:
                 await listener.publish(raw)
                 await asyncio.sleep(ROUND_SECONDS / 2)

@@ -31,17 +31,23 @@ pytestmark = pytest.mark.integration
 EMISSION = 1_000_000
 
 
-def stream(port: int, peers: list[Peer], count: int, sent: list[bytes], done: threading.Event,
-           finals: dict[bytes, dict[str, object]]) -> None:
+def stream(
+    port: int,
+    peers: list[Peer],
+    count: int,
+    sent: list[bytes],
+    done: threading.Event,
+    finals: dict[bytes, dict[str, object]],
+) -> None:
     """Publish ``count`` submissions, set ``done``, then collect every one's last Result."""
+
     async def publish() -> None:
         async with ResultListener(port) as listener:
             for index in range(count):
                 peer = peers[index % len(peers)]
                 items = [("text", "text/plain", f"observation number {index}".encode())]
                 if index % 3 == 0:
-                    items.append(("image", "image/png",
-                                  image_bytes("RGB", size=(20 + index, 20))))
+                    items.append(("image", "image/png", image_bytes("RGB", size=(20 + index, 20))))
                 raw = peer.submission(items)
                 sent.append(raw)
                 await listener.publish(raw)
@@ -75,8 +81,7 @@ def test_kill_9_anywhere_loses_nothing_and_pays_nothing_twice(tmp_path: Path):
     done = threading.Event()
     finals: dict[bytes, dict[str, object]] = {}
     peers = [Peer() for _ in range(4)]
-    publisher = threading.Thread(
-        target=stream, args=(broker.port, peers, 60, sent, done, finals))
+    publisher = threading.Thread(target=stream, args=(broker.port, peers, 60, sent, done, finals))
     publisher.start()
     rng = random.Random(7)
     kills = 0
@@ -107,8 +112,9 @@ def test_kill_9_anywhere_loses_nothing_and_pays_nothing_twice(tmp_path: Path):
     with sqlite3.connect(database) as db:
         states = dict(db.execute("SELECT id, state FROM submissions").fetchall())
         ledger = db.execute("SELECT round, submission_id, amount FROM ledger").fetchall()
-        history_per_round = dict(db.execute(
-            "SELECT round, COUNT(*) FROM history GROUP BY round").fetchall())
+        history_per_round = dict(
+            db.execute("SELECT round, COUNT(*) FROM history GROUP BY round").fetchall()
+        )
     assert kills >= 6
     for raw in sent:
         assert states.get(submission_id(raw)) in ("final", "rejected"), "a submission was lost"
@@ -123,7 +129,11 @@ def test_kill_9_anywhere_loses_nothing_and_pays_nothing_twice(tmp_path: Path):
 
     balances = subprocess.run(
         [str(POC_NODE), "ledger", "--data-dir", str(directory / "data"), "--json"],
-        capture_output=True, text=True, timeout=60, check=True)
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     assert sum(json.loads(balances.stdout).values()) == sum(a for _, _, a in ledger)
     # what submitters were told matches what was paid, once, and it is not nothing
     assert {submission_id(raw) for raw in sent} <= set(finals), "a Result never came"
@@ -132,7 +142,11 @@ def test_kill_9_anywhere_loses_nothing_and_pays_nothing_twice(tmp_path: Path):
     assert sum(1 for r in finals.values() if r["reward"]) == len(paid_ids)
     audit = subprocess.run(
         [str(POC_NODE), "audit", "--data-dir", str(directory / "data"), "--config", str(config)],
-        capture_output=True, text=True, timeout=300, check=False)
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert audit.returncode == 0, audit.stdout + audit.stderr
 
 
@@ -161,8 +175,11 @@ def _alive(pid: int) -> bool:
 
 def test_a_killed_node_leaves_no_decoder_processes_behind(tmp_path: Path):
     broker = start_mosquitto(tmp_path)
-    node = start_node(tmp_path / "node", f"mqtt://127.0.0.1:{broker.port}",
-                      write_node_config(tmp_path / "node.yaml"))
+    node = start_node(
+        tmp_path / "node",
+        f"mqtt://127.0.0.1:{broker.port}",
+        write_node_config(tmp_path / "node.yaml"),
+    )
     try:
         raw = Peer().submission([("image", "image/png", image_bytes("RGB", size=(30, 31)))])
 
@@ -199,8 +216,10 @@ def test_a_commit_the_store_refuses_stops_the_node_and_a_restart_recovers(tmp_pa
     raw = Peer().submission([("text", "text/plain", b"committed after a store failure")])
     try:
         db = sqlite3.connect(database, timeout=30)
-        db.execute("CREATE TRIGGER no_commit BEFORE INSERT ON rounds "
-                   "BEGIN SELECT RAISE(ABORT, 'disk refused the write'); END")
+        db.execute(
+            "CREATE TRIGGER no_commit BEFORE INSERT ON rounds "
+            "BEGIN SELECT RAISE(ABORT, 'disk refused the write'); END"
+        )
         db.commit()
         db.close()
 

@@ -28,12 +28,17 @@ QUEUE = 3
 
 def test_a_burst_is_absorbed_with_bounded_queues(tmp_path: Path):
     broker = start_mosquitto(tmp_path)
-    node = start_node(tmp_path / "node", f"mqtt://127.0.0.1:{broker.port}",
-                      write_node_config(tmp_path / "node.yaml", rounds={"round_seconds": 1},
-                                        intake={"queue_size": QUEUE},
-                                        encoders={"queue_size": QUEUE}))
-    raws = [Peer().submission([("text", "text/plain", f"burst {i}".encode())])
-            for i in range(300)]
+    node = start_node(
+        tmp_path / "node",
+        f"mqtt://127.0.0.1:{broker.port}",
+        write_node_config(
+            tmp_path / "node.yaml",
+            rounds={"round_seconds": 1},
+            intake={"queue_size": QUEUE},
+            encoders={"queue_size": QUEUE},
+        ),
+    )
+    raws = [Peer().submission([("text", "text/plain", f"burst {i}".encode())]) for i in range(300)]
     depths: list[float] = []
     rounds: list[float] = []
     stop = threading.Event()
@@ -75,8 +80,9 @@ def test_a_restart_with_more_stored_work_than_the_queue_holds(tmp_path: Path):
     """A kill during a burst leaves up to queue size + preparers stored-but-unprepared
     submissions; the restarted node must take them all, its queue holding one."""
     broker = start_mosquitto(tmp_path)
-    config = write_node_config(tmp_path / "node.yaml", rounds={"round_seconds": 1},
-                               intake={"queue_size": 1})
+    config = write_node_config(
+        tmp_path / "node.yaml", rounds={"round_seconds": 1}, intake={"queue_size": 1}
+    )
     bus = f"mqtt://127.0.0.1:{broker.port}"
     database = tmp_path / "node" / "data" / "node.sqlite3"
     nodes = [start_node(tmp_path / "node", bus, config)]
@@ -86,10 +92,19 @@ def test_a_restart_with_more_stored_work_than_the_queue_holds(tmp_path: Path):
         now = time.time_ns() // 10**6
         for index in range(12):
             submission = parse_submission(
-                Peer().submission([("text", "text/plain", f"stored {index}".encode())]))
-            store.admit(submission.id, submission.submitter, submission.nonce,
-                        submission.created_ms, [i.sha256 for i in submission.items],
-                        submission.raw, now, 0, 600_000)
+                Peer().submission([("text", "text/plain", f"stored {index}".encode())])
+            )
+            store.admit(
+                submission.id,
+                submission.submitter,
+                submission.nonce,
+                submission.created_ms,
+                [i.sha256 for i in submission.items],
+                submission.raw,
+                now,
+                0,
+                600_000,
+            )
         store.close()
         nodes.append(start_node(tmp_path / "node", bus, config))
         deadline = time.monotonic() + 120

@@ -94,7 +94,9 @@ def test_new_data_is_paid_and_copies_are_not(tmp_path: Path):
     paid = [finals[i]["reward"] for i in first_ids]
     assert sum(paid) > 0 and sum(1 for r in paid if r) >= 2, paid  # type: ignore[operator]
     novel_scores = [
-        s for i in first_ids[:8] for s in finals[i]["scores_ppm"] or []  # type: ignore[attr-defined]
+        s
+        for i in first_ids[:8]
+        for s in finals[i]["scores_ppm"] or []  # type: ignore[attr-defined]
     ]
     assert sum(1 for s in novel_scores if s) >= 4, novel_scores
     # near-copies of a paid pair from other keys: duplicate, nothing paid

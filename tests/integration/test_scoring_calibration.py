@@ -25,7 +25,12 @@ def test_the_shipped_calibration_pays_new_combinations_and_not_noise_or_copies()
     shard = Shard.load(ROOT / "weights" / "default" / "manifest.json", pin["manifest_sha256"])
     assert shard.genesis is not None and shard.scoring.junk_radius
     figures = report(
-        shard, dict.fromkeys(Modality, 0.75), shard.scoring, k=32, seed=5, per_kind=24,
+        shard,
+        dict.fromkeys(Modality, 0.75),
+        shard.scoring,
+        k=32,
+        seed=5,
+        per_kind=24,
         log=lambda _: None,
     )
     seen, novel, noise, copies = (figures[k] for k in ("seen", "novel", "noise", "reencoding"))
@@ -40,8 +45,9 @@ def test_the_manifest_records_what_it_was_calibrated_for() -> None:
 
     raw = json.loads((ROOT / "weights" / "default" / "manifest.json").read_text())
     calibration = raw["scoring"]["figures"]["calibration"]
-    assert calibration["k"] == yaml.safe_load(
-        (ROOT / "config" / "default.yaml").read_text()
-    )["scoring"]["k"]
+    assert (
+        calibration["k"]
+        == yaml.safe_load((ROOT / "config" / "default.yaml").read_text())["scoring"]["k"]
+    )
     assert raw["genesis"]["items"] == calibration["genesis"]["concept_items"] > 0
     assert Path(ROOT / "weights" / "default" / raw["genesis"]["file"]).is_file()

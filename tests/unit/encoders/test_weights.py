@@ -100,7 +100,9 @@ def test_a_manifest_of_format_1_is_refused_naming_the_format(
     raw["format_version"] = 1
     del raw["scoring"]
     manifest.write_text(json.dumps(raw))
-    with pytest.raises(WeightsError, match=r"format 1 \(no scoring calibration\).*poc-node calibrate"):
+    with pytest.raises(
+        WeightsError, match=r"format 1 \(no scoring calibration\).*poc-node calibrate"
+    ):
         read_manifest(manifest, sha256_file(manifest))
 
 

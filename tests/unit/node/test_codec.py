@@ -69,8 +69,8 @@ AMPLIFIERS = {
     "wide tree of one-byte maps": _tree(4, b"\x8f", 30, b"\x80"),
     "deep nesting": b"\x91" * (4 * 1024 * 1024) + b"\x90",
     "many empty strings in arrays": (b"\xdc\x00\x40" + b"\xa0" * 64) * 8000,
-    "a map of many tiny keys": b"\xdf\x00\x00\x10\x00" + b"".join(
-        b"\xa2" + i.to_bytes(2, "big") + b"\xc0" for i in range(4096)),
+    "a map of many tiny keys": b"\xdf\x00\x00\x10\x00"
+    + b"".join(b"\xa2" + i.to_bytes(2, "big") + b"\xc0" for i in range(4096)),
 }
 
 
@@ -86,8 +86,9 @@ def test_amplifying_shapes_are_refused_before_any_object_is_built(name):
     tracemalloc.start()
     try:
         with pytest.raises(CodecError):
-            unpack(raw, DecodeLimits(max_bytes=8 * 1024 * 1024, max_container_len=64,
-                                     max_objects=1024))
+            unpack(
+                raw, DecodeLimits(max_bytes=8 * 1024 * 1024, max_container_len=64, max_objects=1024)
+            )
         with pytest.raises(Rejected) as refused:
             parse_submission(raw)
         _, peak = tracemalloc.get_traced_memory()

@@ -24,8 +24,13 @@ def test_every_problem_is_reported_with_its_path(tmp_path: Path):
     with pytest.raises(ConfigError) as caught:
         load_committee(path)
     message = str(caught.value)
-    for fragment in ("genesis_ms", "epoch_rounds", "extra", "members.0.public_key",
-                     "members.0.stake"):
+    for fragment in (
+        "genesis_ms",
+        "epoch_rounds",
+        "extra",
+        "members.0.public_key",
+        "members.0.stake",
+    ):
         assert fragment in message
 
 

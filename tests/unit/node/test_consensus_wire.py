@@ -67,13 +67,44 @@ def test_evidence_round_trips_and_proves_equivocation():
     assert Evidence(first, first).why_invalid(committee, signer) == "not_conflicting"
 
 
-@pytest.mark.parametrize("raw", [b"\xc1", pack([1]), pack({"round": 1}),
-                                 pack({"kind": "prevote", "round": 1, "view": 0, "voter": b"x",
-                                       "value_hash": b"", "sig": b"s"}),
-                                 pack({"kind": "maybe", "round": 1, "view": 0, "voter": b"x" * 32,
-                                       "value_hash": b"", "sig": b"s" * 64}),
-                                 pack({"round": 1, "view": 0, "proposer": b"x" * 32,
-                                       "records": [], "valid_view": 5, "sig": b"s" * 64})])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"\xc1",
+        pack([1]),
+        pack({"round": 1}),
+        pack(
+            {
+                "kind": "prevote",
+                "round": 1,
+                "view": 0,
+                "voter": b"x",
+                "value_hash": b"",
+                "sig": b"s",
+            }
+        ),
+        pack(
+            {
+                "kind": "maybe",
+                "round": 1,
+                "view": 0,
+                "voter": b"x" * 32,
+                "value_hash": b"",
+                "sig": b"s" * 64,
+            }
+        ),
+        pack(
+            {
+                "round": 1,
+                "view": 0,
+                "proposer": b"x" * 32,
+                "records": [],
+                "valid_view": 5,
+                "sig": b"s" * 64,
+            }
+        ),
+    ],
+)
 def test_garbage_is_a_wire_error(raw):
     for decode in (decode_proposal, decode_vote, decode_certificate, decode_evidence):
         with pytest.raises(ConsensusWireError):

@@ -84,9 +84,7 @@ def test_prepare_keeps_fused_vectors_for_a_valid_pair_and_own_ones_otherwise():
 
 
 def test_nothing_scores_while_the_history_is_short():
-    records = score_round(
-        [candidate(1, single(np.ones(8), b"x" * 32))], History(8), RULES, set()
-    )
+    records = score_round([candidate(1, single(np.ones(8), b"x" * 32))], History(8), RULES, set())
     assert [(r.status, r.scores_ppm, r.reward) for r in records] == [("final", (0,), 0)]
 
 
@@ -134,7 +132,9 @@ def test_twelve_near_copies_fill_their_gap_once():
     rng = np.random.default_rng(5)
     filler = centre + 0.05 * np.arange(8)
     copies = [
-        candidate(i, single(filler + 1e-3 * rng.standard_normal(8), bytes([i]) * 32), bytes([i]) * 32)
+        candidate(
+            i, single(filler + 1e-3 * rng.standard_normal(8), bytes([i]) * 32), bytes([i]) * 32
+        )
         for i in range(1, 13)
     ]
     records = score_round(copies, history, RULES, set())
@@ -210,9 +210,7 @@ def test_a_pair_of_two_repeated_items_and_a_repeated_single_are_rejected_duplica
     old = (b"c" * 32, b"p" * 32)
     repeated = pair(centre, centre + 0.01, old)
     lone = single(centre + 0.05, old[1])
-    records = score_round(
-        [candidate(1, repeated), candidate(2, lone)], history, RULES, set(old)
-    )
+    records = score_round([candidate(1, repeated), candidate(2, lone)], history, RULES, set(old))
     assert [(r.status, r.reason, r.reward) for r in records] == [
         ("rejected", Reason.DUPLICATE, 0),
         ("rejected", Reason.DUPLICATE, 0),
@@ -268,9 +266,7 @@ def test_a_proposer_cannot_hide_a_duplicate_or_invent_one():
 def test_round_rules_take_the_calibration_unless_the_configuration_overrides_it():
     from encoders.weights import ScoringCalibration
 
-    calibration = ScoringCalibration(
-        0.78, dict.fromkeys(Modality, 0.005), {Modality.IMAGE: 0.18}
-    )
+    calibration = ScoringCalibration(0.78, dict.fromkeys(Modality, 0.005), {Modality.IMAGE: 0.18})
     rules = RoundRules.of(SCORING, calibration)
     assert rules.scoring.qualify_ratio == 0.78
     assert rules.scoring.duplicate_radius == dict.fromkeys(RADIUS, 0.005)

@@ -80,11 +80,6 @@ def test_a_spinning_decoder_is_killed_by_its_cpu_cap():
     import subprocess
     import sys
 
-    spin = (
-        "from node.pipeline.sandbox import _cap_cpu\n"
-        "_cap_cpu(0.1)\n"
-        "while True:\n"
-        "    pass\n"
-    )
+    spin = "from node.pipeline.sandbox import _cap_cpu\n_cap_cpu(0.1)\nwhile True:\n    pass\n"
     result = subprocess.run([sys.executable, "-c", spin], timeout=30, check=False)
     assert result.returncode == -signal.SIGXCPU

@@ -215,3 +215,44 @@ def test_a_store_of_schema_3_is_migrated_keeping_every_submission_s_bytes(tmp_pa
     assert [s.raw for s in again.submissions_in(State.RECEIVED)] == [b"raw"]
     columns = [row[1] for row in again._db.execute("PRAGMA table_info(submissions)")]
     assert "raw" not in columns
+
+
+def test_history_is_read_in_chunks_of_float16_rows_in_commit_order(tmp_path):
+    import numpy as np
+    import pytest
+
+    from node.store.sqlite import StoreError
+
+    store = Store(tmp_path / "s.db")
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((7, 4)).astype("<f2")
+    labels = ["text", "image", "image", "audio", "text", "video", "image"]
+    for number, (start, stop) in enumerate(((0, 3), (3, 5), (5, 7))):
+        outcomes = [
+            Finalization(
+                bytes([i]) * 32,
+                b"s" * 32,
+                State.FINAL,
+                None,
+                ((0, labels[i], vectors[i].tobytes()),),
+                (),
+                0,
+            )
+            for i in range(start, stop)
+        ]
+        store.commit_round(
+            CommittedRound(number, b"v" * 32, b"b" * 32, b"c", b"s"), outcomes, [], 1
+        )
+    chunks = list(store.history_chunks(4, chunk_rows=3))
+    assert [len(m) for m, _ in chunks] == [3, 3, 1]
+    assert all(v.dtype == np.float16 and v.shape == (len(m), 4) for m, v in chunks)
+    assert [m for ms, _ in chunks for m in ms] == labels
+    assert (np.concatenate([v for _, v in chunks]) == vectors).all()
+    assert [
+        (m, v.tobytes()) for ms, vs in chunks for m, v in zip(ms, vs, strict=True)
+    ] == store.history_items()
+    early = list(store.history_chunks(4, before_round=2))  # an audit's replay of round 2
+    assert len(early) == 1 and early[0][0] == labels[:5]
+    assert list(store.history_chunks(4, before_round=0)) == []
+    with pytest.raises(StoreError, match="not 5 float16"):
+        list(store.history_chunks(5))

@@ -16,8 +16,9 @@ PREFIX = "poc/v1"
 
 def members(count: int) -> tuple[Committee, list[MessageSigner]]:
     signers = [MessageSigner(SigningKey.generate()) for _ in range(count)]
-    committee = Committee(0, 2, 60, tuple(
-        Member(f"v{i}", s.key.public_key, 1) for i, s in enumerate(signers)))
+    committee = Committee(
+        0, 2, 60, tuple(Member(f"v{i}", s.key.public_key, 1) for i, s in enumerate(signers))
+    )
     return committee, signers
 
 
@@ -25,24 +26,47 @@ def test_a_reply_holds_whole_rounds_up_to_its_byte_cap(tmp_path: Path):
     committee, (asker, answerer) = members(2)
     store = Store(tmp_path / "s.db")
     for number in range(32):
-        store.commit_round(CommittedRound(number, b"v" * 32, b"b" * 32, pack({"round": number}),
-                                          b"summary", b"p" * 100_000), [], [], 1)
+        store.commit_round(
+            CommittedRound(
+                number, b"v" * 32, b"b" * 32, pack({"round": number}), b"summary", b"p" * 100_000
+            ),
+            [],
+            [],
+            1,
+        )
     sent: list[tuple[str, bytes]] = []
 
     async def publish(topic: str, payload: bytes) -> None:
         sent.append((topic, payload))
 
     async def scenario() -> None:
-        service = SyncService(answerer, committee, PREFIX, StoreThread(store), publish,
-                              reply_bytes=256 * 1024)
-        request = asker.signed_bytes("poc/v1/sync-request", {
-            "v": 1, "requester": asker.key.public_key, "request_id": b"r" * 16,
-            "kind": "rounds", "first": 3})
+        service = SyncService(
+            answerer, committee, PREFIX, StoreThread(store), publish, reply_bytes=256 * 1024
+        )
+        request = asker.signed_bytes(
+            "poc/v1/sync-request",
+            {
+                "v": 1,
+                "requester": asker.key.public_key,
+                "request_id": b"r" * 16,
+                "kind": "rounds",
+                "first": 3,
+            },
+        )
         await service.on_request(request)
         stranger = MessageSigner(SigningKey.generate())
-        await service.on_request(stranger.signed_bytes("poc/v1/sync-request", {
-            "v": 1, "requester": stranger.key.public_key, "request_id": b"s" * 16,
-            "kind": "rounds", "first": 3}))
+        await service.on_request(
+            stranger.signed_bytes(
+                "poc/v1/sync-request",
+                {
+                    "v": 1,
+                    "requester": stranger.key.public_key,
+                    "request_id": b"s" * 16,
+                    "kind": "rounds",
+                    "first": 3,
+                },
+            )
+        )
 
     asyncio.run(scenario())
     assert len(sent) == 1  # a stranger's request is not answered
@@ -63,17 +87,40 @@ def test_the_first_valid_reply_answers_junk_and_empty_replies_are_passed_over(tm
         async def publish(topic: str, payload: bytes) -> None:
             request = unpack(payload)
             rid = request["request_id"]
-            replies.extend([
-                pack({"v": 1, "request_id": rid, "responder": liar.key.public_key,
-                      "entries": []}),
-                pack({"v": 1, "request_id": rid, "responder": liar.key.public_key,
-                      "entries": [{"round": 5, "certificate": {"lie": 1}, "proposal": b"x"}]}),
-                pack({"v": 1, "request_id": rid, "responder": liar.key.public_key,
-                      "entries": ["junk", 7]}),
-                pack({"v": 1, "request_id": rid, "responder": honest.key.public_key,
-                      "entries": [{"round": 5, "certificate": {"good": 1}, "proposal": b"p"},
-                                  {"round": 6, "certificate": {"good": 1}, "proposal": b"q"}]}),
-            ])
+            replies.extend(
+                [
+                    pack(
+                        {"v": 1, "request_id": rid, "responder": liar.key.public_key, "entries": []}
+                    ),
+                    pack(
+                        {
+                            "v": 1,
+                            "request_id": rid,
+                            "responder": liar.key.public_key,
+                            "entries": [{"round": 5, "certificate": {"lie": 1}, "proposal": b"x"}],
+                        }
+                    ),
+                    pack(
+                        {
+                            "v": 1,
+                            "request_id": rid,
+                            "responder": liar.key.public_key,
+                            "entries": ["junk", 7],
+                        }
+                    ),
+                    pack(
+                        {
+                            "v": 1,
+                            "request_id": rid,
+                            "responder": honest.key.public_key,
+                            "entries": [
+                                {"round": 5, "certificate": {"good": 1}, "proposal": b"p"},
+                                {"round": 6, "certificate": {"good": 1}, "proposal": b"q"},
+                            ],
+                        }
+                    ),
+                ]
+            )
 
         store = StoreThread(Store(tmp_path / "s.db"))
         service = SyncService(asker, committee, PREFIX, store, publish)
@@ -106,11 +153,18 @@ def test_no_valid_reply_times_out_with_nothing(tmp_path: Path):
         async def publish(topic: str, payload: bytes) -> None:
             rid = unpack(payload)["request_id"]
             assert service is not None
-            asyncio.get_running_loop().call_soon(asyncio.ensure_future, service.on_reply(pack(
-                {"v": 1, "request_id": rid, "responder": liar.key.public_key, "entries": []})))
+            asyncio.get_running_loop().call_soon(
+                asyncio.ensure_future,
+                service.on_reply(
+                    pack(
+                        {"v": 1, "request_id": rid, "responder": liar.key.public_key, "entries": []}
+                    )
+                ),
+            )
 
-        service = SyncService(asker, committee, PREFIX,
-                              StoreThread(Store(tmp_path / "s.db")), publish)
+        service = SyncService(
+            asker, committee, PREFIX, StoreThread(Store(tmp_path / "s.db")), publish
+        )
         return await service.fetch_rounds(0, 0.3, lambda fetched: True)
 
     assert asyncio.run(scenario()) == []

@@ -47,17 +47,33 @@ def unit(seed: int, spread: float = 0.005) -> np.ndarray:
 def prepared(seed: int, pair: bool, distance: float = 0.3) -> Prepared:
     modalities = [Modality.TEXT, Modality.IMAGE] if pair else [Modality.TEXT]
     too_far = pair and distance > DELTA
-    items = tuple(PreparedItem(m, to_float16(unit(seed + i)), pair and not too_far, 900_000,
-                               bytes([seed % 256, i]) * 16)
-                  for i, m in enumerate(modalities))
+    items = tuple(
+        PreparedItem(
+            m,
+            to_float16(unit(seed + i)),
+            pair and not too_far,
+            900_000,
+            bytes([seed % 256, i]) * 16,
+        )
+        for i, m in enumerate(modalities)
+    )
     return Prepared(0, items, round(distance * 1e6) if pair else None, too_far)
 
 
 def make(tmp_path: Path, mine: dict[bytes, Prepared], history_size: int = 80):
     store = Store(tmp_path / "s.db")
     for identity, prep in mine.items():
-        store.admit(identity, b"s" * 32, int.from_bytes(identity[:4], "big"), 0,
-                    [identity], b"raw", 0, 0, 600_000)
+        store.admit(
+            identity,
+            b"s" * 32,
+            int.from_bytes(identity[:4], "big"),
+            0,
+            [identity],
+            b"raw",
+            0,
+            0,
+            600_000,
+        )
         store.accept(identity, prep.to_bytes(), _outgoing())
     history = cluster_history(history_size)
 
@@ -67,9 +83,17 @@ def make(tmp_path: Path, mine: dict[bytes, Prepared], history_size: int = 80):
     async def no_fetch(ids):
         return {}
 
-    verifier = RecordVerifier(StoreThread(store), no_recompute, no_fetch, lambda a, b: DELTA, history,
-                              RULES, Tolerances(0.02, 20_000, 1_000), WireLimits(),
-                              asyncio.Lock())
+    verifier = RecordVerifier(
+        StoreThread(store),
+        no_recompute,
+        no_fetch,
+        lambda a, b: DELTA,
+        history,
+        RULES,
+        Tolerances(0.02, 20_000, 1_000),
+        WireLimits(),
+        asyncio.Lock(),
+    )
     candidates = [Candidate(i, b"s" * 32, p) for i, p in mine.items()]
     records = score_round(candidates, history, RULES, set())
     return verifier, records
@@ -100,18 +124,26 @@ def test_the_leaders_honest_records_are_accepted(tmp_path: Path):
     check(verifier, records)
 
 
-@pytest.mark.parametrize("tamper", [
-    lambda r: dataclasses.replace(r, reward=r.reward + 1),
-    lambda r: dataclasses.replace(r, score=r.score + 5),
-    lambda r: dataclasses.replace(r, scores_ppm=tuple(s + 5000 for s in r.scores_ppm)),
-    lambda r: dataclasses.replace(r, scores_ppm=(None,) * len(r.scores_ppm)),
-    lambda r: dataclasses.replace(r, status="rejected", reason=Reason.DUPLICATE, scores_ppm=None,
-                                  score=0, reward=0),
-    lambda r: dataclasses.replace(r, item_sha256=tuple(b"\x00" * 32 for _ in r.item_sha256)),
-    lambda r: dataclasses.replace(r, embeddings=tuple(
-        dataclasses.replace(e, vector=to_float16(-unit(999))) for e in r.embeddings)),
-    lambda r: dataclasses.replace(r, submitter=b"x" * 32),
-])
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        lambda r: dataclasses.replace(r, reward=r.reward + 1),
+        lambda r: dataclasses.replace(r, score=r.score + 5),
+        lambda r: dataclasses.replace(r, scores_ppm=tuple(s + 5000 for s in r.scores_ppm)),
+        lambda r: dataclasses.replace(r, scores_ppm=(None,) * len(r.scores_ppm)),
+        lambda r: dataclasses.replace(
+            r, status="rejected", reason=Reason.DUPLICATE, scores_ppm=None, score=0, reward=0
+        ),
+        lambda r: dataclasses.replace(r, item_sha256=tuple(b"\x00" * 32 for _ in r.item_sha256)),
+        lambda r: dataclasses.replace(
+            r,
+            embeddings=tuple(
+                dataclasses.replace(e, vector=to_float16(-unit(999))) for e in r.embeddings
+            ),
+        ),
+        lambda r: dataclasses.replace(r, submitter=b"x" * 32),
+    ],
+)
 def test_a_false_record_is_refused(tmp_path: Path, tamper):
     verifier, records = make(tmp_path, MINE)
     best = max(range(len(records)), key=lambda i: records[i].reward)
@@ -134,8 +166,11 @@ def test_a_decision_near_delta_follows_the_leader(tmp_path: Path):
     near = prepared(70, pair=True, distance=DELTA + 0.01)  # mine: too far
     verifier, _ = make(tmp_path, {identity: near})
     leader_view = dataclasses.replace(
-        near, too_far=False, pair_distance_ppm=round((DELTA - 0.005) * 1e6),
-        items=tuple(dataclasses.replace(i, fused=True) for i in near.items))
+        near,
+        too_far=False,
+        pair_distance_ppm=round((DELTA - 0.005) * 1e6),
+        items=tuple(dataclasses.replace(i, fused=True) for i in near.items),
+    )
     history = cluster_history()
     records = score_round([Candidate(identity, b"s" * 32, leader_view)], history, RULES, set())
     check(verifier, records)
@@ -146,7 +181,8 @@ def test_a_decision_near_delta_follows_the_leader(tmp_path: Path):
 
 
 def test_records_of_a_finalized_submission_are_refused_a_replay_of_a_committed_round(
-        tmp_path: Path):
+    tmp_path: Path,
+):
     """A proposer replaying records already committed gets its value refused."""
     from node.store.sqlite import CommittedRound, Finalization, State
 
@@ -156,14 +192,16 @@ def test_records_of_a_finalized_submission_are_refused_a_replay_of_a_committed_r
     first = records[0]
     store.commit_round(
         CommittedRound(0, b"v" * 32, b"b" * 32, b"c", b"s"),
-        [Finalization(first.submission_id, first.submitter, State.FINAL, None, (), (), 0)], [], 1)
+        [Finalization(first.submission_id, first.submitter, State.FINAL, None, (), (), 0)],
+        [],
+        1,
+    )
     store.close()
     with pytest.raises(Mismatch, match="final here already"):
         check(verifier, records)
 
 
-def test_a_submission_rejected_by_this_members_own_intake_is_judged_on_its_content(
-        tmp_path: Path):
+def test_a_submission_rejected_by_this_members_own_intake_is_judged_on_its_content(tmp_path: Path):
     """rate_limited here but accepted by the proposer: recomputed, not refused outright."""
     from node.store.sqlite import Outgoing
 
@@ -187,7 +225,8 @@ def test_a_value_with_more_records_than_a_round_holds_is_refused(tmp_path: Path)
 
 
 def test_an_unknown_submission_is_refused_for_a_seen_nonce_but_not_for_repeated_data(
-        tmp_path: Path):
+    tmp_path: Path,
+):
     """Replays are refused outright; repeated data is the round's per-item business."""
     import hashlib
     import time
@@ -198,8 +237,16 @@ def test_an_unknown_submission_is_refused_for_a_seen_nonce_but_not_for_repeated_
     data = b"a caption this member already holds"
     raw = peer.submission([("text", "text/plain", data)])
     identity = submission_id(raw)
-    prepared_here = Prepared(0, (PreparedItem(Modality.TEXT, to_float16(unit(3)), False, 900_000,
-                                              hashlib.sha256(data).digest()),), None, False)
+    prepared_here = Prepared(
+        0,
+        (
+            PreparedItem(
+                Modality.TEXT, to_float16(unit(3)), False, 900_000, hashlib.sha256(data).digest()
+            ),
+        ),
+        None,
+        False,
+    )
 
     async def recompute(submission, epoch):
         return prepared_here
@@ -208,17 +255,27 @@ def test_an_unknown_submission_is_refused_for_a_seen_nonce_but_not_for_repeated_
         return {identity: raw}
 
     def verifier_over(store: Store) -> RecordVerifier:
-        return RecordVerifier(StoreThread(store), recompute, fetch, lambda a, b: DELTA,
-                              cluster_history(), RULES, Tolerances(0.02, 20_000, 1_000),
-                              WireLimits(), asyncio.Lock())
+        return RecordVerifier(
+            StoreThread(store),
+            recompute,
+            fetch,
+            lambda a, b: DELTA,
+            cluster_history(),
+            RULES,
+            Tolerances(0.02, 20_000, 1_000),
+            WireLimits(),
+            asyncio.Lock(),
+        )
 
-    records = score_round([Candidate(identity, peer.public, prepared_here)], cluster_history(),
-                          RULES, set())
+    records = score_round(
+        [Candidate(identity, peer.public, prepared_here)], cluster_history(), RULES, set()
+    )
     now = time.time_ns() // 10**6
     # another message of this member's store claims the same data: judged on content, accepted
     held = Store(tmp_path / "held.db")
-    held.admit(b"\x66" * 32, b"o" * 32, 1, now, [hashlib.sha256(data).digest()], b"r", now, 0,
-               600_000)
+    held.admit(
+        b"\x66" * 32, b"o" * 32, 1, now, [hashlib.sha256(data).digest()], b"r", now, 0, 600_000
+    )
     check(verifier_over(held), records)
     # the same key and nonce were seen here: a replay, refused
     seen = Store(tmp_path / "seen.db")

@@ -77,7 +77,9 @@ def test_both_items_of_one_submission_share_their_context() -> None:
     history, _, _ = filled(rng, 100)
     a, b = unit_rows(rng, 2)
     rules = ScoringRules(k=16, qualify_ratio=2.0, duplicate_radius=dict.fromkeys(MODALITIES, 0.0))
-    [[first, second]] = score_in_order(history, [[RoundItem("text", a), RoundItem("image", b)]], rules)
+    [[first, second]] = score_in_order(
+        history, [[RoundItem("text", a), RoundItem("image", b)]], rules
+    )
     assert first.gap == gap_scores(history, a[None], k=16, qualify_ratio=2.0)[0]
     assert second.gap == gap_scores(history, b[None], k=16, qualify_ratio=2.0)[0]
 

@@ -97,7 +97,9 @@ def test_image_turns_are_quarter_turns_and_flips_of_each_image(micro_corpus: Cor
     turned = maker._turn(images.clone())
     changed = 0
     for before, after in zip(images, turned, strict=True):
-        views = [torch.rot90(v, k, dims=(-2, -1)) for v in (before, before.flip(-2)) for k in range(4)]
+        views = [
+            torch.rot90(v, k, dims=(-2, -1)) for v in (before, before.flip(-2)) for k in range(4)
+        ]
         assert any(torch.equal(after, view) for view in views)
         changed += not torch.equal(after, before)
     assert changed > 16

@@ -1,0 +1,80 @@
+"""The history a node loads at start: genesis, then the store's items in chunks."""
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+
+from encoders.weights import write_genesis
+from node.rounds.history import load_history
+from node.rounds.records import from_float16, to_float16
+from node.store.sqlite import CommittedRound, Finalization, State, Store
+from rewards.history import History
+
+DIM = 16
+MODALITIES = ("text", "image", "audio", "video")
+
+
+def test_a_history_loaded_in_chunks_is_the_history_loaded_at_once(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    genesis = tmp_path / "genesis.safetensors"
+    genesis_vectors = rng.standard_normal((12, DIM))
+    junk = [bool(i % 4 == 0) for i in range(12)]
+    write_genesis(genesis, [MODALITIES[i % 4] for i in range(12)], genesis_vectors, junk)
+    shard = SimpleNamespace(dim=DIM, genesis=genesis)
+
+    store = Store(tmp_path / "s.db")
+    labels = [MODALITIES[int(i)] for i in rng.integers(0, 4, 230)]
+    vectors = rng.standard_normal((230, DIM))
+    for number, start in enumerate(range(0, 230, 23)):
+        outcomes = [
+            Finalization(
+                i.to_bytes(32, "big"),
+                b"s" * 32,
+                State.FINAL,
+                None,
+                ((0, labels[i], to_float16(vectors[i])),),
+                (),
+                0,
+            )
+            for i in range(start, start + 23)
+        ]
+        store.commit_round(
+            CommittedRound(number, b"v" * 32, b"b" * 32, b"c", b"s"), outcomes, [], 1
+        )
+
+    chunked = load_history(shard, store.history_chunks(DIM, chunk_rows=17))
+
+    # what the node built before: every item in memory, stacked, added at once
+    at_once = History(DIM)
+    half = genesis_vectors.astype(np.float16)
+    keep = ~np.asarray(junk)
+    at_once.add([MODALITIES[i % 4] for i in range(12) if not junk[i]], half[keep])
+    at_once.add_junk([MODALITIES[i % 4] for i in range(12) if junk[i]], half[~keep])
+    items = store.history_items()
+    at_once.add([m for m, _ in items], np.stack([from_float16(v) for _, v in items]))
+
+    ids = np.arange(len(at_once))
+    assert len(chunked) == len(at_once) == 239
+    assert chunked.modalities() == at_once.modalities()
+    assert chunked.modality_of(ids) == at_once.modality_of(ids)
+    assert (chunked.vectors(ids) == at_once.vectors(ids)).all()
+    assert chunked.junk is not None and at_once.junk is not None
+    assert len(chunked.junk) == len(at_once.junk) == 3
+    queries = rng.standard_normal((20, DIM))
+    assert (chunked.neighbours(queries, 8) == at_once.neighbours(queries, 8)).all()
+    assert (chunked.junk.neighbours(queries, 2) == at_once.junk.neighbours(queries, 2)).all()
+
+
+async def test_the_node_loads_its_history_on_the_store_thread(tmp_path: Path) -> None:
+    """As ``Node.run`` does: the chunks are read and added on the store's own thread."""
+    from node.store.thread import StoreThread
+
+    store = StoreThread(Store(tmp_path / "s.db"))
+    vector = to_float16(np.ones(DIM) / 4)
+    outcome = Finalization(b"a" * 32, b"s" * 32, State.FINAL, None, ((0, "text", vector),), (), 0)
+    await store.commit_round(CommittedRound(0, b"v" * 32, b"b" * 32, b"c", b"s"), [outcome], [], 1)
+    shard = SimpleNamespace(dim=DIM, genesis=None)
+    history = await store.call(lambda db: load_history(shard, db.history_chunks(shard.dim)))
+    store.close()
+    assert len(history) == 1 and (history.vectors(np.array([0])) == 0.25).all()
