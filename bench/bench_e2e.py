@@ -115,6 +115,26 @@ def raw_rate(shard: Shard, submissions: list[WorldSubmission], policy: BatchPoli
     return total / (time.perf_counter() - started)
 
 
+def descendants_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds of a process's live descendants, by process name."""
+    out: dict[str, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    stack = [pid]
+    while stack:
+        current = stack.pop()
+        try:
+            for task in Path(f"/proc/{current}/task").iterdir():
+                stack += [int(c) for c in (task / "children").read_text().split()]
+            if current == pid:
+                continue
+            name = Path(f"/proc/{current}/comm").read_text().strip()
+            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
 def cpu_seconds(pid: int) -> float:
     """CPU time (user + system) of a process and every descendant, alive or reaped."""
     total = 0.0
@@ -245,16 +265,20 @@ def run_kind(
     sampler = threading.Thread(target=sample)
     sampler.start()
     try:
+        outside_before = cpu_seconds(broker.process.pid) + time.process_time()
         cpu_before = cpu_seconds(node.process.pid)
         loop_before = main_thread_cpu(node.process.pid)
         threads_before = thread_cpu(node.process.pid)
+        children_before = descendants_cpu(node.process.pid)
         stages_before = stage_cpu(node.metrics())
         accepted_s, final_s, rejected = asyncio.run(feed(broker.port, submissions, args.submitters))
         after = node.metrics()
         stages_after = stage_cpu(after)
         batches = mean_batches(after)
         threads_after = thread_cpu(node.process.pid)
+        children_after = descendants_cpu(node.process.pid)
         cpu_total = cpu_seconds(node.process.pid) - cpu_before
+        outside = cpu_seconds(broker.process.pid) + time.process_time() - outside_before
         loop = main_thread_cpu(node.process.pid) - loop_before
     finally:
         done.set()
@@ -264,7 +288,8 @@ def run_kind(
     print(
         f"  ({kind}: mean encoder batch "
         + ", ".join(f"{m} {b:.1f}" for m, b in sorted(batches.items()))
-        + "; CPU s by thread "
+        + f"; outside the node: submitters and Mosquitto {outside:.1f} CPU s"
+        + "; node CPU s by thread "
         + ", ".join(
             f"{name} {seconds - threads_before.get(name, 0.0):.2f}"
             for name, seconds in sorted(threads_after.items())
@@ -278,13 +303,12 @@ def run_kind(
     # stages measured on the loop thread are taken out of it.
     stages["bus"] = loop - stages.get("fuse", 0.0) - stages.get("commit", 0.0)
     stages["commit"] = stages.get("commit", 0.0) + stages.pop("commit_write", 0.0)
-    # Decoding costs everything its sandbox processes spend (calls, copies), not
-    # only what the decoders report.
-    in_process = sum(v - threads_before.get(k, 0.0) for k, v in threads_after.items())
-    children = cpu_total - in_process
-    if "poc-encoder" not in threads_after:  # the encoders run in worker processes
-        children -= stages.get("encode", 0.0)
-    stages["decode"] = children
+    # Decoding and encoding cost everything their processes spend (calls, copies),
+    # not only what they report.
+    children = {k: v - children_before.get(k, 0.0) for k, v in children_after.items()}
+    stages["decode"] = stages.pop("decode_text", 0.0) + children.get("poc-decoder", 0.0)
+    if "poc-encoder" in children:  # the encoders run in worker processes
+        stages["encode"] = children["poc-encoder"]
     return Figures(
         kind, items, raw, items / accepted_s, items / final_s, stages, cpu_total, peak / 1024
     )

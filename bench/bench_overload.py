@@ -150,7 +150,10 @@ def main() -> None:
     directory = Path(tempfile.mkdtemp(prefix="poc-overload-"))
     broker = start_mosquitto(directory)
     config = write_node_config(
-        directory / "node.yaml", rounds={"round_seconds": 2}, node={"log_level": "WARNING"}
+        directory / "node.yaml",
+        rounds={"round_seconds": 2},
+        node={"log_level": "WARNING"},
+        encoders={"workers": None},  # the shipped default (tests encode in the node)
     )
     node = start_node(directory / "node", f"mqtt://127.0.0.1:{broker.port}", config)
     try:

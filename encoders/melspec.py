@@ -7,6 +7,8 @@ windowed-sinc band-limited resampler and an STFT through ``numpy.fft``.
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 import numpy as np
 import numpy.typing as npt
 
@@ -25,25 +27,31 @@ def resample(signal: FloatArray, source_rate: int, target_rate: int) -> FloatArr
     """Band-limited interpolation with a Hann-windowed sinc of 32 taps.
 
     When downsampling the sinc's cutoff drops to the target's Nyquist
-    frequency so that the result is not aliased. Work is chunked to keep the
-    tap matrix small.
+    frequency so that the result is not aliased. Output sample ``i`` sits at
+    ``i * p / q`` input samples (``p / q`` the reduced ratio of the rates), so
+    its kernel depends only on the phase ``i * p mod q``: the kernels are
+    computed once per phase (polyphase) and every output is a 32-tap dot
+    product. Work is chunked to keep the gathered taps small.
     """
     if source_rate == target_rate:
         return signal.copy()
-    ratio = source_rate / target_rate
-    cutoff = min(1.0, 1.0 / ratio)
-    n_out = max(1, int(np.floor(len(signal) / ratio)))
+    step = Fraction(source_rate, target_rate)
+    p, q = step.numerator, step.denominator
+    cutoff = min(1.0, q / p)
+    n_out = max(1, (len(signal) * q) // p)
     padded = np.concatenate([np.zeros(_HALF_TAPS), signal, np.zeros(_HALF_TAPS + 1)])
     taps = np.arange(-_HALF_TAPS + 1, _HALF_TAPS + 1)
+    offsets = (np.arange(q) / q)[:, None] - taps[None, :]
+    window = 0.5 + 0.5 * np.cos(np.pi * offsets / (_HALF_TAPS + 1))
+    kernels = cutoff * np.sinc(cutoff * offsets) * window  # [q, 32]: one per phase
+    # windows[j] = padded[j : j + 32]: the taps of an output whose base sample is j + 15.
+    windows = np.lib.stride_tricks.sliding_window_view(padded, 2 * _HALF_TAPS)
     out = np.empty(n_out)
     for start in range(0, n_out, _CHUNK):
-        positions = np.arange(start, min(n_out, start + _CHUNK)) * ratio
-        base = np.floor(positions).astype(np.int64)
-        offsets = (positions - base)[:, None] - taps[None, :]
-        window = 0.5 + 0.5 * np.cos(np.pi * offsets / (_HALF_TAPS + 1))
-        kernel = cutoff * np.sinc(cutoff * offsets) * window
-        out[start : start + len(positions)] = np.sum(
-            padded[base[:, None] + taps[None, :] + _HALF_TAPS] * kernel, axis=1
+        numerators = np.arange(start, min(n_out, start + _CHUNK), dtype=np.int64) * p
+        base, phase = np.divmod(numerators, q)
+        out[start : start + len(numerators)] = np.einsum(
+            "ij,ij->i", windows[base + 1], kernels[phase]
         )
     return out
 

@@ -120,12 +120,25 @@ def load_shard(config: Config) -> Shard:
         raise NodeError(f"encoder weights refused: {error}") from None
 
 
+DEFAULT_CPU_WORKERS = 2
+"""Encoder workers on CPU when the config leaves it open (bench/bench_e2e.py)."""
+
+
+def encoder_workers(config: Config) -> int:
+    """``encoders.workers``, or its default: none on a GPU, two on CPU."""
+    workers = config.encoders.workers
+    if workers is None:
+        return 0 if config.encoders.device.startswith("cuda") else DEFAULT_CPU_WORKERS
+    return workers
+
+
 def encoder_engine(config: Config, shard: Shard) -> Engine:
-    """The node's own thread, or ``encoders.workers`` worker processes."""
+    """The node's own thread, or worker processes (``encoder_workers``)."""
     encoders = config.encoders
-    if not encoders.workers:
+    workers = encoder_workers(config)
+    if not workers:
         return InProcess(shard)
-    threads = encoders.threads or max(1, (os.cpu_count() or 1) // encoders.workers)
+    threads = encoders.threads or max(1, (os.cpu_count() or 1) // workers)
     spec = ShardSpec(
         encoders.manifest,
         encoders.manifest_sha256,
@@ -134,7 +147,7 @@ def encoder_engine(config: Config, shard: Shard) -> Engine:
         encoders.mask_count,
         threads,
     )
-    return WorkerProcesses(spec, encoders.workers, shard.weights_id)
+    return WorkerProcesses(spec, workers, shard.weights_id)
 
 
 class Node:
@@ -253,6 +266,7 @@ class Node:
                 config.decode.memory_mb,
                 config.decode.cpu_seconds,
                 self.metrics.stage_cpu.labels(stage="decode").inc,
+                self.metrics.stage_cpu.labels(stage="decode_text").inc,
             )
             stack.callback(decoders.close)
             encoder = EncoderService(
@@ -264,7 +278,7 @@ class Node:
             )
             stack.callback(encoder.close)
             await encoder.engine.start()
-            self.metrics.encoder_workers.set(config.encoders.workers)
+            self.metrics.encoder_workers.set(encoder_workers(config))
             self._encoders_loaded = True
 
             async def fetch(after: int, limit: int) -> list[tuple[int, str, bytes, bool]]:

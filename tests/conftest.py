@@ -154,7 +154,10 @@ def write_node_config(path: Path, **sections: dict[str, object]) -> Path:
     base: dict[str, dict[str, object]] = {
         "rounds": {"genesis_ms": (time.time_ns() // 10**6) - 60_000, "round_seconds": 2},
         "node": {"log_level": "INFO"},
-        "encoders": session_weights(),
+        # The node's own thread encodes: worker processes (the CPU default) would
+        # load torch twice more for every node a test starts. They have their own
+        # tests (tests/integration/test_encoder_workers.py).
+        "encoders": {**session_weights(), "workers": 0},
     }
     for name, values in sections.items():
         base.setdefault(name, {}).update(values)

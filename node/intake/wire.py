@@ -12,6 +12,7 @@ import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from functools import cached_property
 from typing import Any
 
 from encoders.modality import MEDIA_TYPES, Modality
@@ -75,9 +76,9 @@ class Submission:
     sig: bytes
     raw: bytes
 
-    @property
+    @cached_property
     def id(self) -> bytes:
-        """SHA-256 of the complete signed message bytes."""
+        """SHA-256 of the complete signed message bytes (hashed once: up to 8 MiB)."""
         return hashlib.sha256(self.raw).digest()
 
     @property

@@ -187,7 +187,8 @@ class EncodersSection(_Section):
     manifest: Path
     manifest_sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
     device: str
-    workers: Annotated[int, Field(ge=0)]
+    workers: Annotated[int, Field(ge=0)] | None = None
+    """None: 0 on a cuda device (one process owns the GPU), else 2."""
     threads: Annotated[int, Field(ge=0)]
     batch: dict[str, BatchSection]
     queue_size: PositiveInt

@@ -83,7 +83,10 @@ class EncoderService:
             while True:
                 slot = await free.get()
                 modality = await self._next()
-                group.create_task(self._encode(slot, self._take(modality), free))
+                # Slots free at once share what waits (the end of a burst is spread
+                # over idle workers, not left to one of them).
+                share = -(-len(self._queues[modality]) // (free.qsize() + 1))
+                group.create_task(self._encode(slot, self._take(modality, share), free))
 
     async def _next(self) -> Modality:
         """The modality to encode next, once there is one."""
@@ -111,13 +114,16 @@ class EncoderService:
                 break
         return modality
 
-    def _take(self, modality: Modality) -> list[_Job]:
-        """Up to a batch of ``modality``'s oldest jobs, all of one beacon."""
+    def _take(self, modality: Modality, share: int | None = None) -> list[_Job]:
+        """Up to a batch (or ``share``) of ``modality``'s oldest jobs, all of one beacon."""
         queue = self._queues[modality]
         beacon = queue[0].beacon
         batch: list[_Job] = []
         kept: list[_Job] = []
-        while queue and len(batch) < self._policy.size(modality):
+        limit = self._policy.size(modality)
+        if share is not None:
+            limit = max(1, min(limit, share))
+        while queue and len(batch) < limit:
             job = queue.popleft()
             if job.future.done():  # its caller went away
                 self._room.release()

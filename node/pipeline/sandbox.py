@@ -1,4 +1,4 @@
-"""Media decoding in separate, capped worker processes.
+"""Media decoding in separate, capped worker processes (text, bounded UTF-8, in the node).
 
 Each slot is a one-process pool whose process has an address-space cap and,
 for every item, a CPU-time cap (the kernel kills a decoder that spins). An
@@ -13,8 +13,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
-import os
 import resource
+import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -32,10 +32,10 @@ def _limit_worker(memory_bytes: int) -> None:
     The worker also ends itself when its parent (the forkserver) goes away.
     """
     from node.ops.orphan_guard import watch_parent
+    from node.ops.threads import name_thread
 
     watch_parent()
-    os.environ["OMP_NUM_THREADS"] = "1"
-    os.environ["OPENBLAS_NUM_THREADS"] = "1"
+    name_thread("poc-decoder")
     resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
@@ -87,14 +87,19 @@ class DecoderPool:
         memory_mb: int,
         cpu_seconds: float | None = None,
         on_cpu: Callable[[float], None] | None = None,
+        on_text_cpu: Callable[[float], None] | None = None,
     ) -> None:
-        """``on_cpu`` hears the CPU time each decoded item cost its decoder process."""
+        """``on_cpu`` hears the CPU time each item cost its decoder process; ``on_text_cpu``
+        what each text cost the node."""
         self._on_cpu = on_cpu
+        self._on_text_cpu = on_text_cpu
         self._timeout_s = timeout_s
         self._cpu_seconds = cpu_seconds if cpu_seconds is not None else timeout_s
         self._memory_bytes = memory_mb * 1024 * 1024
         self._context = multiprocessing.get_context("forkserver")
-        self._context.set_forkserver_preload(["node.ops.orphan_guard", "encoders.media"])
+        self._context.set_forkserver_preload(
+            ["node.pipeline.single_threaded", "node.ops.orphan_guard", "encoders.media"]
+        )
         self._free: asyncio.Queue[ProcessPoolExecutor] = asyncio.Queue()
         for _ in range(workers):
             self._free.put_nowait(self._new_slot())
@@ -120,7 +125,19 @@ class DecoderPool:
         limits: MediaLimits,
         spec: PreprocessSpec,
     ) -> DecodedMedia:
-        """Decode one item; raises an :class:`EncoderError` subclass for a bad item."""
+        """Decode one item; raises an :class:`EncoderError` subclass for a bad item.
+
+        Text is decoded here, in the node's process: strict UTF-8 of at most
+        ``limits.text_bytes`` is bounded work with no parser behind it, and a
+        round trip to a sandbox would cost more than the decoding.
+        """
+        if modality is Modality.TEXT:
+            started = time.thread_time()
+            try:
+                return decode_media(modality, mime, data, limits, spec)
+            finally:
+                if self._on_text_cpu is not None:
+                    self._on_text_cpu(time.thread_time() - started)
         slot = await self._free.get()
         loop = asyncio.get_running_loop()
         healthy = True

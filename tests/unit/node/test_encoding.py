@@ -169,3 +169,39 @@ async def test_a_full_queue_holds_callers_back() -> None:
     await asyncio.gather(running, queued, held)
     assert service.queued == 0
     await stop(service, task)
+
+
+class TwoSlots:
+    """An engine of two slots over a fake shard (worker processes, without the processes)."""
+
+    def __init__(self, shard: FakeShard) -> None:
+        self.shard = shard
+
+    @property
+    def slots(self) -> int:
+        return 2
+
+    async def start(self) -> None:
+        return None
+
+    async def embed(self, slot: int, requests, beacon: bytes):
+        return await asyncio.to_thread(self.shard.embed, list(requests), beacon), 0.0
+
+    def close(self) -> None:
+        return None
+
+
+async def test_idle_slots_share_a_burst() -> None:
+    shard = FakeShard()
+    service = EncoderService(
+        shard,  # type: ignore[arg-type]
+        policy(text=8, wait_ms=50),
+        64,
+        Metrics(CollectorRegistry()),
+        TwoSlots(shard),
+    )
+    task = asyncio.create_task(service.run())
+    # Both slots idle: eight texts arriving together are split over them.
+    await service.embed([request(TEXT, f"t{i}") for i in range(8)], b"b")
+    assert sorted(len(names) for names, _ in shard.calls) == [4, 4]
+    await stop(service, task)

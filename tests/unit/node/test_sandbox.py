@@ -83,3 +83,27 @@ def test_a_spinning_decoder_is_killed_by_its_cpu_cap():
     spin = "from node.pipeline.sandbox import _cap_cpu\n_cap_cpu(0.1)\nwhile True:\n    pass\n"
     result = subprocess.run([sys.executable, "-c", spin], timeout=30, check=False)
     assert result.returncode == -signal.SIGXCPU
+
+
+def test_text_is_decoded_in_the_node_even_while_every_slot_is_busy():
+    async def scenario() -> None:
+        costs: list[float] = []
+        pool = DecoderPool(workers=1, timeout_s=30, memory_mb=350, on_text_cpu=costs.append)
+        try:
+            # The only slot is taken (a decoding in flight)...
+            slot = await pool._free.get()
+            # ...and text decodes all the same, with its reasons.
+            text = await decode(pool, Modality.TEXT, "text/plain", "un café".encode())
+            assert text == "un café"
+            with pytest.raises(UndecodableError, match="UTF-8"):
+                await decode(pool, Modality.TEXT, "text/plain", b"\xff\xfe")
+            with pytest.raises(MediaTooLargeError):
+                await decode(pool, Modality.TEXT, "text/plain", b"a" * (LIMITS.text_bytes + 1))
+            with pytest.raises(UndecodableError, match="carries image"):
+                await decode(pool, Modality.TEXT, "image/png", image_bytes("RGB"))
+            assert len(costs) == 4
+            pool._free.put_nowait(slot)
+        finally:
+            pool.close()
+
+    asyncio.run(scenario())
