@@ -7,12 +7,15 @@ One command, one run. For each kind of submission (caption + image, caption
    (``training.stream.WorldMaker``: PNG/JPEG, espeak-ng WAV, MP4);
 2. measures the **raw** rate: the shard called directly on the decoded items
    at the node's batch policy (``encoders.batch``: the micro-batch size of
-   each modality), in this process;
+   each modality), in this process with torch's default threads, the best of
+   three passes;
 3. starts Mosquitto and a node process (or a committee of ``--committee``
    nodes), and feeds the **same** submissions, signed by many keys, through
    the bus; the node's rate counts items from the first publish to the last
-   ``accepted`` Result (everything decoded, encoded and stored), and again
-   to the last ``final`` Result (rounds included);
+   ``accepted`` Result (everything decoded, encoded and stored), again to the
+   last ``final`` Result (rounds included), and between the 10th and the 90th
+   percentile of the accepted Results (the steady rate, without the start and
+   the end of the burst);
 
 and prints items/s both ways, their **ratio**, each stage's share of the
 node's CPU time (``poc_stage_cpu_seconds_total``, decoders' processes
@@ -50,6 +53,8 @@ from tests.conftest import start_mosquitto, start_node  # noqa: E402
 from tests.peer import Peer, ResultListener, submission_id  # noqa: E402
 from training.stream import WorldMaker, WorldSubmission, concepts  # noqa: E402
 
+PASSES = 3
+"""The raw rate is the best of this many passes (so the ratio errs against the node)."""
 KINDS = ("text+image", "text+audio", "text+video", "single")
 STAGES = (
     "verify",
@@ -72,6 +77,7 @@ class Figures:
     raw_items_s: float
     accepted_items_s: float
     final_items_s: float
+    steady_items_s: float
     cpu: dict[str, float]
     cpu_total: float
     peak_rss_mib: float
@@ -107,12 +113,15 @@ def raw_rate(shard: Shard, submissions: list[WorldSubmission], policy: BatchPoli
     for requests in by_modality.values():  # warm-up: first calls allocate
         shard.embed(requests[: policy.size(requests[0].modality)], beacon)
     total = sum(len(r) for r in by_modality.values())
-    started = time.perf_counter()
-    for modality, requests in by_modality.items():
-        size = policy.size(modality)
-        for start in range(0, len(requests), size):
-            shard.embed(requests[start : start + size], beacon)
-    return total / (time.perf_counter() - started)
+    rates = []
+    for _ in range(PASSES):
+        started = time.perf_counter()
+        for modality, requests in by_modality.items():
+            size = policy.size(modality)
+            for start in range(0, len(requests), size):
+                shard.embed(requests[start : start + size], beacon)
+        rates.append(total / (time.perf_counter() - started))
+    return max(rates)  # the best pass: anything else on the machine only slows it
 
 
 def descendants_cpu(pid: int) -> dict[str, float]:
@@ -197,8 +206,14 @@ def stage_cpu(metrics: str) -> dict[str, float]:
 
 async def feed(
     port: int, submissions: list[WorldSubmission], submitters: int
-) -> tuple[float, float, int]:
-    """Publish every submission (signed by ``submitters`` keys); seconds to last accepted/final."""
+) -> tuple[float, float, float, list[str]]:
+    """Publish every submission (signed by ``submitters`` keys).
+
+    Returns the seconds from the first publish to the last ``accepted`` and to
+    the last ``final`` Result, the steady accepted rate (submissions/s between
+    the 10th and the 90th percentile of accepted Results), and the reasons of
+    the rejected ones.
+    """
     peers = [Peer() for _ in range(submitters)]
     raws = [
         peers[i % submitters].submission(
@@ -211,18 +226,23 @@ async def feed(
         started = time.monotonic()
         for raw in raws:
             await listener.publish(raw)
-        accepted_at = final_at = started
-        rejected = 0
         for identity in ids:
-            result = await listener.wait_for(identity, {"accepted", "rejected"}, 900)
-            accepted_at = max(accepted_at, time.monotonic())
-            if result["status"] == "rejected":
-                rejected += 1
-                continue
             await listener.final(identity, 900)
-            final_at = max(final_at, time.monotonic())
-        # Results arrive in any order: the last one seen bounds both spans.
-        return accepted_at - started, final_at - started, rejected
+        accepted: dict[bytes, float] = {}
+        final: dict[bytes, float] = {}
+        reasons = []
+        for result in listener.results:  # each stamped on arrival
+            at = result["_received_monotonic"]
+            if result["status"] == "accepted":
+                accepted.setdefault(result["submission_id"], at)
+            elif result["status"] == "final":
+                final.setdefault(result["submission_id"], at)
+            else:
+                reasons.append(str(result["reason"]))
+        times = sorted(accepted.values())
+        low, high = times[len(times) // 10], times[(len(times) * 9) // 10]
+        steady = (len(times) * 8 // 10) / (high - low) if high > low else float("nan")
+        return max(times) - started, max(final.values()) - started, steady, reasons
 
 
 def node_config(directory: Path, args: argparse.Namespace) -> Path:
@@ -271,7 +291,9 @@ def run_kind(
         threads_before = thread_cpu(node.process.pid)
         children_before = descendants_cpu(node.process.pid)
         stages_before = stage_cpu(node.metrics())
-        accepted_s, final_s, rejected = asyncio.run(feed(broker.port, submissions, args.submitters))
+        accepted_s, final_s, steady, reasons = asyncio.run(
+            feed(broker.port, submissions, args.submitters)
+        )
         after = node.metrics()
         stages_after = stage_cpu(after)
         batches = mean_batches(after)
@@ -296,8 +318,8 @@ def run_kind(
         )
         + ")"
     )
-    if rejected:
-        print(f"  ({kind}: {rejected} of {len(submissions)} rejected; see {directory})")
+    if reasons:
+        print(f"  ({kind}: {len(reasons)} of {len(submissions)} rejected: {sorted(reasons)})")
     stages = {s: stages_after.get(s, 0.0) - stages_before.get(s, 0.0) for s in stages_after}
     # The event loop's own work (MQTT in and out, asyncio, Results) is "bus"; the
     # stages measured on the loop thread are taken out of it.
@@ -309,8 +331,17 @@ def run_kind(
     stages["decode"] = stages.pop("decode_text", 0.0) + children.get("poc-decoder", 0.0)
     if "poc-encoder" in children:  # the encoders run in worker processes
         stages["encode"] = children["poc-encoder"]
+    per_submission = items / len(submissions)
     return Figures(
-        kind, items, raw, items / accepted_s, items / final_s, stages, cpu_total, peak / 1024
+        kind,
+        items,
+        raw,
+        items / accepted_s,
+        items / final_s,
+        steady * per_submission,
+        stages,
+        cpu_total,
+        peak / 1024,
     )
 
 
@@ -345,7 +376,9 @@ def main() -> None:
             f"node {figures.accepted_items_s:7.1f}/s accepted "
             f"(ratio {figures.accepted_items_s / figures.raw_items_s:4.2f}), "
             f"{figures.final_items_s:7.1f}/s final "
-            f"(ratio {figures.final_items_s / figures.raw_items_s:4.2f})  "
+            f"(ratio {figures.final_items_s / figures.raw_items_s:4.2f}), "
+            f"{figures.steady_items_s:7.1f}/s steady "
+            f"(ratio {figures.steady_items_s / figures.raw_items_s:4.2f})  "
             f"peak RSS {figures.peak_rss_mib:6.0f} MiB",
             flush=True,
         )

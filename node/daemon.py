@@ -47,6 +47,7 @@ from node.rounds.sync import SyncService
 from node.rounds.verify import RecordVerifier
 from node.store.sqlite import Store
 from node.store.thread import StoreThread
+from rewards.history import set_search_threads
 
 log = logging.getLogger("poc.node")
 
@@ -150,6 +151,13 @@ def encoder_engine(config: Config, shard: Shard) -> Engine:
     return WorkerProcesses(spec, workers, shard.weights_id)
 
 
+def _start_work_thread(search_threads: int) -> None:
+    """Each worker thread of the loop's executor (scores, verification) says who it is
+    and how many threads its history searches may use (OpenMP's setting is per thread)."""
+    name_thread("poc-work")
+    set_search_threads(search_threads)
+
+
 class Node:
     """A running validator."""
 
@@ -233,7 +241,9 @@ class Node:
             loop = asyncio.get_running_loop()
             # Named, so that CPU time can be told apart (node.ops.threads).
             work = ThreadPoolExecutor(
-                thread_name_prefix="work", initializer=name_thread, initargs=("poc-work",)
+                thread_name_prefix="work",
+                initializer=_start_work_thread,
+                initargs=(config.scoring.threads,),
             )
             loop.set_default_executor(work)
             stack.callback(work.shutdown, wait=False, cancel_futures=True)

@@ -35,6 +35,17 @@ float32 distances differently, which is why scores never use faiss's distances.
 """
 
 
+def set_search_threads(threads: int) -> None:
+    """Threads faiss may use for one search (0: one per core, faiss's default).
+
+    A validator encodes and searches at once: searches of a round's few
+    hundred items gain little from more threads, and faiss's threads wait
+    for each other whenever an encoder takes their core.
+    """
+    if threads > 0:
+        faiss.omp_set_num_threads(threads)
+
+
 def quantize(vectors: npt.ArrayLike, dim: int) -> npt.NDArray[np.float16]:
     """Return ``vectors`` as a C-contiguous ``[n, dim]`` float16 array.
 

@@ -156,6 +156,7 @@ class ResultListener:
             result = verify_result(bytes(message.payload))  # type: ignore[arg-type]
             submitter_hex = str(message.topic).rsplit("/", 1)[1]
             result["_topic_submitter"] = submitter_hex
+            result["_received_monotonic"] = time.monotonic()
             self.results.append(result)
             self._changed.set()
 

@@ -218,6 +218,7 @@ class FusionSection(_Section):
 
 class ScoringSection(_Section):
     k: PositiveInt
+    threads: Annotated[int, Field(ge=0)] = 1
     qualify_ratio: PositiveFloat | None = None
     """None: the manifest's calibrated ratio (the only value a committee should use)."""
     duplicate_radius: dict[str, Annotated[float, Field(ge=0.0, lt=2.0)]] | None = None
