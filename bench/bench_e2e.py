@@ -35,6 +35,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +47,7 @@ from encoders.embedding import EncodeRequest  # noqa: E402
 from encoders.media import decode_media  # noqa: E402
 from encoders.modality import Modality  # noqa: E402
 from encoders.shard import Shard  # noqa: E402
+from node.intake.keys import load_key  # noqa: E402
 from node.ops.config import DEFAULT_CONFIG, load_config  # noqa: E402
 from node.pipeline.batching import BatchPolicy  # noqa: E402
 from node.pipeline.prepare import media_limits  # noqa: E402
@@ -205,7 +207,7 @@ def stage_cpu(metrics: str) -> dict[str, float]:
 
 
 async def feed(
-    port: int, submissions: list[WorldSubmission], submitters: int
+    port: int, submissions: list[WorldSubmission], submitters: int, validator: bytes | None
 ) -> tuple[float, float, float, list[str]]:
     """Publish every submission (signed by ``submitters`` keys).
 
@@ -228,10 +230,24 @@ async def feed(
             await listener.publish(raw)
         for identity in ids:
             await listener.final(identity, 900)
+        if validator is not None:  # wait for the measured member's own Results
+
+            def decided() -> set[bytes]:
+                return {
+                    r["submission_id"]
+                    for r in listener.results
+                    if r["validator"] == validator and r["status"] in ("final", "rejected")
+                }
+
+            async with asyncio.timeout(900):
+                while decided() < set(ids):  # noqa: ASYNC110 - the listener fills the list
+                    await asyncio.sleep(0.1)
         accepted: dict[bytes, float] = {}
         final: dict[bytes, float] = {}
         reasons = []
         for result in listener.results:  # each stamped on arrival
+            if validator is not None and result["validator"] != validator:
+                continue
             at = result["_received_monotonic"]
             if result["status"] == "accepted":
                 accepted.setdefault(result["submission_id"], at)
@@ -245,11 +261,42 @@ async def feed(
         return max(times) - started, max(final.values()) - started, steady, reasons
 
 
-def node_config(directory: Path, args: argparse.Namespace) -> Path:
+def committee_files(directory: Path, count: int) -> tuple[Path, list[Path]]:
+    """``count`` validator keys and a committee file naming them (rounds of 2 s)."""
     import yaml
 
+    from node.intake.keys import SigningKey, write_key
+
+    keys = []
+    for index in range(count):
+        path = directory / f"v{index}.key"
+        write_key(SigningKey.generate(), path)
+        keys.append(path)
+    document = {
+        "genesis_ms": time.time_ns() // 10**6 - 60_000,
+        "round_seconds": 2,
+        "epoch_rounds": 60,
+        "members": [
+            {"name": f"v{i}", "public_key": load_key(path).public_hex, "stake": 100}
+            for i, path in enumerate(keys)
+        ],
+    }
+    committee = directory / "committee.yaml"
+    committee.write_text(yaml.safe_dump(document))
+    return committee, keys
+
+
+def node_config(
+    directory: Path,
+    args: argparse.Namespace,
+    committee: Path | None = None,
+    key: Path | None = None,
+) -> Path:
+    import yaml
+
+    member = {} if committee is None else {"committee": str(committee), "key": str(key)}
     config = {
-        "node": {"log_level": "WARNING"},
+        "node": {"log_level": "WARNING", **member},
         "rounds": {"genesis_ms": time.time_ns() // 10**6 - 60_000, "round_seconds": 1},
         "intake": {"rate_limit": {"per_minute": 100_000, "burst": 10_000}},
         "encoders": {
@@ -257,6 +304,9 @@ def node_config(directory: Path, args: argparse.Namespace) -> Path:
             **({} if args.workers is None else {"workers": args.workers}),
         },
     }
+    if committee is not None:
+        del config["rounds"]  # the committee file's
+    directory.mkdir(parents=True, exist_ok=True)
     path = directory / "node.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -270,9 +320,26 @@ def run_kind(
     raw = raw_rate(shard, submissions, policy)
     directory = Path(tempfile.mkdtemp(prefix=f"poc-e2e-{kind.replace('+', '-')}-"))
     broker = start_mosquitto(directory)
-    node = start_node(
-        directory / "node", f"mqtt://127.0.0.1:{broker.port}", node_config(directory, args)
-    )
+    bus = f"mqtt://127.0.0.1:{broker.port}"
+    others = []
+    if args.committee == 1:
+        node = start_node(directory / "node", bus, node_config(directory, args))
+        validator = None
+    else:  # every member prepares every submission; the first one is measured
+        committee, keys = committee_files(directory, args.committee)
+        with ThreadPoolExecutor(len(keys)) as pool:
+            started = [
+                pool.submit(
+                    start_node,
+                    directory / f"n{i}",
+                    bus,
+                    node_config(directory / f"c{i}", args, committee, key),
+                    300,
+                )
+                for i, key in enumerate(keys)
+            ]
+            node, *others = [future.result() for future in started]
+        validator = load_key(keys[0]).public_key
     peak = 0
     done = threading.Event()
 
@@ -292,7 +359,7 @@ def run_kind(
         children_before = descendants_cpu(node.process.pid)
         stages_before = stage_cpu(node.metrics())
         accepted_s, final_s, steady, reasons = asyncio.run(
-            feed(broker.port, submissions, args.submitters)
+            feed(broker.port, submissions, args.submitters, validator)
         )
         after = node.metrics()
         stages_after = stage_cpu(after)
@@ -305,7 +372,8 @@ def run_kind(
     finally:
         done.set()
         sampler.join()
-        node.stop()
+        for member in (node, *others):
+            member.stop()
         broker.stop()
     print(
         f"  ({kind}: mean encoder batch "
@@ -350,15 +418,15 @@ def main() -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--count", type=int, default=240, help="submissions per kind")
     parser.add_argument("--kinds", default=",".join(KINDS))
-    parser.add_argument("--committee", type=int, default=1, help="(1: a committee of one)")
+    parser.add_argument(
+        "--committee", type=int, default=1, help="members (each prepares every submission)"
+    )
     parser.add_argument("--submitters", type=int, default=48, help="keys signing the stream")
     parser.add_argument("--seed", type=int, default=11)
     parser.add_argument(
         "--workers", type=int, default=None, help="the node's encoders.workers (default: config)"
     )
     args = parser.parse_args()
-    if args.committee != 1:
-        parser.error("--committee: only a committee of one is measured so far")
 
     config = load_config(DEFAULT_CONFIG)
     policy = BatchPolicy.of(config.encoders)

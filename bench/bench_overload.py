@@ -28,6 +28,24 @@ from tests.conftest import start_mosquitto, start_node, write_node_config  # noq
 from tests.peer import Peer, ResultListener, submission_id  # noqa: E402
 
 
+def rss_by_name(pid: int) -> dict[str, int]:
+    """Resident memory (KiB) of a process and its descendants, by process name."""
+    out: dict[str, int] = {}
+    stack = [pid]
+    while stack:
+        current = stack.pop()
+        try:
+            for task in Path(f"/proc/{current}/task").iterdir():
+                stack += [int(c) for c in (task / "children").read_text().split()]
+            name = Path(f"/proc/{current}/comm").read_text().strip()
+            for line in Path(f"/proc/{current}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    out[name] = out.get(name, 0) + int(line.split()[1])
+        except OSError:
+            continue
+    return out
+
+
 def rss_kib(pid: int) -> int:
     """Resident memory of a process and its children, in KiB."""
     total = 0
@@ -121,13 +139,14 @@ async def flood(
     return sent
 
 
-def print_series(series: list[tuple[float, int, float]], seconds: float) -> None:
+def print_series(series: list[tuple[float, int, float, dict[str, int]]], seconds: float) -> None:
     """RSS over time, and whether it stays flat once the queues are full (after warm-up)."""
-    print("RSS over time (node and decoder processes; prepare queue depth)")
+    print("RSS over time (node, decoder and encoder processes; prepare queue depth)")
     step = max(1, len(series) // 20)
-    for at, kib, queued in series[::step]:
-        print(f"  t={at:6.1f} s  RSS {kib / 1024:8.1f} MiB  queued {queued:6.0f}")
-    during = [(at, kib) for at, kib, _ in series if at <= seconds]
+    for at, kib, queued, names in series[::step]:
+        parts = "  ".join(f"{n} {v / 1024:.0f}" for n, v in sorted(names.items()))
+        print(f"  t={at:6.1f} s  RSS {kib / 1024:8.1f} MiB  queued {queued:6.0f}  ({parts})")
+    during = [(at, kib) for at, kib, _, _ in series if at <= seconds]
     warm = [kib for at, kib in during if at >= seconds / 4]
     if len(warm) >= 2:
         print(
@@ -181,10 +200,10 @@ def main() -> None:
                         queued = node.metric("poc_queue_depth", 'queue="prepare"')
                     except OSError:
                         queued = float("nan")
-                    series.append((now, rss, queued))
+                    series.append((now, rss, queued, rss_by_name(node.process.pid)))
                 time.sleep(0.25)
 
-        series: list[tuple[float, int, float]] = []  # (seconds since flood start, KiB, queue)
+        series: list[tuple[float, int, float, dict[str, int]]] = []  # (s, KiB, queue, by name)
         flood_start = time.monotonic()
         sampler = threading.Thread(target=sample)
         sampler.start()
