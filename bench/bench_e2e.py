@@ -42,7 +42,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_overload import rss_kib  # noqa: E402
+from bench.procs import by_name, cpu_seconds, rss_kib, threads_cpu  # noqa: E402
 from encoders.embedding import EncodeRequest  # noqa: E402
 from encoders.media import decode_media  # noqa: E402
 from encoders.modality import Modality  # noqa: E402
@@ -124,65 +124,6 @@ def raw_rate(shard: Shard, submissions: list[WorldSubmission], policy: BatchPoli
                 shard.embed(requests[start : start + size], beacon)
         rates.append(total / (time.perf_counter() - started))
     return max(rates)  # the best pass: anything else on the machine only slows it
-
-
-def descendants_cpu(pid: int) -> dict[str, float]:
-    """CPU seconds of a process's live descendants, by process name."""
-    out: dict[str, float] = {}
-    tick = os.sysconf("SC_CLK_TCK")
-    stack = [pid]
-    while stack:
-        current = stack.pop()
-        try:
-            for task in Path(f"/proc/{current}/task").iterdir():
-                stack += [int(c) for c in (task / "children").read_text().split()]
-            if current == pid:
-                continue
-            name = Path(f"/proc/{current}/comm").read_text().strip()
-            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
-    return out
-
-
-def cpu_seconds(pid: int) -> float:
-    """CPU time (user + system) of a process and every descendant, alive or reaped."""
-    total = 0.0
-    tick = os.sysconf("SC_CLK_TCK")
-    stack = [pid]
-    while stack:
-        current = stack.pop()
-        try:
-            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
-            total += sum(int(v) for v in fields[11:15]) / tick  # utime stime cutime cstime
-            for task in Path(f"/proc/{current}/task").iterdir():
-                stack += [int(c) for c in (task / "children").read_text().split()]
-        except OSError:
-            continue
-    return total
-
-
-def thread_cpu(pid: int) -> dict[str, float]:
-    """CPU seconds of the process's threads by name (the main thread is "loop")."""
-    names: dict[str, float] = {}
-    tick = os.sysconf("SC_CLK_TCK")
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            name = (task / "comm").read_text().strip()
-            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if task.name == str(pid):
-            name = "loop"
-        names[name] = names.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
-    return names
-
-
-def main_thread_cpu(pid: int) -> float:
-    """CPU time of a process's main thread: the node's event loop."""
-    fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def mean_batches(metrics: str) -> dict[str, float]:
@@ -354,9 +295,8 @@ def run_kind(
     try:
         outside_before = cpu_seconds(broker.process.pid) + time.process_time()
         cpu_before = cpu_seconds(node.process.pid)
-        loop_before = main_thread_cpu(node.process.pid)
-        threads_before = thread_cpu(node.process.pid)
-        children_before = descendants_cpu(node.process.pid)
+        threads_before = threads_cpu(node.process.pid)
+        children_before = by_name(node.process.pid, "cpu", root=False)
         stages_before = stage_cpu(node.metrics())
         accepted_s, final_s, steady, reasons = asyncio.run(
             feed(broker.port, submissions, args.submitters, validator)
@@ -364,11 +304,10 @@ def run_kind(
         after = node.metrics()
         stages_after = stage_cpu(after)
         batches = mean_batches(after)
-        threads_after = thread_cpu(node.process.pid)
-        children_after = descendants_cpu(node.process.pid)
+        threads_after = threads_cpu(node.process.pid)
+        children_after = by_name(node.process.pid, "cpu", root=False)
         cpu_total = cpu_seconds(node.process.pid) - cpu_before
         outside = cpu_seconds(broker.process.pid) + time.process_time() - outside_before
-        loop = main_thread_cpu(node.process.pid) - loop_before
     finally:
         done.set()
         sampler.join()
@@ -391,6 +330,7 @@ def run_kind(
     stages = {s: stages_after.get(s, 0.0) - stages_before.get(s, 0.0) for s in stages_after}
     # The event loop's own work (MQTT in and out, asyncio, Results) is "bus"; the
     # stages measured on the loop thread are taken out of it.
+    loop = threads_after.get("loop", 0.0) - threads_before.get("loop", 0.0)
     stages["bus"] = loop - stages.get("fuse", 0.0) - stages.get("commit", 0.0)
     stages["commit"] = stages.get("commit", 0.0) + stages.pop("commit_write", 0.0)
     # Decoding and encoding cost everything their processes spend (calls, copies),

@@ -24,48 +24,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.procs import by_name, rss_kib  # noqa: E402
 from tests.conftest import start_mosquitto, start_node, write_node_config  # noqa: E402
 from tests.peer import Peer, ResultListener, submission_id  # noqa: E402
-
-
-def rss_by_name(pid: int) -> dict[str, int]:
-    """Resident memory (KiB) of a process and its descendants, by process name."""
-    out: dict[str, int] = {}
-    stack = [pid]
-    while stack:
-        current = stack.pop()
-        try:
-            for task in Path(f"/proc/{current}/task").iterdir():
-                stack += [int(c) for c in (task / "children").read_text().split()]
-            name = Path(f"/proc/{current}/comm").read_text().strip()
-            for line in Path(f"/proc/{current}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    out[name] = out.get(name, 0) + int(line.split()[1])
-        except OSError:
-            continue
-    return out
-
-
-def rss_kib(pid: int) -> int:
-    """Resident memory of a process and its children, in KiB."""
-    total = 0
-    pids = [pid]
-    try:
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-        pids += [int(child) for child in children]
-        for child in list(pids[1:]):
-            grand = Path(f"/proc/{child}/task/{child}/children").read_text().split()
-            pids += [int(g) for g in grand]
-    except OSError:
-        pass
-    for process in pids:
-        try:
-            for line in Path(f"/proc/{process}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
-        except OSError:
-            continue
-    return total
 
 
 async def measure_rate(port: int, count: int) -> float:
@@ -139,7 +100,7 @@ async def flood(
     return sent
 
 
-def print_series(series: list[tuple[float, int, float, dict[str, int]]], seconds: float) -> None:
+def print_series(series: list[tuple[float, int, float, dict[str, float]]], seconds: float) -> None:
     """RSS over time, and whether it stays flat once the queues are full (after warm-up)."""
     print("RSS over time (node, decoder and encoder processes; prepare queue depth)")
     step = max(1, len(series) // 20)
@@ -200,10 +161,10 @@ def main() -> None:
                         queued = node.metric("poc_queue_depth", 'queue="prepare"')
                     except OSError:
                         queued = float("nan")
-                    series.append((now, rss, queued, rss_by_name(node.process.pid)))
+                    series.append((now, rss, queued, by_name(node.process.pid, "rss")))
                 time.sleep(0.25)
 
-        series: list[tuple[float, int, float, dict[str, int]]] = []  # (s, KiB, queue, by name)
+        series: list[tuple[float, int, float, dict[str, float]]] = []  # (s, KiB, queue, by name)
         flood_start = time.monotonic()
         sampler = threading.Thread(target=sample)
         sampler.start()

@@ -10,7 +10,7 @@ names them; ``node.data_dir`` and ``node.key`` against the working directory.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 from urllib.parse import urlsplit
 
 import yaml
@@ -32,6 +32,16 @@ _FILE_RELATIVE_PATHS = (("encoders", "manifest"),)
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+V = TypeVar("V")
+
+
+def _every_modality(value: dict[str, V]) -> dict[str, V]:
+    expected = {"text", "image", "audio", "video"}
+    if set(value) != expected:
+        raise ValueError(f"must give exactly the modalities {sorted(expected)}")
+    return value
 
 
 class _Section(BaseModel):
@@ -198,10 +208,7 @@ class EncodersSection(_Section):
     @field_validator("batch")
     @classmethod
     def _batch_per_modality(cls, value: dict[str, BatchSection]) -> dict[str, BatchSection]:
-        expected = {"text", "image", "audio", "video"}
-        if set(value) != expected:
-            raise ValueError(f"must give exactly the modalities {sorted(expected)}")
-        return value
+        return _every_modality(value)
 
 
 class FusionSection(_Section):
@@ -209,11 +216,8 @@ class FusionSection(_Section):
 
     @field_validator("alpha")
     @classmethod
-    def _every_modality(cls, value: dict[str, float]) -> dict[str, float]:
-        expected = {"text", "image", "audio", "video"}
-        if set(value) != expected:
-            raise ValueError(f"must give exactly the modalities {sorted(expected)}")
-        return value
+    def _alpha_per_modality(cls, value: dict[str, float]) -> dict[str, float]:
+        return _every_modality(value)
 
 
 class ScoringSection(_Section):

@@ -34,6 +34,7 @@ from typing import Protocol
 from encoders.shard import EncodeRequest, ItemEmbedding, Shard
 from node.errors import NodeError
 from node.ops.threads import name_thread, threads_cpu_seconds
+from node.pipeline.sandbox import kill_executor
 
 log = logging.getLogger("poc.encoding")
 
@@ -190,16 +191,10 @@ class WorkerProcesses:
                     len(requests),
                     attempt,
                 )
-                _kill(worker)
+                kill_executor(worker)
                 self._workers[slot] = self._new_worker()
         raise RuntimeError("encoder workers died twice on this batch")
 
     def close(self) -> None:
         for worker in self._workers:
-            _kill(worker)
-
-
-def _kill(worker: ProcessPoolExecutor) -> None:
-    for process in list(getattr(worker, "_processes", {}).values()):
-        process.kill()
-    worker.shutdown(wait=False, cancel_futures=True)
+            kill_executor(worker)

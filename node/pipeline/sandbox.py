@@ -77,6 +77,13 @@ def _decode(
         raise UndecodableError(f"{type(error).__name__}: {error}") from None
 
 
+def kill_executor(executor: ProcessPoolExecutor) -> None:
+    """Stop a process pool now, a running call included (no public way does that)."""
+    for process in list(getattr(executor, "_processes", {}).values()):
+        process.kill()
+    executor.shutdown(wait=False, cancel_futures=True)
+
+
 class DecoderPool:
     """``workers`` sandboxed decoder processes, used one item at a time each."""
 
@@ -167,10 +174,7 @@ class DecoderPool:
 
     @staticmethod
     def _kill(slot: ProcessPoolExecutor) -> None:
-        # The executor has no public way to stop a running call; kill its one process.
-        for process in list(getattr(slot, "_processes", {}).values()):
-            process.kill()
-        slot.shutdown(wait=False, cancel_futures=True)
+        kill_executor(slot)
 
     def close(self) -> None:
         while not self._free.empty():

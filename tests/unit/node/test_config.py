@@ -44,3 +44,23 @@ def test_unreadable_and_non_mapping_files(tmp_path):
     path.write_text("a: [\n")
     with pytest.raises(ConfigError, match="YAML"):
         load_config(path)
+
+
+def test_batches_per_modality_merge_and_are_checked(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("encoders:\n  batch:\n    image: {size: 4, wait_ms: 0}\n")
+    batch = load_config(path).encoders.batch
+    assert (batch["image"].size, batch["image"].wait_ms) == (4, 0)
+    assert batch["text"].size == 32  # the rest keep their defaults
+    path.write_text("encoders:\n  batch:\n    smell: {size: 4, wait_ms: 0}\n")
+    with pytest.raises(ConfigError, match=r"encoders\.batch"):
+        load_config(path)
+
+
+def test_encoder_workers_default_to_two_on_cpu_and_none_on_a_gpu(tmp_path):
+    from node.daemon import encoder_workers
+
+    assert encoder_workers(load_config()) == 2
+    assert encoder_workers(load_config(None, {"encoders.device": "cuda:0"})) == 0
+    assert encoder_workers(load_config(None, {"encoders.workers": 1})) == 1
+    assert encoder_workers(load_config(None, {"encoders.workers": 0})) == 0
