@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import multiprocessing
 import resource
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
@@ -34,7 +33,7 @@ from typing import Protocol
 from encoders.shard import EncodeRequest, ItemEmbedding, Shard
 from node.errors import NodeError
 from node.ops.threads import name_thread, threads_cpu_seconds
-from node.pipeline.sandbox import kill_executor
+from node.pipeline.sandbox import forkserver, kill_executor
 
 log = logging.getLogger("poc.encoding")
 
@@ -149,7 +148,7 @@ class WorkerProcesses:
             raise ValueError(f"workers={workers} must be at least 1")
         self._spec = spec
         self._weights_id = weights_id
-        self._context = multiprocessing.get_context("forkserver")
+        self._context = forkserver()
         self._workers = [self._new_worker() for _ in range(workers)]
 
     def _new_worker(self) -> ProcessPoolExecutor:

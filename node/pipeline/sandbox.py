@@ -77,6 +77,23 @@ def _decode(
         raise UndecodableError(f"{type(error).__name__}: {error}") from None
 
 
+def forkserver() -> multiprocessing.context.ForkServerContext:
+    """The one forkserver every helper process of the node starts from.
+
+    Its preloads run once, in order, before any worker is forked: numerical
+    libraries single-threaded first (``node.pipeline.single_threaded``), then
+    the parent watch and the decoders. Every pool must ask for it here: the
+    first one to start a process starts the server, and a server started
+    without these preloads gives decoders a numpy with a thread (and its
+    buffers) per core.
+    """
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(
+        ["node.pipeline.single_threaded", "node.ops.orphan_guard", "encoders.media"]
+    )
+    return context
+
+
 def kill_executor(executor: ProcessPoolExecutor) -> None:
     """Stop a process pool now, a running call included (no public way does that)."""
     for process in list(getattr(executor, "_processes", {}).values()):
@@ -103,10 +120,7 @@ class DecoderPool:
         self._timeout_s = timeout_s
         self._cpu_seconds = cpu_seconds if cpu_seconds is not None else timeout_s
         self._memory_bytes = memory_mb * 1024 * 1024
-        self._context = multiprocessing.get_context("forkserver")
-        self._context.set_forkserver_preload(
-            ["node.pipeline.single_threaded", "node.ops.orphan_guard", "encoders.media"]
-        )
+        self._context = forkserver()
         self._free: asyncio.Queue[ProcessPoolExecutor] = asyncio.Queue()
         for _ in range(workers):
             self._free.put_nowait(self._new_slot())
