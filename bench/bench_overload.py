@@ -107,14 +107,26 @@ def print_series(series: list[tuple[float, int, float, dict[str, float]]], secon
     for at, kib, queued, names in series[::step]:
         parts = "  ".join(f"{n} {v / 1024:.0f}" for n, v in sorted(names.items()))
         print(f"  t={at:6.1f} s  RSS {kib / 1024:8.1f} MiB  queued {queued:6.0f}  ({parts})")
-    during = [(at, kib) for at, kib, _, _ in series if at <= seconds]
-    warm = [kib for at, kib in during if at >= seconds / 4]
-    if len(warm) >= 2:
-        print(
-            f"after warm-up (t >= {seconds / 4:.0f} s): RSS {min(warm) / 1024:.1f} .. "
-            f"{max(warm) / 1024:.1f} MiB, start {warm[0] / 1024:.1f}, end {warm[-1] / 1024:.1f} "
-            f"(growth {(warm[-1] - warm[0]) / 1024:+.1f} MiB)"
-        )
+    # Warm-up ends when the preparation queue first fills: from then on the
+    # node holds all it ever will, and its RSS should stay flat.
+    full = max((queued for _, _, queued, _ in series), default=0) * 0.9
+    start = next((i for i, (_, _, queued, _) in enumerate(series) if queued >= full), None)
+    if start is None or full <= 0:
+        return
+    warm = series[start:]
+    while len(warm) > 1 and warm[-1][2] < full:  # the drain at the end
+        warm = warm[:-1]
+    if len(warm) < 2:
+        return
+    kib = [k for _, k, _, _ in warm]
+    print(
+        f"queue full from t={warm[0][0]:.0f} s to t={warm[-1][0]:.0f} s: RSS "
+        f"{min(kib) / 1024:.0f} .. {max(kib) / 1024:.0f} MiB, first {kib[0] / 1024:.0f}, "
+        f"last {kib[-1] / 1024:.0f} (growth {(kib[-1] - kib[0]) / 1024:+.0f} MiB)"
+    )
+    for process in sorted(warm[0][3]):
+        values = [names.get(process, 0) / 1024 for _, _, _, names in warm]
+        print(f"  {process:<12} {min(values):7.0f} .. {max(values):7.0f} MiB")
 
 
 def main() -> None:

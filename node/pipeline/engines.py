@@ -32,7 +32,7 @@ from typing import Protocol
 
 from encoders.shard import EncodeRequest, ItemEmbedding, Shard
 from node.errors import NodeError
-from node.ops.threads import name_thread, threads_cpu_seconds
+from node.ops.threads import name_thread, threads_cpu_seconds, trim_heap
 from node.pipeline.sandbox import forkserver, kill_executor
 
 log = logging.getLogger("poc.encoding")
@@ -131,10 +131,21 @@ def _worker_weights() -> str:
     return _WORKER_SHARD.weights_id
 
 
+_TRIM_EVERY = 16
+"""Batches between two returns of freed heap memory to the system (``malloc_trim``)."""
+_batches = 0
+
+
 def _worker_embed(requests: Sequence[EncodeRequest], beacon: bytes) -> Embedded:
+    global _batches
     assert _WORKER_SHARD is not None
     before = resource.getrusage(resource.RUSAGE_SELF)
     embeddings = _WORKER_SHARD.embed(requests, beacon)
+    _batches += 1
+    if _batches % _TRIM_EVERY == 0:
+        # Batches of varying shapes leave the heap fragmented; without this a
+        # worker's RSS creeps up under sustained load.
+        trim_heap()
     after = resource.getrusage(resource.RUSAGE_SELF)
     cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
     return embeddings, cpu
