@@ -119,3 +119,60 @@ def test_a_restart_with_more_stored_work_than_the_queue_holds(tmp_path: Path):
         for each in nodes:
             each.stop()
         broker.stop()
+
+
+def test_large_submissions_are_held_back_by_bytes_never_refused(tmp_path: Path):
+    """intake.queue_mb bounds the bytes a flood of large pictures holds in the node."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    broker = start_mosquitto(tmp_path)
+    node = start_node(
+        tmp_path / "node",
+        f"mqtt://127.0.0.1:{broker.port}",
+        write_node_config(
+            tmp_path / "node.yaml", rounds={"round_seconds": 1}, intake={"queue_mb": 1}
+        ),
+    )
+    rng = np.random.default_rng(0)
+    pictures = []
+    for _ in range(10):  # noise does not compress: about 300 KiB each
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (320, 320, 3), dtype=np.uint8)).save(buffer, "PNG")
+        pictures.append(buffer.getvalue())
+    peer = Peer()
+    raws = [
+        peer.submission(
+            [("text", "text/plain", f"picture {i}".encode()), ("image", "image/png", p)]
+        )
+        for i, p in enumerate(pictures)
+    ]
+    held: list[float] = []
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            held.append(node.metric("poc_intake_queued_bytes"))
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+
+    async def scenario() -> list[dict]:
+        async with ResultListener(broker.port) as listener:
+            for raw in raws:
+                await listener.publish(raw)
+            return [await listener.final(submission_id(raw), 120) for raw in raws]
+
+    try:
+        results = asyncio.run(scenario())
+    finally:
+        stop.set()
+        watcher.join()
+        node.stop()
+        broker.stop()
+    assert [r["status"] for r in results] == ["final"] * len(raws)  # delayed, never refused
+    assert max(held) <= 1024 * 1024  # ten pictures of 300 KiB, never more than 1 MiB held
+    assert max(held) >= min(len(raw) for raw in raws)  # the budget was in use
