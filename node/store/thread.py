@@ -190,9 +190,6 @@ class StoreThread:
     async def evidence(self) -> list[EvidenceRow]:
         return await self._run(self.store.evidence)
 
-    async def history_items(self) -> list[tuple[str, bytes]]:
-        return await self._run(self.store.history_items)
-
     async def history_rows(self) -> list[tuple[int, bytes, int, str, bytes]]:
         return await self._run(self.store.history_rows)
 
