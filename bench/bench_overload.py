@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.procs import by_name, rss_kib  # noqa: E402
 from tests.conftest import start_mosquitto, start_node, write_node_config  # noqa: E402
+from tests.media import noise_png  # noqa: E402
 from tests.peer import Peer, ResultListener, submission_id  # noqa: E402
 
 
@@ -42,24 +43,6 @@ async def measure_rate(port: int, count: int) -> float:
         for raw in raws:
             await listener.wait_for(submission_id(raw), {"accepted", "rejected"}, 300)
         return count / (time.monotonic() - started)
-
-
-def noise_pictures(count: int, kib: int) -> list[bytes]:
-    """PNGs of random pixels, about ``kib`` KiB each (noise does not compress)."""
-    import io
-
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    side = max(8, int((kib * 1024 / 3) ** 0.5))
-    out = []
-    for _ in range(count):
-        buffer = io.BytesIO()
-        pixels = rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(buffer, "PNG")
-        out.append(buffer.getvalue())
-    return out
 
 
 async def flood(
@@ -152,7 +135,14 @@ def main() -> None:
         rate = asyncio.run(measure_rate(broker.port, args.calibration))
         print(f"sustainable rate        {rate:8.1f} submissions/s (text, verified and encoded)")
         flood_rate = rate * args.factor
-        pictures = noise_pictures(32, args.picture_kib) if args.picture_kib else []
+        pictures = (
+            [
+                noise_png(max(8, int((args.picture_kib * 1024 / 3) ** 0.5)), seed)
+                for seed in range(32)
+            ]
+            if args.picture_kib
+            else []
+        )
         print(f"flood rate              {flood_rate:8.1f} submissions/s for {args.seconds:g} s")
         peak = rss_kib(node.process.pid)
         baseline = peak

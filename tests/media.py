@@ -12,6 +12,15 @@ import soundfile
 from PIL import Image
 
 
+def noise_png(side: int, seed: int = 0) -> bytes:
+    """A ``side`` x ``side`` PNG of random RGB pixels: about 3 * side**2 bytes (noise does
+    not compress)."""
+    rng = np.random.default_rng(seed)
+    out = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(out, "PNG")
+    return out.getvalue()
+
+
 def image_bytes(mode: str, fmt: str = "PNG", size: tuple[int, int] = (40, 30)) -> bytes:
     """A gradient image in ``mode`` saved as ``fmt``."""
     width, height = size

@@ -183,14 +183,10 @@ class DecoderPool:
             if healthy:
                 self._free.put_nowait(slot)
             else:
-                self._kill(slot)
+                kill_executor(slot)
                 self._free.put_nowait(self._new_slot())
-
-    @staticmethod
-    def _kill(slot: ProcessPoolExecutor) -> None:
-        kill_executor(slot)
 
     def close(self) -> None:
         while not self._free.empty():
             slot = self._free.get_nowait()
-            self._kill(slot)
+            kill_executor(slot)

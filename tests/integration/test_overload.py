@@ -19,6 +19,7 @@ import pytest
 from node.intake.wire import parse_submission
 from node.store.sqlite import Store
 from tests.conftest import start_mosquitto, start_node, write_node_config
+from tests.media import noise_png
 from tests.peer import Peer, ResultListener, submission_id
 
 pytestmark = pytest.mark.integration
@@ -123,11 +124,6 @@ def test_a_restart_with_more_stored_work_than_the_queue_holds(tmp_path: Path):
 
 def test_large_submissions_are_held_back_by_bytes_never_refused(tmp_path: Path):
     """intake.queue_mb bounds the bytes a flood of large pictures holds in the node."""
-    import io
-
-    import numpy as np
-    from PIL import Image
-
     broker = start_mosquitto(tmp_path)
     node = start_node(
         tmp_path / "node",
@@ -136,12 +132,7 @@ def test_large_submissions_are_held_back_by_bytes_never_refused(tmp_path: Path):
             tmp_path / "node.yaml", rounds={"round_seconds": 1}, intake={"queue_mb": 1}
         ),
     )
-    rng = np.random.default_rng(0)
-    pictures = []
-    for _ in range(10):  # noise does not compress: about 300 KiB each
-        buffer = io.BytesIO()
-        Image.fromarray(rng.integers(0, 256, (320, 320, 3), dtype=np.uint8)).save(buffer, "PNG")
-        pictures.append(buffer.getvalue())
+    pictures = [noise_png(320, seed) for seed in range(10)]  # about 300 KiB each
     peer = Peer()
     raws = [
         peer.submission(
