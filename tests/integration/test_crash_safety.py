@@ -216,6 +216,10 @@ def test_a_commit_the_store_refuses_stops_the_node_and_a_restart_recovers(tmp_pa
     raw = Peer().submission([("text", "text/plain", b"committed after a store failure")])
     try:
         db = sqlite3.connect(database, timeout=30)
+        db.execute("BEGIN IMMEDIATE")
+        # Empty rounds may already have committed since the node came up: count them
+        # in the same write transaction that installs the trigger.
+        rounds_before = db.execute("SELECT COUNT(*) FROM rounds").fetchone()[0]
         db.execute(
             "CREATE TRIGGER no_commit BEFORE INSERT ON rounds "
             "BEGIN SELECT RAISE(ABORT, 'disk refused the write'); END"
@@ -233,16 +237,18 @@ def test_a_commit_the_store_refuses_stops_the_node_and_a_restart_recovers(tmp_pa
         db = sqlite3.connect(database, timeout=30)
         db.execute("DROP TRIGGER no_commit")
         db.commit()
-        assert db.execute("SELECT COUNT(*) FROM rounds").fetchone()[0] == 0
+        assert db.execute("SELECT COUNT(*) FROM rounds").fetchone()[0] == rounds_before
+        assert db.execute("SELECT COUNT(*) FROM submissions WHERE state = 'final'").fetchone()[0] == 0
         db.close()
 
-        node = start_node(tmp_path / "node", bus, config)
-
-        async def final() -> dict:
+        async def restart_and_finalize() -> tuple[NodeProcess, dict]:
+            # Listen before the node is back: it may finalize the waiting submission
+            # before a listener that subscribed after readiness could hear it.
             async with ResultListener(broker.port) as listener:
-                return await listener.final(submission_id(raw), timeout=60)
+                restarted = await asyncio.to_thread(start_node, tmp_path / "node", bus, config)
+                return restarted, await listener.final(submission_id(raw), timeout=60)
 
-        outcome = asyncio.run(final())
+        node, outcome = asyncio.run(restart_and_finalize())
         assert outcome["status"] == "final"
         assert node.stop() == 0, node.log_text()[-3000:]
         db = sqlite3.connect(database)
