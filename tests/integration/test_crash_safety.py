@@ -238,7 +238,9 @@ def test_a_commit_the_store_refuses_stops_the_node_and_a_restart_recovers(tmp_pa
         db.execute("DROP TRIGGER no_commit")
         db.commit()
         assert db.execute("SELECT COUNT(*) FROM rounds").fetchone()[0] == rounds_before
-        assert db.execute("SELECT COUNT(*) FROM submissions WHERE state = 'final'").fetchone()[0] == 0
+        assert (
+            db.execute("SELECT COUNT(*) FROM submissions WHERE state = 'final'").fetchone()[0] == 0
+        )
         db.close()
 
         async def restart_and_finalize() -> tuple[NodeProcess, dict]:
