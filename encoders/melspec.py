@@ -7,6 +7,7 @@ windowed-sinc band-limited resampler and an STFT through ``numpy.fft``.
 
 from __future__ import annotations
 
+import functools
 from fractions import Fraction
 
 import numpy as np
@@ -31,21 +32,73 @@ def resample(signal: FloatArray, source_rate: int, target_rate: int) -> FloatArr
     ``i * p / q`` input samples (``p / q`` the reduced ratio of the rates), so
     its kernel depends only on the phase ``i * p mod q``: the kernels are
     computed once per phase (polyphase) and every output is a 32-tap dot
-    product. Work is chunked to keep the gathered taps small.
+    product.
+
+    Every ``q`` outputs read the same pattern of inputs shifted by ``p``, so
+    for the usual rates (a small ``p`` and ``q``) one period's kernels form a
+    ``[q, p + 32]`` matrix and the whole signal is one matrix product over
+    windows that overlap by 32 samples; for odd rates whose period would
+    make that matrix large, the taps are gathered per output instead. Both
+    compute the same sums.
     """
     if source_rate == target_rate:
         return signal.copy()
     step = Fraction(source_rate, target_rate)
     p, q = step.numerator, step.denominator
-    cutoff = min(1.0, q / p)
     n_out = max(1, (len(signal) * q) // p)
-    padded = np.concatenate([np.zeros(_HALF_TAPS), signal, np.zeros(_HALF_TAPS + 1)])
+    kernels = _kernels(p, q)
+    if q * (p + _TAPS) <= _PERIOD_MATRIX_MAX:
+        return _resample_by_period(signal, p, q, n_out, kernels)
+    return _resample_by_output(signal, p, q, n_out, kernels)
+
+
+_TAPS = 2 * _HALF_TAPS
+_PERIOD_MATRIX_MAX = 1 << 20
+"""Entries of one period's kernel matrix (8 MiB) beyond which outputs are gathered one by one."""
+
+
+@functools.lru_cache(maxsize=16)
+def _kernels(p: int, q: int) -> FloatArray:
+    """The windowed-sinc kernel of each of the ``q`` phases, ``[q, 32]``."""
+    cutoff = min(1.0, q / p)
     taps = np.arange(-_HALF_TAPS + 1, _HALF_TAPS + 1)
     offsets = (np.arange(q) / q)[:, None] - taps[None, :]
     window = 0.5 + 0.5 * np.cos(np.pi * offsets / (_HALF_TAPS + 1))
-    kernels = cutoff * np.sinc(cutoff * offsets) * window  # [q, 32]: one per phase
+    kernels: FloatArray = cutoff * np.sinc(cutoff * offsets) * window
+    kernels.flags.writeable = False
+    return kernels
+
+
+@functools.lru_cache(maxsize=16)
+def _period_matrix(p: int, q: int) -> FloatArray:
+    """Row ``r``: output ``m * q + r``'s kernel over inputs ``m * p .. m * p + p + 31``."""
+    phases = np.arange(q)
+    first = (phases * p) // q + 1  # where output r's taps start within its period's window
+    matrix = np.zeros((q, p + _TAPS))
+    matrix[phases[:, None], first[:, None] + np.arange(_TAPS)[None, :]] = _kernels(p, q)[
+        (phases * p) % q
+    ]
+    matrix.flags.writeable = False
+    return matrix
+
+
+def _resample_by_period(
+    signal: FloatArray, p: int, q: int, n_out: int, kernels: FloatArray
+) -> FloatArray:
+    periods = -(-n_out // q)
+    padded = np.zeros(periods * p + p + _TAPS)
+    padded[_HALF_TAPS : _HALF_TAPS + len(signal)] = signal[: len(padded) - _HALF_TAPS]
+    windows = np.lib.stride_tricks.sliding_window_view(padded, p + _TAPS)[::p][:periods]
+    out: FloatArray = (windows @ _period_matrix(p, q).T).reshape(-1)[:n_out]
+    return out
+
+
+def _resample_by_output(
+    signal: FloatArray, p: int, q: int, n_out: int, kernels: FloatArray
+) -> FloatArray:
+    padded = np.concatenate([np.zeros(_HALF_TAPS), signal, np.zeros(_HALF_TAPS + 1)])
     # windows[j] = padded[j : j + 32]: the taps of an output whose base sample is j + 15.
-    windows = np.lib.stride_tricks.sliding_window_view(padded, 2 * _HALF_TAPS)
+    windows = np.lib.stride_tricks.sliding_window_view(padded, _TAPS)
     out = np.empty(n_out)
     for start in range(0, n_out, _CHUNK):
         numerators = np.arange(start, min(n_out, start + _CHUNK), dtype=np.int64) * p
@@ -83,15 +136,27 @@ def log_mel(signal: FloatArray, sample_rate: int, n_mels: int, n_frames: int) ->
     hop = round(HOP_SECONDS * sample_rate)
     if len(signal) < n_fft:
         signal = np.concatenate([signal, np.zeros(n_fft - len(signal))])
-    count = 1 + (len(signal) - n_fft) // hop
-    index = np.arange(n_fft)[None, :] + hop * np.arange(count)[:, None]
-    frames = signal[index] * np.hanning(n_fft + 2)[1:-1][None, :]
+    frames = np.lib.stride_tricks.sliding_window_view(signal, n_fft)[::hop] * _window(n_fft)
     power = np.abs(np.fft.rfft(frames, axis=1)) ** 2
-    mel = mel_filterbank(sample_rate, n_fft, n_mels) @ power.T
+    mel = _filterbank(sample_rate, n_fft, n_mels) @ power.T
     logs = np.log10(np.maximum(mel, 1e-10))
     logs = np.maximum(logs, logs.max() - _DYNAMIC_RANGE)
     scaled = (logs + 4.0) / 4.0
     return _fit_frames(scaled, n_frames)
+
+
+@functools.lru_cache(maxsize=8)
+def _window(n_fft: int) -> FloatArray:
+    window: FloatArray = np.hanning(n_fft + 2)[1:-1]
+    window.flags.writeable = False
+    return window
+
+
+@functools.lru_cache(maxsize=8)
+def _filterbank(sample_rate: int, n_fft: int, n_mels: int) -> FloatArray:
+    filters = mel_filterbank(sample_rate, n_fft, n_mels)
+    filters.flags.writeable = False
+    return filters
 
 
 def _fit_frames(spectrogram: FloatArray, n_frames: int) -> FloatArray:
