@@ -234,6 +234,7 @@ class Intake:
             # Finalized by a round this member learned by sync: keep its bytes now
             # (they hash to its id) for peers' sync and for audits.
             await self._store.keep_raw(identity, raw)
+            await self._answer_rejection_again(identity)
             return
         try:
             submission = await asyncio.to_thread(
@@ -264,6 +265,27 @@ class Intake:
             )
             return
         await self._admit(submission)
+
+    async def _answer_rejection_again(self, identity: bytes) -> None:
+        """The same bytes again after a rejection: the rejection is answered again.
+
+        A submitter that was offline when the answer went out (``submit
+        --batch`` resuming after an interruption) learns it by publishing the
+        same bytes. Accepted and final submissions are not answered again:
+        their outcome is the round's, in its retained RoundSummary. A flood of
+        redeliveries is held to the submitter's own rate.
+        """
+        rejection = await self._store.rejection_of(identity)
+        if rejection is None:
+            return
+        submitter, reason, round_number = rejection
+        if not self._rate.allow(submitter, self._clock.now_ms() / 1000):
+            return
+        result = Result(
+            identity, self._signer.key.public_key, Status.REJECTED, Reason(reason), round_number
+        )
+        await self._store.enqueue([self._result(result, submitter)])
+        self._on_outbox()
 
     async def _admit(self, submission: Submission) -> None:
         now = self._clock.now_ms()

@@ -405,6 +405,14 @@ class Store:
         ).fetchone()
         return None if row is None else (State(row[0]), row[1])
 
+    def rejection_of(self, submission_id: bytes) -> tuple[bytes, str, int | None] | None:
+        """(submitter, reason, round) of a rejected submission; None otherwise."""
+        row = self._db.execute(
+            "SELECT submitter, reason, round FROM submissions WHERE id = ? AND state = ?",
+            (submission_id, State.REJECTED),
+        ).fetchone()
+        return None if row is None else (bytes(row[0]), str(row[1]), row[2])
+
     # -- rounds -------------------------------------------------------------
 
     def record_signed(self, round_number: int, view: int, kind: str, message: bytes) -> bytes:
@@ -755,7 +763,7 @@ class Store:
         )
 
     def enqueue(self, outgoing: Iterable[Outgoing]) -> None:
-        """Queue messages that no state change goes with (consensus traffic)."""
+        """Queue messages that no state change goes with (a rejection answered again)."""
         with self._transaction():
             self._enqueue(outgoing)
 

@@ -157,6 +157,12 @@ class StoreThread:
     async def keep_raw(self, submission_id: bytes, raw: bytes) -> bool:
         return await self._run(self.store.keep_raw, submission_id, raw)
 
+    async def rejection_of(self, submission_id: bytes) -> tuple[bytes, str, int | None] | None:
+        return await self._run(self.store.rejection_of, submission_id)
+
+    async def enqueue(self, outgoing: list[Outgoing]) -> None:
+        await self._run(self.store.enqueue, outgoing)
+
     async def decided_states(self, submission_ids: Iterable[bytes]) -> dict[bytes, State]:
         return await self._run(self.store.decided_states, list(submission_ids))
 

@@ -209,6 +209,35 @@ def test_the_same_bytes_again_are_not_answered_twice(node: NodeProcess, mosquitt
     assert statuses == ["accepted", "final"]
 
 
+def test_a_rejection_is_answered_again_to_the_same_bytes(node: NodeProcess, mosquitto: Broker):
+    """A submitter offline when its rejection went out learns it by sending the bytes again."""
+    peer = Peer()
+    first = peer.submission([("text", "text/plain", b"the first use of nonce 77")], nonce=77)
+    replay = peer.submission([("text", "text/plain", b"nonce 77 used again")], nonce=77)
+
+    async def scenario() -> list[dict]:
+        async with ResultListener(mosquitto.port) as listener:
+            await listener.publish(first)
+            await listener.final(submission_id(first))
+            await listener.publish(replay)
+            await listener.final(submission_id(replay))
+            await listener.publish(replay)
+            await listener.publish(first)  # final: its outcome is the round's, not answered again
+            async with asyncio.timeout(30):
+                while len(listener.about(submission_id(replay))) < 2:
+                    await asyncio.sleep(0.05)
+            await asyncio.sleep(2)
+            return listener.about(submission_id(replay)) + listener.about(submission_id(first))
+
+    answers = [(r["status"], r["reason"]) for r in run(scenario())]
+    assert answers == [
+        ("rejected", "replay"),
+        ("rejected", "replay"),
+        ("accepted", None),
+        ("final", None),
+    ]
+
+
 def test_a_flooding_submitter_is_rate_limited(node: NodeProcess, mosquitto: Broker):
     peer = Peer()
     raws = [peer.submission([("text", "text/plain", f"flood {i}".encode())]) for i in range(8)]
