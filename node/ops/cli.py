@@ -86,14 +86,38 @@ def _build_parser() -> argparse.ArgumentParser:
         "--timeout",
         type=float,
         default=120.0,
-        help="seconds to wait for the final result (default 120)",
+        help="seconds to wait for the final result (default 120); with --batch, seconds "
+        "without news before giving up on what has no outcome",
     )
     submit.add_argument("--json", action="store_true", help="print results as JSON lines")
     submit.add_argument(
+        "--batch",
+        type=Path,
+        metavar="FILE",
+        help='JSON Lines, one submission a line: {"text": "...", "file": "a.png"} or '
+        '{"files": [...]}, paths relative to FILE; resumable (see --out)',
+    )
+    submit.add_argument(
+        "--out",
+        type=Path,
+        help="with --batch: the results journal, JSON Lines (default FILE's name + "
+        ".results.jsonl); a second run reads it and sends only what has no outcome",
+    )
+    submit.add_argument(
+        "--rate-per-minute",
+        type=float,
+        default=120.0,
+        help="with --batch: submissions a minute, the node's intake.rate_limit (default 120); "
+        "halved at every rate_limited answer",
+    )
+    submit.add_argument(
+        "--burst", type=int, default=30, help="with --batch: sent at once at most (default 30)"
+    )
+    submit.add_argument(
         "items",
-        nargs="+",
+        nargs="*",
         metavar="ITEM",
-        help='text:"..." or a PNG/JPEG/WAV/MP4/UTF-8 file (one or two)',
+        help='text:"..." or a PNG/JPEG/WAV/MP4/UTF-8 file (one or two; none with --batch)',
     )
 
     weights = commands.add_parser(
@@ -176,10 +200,29 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _submit(args: argparse.Namespace) -> int:
-    from node.ops.submitter import Access, parse_item, run_submit
+    from node.ops.submitter import Access, BusTarget, parse_item, run_submit
 
-    items = [parse_item(text) for text in args.items]
     access = Access(args.tls_ca, args.tls_cert, args.tls_key, args.username, args.password)
+    if args.batch is not None:
+        from node.ops.batch import run_batch
+
+        if args.items:
+            raise NodeError("give either ITEMs or --batch FILE, not both")
+        return asyncio.run(
+            run_batch(
+                args.key,
+                BusTarget(args.bus, args.topic_prefix),
+                args.batch,
+                args.out,
+                per_minute=args.rate_per_minute,
+                burst=args.burst,
+                idle_timeout_s=args.timeout,
+                access=access,
+            )
+        )
+    if not args.items:
+        raise NodeError("give one or two ITEMs, or --batch FILE")
+    items = [parse_item(text) for text in args.items]
     return asyncio.run(
         run_submit(
             args.key,

@@ -30,7 +30,7 @@ from encoders.modality import Modality
 from node.bus.client import tls_context
 from node.errors import NodeError
 from node.intake.codec import CodecError
-from node.intake.keys import load_key
+from node.intake.keys import SigningKey, load_key
 from node.intake.signing import MessageSigner
 from node.intake.wire import (
     SUBMISSION_DOMAIN,
@@ -65,6 +65,43 @@ class Access:
 
     def wants_login(self, scheme: str) -> bool:
         return self.wants_tls(scheme) or self.username is not None or self.password is not None
+
+
+@dataclass(frozen=True)
+class BusTarget:
+    """The broker a submitter speaks to, and the network's topic prefix."""
+
+    url: str
+    prefix: str = "poc/v1"
+
+    def topic(self, kind: str, suffix: str) -> str:
+        return f"{self.prefix}/{kind}/{suffix}"
+
+    def client(self, key: SigningKey, access: Access) -> aiomqtt.Client:
+        """An MQTT client for ``url``; with TLS or credentials requested (``access``,
+        or an ``mqtts://`` URL) the username defaults to the key's public hex."""
+        parts = urlsplit(self.url)
+        if parts.scheme not in {"mqtt", "mqtts", "embedded"} or not parts.hostname:
+            raise NodeError(f"--bus {self.url!r} is not mqtt://HOST:PORT or mqtts://HOST:PORT")
+        tls = (
+            tls_context(
+                access.tls_ca,
+                access.tls_cert,
+                access.tls_key,
+                ("--tls-ca", "--tls-cert", "--tls-key"),
+            )
+            if access.wants_tls(parts.scheme)
+            else None
+        )
+        username = (access.username or key.public_hex) if access.wants_login(parts.scheme) else None
+        return aiomqtt.Client(
+            parts.hostname,
+            parts.port or (8883 if parts.scheme == "mqtts" else 1883),
+            username=username,
+            password=access.password,
+            tls_context=tls,
+            timeout=10,
+        )
 
 
 def describe(result: Result) -> dict[str, Any]:
@@ -127,44 +164,22 @@ async def run_submit(
     as_json: bool = False,
     access: Access | None = None,
 ) -> int:
-    """Publish one submission and print its Results; 0 once final, 1 if rejected.
-
-    With TLS or credentials requested (``access``, or an ``mqtts://`` URL) the
-    username defaults to the submitter's public key hex.
-    """
+    """Publish one submission and print its Results; 0 once final, 1 if rejected."""
     if not 1 <= len(items) <= 2:
         raise NodeError("a submission has one or two items")
-    access = access or Access()
-    parts = urlsplit(bus_url)
-    if parts.scheme not in {"mqtt", "mqtts", "embedded"} or not parts.hostname:
-        raise NodeError(f"--bus {bus_url!r} is not mqtt://HOST:PORT or mqtts://HOST:PORT")
-    tls = (
-        tls_context(
-            access.tls_ca, access.tls_cert, access.tls_key, ("--tls-ca", "--tls-cert", "--tls-key")
-        )
-        if access.wants_tls(parts.scheme)
-        else None
-    )
+    target = BusTarget(bus_url, prefix)
     key = load_key(key_path)
+    client = target.client(key, access or Access())  # checks the URL before anything is signed
     signer = MessageSigner(key)
     body = submission_body(key.public_key, secrets.randbits(63), time.time_ns() // 1_000_000, items)
     raw = signer.signed_bytes(SUBMISSION_DOMAIN.decode(), body)
     identity = submission_id(raw)
-    username = (access.username or key.public_hex) if access.wants_login(parts.scheme) else None
-    port = parts.port or (8883 if parts.scheme == "mqtts" else 1883)
     if not as_json:
         print(f"submission {identity.hex()} from {key.public_hex}", flush=True)
     try:
-        async with aiomqtt.Client(
-            parts.hostname,
-            port,
-            username=username,
-            password=access.password,
-            tls_context=tls,
-            timeout=10,
-        ) as client:
-            await client.subscribe(f"{prefix}/results/{key.public_hex}", qos=1)
-            await client.publish(f"{prefix}/submissions/{key.public_hex}", raw, qos=1)
+        async with client:
+            await client.subscribe(target.topic("results", key.public_hex), qos=1)
+            await client.publish(target.topic("submissions", key.public_hex), raw, qos=1)
             async with asyncio.timeout(timeout_s):
                 async for message in client.messages:
                     payload = message.payload
