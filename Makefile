@@ -24,6 +24,9 @@ $(STAMP): pyproject.toml
 
 $(TEST_STAMP): $(STAMP)
 	$(BIN)/pip install --quiet -e '.[test]'
+	# The Ray Serve encoder pool's tests need the optional extra; the constraints
+	# file keeps the CPU torch whatever it depends on.
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[ray]'
 	touch $@
 
 install-test: $(TEST_STAMP) system-deps

@@ -126,16 +126,22 @@ DEFAULT_CPU_WORKERS = 2
 
 
 def encoder_workers(config: Config) -> int:
-    """``encoders.workers``, or its default: none on a GPU, two on CPU."""
+    """``encoders.workers``, or its default: none on a GPU, two on CPU (none with Ray)."""
+    if config.encoders.backend == "ray":
+        return 0
     workers = config.encoders.workers
     if workers is None:
         return 0 if config.encoders.device.startswith("cuda") else DEFAULT_CPU_WORKERS
     return workers
 
 
-def encoder_engine(config: Config, shard: Shard) -> Engine:
-    """The node's own thread, or worker processes (``encoder_workers``)."""
+def encoder_engine(config: Config, shard: Shard, metrics: Metrics | None = None) -> Engine:
+    """The node's own thread, worker processes (``encoder_workers``), or a Ray Serve pool."""
     encoders = config.encoders
+    if encoders.backend == "ray":
+        from node.pipeline.ray_engine import RayServe
+
+        return RayServe(encoders, shard.weights_id, metrics or Metrics(CollectorRegistry()))
     workers = encoder_workers(config)
     if not workers:
         return InProcess(shard)
@@ -191,6 +197,7 @@ class Node:
         self.http_port: int | None = None
         self._stopping = asyncio.Event()
         self._encoders_loaded = False
+        self._engine: Engine | None = None
 
     def ready(self) -> dict[str, bool]:
         checks = {
@@ -199,6 +206,9 @@ class Node:
         }
         if self.consensus_bus is not None:
             checks["consensus_bus_connected"] = self.consensus_bus.connected.is_set()
+        if self.config.encoders.backend == "ray":
+            # A replica running and the weights of the pool checked (node.pipeline.ray_engine).
+            checks["encoder_pool"] = bool(getattr(self._engine, "ready", False))
         return checks
 
     async def _publish_now(self, topic: str, payload: bytes) -> None:
@@ -284,9 +294,10 @@ class Node:
                 BatchPolicy.of(config.encoders),
                 config.encoders.queue_size,
                 self.metrics,
-                encoder_engine(config, shard),
+                encoder_engine(config, shard, self.metrics),
             )
             stack.callback(encoder.close)
+            self._engine = encoder.engine
             await encoder.engine.start()
             self.metrics.encoder_workers.set(encoder_workers(config))
             self._encoders_loaded = True

@@ -10,7 +10,7 @@ names them; ``node.data_dir`` and ``node.key`` against the working directory.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 import yaml
@@ -21,6 +21,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 from node.errors import ConfigError
@@ -193,6 +194,66 @@ class BatchSection(_Section):
     wait_ms: Annotated[int, Field(ge=0)]
 
 
+class AutoscalingSection(_Section):
+    min_replicas: PositiveInt
+    max_replicas: PositiveInt
+
+    @model_validator(mode="after")
+    def _ordered(self) -> AutoscalingSection:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(
+                f"max_replicas ({self.max_replicas}) is below min_replicas ({self.min_replicas})"
+            )
+        return self
+
+
+class RaySection(_Section):
+    """The encoder pool on Ray Serve (``encoders.backend: ray``)."""
+
+    address: str = "auto"
+    app_name: str = "poc-encoders"
+    num_replicas: PositiveInt | None = 2
+    autoscaling: AutoscalingSection | None = None
+    num_cpus: PositiveFloat = 1.0
+    num_gpus: Annotated[float, Field(ge=0.0)] = 0.0
+    max_batch_size: PositiveInt = 4
+    batch_wait_timeout_s: Annotated[float, Field(ge=0.0)] = 0.0
+    retries: Annotated[int, Field(ge=0)] = 3
+    call_timeout_s: PositiveFloat = 120.0
+    start_timeout_s: PositiveFloat = 300.0
+    health_interval_s: PositiveFloat = 2.0
+
+    @field_validator("address")
+    @classmethod
+    def _cluster_address(cls, value: str) -> str:
+        if value.startswith("ray://"):
+            raise ValueError(
+                "Ray Client (ray://) is not supported: give the cluster's GCS address "
+                "HOST:PORT, or auto for the cluster this machine belongs to"
+            )
+        if value != "auto":
+            host, _, port = value.rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError("must be HOST:PORT (the head node's GCS port) or auto")
+        return value
+
+    @field_validator("app_name")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        if not value or not all(char.isalnum() or char in "-_" for char in value):
+            raise ValueError("must be letters, digits, - and _ (unique per node on a cluster)")
+        return value
+
+    @model_validator(mode="after")
+    def _replicas_or_autoscaling(self) -> RaySection:
+        if (self.num_replicas is None) == (self.autoscaling is None):
+            raise ValueError(
+                "give num_replicas or autoscaling, not both (set num_replicas: null "
+                "to use autoscaling: {min_replicas, max_replicas})"
+            )
+        return self
+
+
 class EncodersSection(_Section):
     manifest: Path
     manifest_sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
@@ -204,6 +265,9 @@ class EncodersSection(_Section):
     queue_size: PositiveInt
     tau: PositiveFloat
     mask_count: PositiveInt
+    backend: Literal["local", "ray"] = "local"
+    """local: the node's thread or its worker processes; ray: a Ray Serve pool (``ray``)."""
+    ray: RaySection = RaySection()
 
     @field_validator("batch")
     @classmethod

@@ -73,6 +73,21 @@ class Metrics:
             "Encoder worker processes (encoders.workers; 0: the node's own thread encodes)",
             registry=registry,
         )
+        self.encoder_pool_replicas = Gauge(
+            "poc_encoder_pool_replicas",
+            "Running replicas of the encoder pool on Ray Serve (encoders.backend: ray)",
+            registry=registry,
+        )
+        self.encoder_pool_queued = Gauge(
+            "poc_encoder_pool_queued",
+            "Items sent to the encoder pool and not yet answered (in flight or waiting there)",
+            registry=registry,
+        )
+        self.encoder_pool_retries = Counter(
+            "poc_encoder_pool_retries",
+            "Encoder pool calls sent again after their replica was lost",
+            registry=registry,
+        )
         self.encode_batch = Histogram(
             "poc_encode_batch_items",
             "Items per encoder micro-batch, by modality",
