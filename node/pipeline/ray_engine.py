@@ -284,3 +284,7 @@ class RayServe:
             serve.delete(self._settings.app_name, _blocking=False)
         except Exception as error:  # the cluster is gone: nothing to clean up
             log.warning("event=encoder_pool_delete_failed error=%r", str(error))
+        # Disconnect now, not in Ray's exit hooks while the interpreter tears down.
+        import ray
+
+        ray.shutdown()
