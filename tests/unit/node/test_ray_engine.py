@@ -208,3 +208,26 @@ async def test_retries_are_bounded(tmp_path: Path) -> None:
     with pytest.raises(ConnectionError):
         await pool.embed(0, requests(1), b"beacon")
     assert handle.calls == 2
+
+
+def test_a_replica_refuses_to_start_on_other_weights() -> None:
+    """The replica's own check, before Serve would count it as running."""
+    pytest.importorskip("ray")
+    from node.pipeline.ray_replica import ReplicaSpec, ShardReplica
+    from tests.conftest import session_weights
+
+    weights = session_weights()
+    spec = ReplicaSpec(
+        # threads 0: this process's torch threads stay as they are
+        Path(weights["manifest"]),
+        weights["manifest_sha256"],
+        OTHER,
+        "cpu",
+        1.0,
+        4,
+        0,
+        4,
+        0.0,
+    )
+    with pytest.raises(NodeError, match=f"loaded weights .* the node runs {OTHER}"):
+        ShardReplica(spec)
