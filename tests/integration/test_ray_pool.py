@@ -44,7 +44,12 @@ from tests.conftest import (
 from tests.media import noise_png
 from tests.peer import Peer, ResultListener, submission_id
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.slow,
+    # Ray Serve's own pydantic models, when this process imports it.
+    pytest.mark.filterwarnings("ignore::DeprecationWarning:ray"),
+]
 
 RAY = Path(sys.executable).parent / "ray"
 APP = "poc-encoders-test"

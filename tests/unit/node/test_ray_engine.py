@@ -210,6 +210,7 @@ async def test_retries_are_bounded(tmp_path: Path) -> None:
     assert handle.calls == 2
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning:ray")
 def test_a_replica_refuses_to_start_on_other_weights() -> None:
     """The replica's own check, before Serve would count it as running."""
     pytest.importorskip("ray")
