@@ -95,6 +95,11 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             "--disable-usage-stats",
             "--temp-dir",
             str(temp),
+            # Free ports rather than Ray's fixed defaults (10001, 52365, ...).
+            "--ray-client-server-port",
+            str(free_port()),
+            "--dashboard-agent-listen-port",
+            str(free_port()),
         ],
         env=env,
         capture_output=True,
