@@ -277,6 +277,7 @@ class Node:
                 config.decode.cpu_seconds,
                 self.metrics.stage_cpu.labels(stage="decode").inc,
                 self.metrics.stage_cpu.labels(stage="decode_text").inc,
+                lambda kind: self.metrics.decoder_failures.labels(kind=kind).inc(),
             )
             stack.callback(decoders.close)
             encoder = EncoderService(
@@ -289,6 +290,8 @@ class Node:
             stack.callback(encoder.close)
             await encoder.engine.start()
             self.metrics.encoder_workers.set(encoder_workers(config))
+            self.metrics.queue_capacity.labels(queue="prepare").set(config.intake.queue_size)
+            self.metrics.queue_capacity.labels(queue="encode").set(config.encoders.queue_size)
             self._encoders_loaded = True
 
             async def fetch(after: int, limit: int) -> list[tuple[int, str, bytes, bool]]:

@@ -615,6 +615,7 @@ class RoundDriver:
                 self._metrics.rejections.labels(reason=str(Reason.PAIR_TOO_FAR)).inc()
         self._metrics.rewards.inc(paid)
         self._metrics.rounds.labels(outcome="final" if records else "empty").inc()
+        self._metrics.decided_view.observe(commit.certificate.view)
         self._metrics.finalized_round.set(commit.round)
         self._metrics.history_size.set(len(self._history))
         self._metrics.stage_seconds.labels(stage="commit").observe(time.perf_counter() - started)
