@@ -10,7 +10,7 @@ names them; ``node.data_dir`` and ``node.key`` against the working directory.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 import yaml
@@ -21,6 +21,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 from node.errors import ConfigError
@@ -223,6 +224,10 @@ class FusionSection(_Section):
 class ScoringSection(_Section):
     k: PositiveInt
     threads: Annotated[int, Field(ge=0)] = 1
+    device: Literal["cpu", "cuda"] = "cpu"
+    """Where the history's exact index lives."""
+    index: Literal["auto", "faiss", "torch"] = "auto"
+    """auto: faiss on the CPU, torch on a GPU; both answer alike (rewards/history_torch.py)."""
     qualify_ratio: PositiveFloat | None = None
     """None: the manifest's calibrated ratio (the only value a committee should use)."""
     duplicate_radius: dict[str, Annotated[float, Field(ge=0.0, lt=2.0)]] | None = None
@@ -230,6 +235,12 @@ class ScoringSection(_Section):
     pair_bonus_ppm: PositiveInt
     emission: Annotated[int, Field(ge=0)]
     top_k: PositiveInt
+
+    @model_validator(mode="after")
+    def _index_on_its_device(self) -> ScoringSection:
+        if self.device == "cuda" and self.index == "faiss":
+            raise ValueError("scoring.index faiss runs on the CPU only (faiss-cpu): use torch")
+        return self
 
     @field_validator("duplicate_radius")
     @classmethod
