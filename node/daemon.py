@@ -34,6 +34,7 @@ from node.ops.committee_file import load_committee
 from node.ops.config import Config
 from node.ops.http import http_server
 from node.ops.metrics import Metrics
+from node.ops.systemd import notify
 from node.ops.threads import name_thread
 from node.pipeline.batching import BatchPolicy
 from node.pipeline.encoding import EncoderService
@@ -41,7 +42,7 @@ from node.pipeline.engines import Engine, InProcess, ShardSpec, WorkerProcesses
 from node.pipeline.sandbox import DecoderPool
 from node.rounds.chain import BeaconChain
 from node.rounds.driver import RoundDriver
-from node.rounds.history import load_history
+from node.rounds.history import history_index, load_history
 from node.rounds.records import RoundRules, Tolerances
 from node.rounds.sync import SyncService
 from node.rounds.verify import RecordVerifier
@@ -191,6 +192,7 @@ class Node:
         self.http_port: int | None = None
         self._stopping = asyncio.Event()
         self._encoders_loaded = False
+        self.metrics.ready.set_function(lambda: float(all(self.ready().values())))
 
     def ready(self) -> dict[str, bool]:
         checks = {
@@ -259,13 +261,17 @@ class Node:
             await store.set_meta("committee", described)
             # Off the loop, on the store's thread, in chunks: /healthz answers
             # while a large history is read.
-            history = await store.call(lambda db: load_history(shard, db.history_chunks(shard.dim)))
+            index = history_index(config.scoring.device, config.scoring.index)
+            history = await store.call(
+                lambda db: load_history(shard, db.history_chunks(shard.dim), index)
+            )
             self.metrics.history_size.set(len(history))
             log.info(
-                "event=encoders_loaded weights=%s dim=%d history=%d",
+                "event=encoders_loaded weights=%s dim=%d history=%d history_index=%s",
                 shard.weights_id[:16],
                 shard.dim,
                 len(history),
+                getattr(index, "func", index).__name__ + f"/{config.scoring.device}",
             )
 
             if config.bus.embedded:
@@ -409,6 +415,7 @@ class Node:
                 group.create_task(
                     self._drain_on_stop(bus_task, workers, intake, store), name="drain"
                 )
+                group.create_task(self._notify_ready(), name="notify-ready")
         except* asyncio.CancelledError:
             pass
 
@@ -417,6 +424,15 @@ class Node:
         while the encoder works on one (and to keep every decoder busy)."""
         policy = BatchPolicy.of(self.config.encoders)
         return max(2 * self.config.decode.workers, 2 * max(b.size for b in policy.batches.values()))
+
+    async def _notify_ready(self) -> None:
+        """Tell systemd (``Type=notify``) once every readiness condition holds."""
+        while not all(self.ready().values()):
+            if self._stopping.is_set():
+                return
+            await asyncio.sleep(0.1)
+        if notify("READY=1", f"STATUS=validating, metrics on port {self.http_port}"):
+            log.info("event=sd_notify_ready")
 
     async def _drain_on_stop(
         self,
@@ -431,6 +447,7 @@ class Node:
         broker keeps them for the next start of this persistent session.
         """
         await self._stopping.wait()
+        notify("STOPPING=1", "STATUS=draining")
         intake.stop_receiving()
         log.info("event=draining queued=%d", intake.queue.qsize())
         try:
