@@ -85,7 +85,8 @@ def judge(committee: Committee, submitter: bytes, balances: Iterable[Balance]) -
     silent = tuple(m for m in committee.members if m.public_key not in claims)
     if not ranked:
         return Verdict(committee, claims, None, None, (), (), silent)
-    (round_number, value), agreed = ranked[0]
+    (round_number, value), group = ranked[0]
+    agreed = [m for m in committee.members if m in group]  # in the committee's order
     disagreed = tuple(m for m in committee.members if m.public_key in claims and m not in agreed)
     if not committee.has_quorum(sum(m.stake for m in agreed)):
         return Verdict(committee, claims, None, None, tuple(agreed), disagreed, silent)
@@ -109,7 +110,7 @@ def report(verdict: Verdict) -> list[str]:
 def shortfall(verdict: Verdict) -> str:
     """Why no value stands, on one line."""
     if not verdict.claims:
-        return "no member answered (a key never paid has no balance)"
+        return f"silent: {_names(verdict.silent)} (a key never paid has no balance)"
     parts = [f"answered: {_claims(verdict, verdict.agreed + verdict.disagreed)}"]
     parts.append(
         f"largest agreeing stake {verdict.stake(verdict.agreed)} of {verdict.committee.total_stake}"
@@ -228,11 +229,10 @@ async def run_balance(
     except aiomqtt.MqttError as error:
         raise NodeError(f"cannot reach the broker at {bus_url}: {error}") from None
     if verdict is None or not verdict.reached:
-        why = "no member answered (a key never paid has no balance)"
-        if verdict is not None:
-            why = shortfall(verdict)
-        elif trusted is not None:
-            why = shortfall(judge(trusted, submitter, ()))
+        if trusted is None:
+            why = "no member answered (a key never paid has no balance)"
+        else:
+            why = shortfall(verdict or judge(trusted, submitter, ()))
         raise NodeError(
             f"no quorum of the committee's stake agreed on a balance of {key.public_hex} "
             f"within {timeout_s:g} s: {why}"

@@ -295,3 +295,10 @@ def test_the_driver_publishes_balances_with_the_round_it_commits(tmp_path: Path)
     assert balances == [(TOPICS.balance(ALICE, me), Balance(ALICE, 0, 42, me), True)]
     # After the round's Results and its summary, in the same outbox.
     assert [t.split("/")[2] for t, _, _ in entries] == ["results"] * 3 + ["rounds", "balances"]
+
+
+def test_nobody_answering_names_every_member_silent():
+    committee, _ = committee_of(100, 100)
+    verdict = judge(committee, ALICE, [])
+    assert not verdict.reached
+    assert shortfall(verdict) == "silent: v0, v1 (a key never paid has no balance)"
