@@ -302,3 +302,23 @@ def test_nobody_answering_names_every_member_silent():
     verdict = judge(committee, ALICE, [])
     assert not verdict.reached
     assert shortfall(verdict) == "silent: v0, v1 (a key never paid has no balance)"
+
+
+def test_the_command_fails_on_one_line_naming_the_problem(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    from node.intake.keys import write_key
+    from node.ops.cli import main
+
+    with pytest.raises(SystemExit) as helped:
+        main(["balance", "--help"])
+    assert helped.value.code == 0 and "usage: poc-node balance" in capsys.readouterr().out
+    assert main(["balance", "--key", str(tmp_path / "missing.key")]) == 1
+    assert "cannot read key" in capsys.readouterr().err
+    key = tmp_path / "me.key"
+    write_key(SigningKey.generate(), key)
+    assert main(["balance", "--key", str(key), "--bus", "http://x"]) == 1
+    assert "is not mqtt://HOST:PORT" in capsys.readouterr().err
+    assert main(["balance", "--key", str(key), "--bus", "mqtt://127.0.0.1:9"]) == 1
+    error = capsys.readouterr().err
+    assert "cannot reach the broker" in error and error.count("\n") == 1
