@@ -152,6 +152,40 @@ def _build_parser() -> argparse.ArgumentParser:
     ledger.add_argument("--data-dir", type=Path, required=True)
     ledger.add_argument("--submitter", help="one submitter's key, 64 hex characters")
     ledger.add_argument("--json", action="store_true", help="print JSON")
+
+    balance = commands.add_parser(
+        "balance",
+        help="print a submitter's balance once a quorum of the committee's stake agrees on it",
+    )
+    balance.add_argument("--key", type=Path, required=True, help="submitter key file")
+    balance.add_argument(
+        "--bus",
+        default="mqtt://127.0.0.1:1883",
+        help="broker URL, mqtt://HOST:PORT or mqtts://HOST:PORT (default mqtt://127.0.0.1:1883)",
+    )
+    balance.add_argument(
+        "--committee",
+        type=Path,
+        help="committee file whose stake must agree (default: trust the one member that "
+        "answers, a committee of one)",
+    )
+    balance.add_argument(
+        "--timeout", type=float, default=10.0, help="seconds to wait for a quorum (default 10)"
+    )
+    balance.add_argument("--tls-ca", type=Path, help="CA certificate (PEM) of the broker")
+    balance.add_argument("--tls-cert", type=Path, help="client certificate (PEM)")
+    balance.add_argument("--tls-key", type=Path, help="its private key (PEM, mode 0600)")
+    balance.add_argument(
+        "--username",
+        help="broker username; default, when TLS or a password is given: the submitter's "
+        "public key hex (the only account the broker lets read its balances)",
+    )
+    balance.add_argument(
+        "--password",
+        default=os.environ.get("POC_BUS_PASSWORD"),
+        help="broker password (default: $POC_BUS_PASSWORD)",
+    )
+    balance.add_argument("--topic-prefix", default="poc/v1", help="topic prefix (default poc/v1)")
     return parser
 
 
@@ -302,6 +336,18 @@ def _ledger(args: argparse.Namespace) -> int:
     return 0
 
 
+def _balance(args: argparse.Namespace) -> int:
+    from node.ops.balance import run_balance
+    from node.ops.committee_file import load_committee
+    from node.ops.submitter import Access
+
+    committee = None if args.committee is None else load_committee(args.committee)
+    access = Access(args.tls_ca, args.tls_cert, args.tls_key, args.username, args.password)
+    return asyncio.run(
+        run_balance(args.key, args.bus, args.topic_prefix, committee, args.timeout, access=access)
+    )
+
+
 _TRAINING: dict[str, Callable[[argparse.Namespace], int]] = {}
 """``train``, ``eval`` and ``embed``, which live in the ``training`` package."""
 
@@ -312,6 +358,7 @@ _COMMANDS = {
     "init-weights": _init_weights,
     "ledger": _ledger,
     "audit": _audit,
+    "balance": _balance,
 }
 
 

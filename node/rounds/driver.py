@@ -6,7 +6,8 @@ asks, in order: a signed message is stored before it is sent; a proposal's
 records are built and a proposer's records are verified off the event loop
 (``node.rounds.records`` and ``node.rounds.verify``); a commit writes the
 certified records in one store transaction — submission states, history,
-ledger, the final Results and the retained ``RoundSummary``. All decisions are
+ledger, the final Results, the retained ``RoundSummary`` and the retained
+``Balance`` of each submitter the round paid. All decisions are
 the machine's; this module only does I/O.
 
 Crash-only: a commit the store cannot write stops the process (the machine
@@ -20,7 +21,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -45,7 +46,7 @@ from node.bus.client import Topics
 from node.errors import Reason
 from node.intake.admission import SYSTEM_CLOCK, Clock
 from node.intake.signing import MessageSigner
-from node.intake.wire import RESULT_DOMAIN, Result, Status
+from node.intake.wire import BALANCE_DOMAIN, RESULT_DOMAIN, Balance, Result, Status
 from node.ops.config import Config
 from node.ops.metrics import Metrics
 from node.ops.threads import thread_cpu_timed
@@ -94,6 +95,28 @@ def timeouts_of(config: Config) -> Timeouts:
         delta_ms=int(section.timeout_delta_s * 1000),
         max_ms=int(section.max_timeout_s * 1000),
     )
+
+
+def balance_messages(
+    signer: MessageSigner, topics: Topics, round_number: int, totals: Mapping[bytes, int]
+) -> list[Outgoing]:
+    """The retained, signed ``Balance`` of each submitter in ``totals`` as of ``round_number``.
+
+    ``totals`` are read from the certified ledger inside the commit's
+    transaction, so every member signs the same values; each member has its
+    own topic (MQTT keeps one retained message per topic).
+    """
+    me = signer.key.public_key
+    return [
+        Outgoing(
+            topics.balance(submitter, me),
+            signer.signed_bytes(
+                BALANCE_DOMAIN.decode(), Balance(submitter, round_number, total, me).body()
+            ),
+            retain=True,
+        )
+        for submitter, total in totals.items()
+    ]
 
 
 class RoundDriver:
@@ -543,6 +566,9 @@ class RoundDriver:
             now,
             prune_signed_before=commit.round - 2,
             epoch_beacon=epoch_beacon,
+            balance_messages=lambda totals: balance_messages(
+                self._signer, self._topics, commit.round, totals
+            ),
         ):
             log.warning("event=round_already_committed round=%d", commit.round)
             return
