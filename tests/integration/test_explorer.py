@@ -18,6 +18,7 @@ import asyncio
 import json
 import os
 import shutil
+import subprocess
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -30,7 +31,14 @@ import yaml
 from PIL import Image
 
 from encoders.modality import Modality
-from tests.conftest import ROOT, NodeProcess, start_mosquitto, start_node, write_node_config
+from tests.conftest import (
+    POC_NODE,
+    ROOT,
+    NodeProcess,
+    start_mosquitto,
+    start_node,
+    write_node_config,
+)
 from tests.peer import Peer, ResultListener, submission_id
 from training.stream import WorldMaker, concepts
 
@@ -230,6 +238,21 @@ def test_the_explorer_in_a_real_browser(tmp_path: Path, browser: Any) -> None:
         assert answer.get_attribute("data-state") == "answered", answer.text
         assert answer.text.count("lands at") == 2, answer.text
         assert "image" in answer.text
+
+        # The same gaps from the command line.
+        url = f"--url=http://127.0.0.1:{node.metrics_port}"
+        printed = subprocess.run(
+            [str(POC_NODE), "gaps", "--top", "3", url], capture_output=True, text=True, check=True
+        ).stdout
+        assert "open gaps" in printed and len(printed.splitlines()) <= 2 + 3, printed
+        near = subprocess.run(
+            [str(POC_NODE), "gaps", "--top", "2", "--near", caption, "--modality", "text", url],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        assert f"near {caption!r}" in near, near
+        assert all(" text " in line for line in near.splitlines()[2:]), near
 
         # The what-if is the round scorer's verdict: submit the caption for real.
         result = asyncio.run(

@@ -25,6 +25,7 @@ from encoders.errors import UndecodableError
 from encoders.modality import Modality
 from node.intake.keys import SigningKey
 from node.intake.wire import Submission
+from node.ops.cli import main
 from node.ops.config import Config, load_config
 from node.ops.explore import BadInput, Explorer, ExploreSite, whatif_items
 from node.ops.http import http_server
@@ -355,3 +356,25 @@ async def test_gaps_are_largest_first_and_filtered(running: Running) -> None:
     ):
         status, body = await get(f"{running.url}/api/gaps?{query}")
         assert status == 400 and expected in body["error"]
+
+
+async def test_poc_node_gaps_prints_the_largest_gaps(
+    running: Running, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status = await asyncio.to_thread(main, ["gaps", "--top", "2", "--url", running.url])
+    assert status == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "history 30 items" in lines[0] and "k = 4" in lines[0]
+    assert lines[1].split() == ["size", "modality", "x", "y", "nearest"]
+    sizes = [float(line.split()[0]) for line in lines[2:]]
+    assert 0 < len(sizes) <= 2 and sizes == sorted(sizes, reverse=True)
+
+
+async def test_poc_node_gaps_names_a_node_without_explorer(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    async with http_server("127.0.0.1", 0, Metrics(CollectorRegistry()), lambda: {}) as port:
+        url = f"http://127.0.0.1:{port}"
+        status = await asyncio.to_thread(main, ["gaps", "--url", url])
+    assert status == 1
+    assert "set http.explore: true" in capsys.readouterr().err
