@@ -24,7 +24,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 from urllib.parse import parse_qs
@@ -67,6 +67,10 @@ WHATIF_ID = b"\x00" * 32
 
 class BadInput(Exception):
     """A what-if the explorer refuses; the message names the problem (HTTP 400)."""
+
+
+class Busy(Exception):
+    """Another what-if is being judged (HTTP 429): they never queue up in the node."""
 
 
 Prepare = Callable[[Submission, int], Awaitable[Prepared]]
@@ -129,26 +133,42 @@ def _coordinates(xy: npt.NDArray[np.float64]) -> list[float]:
     return [round(float(xy[0]), 6), round(float(xy[1]), 6)]
 
 
-@dataclass
 class _Labels:
-    """Who each history id is: genesis items first, then certified items in commit order."""
+    """Who each history id is: genesis items first, then certified items in commit order.
 
-    genesis: int = 0
-    rounds: list[int] = field(default_factory=list)
-    ids: list[str] = field(default_factory=list)
-    keys: list[int] = field(default_factory=list)
+    Sample keys live in a growable uint64 array, so that choosing the sample
+    of a large history costs one numpy sort, not a conversion.
+    """
+
+    def __init__(self) -> None:
+        self.genesis = 0
+        self.rounds: list[int] = []
+        self.ids: list[str] = []
+        self._keys = np.empty(1024, dtype=np.uint64)
+
+    @property
+    def keys(self) -> npt.NDArray[np.uint64]:
+        return self._keys[: len(self.rounds)]
+
+    def _key(self, key: int) -> None:
+        size = len(self.rounds)
+        if size == len(self._keys):
+            grown = np.empty(2 * size, dtype=np.uint64)
+            grown[:size] = self._keys
+            self._keys = grown
+        self._keys[size] = key
 
     def add_genesis(self, count: int) -> None:
         self.genesis = count
         for index in range(count):
+            self._key(item_key(b"genesis" + index.to_bytes(8, "big")))
             self.rounds.append(-1)
             self.ids.append(f"genesis/{index}")
-            self.keys.append(item_key(b"genesis" + index.to_bytes(8, "big")))
 
     def add(self, round_number: int, submission_id: bytes, item: int) -> None:
+        self._key(item_key(submission_id + bytes([item])))
         self.rounds.append(round_number)
         self.ids.append(short_id(submission_id, item))
-        self.keys.append(item_key(submission_id + bytes([item])))
 
     def __len__(self) -> int:
         return len(self.rounds)
@@ -183,6 +203,11 @@ class Explorer:
         self._busy = asyncio.Semaphore(1)
 
     @property
+    def busy(self) -> bool:
+        """A what-if (or a search near a caption) is being judged."""
+        return self._busy.locked()
+
+    @property
     def snapshot(self) -> Snapshot | None:
         return self._snapshot
 
@@ -194,13 +219,18 @@ class Explorer:
         first = self._last_round - self._config.http.explore_paid_rounds + 1
         paid = await self._store.call(lambda db: db.paid_since(first))
         paid_in = dict((identity, round_number) for round_number, identity in paid)
-        labels = _Labels()
-        await asyncio.to_thread(labels.add_genesis, len(self._history) - len(rows))
-        for position, (round_number, identity, item) in enumerate(rows):
-            labels.add(round_number, identity, item)
-            if identity in paid_in:
-                self._paid[labels.genesis + position] = paid_in[identity]
-        self._labels = labels
+        genesis = len(self._history) - len(rows)
+
+        def label() -> _Labels:  # a large history takes seconds: off the event loop
+            labels = _Labels()
+            labels.add_genesis(genesis)
+            for position, (round_number, identity, item) in enumerate(rows):
+                labels.add(round_number, identity, item)
+                if identity in paid_in:
+                    self._paid[genesis + position] = paid_in[identity]
+            return labels
+
+        self._labels = await asyncio.to_thread(label)
         self._changed.set()
 
     def committed(
@@ -214,8 +244,10 @@ class Explorer:
                 self._paid[start + offset] = round_number
         self._last_round = max(self._last_round, round_number)
         oldest = self._last_round - self._config.http.explore_paid_rounds + 1
-        self._paid = {i: r for i, r in self._paid.items() if r >= oldest}
-        self._changed.set()
+        kept = {i: r for i, r in self._paid.items() if r >= oldest}
+        if joined or kept != self._paid:  # an empty round changes nothing on the map
+            self._paid = kept
+            self._changed.set()
 
     async def run(self) -> None:
         """Recompute the map whenever a round committed (one worker thread at a time)."""
@@ -234,13 +266,14 @@ class Explorer:
             if size != len(self._labels):  # pragma: no cover - a bug, not an input
                 log.error("event=explore_out_of_step history=%d labels=%d", size, len(self._labels))
                 return
-            keys = np.asarray(self._labels.keys, dtype=np.uint64)
-            sample = sample_ids(keys, sample_size)
             paid = np.asarray(sorted(self._paid), dtype=np.int64)
-            shown = np.union1d(sample, paid).astype(np.int64)
-            vectors, modalities = await asyncio.to_thread(
-                lambda: (self._history.vectors(shown), self._history.modality_of(shown))
-            )
+
+            def read() -> tuple[Any, ...]:
+                sample = sample_ids(self._labels.keys, sample_size)
+                shown = np.union1d(sample, paid).astype(np.int64)
+                return sample, shown, self._history.vectors(shown), self._history.modality_of(shown)
+
+            sample, shown, vectors, modalities = await asyncio.to_thread(read)
         last_round = self._last_round
         labels, paid_rounds = self._labels, dict(self._paid)
 
@@ -318,6 +351,8 @@ class Explorer:
         snapshot = self._snapshot
         if snapshot is None:
             raise LookupError("the map is not computed yet")
+        if self._busy.locked():
+            raise Busy("busy: the node judges one what-if at a time; try again shortly")
         async with self._busy:
             prepared = await self._prepared(items)
             certified = await self._store.accepted_hashes([item.sha256 for item in items])
@@ -385,6 +420,8 @@ class Explorer:
             return self._result_of_gaps(snapshot, self._gaps_cache[key], near, modality)
         query = None
         if near is not None:
+            if self._busy.locked():
+                raise Busy("busy: the node judges one what-if at a time; try again shortly")
             async with self._busy:
                 prepared = await self._prepared(whatif_items(near, None, *self._text_image()))
             query = from_float16(prepared.items[0].vector)[None, :]
@@ -430,7 +467,7 @@ class Explorer:
             kinds = history.modality_of(seeds)
             seeds = seeds[[kind == modality for kind in kinds]]
         if len(seeds) > GAP_SEEDS:  # the sample's smallest keys: deterministic
-            keys = np.asarray(self._labels.keys, dtype=np.uint64)[seeds]
+            keys = self._labels.keys[seeds]
             seeds = np.sort(seeds[np.lexsort((seeds, keys))[:GAP_SEEDS]])
         vectors = history.vectors(seeds)
         if query is not None:  # the caption itself proposes the first centre
@@ -572,11 +609,15 @@ class ExploreSite:
         limited = self._limited(request)
         if limited is not None:
             return limited
+        if self.explorer.busy:
+            return _error(429, "busy: the node judges one what-if at a time; try again shortly")
         try:
             caption, picture = await self._form(request)
             return web.json_response(await self.explorer.whatif(caption, picture))
         except BadInput as error:
             return _error(400, str(error))
+        except Busy as error:
+            return _error(429, str(error))
         except LookupError as error:
             return _error(503, str(error))
 
@@ -602,5 +643,7 @@ class ExploreSite:
             return web.json_response(await self.explorer.gaps(top, near, modality))
         except BadInput as error:
             return _error(400, str(error))
+        except Busy as error:
+            return _error(429, str(error))
         except LookupError as error:
             return _error(503, str(error))

@@ -264,6 +264,17 @@ def test_the_explorer_in_a_real_browser(tmp_path: Path, browser: Any) -> None:
         assert result["scores_ppm"] == expected["scores_ppm"]
         after = api(node, "/api/whatif", {"caption": caption})
         assert after["items"][0]["duplicate"] is True and after["would_qualify"] is False
+
+        # Same history, same map: a restarted node draws every point where it was.
+        before = wait_mapped(node, result["round"])
+        assert node.stop() == 0
+        node = start_node(tmp_path / "node", f"mqtt://127.0.0.1:{broker.port}", config)
+        restarted = wait_mapped(node, result["round"])
+
+        def places(body: dict[str, Any]) -> list[tuple[Any, ...]]:
+            return [(p["id"], p["modality"], p["round"], p["x"], p["y"]) for p in body["points"]]
+
+        assert places(restarted) == places(before)
     finally:
         node.stop()
         broker.stop()

@@ -378,3 +378,30 @@ async def test_poc_node_gaps_names_a_node_without_explorer(
         status = await asyncio.to_thread(main, ["gaps", "--url", url])
     assert status == 1
     assert "set http.explore: true" in capsys.readouterr().err
+
+
+class Blocking(StandIn):
+    """Holds every prepare until released."""
+
+    def __init__(self, vectors: dict[bytes, np.ndarray]) -> None:
+        super().__init__(vectors)
+        self.entered = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def __call__(self, submission: Submission, epoch: int) -> Prepared:
+        self.entered.set()
+        await self.release.wait()
+        return await super().__call__(submission, epoch)
+
+
+async def test_whatifs_never_queue_up_in_the_node(tmp_path: Path) -> None:
+    stand_in = Blocking({b"known caption": unit(np.ones(DIM))})
+    async with NodeLike(tmp_path, config(), stand_in) as running:
+        url = f"{running.url}/api/whatif"
+        first = asyncio.create_task(post(url, json={"caption": "known caption"}))
+        await asyncio.wait_for(stand_in.entered.wait(), 10)
+        status, body = await post(url, json={"caption": "known caption"})
+        assert status == 429 and "one what-if at a time" in body["error"]
+        stand_in.release.set()
+        assert (await first)[0] == 200
+        assert (await post(url, json={"caption": "known caption"}))[0] == 200
