@@ -56,8 +56,10 @@ log = logging.getLogger("poc.explore")
 
 NEIGHBOURS_SHOWN = 8
 """Of an answer's k nearest, this many are listed (nearest first)."""
-GAP_SEEDS = 256
-"""Open gaps are looked for around at most this many items of the map's sample."""
+GAP_SEEDS = 64
+"""Open gaps are looked for around at most this many items of the map's sample: two
+searches of this many queries under the history lock (about 0.3 s each at 1M items,
+bench/bench_knn.py), once per history and filter; served from a cache after that."""
 MAX_TOP = 100
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -411,6 +413,11 @@ class Explorer:
 
     # -- gaps ----------------------------------------------------------------
 
+    def gaps_cached(self, top: int, modality: str | None) -> bool:
+        """Whether ``gaps(top, None, modality)`` is answered from the cache (costs nothing)."""
+        snapshot = self._snapshot
+        return snapshot is not None and (snapshot.history_size, modality, top) in self._gaps_cache
+
     async def gaps(self, top: int, near: str | None, modality: str | None) -> dict[str, Any]:
         snapshot = self._snapshot
         if snapshot is None:
@@ -635,7 +642,7 @@ class ExploreSite:
         if modality is not None and modality not in {m.value for m in Modality}:
             return _error(400, f"unknown modality {modality!r}")
         near = query.get("near")
-        if near is not None:
+        if near is not None or not self.explorer.gaps_cached(top, modality):
             limited = self._limited(request)
             if limited is not None:
                 return limited

@@ -251,7 +251,10 @@ async def test_whatifs_are_rate_limited_per_address(tmp_path: Path) -> None:
         # Searching near a caption encodes it: the same limit.
         status, _ = await get(f"{running.url}/api/gaps?near=known%20caption")
         assert status == 429
-        # The map is free.
+        # So are gaps not yet computed for this history; computed ones are free, like the map.
+        assert (await get(f"{running.url}/api/gaps?top=3"))[0] == 429
+        await running.explorer.gaps(3, None, None)
+        assert (await get(f"{running.url}/api/gaps?top=3"))[0] == 200
         assert (await get(f"{running.url}/api/points"))[0] == 200
         assert stand_in.calls == 2
 
