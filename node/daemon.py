@@ -32,6 +32,7 @@ from node.intake.keys import SigningKey, load_key, write_key
 from node.intake.signing import MessageSigner
 from node.ops.committee_file import load_committee
 from node.ops.config import Config
+from node.ops.explore import Explorer, ExploreSite
 from node.ops.http import http_server
 from node.ops.metrics import Metrics
 from node.ops.systemd import notify
@@ -193,6 +194,7 @@ class Node:
         self._stopping = asyncio.Event()
         self._encoders_loaded = False
         self.metrics.ready.set_function(lambda: float(all(self.ready().values())))
+        self._explorer: Explorer | None = None
 
     def ready(self) -> dict[str, bool]:
         checks = {
@@ -237,8 +239,9 @@ class Node:
             config.node.data_dir,
         )
         async with AsyncExitStack() as stack:
+            site = ExploreSite(config) if config.http.explore else None
             self.http_port = await stack.enter_async_context(
-                http_server(config.http.host, config.http.port, self.metrics, self.ready)
+                http_server(config.http.host, config.http.port, self.metrics, self.ready, site)
             )
             loop = asyncio.get_running_loop()
             # Named, so that CPU time can be told apart (node.ops.threads).
@@ -347,6 +350,19 @@ class Node:
                 history_lock,
                 max_records=config.rounds.max_records,
             )
+            explorer = None
+            if site is not None:
+                explorer = Explorer(
+                    config,
+                    history,
+                    history_lock,
+                    RoundRules.of(config.scoring, shard.scoring),
+                    intake.preparer.prepare,
+                    store,
+                    self.committee,
+                )
+                await explorer.load()
+                site.explorer = explorer
             driver = RoundDriver(
                 config,
                 self.committee,
@@ -363,8 +379,10 @@ class Node:
                 publish=self._publish_now,
                 history_lock=history_lock,
                 clock=clock,
+                on_committed=None if explorer is None else explorer.committed,
             )
             self._sync = sync
+            self._explorer = explorer
             await driver.start()
             await self._serve(intake, driver, encoder, publisher, store)
         log.info("event=stopped")
@@ -412,6 +430,8 @@ class Node:
                     group.create_task(intake.resume(), name="resume"),
                     group.create_task(publisher.run(), name="publisher"),
                 ]
+                if self._explorer is not None:
+                    workers.append(group.create_task(self._explorer.run(), name="explore"))
                 group.create_task(
                     self._drain_on_stop(bus_task, workers, intake, store), name="drain"
                 )

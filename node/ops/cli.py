@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from node.errors import NodeError
+from node.ops.gaps_cli import register as register_gaps
 from training.commands import register as register_training
 
 
@@ -147,6 +148,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
 
     _TRAINING.update(register_training(commands))
+    _COMMANDS.update(register_gaps(commands))  # gaps: a client of the node's explorer
 
     ledger = commands.add_parser("ledger", help="print submitters' balances from a store")
     ledger.add_argument("--data-dir", type=Path, required=True)

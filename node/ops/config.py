@@ -149,6 +149,12 @@ class BusSection(_Section):
 class HttpSection(_Section):
     host: str
     port: Annotated[int, Field(ge=0, le=65535)]
+    # The gap explorer (/explore, /api/): off unless asked for.
+    explore: bool = False
+    explore_sample: PositiveInt = 2000
+    explore_paid_rounds: PositiveInt = 10
+    whatif_per_minute: PositiveInt = 12
+    whatif_burst: PositiveInt = 4
 
 
 class RoundsSection(_Section):

@@ -84,6 +84,9 @@ EXIT_STORE_FAILED = 70
 """Exit status when a certified round cannot be committed (crash-only recovery)."""
 
 Publish = Callable[[str, bytes], Awaitable[None]]
+Committed = Callable[[int, list[tuple[bytes, int]], set[bytes]], None]
+"""Told of each committed round: its number, the (submission id, item) of each item that
+joined the history, in the order it joined, and the ids of the submissions it paid."""
 
 
 def timeouts_of(config: Config) -> Timeouts:
@@ -140,8 +143,10 @@ class RoundDriver:
         publish: Publish | None = None,
         history_lock: asyncio.Lock | None = None,
         clock: Clock = SYSTEM_CLOCK,
+        on_committed: Committed | None = None,
     ) -> None:
         self._config = config
+        self._on_committed = on_committed
         self._committee = committee
         self._signer = signer
         self._store = store
@@ -572,18 +577,25 @@ class RoundDriver:
         ):
             log.warning("event=round_already_committed round=%d", commit.round)
             return
-        joined = [
-            item
+        joining = [
+            (record.submission_id, item)
             for record in records
             if decided.get(record.submission_id) is not State.FINAL  # already in the history
             for item in record.history_items
         ]
+        joined = [item for _, item in joining]
         if joined:
             async with self._history_lock:
                 self._history.add(
                     [modality for _, modality, _ in joined],
                     np.stack([from_float16(vector) for _, _, vector in joined]),
                 )
+        if self._on_committed is not None:  # no await since the add: still in step with H
+            self._on_committed(
+                commit.round,
+                [(identity, item[0]) for identity, item in joining],
+                {record.submission_id for record in records if record.reward > 0},
+            )
         await self._chain.advanced(commit.round + 1, commit.beacon_after)
         if self._sync is not None:
             missing = await self._store.missing_raw(ids)

@@ -705,6 +705,24 @@ class Store:
             for row in self._db.execute("SELECT modality, vector FROM history ORDER BY seq")
         ]
 
+    def history_labels(self) -> list[tuple[int, bytes, int]]:
+        """Every history item as (round, submission id, item), in commit order (the explorer)."""
+        return [
+            (int(row[0]), bytes(row[1]), int(row[2]))
+            for row in self._db.execute(
+                "SELECT round, submission_id, item FROM history ORDER BY seq"
+            )
+        ]
+
+    def paid_since(self, first_round: int) -> list[tuple[int, bytes]]:
+        """(round, submission id) of every payment of ``first_round`` or later."""
+        rows = self._db.execute(
+            "SELECT round, submission_id FROM ledger WHERE round >= ? AND amount > 0 "
+            "ORDER BY round, submission_id",
+            (first_round,),
+        )
+        return [(int(r[0]), bytes(r[1])) for r in rows]
+
     def history_chunks(
         self, dim: int, *, before_round: int | None = None, chunk_rows: int = 50_000
     ) -> Iterator[tuple[list[str], npt.NDArray[np.float16]]]:
