@@ -19,17 +19,16 @@ import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import aiomqtt
 
 from consensus.committee import Committee, Member
-from node.bus.client import Topics, tls_context
+from node.bus.client import Topics
 from node.errors import NodeError
 from node.intake.codec import CodecError
 from node.intake.keys import load_key
 from node.intake.wire import Balance, verify_balance
-from node.ops.submitter import Access
+from node.ops.submitter import Access, BusTarget
 
 SETTLE_S = 1.0
 """How long to wait for the members still silent once a quorum agrees (retained messages
@@ -152,21 +151,10 @@ async def run_balance(
     Without ``committee`` the first member that answers is trusted alone
     (a committee of one, as the node's default), and said so.
     """
-    access = access or Access()
-    parts = urlsplit(bus_url)
-    if parts.scheme not in {"mqtt", "mqtts", "embedded"} or not parts.hostname:
-        raise NodeError(f"--bus {bus_url!r} is not mqtt://HOST:PORT or mqtts://HOST:PORT")
-    tls = (
-        tls_context(
-            access.tls_ca, access.tls_cert, access.tls_key, ("--tls-ca", "--tls-cert", "--tls-key")
-        )
-        if access.wants_tls(parts.scheme)
-        else None
-    )
+    target = BusTarget(bus_url, prefix)
     key = load_key(key_path)
+    client = target.client(key, access or Access())
     submitter = key.public_key
-    username = (access.username or key.public_hex) if access.wants_login(parts.scheme) else None
-    port = parts.port or (8883 if parts.scheme == "mqtts" else 1883)
     received: list[Balance] = []
     trusted = committee
     verdict: Verdict | None = None
@@ -174,14 +162,7 @@ async def run_balance(
     deadline = loop.time() + timeout_s
     settle_until: float | None = None
     try:
-        async with aiomqtt.Client(
-            parts.hostname,
-            port,
-            username=username,
-            password=access.password,
-            tls_context=tls,
-            timeout=10,
-        ) as client:
+        async with client:
             await client.subscribe(Topics(prefix).balances(submitter), qos=1)
             messages = aiter(client.messages)
             while True:

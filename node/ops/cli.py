@@ -56,33 +56,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "submit", help="sign and publish a submission, then wait for its final result"
     )
     submit.add_argument("--key", type=Path, required=True, help="submitter key file")
-    submit.add_argument(
-        "--bus",
-        default="mqtt://127.0.0.1:1883",
-        help="broker URL, mqtt://HOST:PORT or mqtts://HOST:PORT for TLS "
-        "(default mqtt://127.0.0.1:1883)",
-    )
-    submit.add_argument(
-        "--tls-ca",
-        type=Path,
-        help="CA certificate (PEM) of the broker; implies TLS (mqtts:// without it trusts "
-        "the system CAs)",
-    )
-    submit.add_argument(
-        "--tls-cert", type=Path, help="client certificate (PEM), for brokers that require one"
-    )
-    submit.add_argument("--tls-key", type=Path, help="its private key (PEM, mode 0600)")
-    submit.add_argument(
-        "--username",
-        help="broker username; default, when TLS or a password is given: the submitter's "
-        "public key hex",
-    )
-    submit.add_argument(
-        "--password",
-        default=os.environ.get("POC_BUS_PASSWORD"),
-        help="broker password (default: $POC_BUS_PASSWORD, which keeps it out of the process list)",
-    )
-    submit.add_argument("--topic-prefix", default="poc/v1", help="topic prefix (default poc/v1)")
+    _add_broker_options(submit)
     submit.add_argument(
         "--timeout",
         type=float,
@@ -160,11 +134,7 @@ def _build_parser() -> argparse.ArgumentParser:
         help="print a submitter's balance once a quorum of the committee's stake agrees on it",
     )
     balance.add_argument("--key", type=Path, required=True, help="submitter key file")
-    balance.add_argument(
-        "--bus",
-        default="mqtt://127.0.0.1:1883",
-        help="broker URL, mqtt://HOST:PORT or mqtts://HOST:PORT (default mqtt://127.0.0.1:1883)",
-    )
+    _add_broker_options(balance)
     balance.add_argument(
         "--committee",
         type=Path,
@@ -174,21 +144,38 @@ def _build_parser() -> argparse.ArgumentParser:
     balance.add_argument(
         "--timeout", type=float, default=10.0, help="seconds to wait for a quorum (default 10)"
     )
-    balance.add_argument("--tls-ca", type=Path, help="CA certificate (PEM) of the broker")
-    balance.add_argument("--tls-cert", type=Path, help="client certificate (PEM)")
-    balance.add_argument("--tls-key", type=Path, help="its private key (PEM, mode 0600)")
-    balance.add_argument(
+    return parser
+
+
+def _add_broker_options(command: argparse.ArgumentParser) -> None:
+    """How a submitter's command reaches the broker (``node.ops.submitter.Access``)."""
+    command.add_argument(
+        "--bus",
+        default="mqtt://127.0.0.1:1883",
+        help="broker URL, mqtt://HOST:PORT or mqtts://HOST:PORT for TLS "
+        "(default mqtt://127.0.0.1:1883)",
+    )
+    command.add_argument(
+        "--tls-ca",
+        type=Path,
+        help="CA certificate (PEM) of the broker; implies TLS (mqtts:// without it trusts "
+        "the system CAs)",
+    )
+    command.add_argument(
+        "--tls-cert", type=Path, help="client certificate (PEM), for brokers that require one"
+    )
+    command.add_argument("--tls-key", type=Path, help="its private key (PEM, mode 0600)")
+    command.add_argument(
         "--username",
         help="broker username; default, when TLS or a password is given: the submitter's "
-        "public key hex (the only account the broker lets read its balances)",
+        "public key hex (the account the shipped ACL lets read its results and balances)",
     )
-    balance.add_argument(
+    command.add_argument(
         "--password",
         default=os.environ.get("POC_BUS_PASSWORD"),
-        help="broker password (default: $POC_BUS_PASSWORD)",
+        help="broker password (default: $POC_BUS_PASSWORD, which keeps it out of the process list)",
     )
-    balance.add_argument("--topic-prefix", default="poc/v1", help="topic prefix (default poc/v1)")
-    return parser
+    command.add_argument("--topic-prefix", default="poc/v1", help="topic prefix (default poc/v1)")
 
 
 def _configure_logging(level: str) -> None:
