@@ -24,7 +24,7 @@ neighbours in id order.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -141,14 +141,22 @@ def gap_scores(
         return [NOT_SCORED] * len(half)
     if len(half) == 0:
         return []
-    candidates = history.neighbours(half, candidate_count(k, size))
-    scores: list[GapScore] = []
+    return [
+        _score_one(query, ids, points, k, qualify_ratio)
+        for query, ids, points in _candidates(history, half, k)
+    ]
+
+
+def _candidates(
+    history: Searchable, half: npt.NDArray[np.float16], k: int
+) -> Iterator[tuple[npt.NDArray[np.float64], npt.NDArray[np.int64], npt.NDArray[np.float64]]]:
+    """Each query (as float64), its distinct candidate ids and their float64 vectors."""
+    candidates = history.neighbours(half, candidate_count(k, len(history)))
     for query, row in zip(half.astype(np.float64), candidates, strict=True):
         ids = np.unique(row[row >= 0])
         if len(ids) < k:
             raise ValueError(f"index returned {len(ids)} distinct ids, fewer than k = {k}")
-        scores.append(_score_one(query, ids, history.vectors(ids), k, qualify_ratio))
-    return scores
+        yield query, ids, history.vectors(ids)
 
 
 @dataclass(frozen=True)
@@ -176,13 +184,8 @@ def neighbourhoods(
     size = len(history)
     if size < k or len(half) == 0:
         return []
-    candidates = history.neighbours(half, candidate_count(k, size))
     found: list[Neighbourhood] = []
-    for query, row in zip(half.astype(np.float64), candidates, strict=True):
-        ids = np.unique(row[row >= 0])
-        if len(ids) < k:
-            raise ValueError(f"index returned {len(ids)} distinct ids, fewer than k = {k}")
-        points = history.vectors(ids)
+    for query, ids, points in _candidates(history, half, k):
         chosen, centroid = _neighbourhood(query, ids, points, k)
         distances = np.sqrt(_squared_distances(points[chosen], query))
         nearest_first = np.lexsort((ids[chosen], distances))

@@ -500,6 +500,18 @@ class Explorer:
 # -- HTTP ----------------------------------------------------------------------
 
 
+async def _answer(work: Awaitable[dict[str, Any]]) -> web.Response:
+    """The JSON of ``work``, or its error: bad input 400, busy 429, not ready 503."""
+    try:
+        return web.json_response(await work)
+    except BadInput as error:
+        return _error(400, str(error))
+    except Busy as error:
+        return _error(429, str(error))
+    except LookupError as error:
+        return _error(503, str(error))
+
+
 def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
@@ -618,15 +630,13 @@ class ExploreSite:
             return limited
         if self.explorer.busy:
             return _error(429, "busy: the node judges one what-if at a time; try again shortly")
-        try:
+        explorer = self.explorer
+
+        async def answer() -> dict[str, Any]:
             caption, picture = await self._form(request)
-            return web.json_response(await self.explorer.whatif(caption, picture))
-        except BadInput as error:
-            return _error(400, str(error))
-        except Busy as error:
-            return _error(429, str(error))
-        except LookupError as error:
-            return _error(503, str(error))
+            return await explorer.whatif(caption, picture)
+
+        return await _answer(answer())
 
     async def api_gaps(self, request: web.Request) -> web.Response:
         if self.explorer is None or self.explorer.snapshot is None:
@@ -646,11 +656,4 @@ class ExploreSite:
             limited = self._limited(request)
             if limited is not None:
                 return limited
-        try:
-            return web.json_response(await self.explorer.gaps(top, near, modality))
-        except BadInput as error:
-            return _error(400, str(error))
-        except Busy as error:
-            return _error(429, str(error))
-        except LookupError as error:
-            return _error(503, str(error))
+        return await _answer(self.explorer.gaps(top, near, modality))
