@@ -31,12 +31,15 @@ $(TEST_STAMP): $(STAMP)
 
 install-test: $(TEST_STAMP) system-deps
 
-# Mosquitto for the integration tests, espeak-ng for the training corpus' speech.
+# Mosquitto for the integration tests, espeak-ng for the training corpus' speech,
+# prometheus (and its promtool) for the alert rules and the dashboard's queries,
+# chromium and its driver for the explorer's browser test.
 system-deps:
 	@{ command -v mosquitto >/dev/null || test -x /usr/sbin/mosquitto; } && \
-	  command -v espeak-ng >/dev/null || \
+	  command -v espeak-ng >/dev/null && command -v promtool >/dev/null && \
+	  test -x /usr/bin/chromium && test -x /usr/bin/chromedriver || \
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-	    apt-get install -y -qq mosquitto espeak-ng >/dev/null; }
+	    apt-get install -y -qq mosquitto espeak-ng prometheus chromium chromium-driver >/dev/null; }
 
 run: install
 	$(BIN)/poc-node run

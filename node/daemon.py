@@ -32,8 +32,10 @@ from node.intake.keys import SigningKey, load_key, write_key
 from node.intake.signing import MessageSigner
 from node.ops.committee_file import load_committee
 from node.ops.config import Config
+from node.ops.explore import Explorer, ExploreSite
 from node.ops.http import http_server
 from node.ops.metrics import Metrics
+from node.ops.systemd import notify
 from node.ops.threads import name_thread
 from node.pipeline.batching import BatchPolicy
 from node.pipeline.encoding import EncoderService
@@ -41,7 +43,7 @@ from node.pipeline.engines import Engine, InProcess, ShardSpec, WorkerProcesses
 from node.pipeline.sandbox import DecoderPool
 from node.rounds.chain import BeaconChain
 from node.rounds.driver import RoundDriver
-from node.rounds.history import load_history
+from node.rounds.history import history_index, load_history
 from node.rounds.records import RoundRules, Tolerances
 from node.rounds.sync import SyncService
 from node.rounds.verify import RecordVerifier
@@ -198,6 +200,8 @@ class Node:
         self._stopping = asyncio.Event()
         self._encoders_loaded = False
         self._engine: Engine | None = None
+        self.metrics.ready.set_function(lambda: float(all(self.ready().values())))
+        self._explorer: Explorer | None = None
 
     def ready(self) -> dict[str, bool]:
         checks = {
@@ -245,8 +249,9 @@ class Node:
             config.node.data_dir,
         )
         async with AsyncExitStack() as stack:
+            site = ExploreSite(config) if config.http.explore else None
             self.http_port = await stack.enter_async_context(
-                http_server(config.http.host, config.http.port, self.metrics, self.ready)
+                http_server(config.http.host, config.http.port, self.metrics, self.ready, site)
             )
             loop = asyncio.get_running_loop()
             # Named, so that CPU time can be told apart (node.ops.threads).
@@ -269,13 +274,17 @@ class Node:
             await store.set_meta("committee", described)
             # Off the loop, on the store's thread, in chunks: /healthz answers
             # while a large history is read.
-            history = await store.call(lambda db: load_history(shard, db.history_chunks(shard.dim)))
+            index = history_index(config.scoring.device, config.scoring.index)
+            history = await store.call(
+                lambda db: load_history(shard, db.history_chunks(shard.dim), index)
+            )
             self.metrics.history_size.set(len(history))
             log.info(
-                "event=encoders_loaded weights=%s dim=%d history=%d",
+                "event=encoders_loaded weights=%s dim=%d history=%d history_index=%s",
                 shard.weights_id[:16],
                 shard.dim,
                 len(history),
+                getattr(index, "func", index).__name__ + f"/{config.scoring.device}",
             )
 
             if config.bus.embedded:
@@ -287,6 +296,7 @@ class Node:
                 config.decode.cpu_seconds,
                 self.metrics.stage_cpu.labels(stage="decode").inc,
                 self.metrics.stage_cpu.labels(stage="decode_text").inc,
+                lambda kind: self.metrics.decoder_failures.labels(kind=kind).inc(),
             )
             stack.callback(decoders.close)
             encoder = EncoderService(
@@ -300,6 +310,8 @@ class Node:
             self._engine = encoder.engine
             await encoder.engine.start()
             self.metrics.encoder_workers.set(encoder_workers(config))
+            self.metrics.queue_capacity.labels(queue="prepare").set(config.intake.queue_size)
+            self.metrics.queue_capacity.labels(queue="encode").set(config.encoders.queue_size)
             self._encoders_loaded = True
 
             async def fetch(after: int, limit: int) -> list[tuple[int, str, bytes, bool]]:
@@ -349,6 +361,19 @@ class Node:
                 history_lock,
                 max_records=config.rounds.max_records,
             )
+            explorer = None
+            if site is not None:
+                explorer = Explorer(
+                    config,
+                    history,
+                    history_lock,
+                    RoundRules.of(config.scoring, shard.scoring),
+                    intake.preparer.prepare,
+                    store,
+                    self.committee,
+                )
+                await explorer.load()
+                site.explorer = explorer
             driver = RoundDriver(
                 config,
                 self.committee,
@@ -365,8 +390,10 @@ class Node:
                 publish=self._publish_now,
                 history_lock=history_lock,
                 clock=clock,
+                on_committed=None if explorer is None else explorer.committed,
             )
             self._sync = sync
+            self._explorer = explorer
             await driver.start()
             await self._serve(intake, driver, encoder, publisher, store)
         log.info("event=stopped")
@@ -414,9 +441,12 @@ class Node:
                     group.create_task(intake.resume(), name="resume"),
                     group.create_task(publisher.run(), name="publisher"),
                 ]
+                if self._explorer is not None:
+                    workers.append(group.create_task(self._explorer.run(), name="explore"))
                 group.create_task(
                     self._drain_on_stop(bus_task, workers, intake, store), name="drain"
                 )
+                group.create_task(self._notify_ready(), name="notify-ready")
         except* asyncio.CancelledError:
             pass
 
@@ -425,6 +455,15 @@ class Node:
         while the encoder works on one (and to keep every decoder busy)."""
         policy = BatchPolicy.of(self.config.encoders)
         return max(2 * self.config.decode.workers, 2 * max(b.size for b in policy.batches.values()))
+
+    async def _notify_ready(self) -> None:
+        """Tell systemd (``Type=notify``) once every readiness condition holds."""
+        while not all(self.ready().values()):
+            if self._stopping.is_set():
+                return
+            await asyncio.sleep(0.1)
+        if notify("READY=1", f"STATUS=validating, metrics on port {self.http_port}"):
+            log.info("event=sd_notify_ready")
 
     async def _drain_on_stop(
         self,
@@ -439,6 +478,7 @@ class Node:
         broker keeps them for the next start of this persistent session.
         """
         await self._stopping.wait()
+        notify("STOPPING=1", "STATUS=draining")
         intake.stop_receiving()
         log.info("event=draining queued=%d", intake.queue.qsize())
         try:

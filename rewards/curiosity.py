@@ -24,7 +24,7 @@ neighbours in id order.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,6 +78,25 @@ def _squared_distances(
     return np.asarray((diff * diff).sum(axis=1), dtype=np.float64)
 
 
+def _neighbourhood(
+    query: npt.NDArray[np.float64],
+    ids: npt.NDArray[np.int64],
+    points: npt.NDArray[np.float64],
+    k: int,
+) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.float64]]:
+    """The rows of ``points`` of the query's k nearest (in id order) and their centroid.
+
+    The k nearest by exact float64 distance, ties broken by id; the centroid
+    is their mean put back on the unit sphere.
+    """
+    order = np.lexsort((ids, _squared_distances(points, query)))[:k]
+    chosen = order[np.argsort(ids[order], kind="stable")]
+    mean = points[chosen].sum(axis=0) / k
+    norm = float(np.sqrt((mean * mean).sum()))
+    centroid = mean / norm if norm > 0 else mean
+    return chosen, centroid
+
+
 def _score_one(
     query: npt.NDArray[np.float64],
     ids: npt.NDArray[np.int64],
@@ -86,12 +105,8 @@ def _score_one(
     qualify_ratio: float,
 ) -> GapScore:
     """Score one query from its candidate ids and their float64 vectors."""
-    order = np.lexsort((ids, _squared_distances(points, query)))[:k]
-    chosen = order[np.argsort(ids[order], kind="stable")]
+    chosen, centroid = _neighbourhood(query, ids, points, k)
     neighbours = points[chosen]
-    mean = neighbours.sum(axis=0) / k
-    norm = float(np.sqrt((mean * mean).sum()))
-    centroid = mean / norm if norm > 0 else mean
     d_nn = float(np.sqrt(_squared_distances(neighbours, centroid)).sum() / k)
     diff = query - centroid
     d_e = float(np.sqrt((diff * diff).sum()))
@@ -126,14 +141,56 @@ def gap_scores(
         return [NOT_SCORED] * len(half)
     if len(half) == 0:
         return []
-    candidates = history.neighbours(half, candidate_count(k, size))
-    scores: list[GapScore] = []
+    return [
+        _score_one(query, ids, points, k, qualify_ratio)
+        for query, ids, points in _candidates(history, half, k)
+    ]
+
+
+def _candidates(
+    history: Searchable, half: npt.NDArray[np.float16], k: int
+) -> Iterator[tuple[npt.NDArray[np.float64], npt.NDArray[np.int64], npt.NDArray[np.float64]]]:
+    """Each query (as float64), its distinct candidate ids and their float64 vectors."""
+    candidates = history.neighbours(half, candidate_count(k, len(history)))
     for query, row in zip(half.astype(np.float64), candidates, strict=True):
         ids = np.unique(row[row >= 0])
         if len(ids) < k:
             raise ValueError(f"index returned {len(ids)} distinct ids, fewer than k = {k}")
-        scores.append(_score_one(query, ids, history.vectors(ids), k, qualify_ratio))
-    return scores
+        yield query, ids, history.vectors(ids)
+
+
+@dataclass(frozen=True)
+class Neighbourhood:
+    """The k nearest of a query that its gap score is computed from."""
+
+    ids: npt.NDArray[np.int64]
+    """History ids of the k nearest, nearest first (ties by id)."""
+    distances: npt.NDArray[np.float64]
+    """Their exact L2 distances to the (float16-quantized) query."""
+    centroid: npt.NDArray[np.float64]
+    """The centre of the gap: the normalized mean of the k nearest."""
+
+
+def neighbourhoods(
+    history: Searchable, queries: npt.NDArray[Any], k: int = DEFAULT_K
+) -> list[Neighbourhood]:
+    """The neighbourhoods ``gap_scores`` judges ``queries`` by (the same search and re-ranking).
+
+    Empty while the history holds fewer than k embeddings.
+    """
+    if k <= 0:
+        raise ValueError(f"k must be positive, got {k}")
+    half = quantize(queries, history.dim)
+    size = len(history)
+    if size < k or len(half) == 0:
+        return []
+    found: list[Neighbourhood] = []
+    for query, ids, points in _candidates(history, half, k):
+        chosen, centroid = _neighbourhood(query, ids, points, k)
+        distances = np.sqrt(_squared_distances(points[chosen], query))
+        nearest_first = np.lexsort((ids[chosen], distances))
+        found.append(Neighbourhood(ids[chosen][nearest_first], distances[nearest_first], centroid))
+    return found
 
 
 def submission_score(

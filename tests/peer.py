@@ -127,6 +127,19 @@ def verify_result(raw: bytes) -> dict[str, Any]:
     return message
 
 
+def verify_balance(raw: bytes) -> dict[str, Any]:
+    """Decode a Balance (``balances/<submitter>/<validator>``) and check its signature."""
+    message = msgpack.unpackb(raw, raw=False)
+    assert pack(message) == raw, "balance is not canonical"
+    assert set(message) == {"v", "submitter", "round", "balance", "validator", "sig"}, message
+    assert message["v"] == 1
+    unsigned = {k: v for k, v in message.items() if k != "sig"}
+    Ed25519PublicKey.from_public_bytes(message["validator"]).verify(
+        message["sig"], b"poc/v1/balance" + pack(unsigned)
+    )
+    return message
+
+
 class ResultListener:
     """Collects the Results published for one or more submitters."""
 

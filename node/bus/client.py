@@ -66,6 +66,14 @@ class Topics:
     def round(self, number: int) -> str:
         return f"{self.prefix}/rounds/{number}"
 
+    def balance(self, submitter: bytes, validator: bytes) -> str:
+        """One member's retained Balance of ``submitter`` (one retained message per topic)."""
+        return f"{self.prefix}/balances/{submitter.hex()}/{validator.hex()}"
+
+    def balances(self, submitter: bytes) -> str:
+        """The filter a submitter reads every member's Balance of it with."""
+        return f"{self.prefix}/balances/{submitter.hex()}/+"
+
 
 def tls_context(
     ca: Path | None,

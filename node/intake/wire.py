@@ -1,4 +1,4 @@
-"""Wire protocol v1 messages: ``Submission`` and ``Result`` (DESIGN.md §3).
+"""Wire protocol v1 messages: ``Submission``, ``Result`` and ``Balance`` (DESIGN.md §3).
 
 Parsing applies the stateless checks in a fixed, documented order (the first
 failing one names the reason): size, msgpack, canonical form, schema, per-item
@@ -32,6 +32,7 @@ def submission_decode_limits(message_bytes: int) -> DecodeLimits:
 
 SUBMISSION_DOMAIN = b"poc/v1/submission"
 RESULT_DOMAIN = b"poc/v1/result"
+BALANCE_DOMAIN = b"poc/v1/balance"
 UINT64_MAX = 2**64 - 1
 
 _SUBMISSION_FIELDS = frozenset({"v", "submitter", "nonce", "created_ms", "items", "sig"})
@@ -329,3 +330,55 @@ def verify_result(raw: bytes) -> Result:
     ):
         raise CodecError("result signature does not verify")
     return result
+
+
+_BALANCE_FIELDS = frozenset({"v", "submitter", "round", "balance", "validator", "sig"})
+
+
+@dataclass(frozen=True)
+class Balance:
+    """A validator's signed statement of a submitter's total credited in the certified ledger.
+
+    ``round`` is the committed round it is valid at: every reward of rounds
+    up to and including it is counted, none after it.
+    """
+
+    submitter: bytes
+    round: int
+    balance: int
+    validator: bytes
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "v": VERSION,
+            "submitter": self.submitter,
+            "round": self.round,
+            "balance": self.balance,
+            "validator": self.validator,
+        }
+
+
+def verify_balance(raw: bytes) -> Balance:
+    """Decode a Balance, check its schema and the validator's signature over it.
+
+    Raises :class:`CodecError` for anything else: bytes not canonical, a field
+    missing or extra, a key not 32 bytes, a signature that does not verify.
+    Whether the validator is a committee member is the reader's question.
+    """
+    message = unpack(raw, DecodeLimits(max_bytes=1024, max_container_len=8, max_depth=4))
+    if not isinstance(message, dict) or set(message) != _BALANCE_FIELDS:
+        raise CodecError(f"a balance is a map of exactly {sorted(_BALANCE_FIELDS)}")
+    if not (_is_uint64(message["v"]) and message["v"] == VERSION):
+        raise CodecError(f"unsupported version {message['v']!r}")
+    for name in ("submitter", "validator"):
+        if not isinstance(message[name], bytes) or len(message[name]) != 32:
+            raise CodecError(f"{name} must be a 32-byte key")
+    for name in ("round", "balance"):
+        if not _is_uint64(message[name]):
+            raise CodecError(f"{name} must be a uint64")
+    sig = message["sig"]
+    if not isinstance(sig, bytes) or not verify_signature(
+        message["validator"], signing_bytes(BALANCE_DOMAIN, message), sig
+    ):
+        raise CodecError("balance signature does not verify")
+    return Balance(message["submitter"], message["round"], message["balance"], message["validator"])

@@ -498,6 +498,29 @@ class BatchRun:
                 return
 
 
+async def _until_idle_or_lost(
+    run: BatchRun, idle_s: float, listener: asyncio.Task[None], sending: Any
+) -> None:
+    """Wait until every line has an outcome or nothing is heard for ``idle_s``;
+    a connection lost on the way is raised (``aiomqtt.MqttError``)."""
+    sender = asyncio.create_task(sending)
+    idle = asyncio.create_task(run.wait_idle(idle_s))
+    pending: set[asyncio.Task[Any]] = {listener, sender, idle}
+    try:
+        while not idle.done():
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done - {idle}:
+                error = task.exception()
+                if error is not None:
+                    raise error
+                if task is listener:
+                    raise aiomqtt.MqttError("the broker closed the connection")
+    finally:
+        for task in (listener, sender, idle):
+            task.cancel()
+        await asyncio.gather(listener, sender, idle, return_exceptions=True)
+
+
 async def run_batch(
     key_path: Path,
     target: BusTarget,
@@ -532,6 +555,7 @@ async def run_batch(
         file=sys.stderr,
         disable=not sys.stderr.isatty(),  # logs get the summary line, not a bar
     )
+    connected = False
     try:
         async with target.client(key, access or Access()) as client:
             await client.subscribe(target.topic("results", key.public_hex), qos=1)
@@ -558,15 +582,14 @@ async def run_batch(
                 await client.publish(target.topic("submissions", key.public_hex), raw, qos=1)
                 progress.set_postfix_str(run.tally.describe(), refresh=True)
 
-            tasks = [asyncio.create_task(listen()), asyncio.create_task(run.send_all(publish))]
-            try:
-                await run.wait_idle(idle_timeout_s)
-            finally:
-                for task in tasks:
-                    task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
+            connected = True
+            await _until_idle_or_lost(
+                run, idle_timeout_s, asyncio.create_task(listen()), run.send_all(publish)
+            )
     except aiomqtt.MqttError as error:
-        raise NodeError(f"cannot reach the broker at {target.url}: {error}") from None
+        if not connected:
+            raise NodeError(f"cannot reach the broker at {target.url}: {error}") from None
+        print(f"lost the broker at {target.url}: {error}", file=sys.stderr, flush=True)
     finally:
         progress.close()
         journal.close()

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from node.errors import NodeError
+from node.ops.gaps_cli import register as register_gaps
 from training.commands import register as register_training
 
 
@@ -55,33 +56,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "submit", help="sign and publish a submission, then wait for its final result"
     )
     submit.add_argument("--key", type=Path, required=True, help="submitter key file")
-    submit.add_argument(
-        "--bus",
-        default="mqtt://127.0.0.1:1883",
-        help="broker URL, mqtt://HOST:PORT or mqtts://HOST:PORT for TLS "
-        "(default mqtt://127.0.0.1:1883)",
-    )
-    submit.add_argument(
-        "--tls-ca",
-        type=Path,
-        help="CA certificate (PEM) of the broker; implies TLS (mqtts:// without it trusts "
-        "the system CAs)",
-    )
-    submit.add_argument(
-        "--tls-cert", type=Path, help="client certificate (PEM), for brokers that require one"
-    )
-    submit.add_argument("--tls-key", type=Path, help="its private key (PEM, mode 0600)")
-    submit.add_argument(
-        "--username",
-        help="broker username; default, when TLS or a password is given: the submitter's "
-        "public key hex",
-    )
-    submit.add_argument(
-        "--password",
-        default=os.environ.get("POC_BUS_PASSWORD"),
-        help="broker password (default: $POC_BUS_PASSWORD, which keeps it out of the process list)",
-    )
-    submit.add_argument("--topic-prefix", default="poc/v1", help="topic prefix (default poc/v1)")
+    _add_broker_options(submit)
     submit.add_argument(
         "--timeout",
         type=float,
@@ -147,12 +122,60 @@ def _build_parser() -> argparse.ArgumentParser:
     )
 
     _TRAINING.update(register_training(commands))
+    _COMMANDS.update(register_gaps(commands))  # gaps: a client of the node's explorer
 
     ledger = commands.add_parser("ledger", help="print submitters' balances from a store")
     ledger.add_argument("--data-dir", type=Path, required=True)
     ledger.add_argument("--submitter", help="one submitter's key, 64 hex characters")
     ledger.add_argument("--json", action="store_true", help="print JSON")
+
+    balance = commands.add_parser(
+        "balance",
+        help="print a submitter's balance once a quorum of the committee's stake agrees on it",
+    )
+    balance.add_argument("--key", type=Path, required=True, help="submitter key file")
+    _add_broker_options(balance)
+    balance.add_argument(
+        "--committee",
+        type=Path,
+        help="committee file whose stake must agree (default: trust the one member that "
+        "answers, a committee of one)",
+    )
+    balance.add_argument(
+        "--timeout", type=float, default=10.0, help="seconds to wait for a quorum (default 10)"
+    )
     return parser
+
+
+def _add_broker_options(command: argparse.ArgumentParser) -> None:
+    """How a submitter's command reaches the broker (``node.ops.submitter.Access``)."""
+    command.add_argument(
+        "--bus",
+        default="mqtt://127.0.0.1:1883",
+        help="broker URL, mqtt://HOST:PORT or mqtts://HOST:PORT for TLS "
+        "(default mqtt://127.0.0.1:1883)",
+    )
+    command.add_argument(
+        "--tls-ca",
+        type=Path,
+        help="CA certificate (PEM) of the broker; implies TLS (mqtts:// without it trusts "
+        "the system CAs)",
+    )
+    command.add_argument(
+        "--tls-cert", type=Path, help="client certificate (PEM), for brokers that require one"
+    )
+    command.add_argument("--tls-key", type=Path, help="its private key (PEM, mode 0600)")
+    command.add_argument(
+        "--username",
+        help="broker username; default, when TLS or a password is given: the submitter's "
+        "public key hex (the account the shipped ACL lets read its results and balances)",
+    )
+    command.add_argument(
+        "--password",
+        default=os.environ.get("POC_BUS_PASSWORD"),
+        help="broker password (default: $POC_BUS_PASSWORD, which keeps it out of the process list)",
+    )
+    command.add_argument("--topic-prefix", default="poc/v1", help="topic prefix (default poc/v1)")
 
 
 def _configure_logging(level: str) -> None:
@@ -302,6 +325,18 @@ def _ledger(args: argparse.Namespace) -> int:
     return 0
 
 
+def _balance(args: argparse.Namespace) -> int:
+    from node.ops.balance import run_balance
+    from node.ops.committee_file import load_committee
+    from node.ops.submitter import Access
+
+    committee = None if args.committee is None else load_committee(args.committee)
+    access = Access(args.tls_ca, args.tls_cert, args.tls_key, args.username, args.password)
+    return asyncio.run(
+        run_balance(args.key, args.bus, args.topic_prefix, committee, args.timeout, access=access)
+    )
+
+
 _TRAINING: dict[str, Callable[[argparse.Namespace], int]] = {}
 """``train``, ``eval`` and ``embed``, which live in the ``training`` package."""
 
@@ -312,6 +347,7 @@ _COMMANDS = {
     "init-weights": _init_weights,
     "ledger": _ledger,
     "audit": _audit,
+    "balance": _balance,
 }
 
 

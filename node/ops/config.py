@@ -149,6 +149,12 @@ class BusSection(_Section):
 class HttpSection(_Section):
     host: str
     port: Annotated[int, Field(ge=0, le=65535)]
+    # The gap explorer (/explore, /api/): off unless asked for.
+    explore: bool = False
+    explore_sample: PositiveInt = 2000
+    explore_paid_rounds: PositiveInt = 10
+    whatif_per_minute: PositiveInt = 12
+    whatif_burst: PositiveInt = 4
 
 
 class RoundsSection(_Section):
@@ -287,6 +293,10 @@ class FusionSection(_Section):
 class ScoringSection(_Section):
     k: PositiveInt
     threads: Annotated[int, Field(ge=0)] = 1
+    device: Literal["cpu", "cuda"] = "cpu"
+    """Where the history's exact index lives."""
+    index: Literal["auto", "faiss", "torch"] = "auto"
+    """auto: faiss on the CPU, torch on a GPU; both answer alike (rewards/history_torch.py)."""
     qualify_ratio: PositiveFloat | None = None
     """None: the manifest's calibrated ratio (the only value a committee should use)."""
     duplicate_radius: dict[str, Annotated[float, Field(ge=0.0, lt=2.0)]] | None = None
@@ -294,6 +304,12 @@ class ScoringSection(_Section):
     pair_bonus_ppm: PositiveInt
     emission: Annotated[int, Field(ge=0)]
     top_k: PositiveInt
+
+    @model_validator(mode="after")
+    def _index_on_its_device(self) -> ScoringSection:
+        if self.device == "cuda" and self.index == "faiss":
+            raise ValueError("scoring.index faiss runs on the CPU only (faiss-cpu): use torch")
+        return self
 
     @field_validator("duplicate_radius")
     @classmethod

@@ -5,22 +5,31 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from node.ops.metrics import Metrics
 
+if TYPE_CHECKING:
+    from node.ops.explore import ExploreSite
+
 log = logging.getLogger("poc.http")
 
 
 @asynccontextmanager
 async def http_server(
-    host: str, port: int, metrics: Metrics, ready: Callable[[], dict[str, bool]]
+    host: str,
+    port: int,
+    metrics: Metrics,
+    ready: Callable[[], dict[str, bool]],
+    explore: ExploreSite | None = None,
 ) -> AsyncIterator[int]:
     """Serve the endpoints for the duration of the context; yields the bound port.
 
     ``ready`` reports each readiness condition; /readyz is 200 only when all hold.
+    ``explore`` adds the gap explorer's routes (``http.explore``; else they are 404).
     """
 
     async def metrics_page(_: web.Request) -> web.Response:
@@ -35,10 +44,12 @@ async def http_server(
         status = 200 if all(conditions.values()) else 503
         return web.json_response({"ready": status == 200, **conditions}, status=status)
 
-    app = web.Application()
+    app = web.Application(client_max_size=explore.body_limit() if explore else 1024**2)
     app.router.add_get("/metrics", metrics_page)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    if explore is not None:
+        explore.add_routes(app)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)

@@ -168,6 +168,12 @@ class Metrics:
             ["reason"],
             registry=registry,
         )
+        self.decided_view = Histogram(
+            "poc_round_decided_view",
+            "The view in which each committed round was decided (0: its first proposer's)",
+            buckets=(0, 1, 2, 3, 5, 8, 13),
+            registry=registry,
+        )
         self.view = Gauge(
             "poc_consensus_view",
             "The view of the round being decided (0: its first proposer's)",
@@ -176,6 +182,20 @@ class Metrics:
         self.sync_lag = Gauge(
             "poc_sync_lag_rounds",
             "Rounds between the clock and the last finalized round",
+            registry=registry,
+        )
+        self.decoder_failures = Counter(
+            "poc_decoder_failures_total",
+            "Decoder processes stopped (timeout), dead (crash) or out of memory on an item",
+            ["kind"],
+            registry=registry,
+        )
+        for kind in ("timeout", "crash", "memory"):
+            self.decoder_failures.labels(kind=kind)
+        self.queue_capacity = Gauge(
+            "poc_queue_capacity",
+            "Items a queue holds at most, by queue",
+            ["queue"],
             registry=registry,
         )
         self.ready = Gauge(

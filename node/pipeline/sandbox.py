@@ -55,6 +55,9 @@ def _cap_cpu(seconds: float) -> float:
     return spent
 
 
+_OUT_OF_MEMORY = "decoding needed more memory than the decoder is allowed"
+
+
 def _decode(
     modality: Modality,
     mime: str,
@@ -69,12 +72,23 @@ def _decode(
         media = decode_media(modality, mime, data, limits, spec)
         usage = resource.getrusage(resource.RUSAGE_SELF)
         return media, usage.ru_utime + usage.ru_stime - spent
-    except EncoderError:
+    except EncoderError as error:
+        if _caused_by_memory(error):  # a decoder that wrapped the allocation failure
+            raise UndecodableError(_OUT_OF_MEMORY) from None
         raise
     except MemoryError:
-        raise UndecodableError("decoding needed more memory than the decoder is allowed") from None
+        raise UndecodableError(_OUT_OF_MEMORY) from None
     except Exception as error:  # a decoder bug must cost this item only
         raise UndecodableError(f"{type(error).__name__}: {error}") from None
+
+
+def _caused_by_memory(error: BaseException) -> bool:
+    cause = error.__cause__ or error.__context__
+    while cause is not None:
+        if isinstance(cause, MemoryError):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 def forkserver() -> multiprocessing.context.ForkServerContext:
@@ -112,10 +126,13 @@ class DecoderPool:
         cpu_seconds: float | None = None,
         on_cpu: Callable[[float], None] | None = None,
         on_text_cpu: Callable[[float], None] | None = None,
+        on_failure: Callable[[str], None] | None = None,
     ) -> None:
         """``on_cpu`` hears the CPU time each item cost its decoder process; ``on_text_cpu``
-        what each text cost the node."""
+        what each text cost the node; ``on_failure`` each decoder stopped (``timeout``),
+        dead (``crash``) or out of memory (``memory``)."""
         self._on_cpu = on_cpu
+        self._on_failure = on_failure
         self._on_text_cpu = on_text_cpu
         self._timeout_s = timeout_s
         self._cpu_seconds = cpu_seconds if cpu_seconds is not None else timeout_s
@@ -173,18 +190,28 @@ class DecoderPool:
             return media
         except TimeoutError:
             healthy = False
+            self._failed("timeout")
             raise UndecodableError(
                 f"decoding took longer than {self._timeout_s:g} s and was stopped"
             ) from None
         except BrokenProcessPool:
             healthy = False
+            self._failed("crash")
             raise UndecodableError("the decoder process died on this item") from None
+        except UndecodableError as error:
+            if str(error) == _OUT_OF_MEMORY:
+                self._failed("memory")
+            raise
         finally:
             if healthy:
                 self._free.put_nowait(slot)
             else:
                 kill_executor(slot)
                 self._free.put_nowait(self._new_slot())
+
+    def _failed(self, kind: str) -> None:
+        if self._on_failure is not None:
+            self._on_failure(kind)
 
     def close(self) -> None:
         while not self._free.empty():

@@ -6,7 +6,8 @@ asks, in order: a signed message is stored before it is sent; a proposal's
 records are built and a proposer's records are verified off the event loop
 (``node.rounds.records`` and ``node.rounds.verify``); a commit writes the
 certified records in one store transaction — submission states, history,
-ledger, the final Results and the retained ``RoundSummary``. All decisions are
+ledger, the final Results, the retained ``RoundSummary`` and the retained
+``Balance`` of each submitter the round paid. All decisions are
 the machine's; this module only does I/O.
 
 Crash-only: a commit the store cannot write stops the process (the machine
@@ -20,7 +21,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -45,7 +46,7 @@ from node.bus.client import Topics
 from node.errors import Reason
 from node.intake.admission import SYSTEM_CLOCK, Clock
 from node.intake.signing import MessageSigner
-from node.intake.wire import RESULT_DOMAIN, Result, Status
+from node.intake.wire import BALANCE_DOMAIN, RESULT_DOMAIN, Balance, Result, Status
 from node.ops.config import Config
 from node.ops.metrics import Metrics
 from node.ops.threads import thread_cpu_timed
@@ -83,6 +84,9 @@ EXIT_STORE_FAILED = 70
 """Exit status when a certified round cannot be committed (crash-only recovery)."""
 
 Publish = Callable[[str, bytes], Awaitable[None]]
+Committed = Callable[[int, list[tuple[bytes, int]], set[bytes]], None]
+"""Told of each committed round: its number, the (submission id, item) of each item that
+joined the history, in the order it joined, and the ids of the submissions it paid."""
 
 
 def timeouts_of(config: Config) -> Timeouts:
@@ -94,6 +98,28 @@ def timeouts_of(config: Config) -> Timeouts:
         delta_ms=int(section.timeout_delta_s * 1000),
         max_ms=int(section.max_timeout_s * 1000),
     )
+
+
+def balance_messages(
+    signer: MessageSigner, topics: Topics, round_number: int, totals: Mapping[bytes, int]
+) -> list[Outgoing]:
+    """The retained, signed ``Balance`` of each submitter in ``totals`` as of ``round_number``.
+
+    ``totals`` are read from the certified ledger inside the commit's
+    transaction, so every member signs the same values; each member has its
+    own topic (MQTT keeps one retained message per topic).
+    """
+    me = signer.key.public_key
+    return [
+        Outgoing(
+            topics.balance(submitter, me),
+            signer.signed_bytes(
+                BALANCE_DOMAIN.decode(), Balance(submitter, round_number, total, me).body()
+            ),
+            retain=True,
+        )
+        for submitter, total in totals.items()
+    ]
 
 
 class RoundDriver:
@@ -117,8 +143,10 @@ class RoundDriver:
         publish: Publish | None = None,
         history_lock: asyncio.Lock | None = None,
         clock: Clock = SYSTEM_CLOCK,
+        on_committed: Committed | None = None,
     ) -> None:
         self._config = config
+        self._on_committed = on_committed
         self._committee = committee
         self._signer = signer
         self._store = store
@@ -543,21 +571,31 @@ class RoundDriver:
             now,
             prune_signed_before=commit.round - 2,
             epoch_beacon=epoch_beacon,
+            balance_messages=lambda totals: balance_messages(
+                self._signer, self._topics, commit.round, totals
+            ),
         ):
             log.warning("event=round_already_committed round=%d", commit.round)
             return
-        joined = [
-            item
+        joining = [
+            (record.submission_id, item)
             for record in records
             if decided.get(record.submission_id) is not State.FINAL  # already in the history
             for item in record.history_items
         ]
+        joined = [item for _, item in joining]
         if joined:
             async with self._history_lock:
                 self._history.add(
                     [modality for _, modality, _ in joined],
                     np.stack([from_float16(vector) for _, _, vector in joined]),
                 )
+        if self._on_committed is not None:  # no await since the add: still in step with H
+            self._on_committed(
+                commit.round,
+                [(identity, item[0]) for identity, item in joining],
+                {record.submission_id for record in records if record.reward > 0},
+            )
         await self._chain.advanced(commit.round + 1, commit.beacon_after)
         if self._sync is not None:
             missing = await self._store.missing_raw(ids)
@@ -615,6 +653,7 @@ class RoundDriver:
                 self._metrics.rejections.labels(reason=str(Reason.PAIR_TOO_FAR)).inc()
         self._metrics.rewards.inc(paid)
         self._metrics.rounds.labels(outcome="final" if records else "empty").inc()
+        self._metrics.decided_view.observe(commit.certificate.view)
         self._metrics.finalized_round.set(commit.round)
         self._metrics.history_size.set(len(self._history))
         self._metrics.stage_seconds.labels(stage="commit").observe(time.perf_counter() - started)

@@ -10,6 +10,7 @@ rest is read from the store in commit order. Both ``poc-node run`` and
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -17,18 +18,37 @@ import numpy.typing as npt
 
 from encoders.shard import Shard
 from encoders.weights import read_genesis
-from rewards.history import History
+from node.errors import NodeError
+from rewards.history import History, HistoryIndex, IndexFactory
 
 
-def load_history(shard: Shard, chunks: Iterable[tuple[Sequence[str], npt.NDArray[Any]]]) -> History:
+def history_index(device: str, index: str) -> IndexFactory:
+    """The exact index of ``scoring.device`` and ``scoring.index`` (auto: faiss on CPU)."""
+    if index == "faiss" or (index == "auto" and device == "cpu"):
+        return HistoryIndex
+    import torch
+
+    from rewards.history_torch import TorchHistoryIndex
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise NodeError("scoring.device is cuda, but torch sees no CUDA device here")
+    return functools.partial(TorchHistoryIndex, device=device)
+
+
+def load_history(
+    shard: Shard,
+    chunks: Iterable[tuple[Sequence[str], npt.NDArray[Any]]],
+    index: IndexFactory = HistoryIndex,
+) -> History:
     """H from the shard's genesis history and the certified items, in chunks.
 
     ``chunks`` are ``(modalities, float16 [n, dim])`` in commit order, as
     ``Store.history_chunks`` reads them; each is added before the next is
     read, so loading a history of a million items holds the index and one
-    chunk, not a second copy of the history.
+    chunk, not a second copy of the history. ``index`` makes each modality's
+    exact index (:func:`history_index`).
     """
-    history = History(shard.dim)
+    history = History(shard.dim, index)
     if shard.genesis is not None:
         genesis = read_genesis(shard.genesis, shard.dim)
         if len(genesis.vectors):

@@ -377,6 +377,22 @@ def score_round(
     return records
 
 
+def judge_alone(
+    prepared: Prepared, history: History, rules: RoundRules, certified: Collection[bytes]
+) -> list[ItemVerdict]:
+    """The verdicts ``score_round`` gives a submission's items when it is alone in a round.
+
+    The explorer's what-if (``node.ops.explore``); nothing is kept. Empty for
+    a pair too far apart (``score_round`` rejects it unscored).
+    """
+    if prepared.too_far:
+        return []
+    items = _round_items(
+        [(i.modality, i.vector, i.sha256) for i in prepared.items], certified, set()
+    )
+    return score_in_order(history, [items], rules.scoring)[0]
+
+
 def compare_record(
     mine: Prepared, record: RoundRecord, delta: Delta, tolerances: Tolerances
 ) -> None:

@@ -16,7 +16,7 @@ waits on ``fsync``.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -605,12 +605,16 @@ class Store:
         *,
         prune_signed_before: int | None = None,
         epoch_beacon: tuple[int, bytes] | None = None,
+        balance_messages: Callable[[Mapping[bytes, int]], Iterable[Outgoing]] | None = None,
     ) -> bool:
         """Commit a certified round in one transaction; False if it was already committed.
 
         ``epoch_beacon`` (epoch, beacon) is kept when the round's successor
         starts an epoch; ``prune_signed_before`` drops what this member signed
-        for older rounds.
+        for older rounds. ``balance_messages`` is given, inside the
+        transaction, the ledger totals of the submitters this round credited
+        (only those) and returns the messages that announce them, queued with
+        the rest: a balance is published if and only if its round committed.
 
         History and ledger follow the certified records, so they are the same
         on every member. A submission's own row changes only while it is
@@ -637,6 +641,7 @@ class Store:
                     now_ms,
                 ),
             )
+            changed_balances: set[bytes] = set()
             for outcome in outcomes:
                 # A certified submission keeps its bytes: peers fetch them by sync,
                 # and an audit recomputes its record from them. An expired one does not.
@@ -677,11 +682,15 @@ class Store:
                     [(digest, committed.round) for digest in outcome.accepted],
                 )
                 if outcome.reward > 0:
-                    self._db.execute(
+                    credited = self._db.execute(
                         "INSERT OR IGNORE INTO ledger (round, submitter, submission_id, amount) "
                         "VALUES (?, ?, ?, ?)",
                         (committed.round, outcome.submitter, outcome.submission_id, outcome.reward),
-                    )
+                    ).rowcount
+                    if credited:
+                        changed_balances.add(outcome.submitter)
+            if balance_messages is not None and changed_balances:
+                outgoing = [*outgoing, *balance_messages(self._balances_of(changed_balances))]
             if prune_signed_before is not None:
                 self._db.execute("DELETE FROM signed WHERE round < ?", (prune_signed_before,))
             if epoch_beacon is not None:
@@ -695,6 +704,24 @@ class Store:
             (str(row[0]), bytes(row[1]))
             for row in self._db.execute("SELECT modality, vector FROM history ORDER BY seq")
         ]
+
+    def history_labels(self) -> list[tuple[int, bytes, int]]:
+        """Every history item as (round, submission id, item), in commit order (the explorer)."""
+        return [
+            (int(row[0]), bytes(row[1]), int(row[2]))
+            for row in self._db.execute(
+                "SELECT round, submission_id, item FROM history ORDER BY seq"
+            )
+        ]
+
+    def paid_since(self, first_round: int) -> list[tuple[int, bytes]]:
+        """(round, submission id) of every payment of ``first_round`` or later."""
+        rows = self._db.execute(
+            "SELECT round, submission_id FROM ledger WHERE round >= ? AND amount > 0 "
+            "ORDER BY round, submission_id",
+            (first_round,),
+        )
+        return [(int(r[0]), bytes(r[1])) for r in rows]
 
     def history_chunks(
         self, dim: int, *, before_round: int | None = None, chunk_rows: int = 50_000
@@ -753,6 +780,16 @@ class Store:
                 (submitter,),
             ).fetchall()
         return {bytes(row[0]): int(row[1]) for row in rows}
+
+    def _balances_of(self, submitters: Iterable[bytes]) -> dict[bytes, int]:
+        """The ledger totals of ``submitters``, sorted by key (as the transaction sees them)."""
+        totals = {}
+        for submitter in sorted(submitters):
+            row = self._db.execute(
+                "SELECT COALESCE(SUM(amount), 0) FROM ledger WHERE submitter = ?", (submitter,)
+            ).fetchone()
+            totals[submitter] = int(row[0])
+        return totals
 
     # -- outbox -------------------------------------------------------------
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -175,7 +175,9 @@ class StoreThread:
         *,
         prune_signed_before: int | None = None,
         epoch_beacon: tuple[int, bytes] | None = None,
+        balance_messages: Callable[[Mapping[bytes, int]], Iterable[Outgoing]] | None = None,
     ) -> bool:
+        """``balance_messages`` runs on the store's thread, inside the transaction."""
         return await self._run(
             self.store.commit_round,
             committed,
@@ -184,6 +186,7 @@ class StoreThread:
             now_ms,
             prune_signed_before=prune_signed_before,
             epoch_beacon=epoch_beacon,
+            balance_messages=balance_messages,
         )
 
     async def record_evidence(

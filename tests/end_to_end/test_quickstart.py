@@ -127,7 +127,16 @@ def test_a_bad_config_names_every_bad_key(tmp_path: Path):
 
 
 def test_every_subcommand_has_help():
-    for command in ("keygen", "run", "submit", "ledger", "init-weights", "audit"):
+    for command in (
+        "keygen",
+        "run",
+        "submit",
+        "ledger",
+        "init-weights",
+        "audit",
+        "balance",
+        "gaps",
+    ):
         result = poc(command, "--help", timeout=60)
         assert result.returncode == 0 and "usage: poc-node " + command in result.stdout
 

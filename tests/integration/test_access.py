@@ -329,6 +329,42 @@ def test_a_submitter_publishes_only_submissions_and_reads_only_its_own_results(
     assert got_late == [(f"{PREFIX}/rounds/2", b"round 2 summary")]
 
 
+def test_a_balance_is_read_only_by_its_submitter_and_written_only_by_validators(
+    secured: Secured,
+):
+    alice, bob = (peer.public.hex() for peer in secured.submitters[:2])
+    member = "ab" * 32  # the signing validator's key, as the topic names it
+
+    async def scenario() -> tuple[list, list, list]:
+        async with (
+            secured.login(alice) as a,
+            secured.login(bob) as b,
+            secured.login(VALIDATOR) as v,
+        ):
+            await b.subscribe(f"{PREFIX}/balances/{bob}/+", qos=1)
+            # Alice tries to read Bob's balance, and everyone's.
+            await a.subscribe(f"{PREFIX}/balances/{bob}/+", qos=1)
+            await a.subscribe(f"{PREFIX}/balances/#", qos=1)
+            # Alice forges balances, for Bob and for herself, as a validator would.
+            for forged in (f"{PREFIX}/balances/{bob}/{member}", f"{PREFIX}/balances/{alice}/x"):
+                await a.publish(forged, b"forged by alice", qos=1, retain=True)
+            await v.publish(f"{PREFIX}/balances/{bob}/{member}", b"bob's", qos=1, retain=True)
+            await v.publish(f"{PREFIX}/balances/{alice}/{member}", b"alice's", qos=1, retain=True)
+            got_b, got_a = await asyncio.gather(_collect(b, {b"bob's"}), _collect(a, {b"alice's"}))
+        # What a reader finds later is what the broker retained: the validator's only.
+        async with secured.login(bob) as late:
+            await late.subscribe(f"{PREFIX}/balances/{bob}/+", qos=1)
+            got_late = await _collect(late, {b"bob's"})
+            with pytest.raises(TimeoutError):
+                await _collect(late, {b"forged by alice"}, timeout=0.5)
+        return got_b, got_a, got_late
+
+    got_b, got_a, got_late = asyncio.run(scenario())
+    assert got_b == [(f"{PREFIX}/balances/{bob}/{member}", b"bob's")]
+    assert got_a == [(f"{PREFIX}/balances/{alice}/{member}", b"alice's")]
+    assert got_late == got_b
+
+
 def test_the_node_serves_a_submitter_over_tls_with_passwords(secured: Secured, tmp_path: Path):
     submitter = secured.submitters[2]
     key_file = tmp_path / "submitter.key"

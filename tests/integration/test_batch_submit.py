@@ -84,7 +84,9 @@ def test_a_batch_interrupted_midway_resumes_without_sending_twice(tmp_path: Path
         first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and first.poll() is None:
-            sent = [r for r in _journal(journal) if r["event"] == "sent"] if journal.exists() else []
+            sent = (
+                [r for r in _journal(journal) if r["event"] == "sent"] if journal.exists() else []
+            )
             if len(sent) >= 4:
                 break
             time.sleep(0.05)
@@ -163,6 +165,54 @@ def test_a_batch_interrupted_midway_resumes_without_sending_twice(tmp_path: Path
         third = subprocess.run(command, capture_output=True, text=True, timeout=60)
         assert f"{good} submissions ({good} already have an outcome)" in third.stderr
         assert len(_journal(journal)) == len(records) + len(bad)  # only the bad lines again
+    finally:
+        node.stop(signal.SIGKILL)
+        broker.stop()
+
+
+def test_a_batch_that_loses_the_broker_says_so_and_resumes_when_it_is_back(tmp_path: Path):
+    broker = start_mosquitto(tmp_path)
+    bus = f"mqtt://127.0.0.1:{broker.port}"
+    node = start_node(
+        tmp_path / "node",
+        bus,
+        write_node_config(tmp_path / "node.yaml", rounds={"round_seconds": 1}),
+    )
+    folder = tmp_path / "data"
+    folder.mkdir()
+    batch = folder / "captions.jsonl"
+    batch.write_text("".join(json.dumps({"text": c}) + "\n" for c in CAPTIONS[:6]))
+    journal = folder / "captions.results.jsonl"
+    key = tmp_path / "submitter.key"
+    subprocess.run([str(POC_NODE), "keygen", "--out", str(key)], check=True, capture_output=True)
+    command = [str(POC_NODE), "submit", "--key", str(key), "--bus", bus, "--batch", str(batch)]
+    command += ["--rate-per-minute", "60", "--burst", "1", "--timeout", "30"]
+    try:
+        first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if journal.exists() and sum(r["event"] == "sent" for r in _journal(journal)) >= 2:
+                break
+            time.sleep(0.05)
+        broker.stop()  # the broker goes away in the middle of the batch
+        out, err = first.communicate(timeout=60)
+        assert first.returncode == 1, out + err
+        assert "lost the broker" in err, err
+        assert "run the same command again to resume" in out, out
+
+        broker.start()  # persistence on: the node's session and what it was sent survive
+        second = subprocess.run(command, capture_output=True, text=True, timeout=180)
+        assert second.returncode == 0, second.stdout + second.stderr
+        assert "0 without an outcome" in second.stdout
+        outcomes = [
+            r
+            for r in _journal(journal)
+            if r["event"] == "result"
+            and r["status"] in {"final", "rejected"}
+            and not r.get("repeat")
+        ]
+        assert sorted(r["line"] for r in outcomes if r["status"] == "final") == list(range(1, 7))
+        assert not [r for r in outcomes if r["reason"] == "duplicate"]
     finally:
         node.stop(signal.SIGKILL)
         broker.stop()

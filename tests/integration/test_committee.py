@@ -4,7 +4,9 @@ They finalize the same rounds with identical ledgers and histories through a
 late start, a frozen member, a killed one and a flood. A byzantine member
 (equivocating votes and proposals, replayed and false records, proposals out
 of turn and far ahead) and twins sharing one key get evidence recorded and
-views changed, never a diverging ledger nor a stalled committee.
+views changed, never a diverging ledger nor a stalled committee. A committee
+of three states a paid submitter's balance, which ``poc-node balance`` prints
+once a quorum of the stake agrees on it.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 import aiomqtt
 import pytest
 import yaml
+from cryptography.hazmat.primitives import serialization
 
 from consensus.beacon import proposer_of
 from consensus.committee import Committee, Member
@@ -38,7 +41,7 @@ from node.rounds.records import RoundRecord
 from node.store.sqlite import Store
 from tests.conftest import POC_NODE, Broker, NodeProcess, start_node, write_node_config
 from tests.media import image_bytes
-from tests.peer import PREFIX, Peer, ResultListener, submission_id
+from tests.peer import PREFIX, Peer, ResultListener, submission_id, verify_balance
 
 pytestmark = pytest.mark.integration
 
@@ -75,9 +78,12 @@ def make_committee(
     return path, [p for p, _ in keys], committee
 
 
-def member_config(directory: Path, committee: Path, key: Path) -> Path:
+def member_config(
+    directory: Path, committee: Path, key: Path, scoring: dict[str, object] | None = None
+) -> Path:
     return write_node_config(
         directory / "node.yaml",
+        scoring=scoring or {},
         node={"committee": str(committee), "key": str(key)},
         # A flood of 150 spans several rounds: the cap on a round's records must fire.
         rounds={"max_records": 20, "expiry_rounds": 20},
@@ -93,7 +99,11 @@ def member_config(directory: Path, committee: Path, key: Path) -> Path:
 
 
 def start_members(
-    directory: Path, bus: str, committee: Path, keys: list[Path]
+    directory: Path,
+    bus: str,
+    committee: Path,
+    keys: list[Path],
+    scoring: dict[str, object] | None = None,
 ) -> list[NodeProcess]:
     with ThreadPoolExecutor(len(keys)) as pool:
         futures = [
@@ -101,7 +111,7 @@ def start_members(
                 start_node,
                 directory / f"n{i}",
                 bus,
-                member_config(directory / f"c{i}", committee, key),
+                member_config(directory / f"c{i}", committee, key, scoring),
                 240,
             )
             for i, key in enumerate(keys)
@@ -479,3 +489,97 @@ def test_twins_sharing_one_key_cannot_split_the_committee(
     assert states[0]["rounds"]
     for state in states[1:]:
         assert state == states[0]
+
+
+def test_a_quorum_of_members_states_a_submitters_balance_over_the_bus(
+    mosquitto: Broker, tmp_path: Path, stop_all: list[NodeProcess]
+):
+    """Paid submissions: each member publishes the total; ``poc-node balance`` prints it."""
+    committee_file, keys, committee = make_committee(tmp_path, 3, start_in_s=20)
+    bus = f"mqtt://127.0.0.1:{mosquitto.port}"
+    # Untrained weights pay once a modality's history holds k items (as in
+    # test_crash_safety): the first submissions build it, the later ones are paid.
+    scoring: dict[str, object] = {"k": 2, "qualify_ratio": 10.0}
+    stop_all.extend(start_members(tmp_path, bus, committee_file, keys, scoring))
+    validators = {m.public_key for m in committee.members}
+    peer = Peer()
+    key_file = tmp_path / "submitter.key"
+    key_file.write_bytes(
+        peer.key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    key_file.chmod(0o600)
+
+    async def scenario() -> tuple[list[dict[str, Any]], dict[bytes, dict[str, Any]]]:
+        finals = []
+        async with ResultListener(mosquitto.port) as listener:
+            for batch in (range(3), range(3, 6)):
+                raws = [
+                    peer.submission([("text", "text/plain", f"observation number {n}".encode())])
+                    for n in batch
+                ]
+                for raw in raws:
+                    await listener.publish(raw)
+                for raw in raws:
+                    outcome = await finals_from_all(listener, submission_id(raw), validators, 120)
+                    same_outcome(outcome)
+                    finals.append(outcome[0])
+        # The last round that credited the peer: the round its Balance is valid at.
+        last_round = max((r["round"] for r in finals if r["reward"]), default=-1)
+        assert last_round >= 0, "nothing was paid: the test would prove nothing"
+        # The peer, written from the protocol alone, reads every member's Balance.
+        newest: dict[bytes, dict[str, Any]] = {}
+        async with aiomqtt.Client("127.0.0.1", mosquitto.port) as client:
+            await client.subscribe(f"{PREFIX}/balances/{peer.public.hex()}/+", qos=1)
+            async with asyncio.timeout(60):
+                async for message in client.messages:
+                    balance = verify_balance(bytes(message.payload))  # type: ignore[arg-type]
+                    assert str(message.topic).endswith(balance["validator"].hex())
+                    assert balance["submitter"] == peer.public
+                    newest[balance["validator"]] = balance
+                    if (
+                        all(b["round"] >= last_round for b in newest.values())
+                        and set(newest) == validators
+                    ):
+                        break
+        return finals, newest
+
+    finals, newest = asyncio.run(scenario())
+    paid = sum(result["reward"] for result in finals)
+    assert all(result["status"] == "final" for result in finals)
+    assert paid > 0
+    last_round = max(result["round"] for result in finals if result["reward"])
+    assert {(b["round"], b["balance"]) for b in newest.values()} == {(last_round, paid)}
+
+    def balance(*options: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(POC_NODE), "balance", "--bus", bus, *options],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    agreed = balance("--key", str(key_file), "--committee", str(committee_file))
+    assert agreed.returncode == 0, agreed.stdout + agreed.stderr
+    first, members = agreed.stdout.splitlines()
+    assert first == f"balance {paid} at round {last_round}"
+    assert members.endswith("(stake 300 of 300)")
+    assert sorted(members.removeprefix("agreed: ").split(" (")[0].split(", ")) == ["v0", "v1", "v2"]
+    # Without a committee file it trusts the one member that answered, and says so.
+    trusting = balance("--key", str(key_file))
+    assert trusting.returncode == 0, trusting.stdout + trusting.stderr
+    assert "no --committee: trusting the one member that answered" in trusting.stdout
+    assert f"balance {paid} at round {last_round}" in trusting.stdout
+    # A key never paid has no balance: no quorum, one line, exit 1.
+    stranger = tmp_path / "stranger.key"
+    write_key(SigningKey.generate(), stranger)
+    unpaid = balance("--key", str(stranger), "--committee", str(committee_file), "--timeout", "2")
+    assert unpaid.returncode == 1
+    assert unpaid.stderr.count("\n") == 1
+    assert "no quorum of the committee's stake agreed" in unpaid.stderr
+    silent = unpaid.stderr.split("silent: ")[1].split(" (")[0]
+    assert sorted(silent.split(", ")) == ["v0", "v1", "v2"]

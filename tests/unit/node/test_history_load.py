@@ -4,6 +4,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 
 from encoders.weights import write_genesis
 from node.rounds.history import load_history
@@ -78,3 +79,44 @@ async def test_the_node_loads_its_history_on_the_store_thread(tmp_path: Path) ->
     history = await store.call(lambda db: load_history(shard, db.history_chunks(shard.dim)))
     store.close()
     assert len(history) == 1 and (history.vectors(np.array([0])) == 0.25).all()
+
+
+def test_the_configured_index_answers_as_faiss_does_torch_on_the_cpu_included(tmp_path: Path):
+    """``scoring.index: torch`` is the GPU's index, tested here on the CPU through the node's path."""
+    import torch
+
+    from node.errors import NodeError
+    from node.rounds.history import history_index
+    from rewards.history import HistoryIndex
+    from rewards.history_torch import TorchHistoryIndex
+
+    assert history_index("cpu", "auto") is HistoryIndex
+    torch_cpu = history_index("cpu", "torch")
+    assert isinstance(torch_cpu(DIM), TorchHistoryIndex)
+    if not torch.cuda.is_available():
+        with pytest.raises(NodeError, match="no CUDA device"):
+            history_index("cuda", "auto")
+
+    rng = np.random.default_rng(3)
+    labels = [MODALITIES[int(i)] for i in rng.integers(0, 4, 500)]
+    rows = rng.standard_normal((500, DIM))
+    rows[100:110] = rows[0]  # exact ties: broken by id on both indexes
+    chunks = [(labels[i : i + 64], rows[i : i + 64].astype(np.float16)) for i in range(0, 500, 64)]
+    shard = SimpleNamespace(dim=DIM, genesis=None)
+    faiss_history = load_history(shard, chunks)
+    torch_history = load_history(shard, chunks, torch_cpu)
+    queries = np.concatenate([rng.standard_normal((40, DIM)), rows[:1]])
+    # The same candidates (float32 near-ties may come in another order: the gap scores
+    # re-rank them exactly in float64, rewards.curiosity).
+    by_faiss = np.sort(faiss_history.neighbours(queries, 16), axis=1)
+    by_torch = np.sort(torch_history.neighbours(queries, 16), axis=1)
+    assert (by_faiss == by_torch).all()
+
+
+def test_a_faiss_index_on_a_gpu_is_refused_by_the_config():
+    from node.errors import ConfigError
+    from node.ops.config import load_config
+
+    with pytest.raises(ConfigError, match="faiss runs on the CPU only"):
+        load_config(None, {"scoring.device": "cuda", "scoring.index": "faiss"})
+    assert load_config(None, {"scoring.device": "cuda"}).scoring.index == "auto"

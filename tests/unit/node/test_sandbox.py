@@ -36,7 +36,8 @@ def test_decodes_and_reports_reasons_from_the_worker():
 
 def test_a_hung_or_killed_decoder_costs_one_item_and_the_slot_is_replaced():
     async def scenario() -> None:
-        pool = DecoderPool(workers=1, timeout_s=0.001, memory_mb=350)
+        failures: list[str] = []
+        pool = DecoderPool(workers=1, timeout_s=0.001, memory_mb=350, on_failure=failures.append)
         try:
             with pytest.raises(UndecodableError, match="longer than"):
                 await decode(pool, Modality.VIDEO, "video/mp4", mp4_bytes(frames=40))
@@ -54,6 +55,7 @@ def test_a_hung_or_killed_decoder_costs_one_item_and_the_slot_is_replaced():
                 await task
             image = await decode(pool, Modality.IMAGE, "image/png", image_bytes("L"))
             assert image.shape[0] == 3
+            assert failures == ["timeout", "crash"]  # poc_decoder_failures_total{kind}
         finally:
             pool.close()
 
@@ -62,13 +64,15 @@ def test_a_hung_or_killed_decoder_costs_one_item_and_the_slot_is_replaced():
 
 def test_memory_cap_turns_an_allocation_failure_into_undecodable():
     async def scenario() -> None:
-        pool = DecoderPool(workers=1, timeout_s=60, memory_mb=350)
+        failures: list[str] = []
+        pool = DecoderPool(workers=1, timeout_s=60, memory_mb=350, on_failure=failures.append)
         try:
             big = image_bytes("RGB", size=(3900, 3900))
             with pytest.raises(UndecodableError):
                 await decode(pool, Modality.IMAGE, "image/png", big)
             small = await decode(pool, Modality.IMAGE, "image/png", image_bytes("RGB"))
             assert small.shape[0] == 3
+            assert failures == ["memory"]
         finally:
             pool.close()
 
