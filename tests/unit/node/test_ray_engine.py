@@ -232,3 +232,28 @@ def test_a_replica_refuses_to_start_on_other_weights() -> None:
     )
     with pytest.raises(NodeError, match=f"loaded weights .* the node runs {OTHER}"):
         ShardReplica(spec)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning:ray")
+@pytest.mark.parametrize(
+    "ray",
+    [
+        {"num_replicas": 2, "num_cpus": 0.5},
+        {
+            "num_replicas": None,
+            "autoscaling": {"min_replicas": 1, "max_replicas": 3},
+            "num_gpus": 1,
+        },
+    ],
+)
+def test_serve_accepts_the_deployment_options(tmp_path: Path, ray: dict[str, object]) -> None:
+    """Serve validates a deployment's options when it is declared: no cluster needed."""
+    pytest.importorskip("ray")
+    from node.pipeline.ray_replica import deployment
+
+    pool = engine(tmp_path, **ray)
+    declared = deployment("ShardReplica", pool._options())
+    if pool._settings.autoscaling is None:
+        assert declared.num_replicas == 2
+    else:
+        assert declared._deployment_config.autoscaling_config.max_replicas == 3
