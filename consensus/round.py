@@ -708,9 +708,7 @@ class RoundMachine:
             del self._ahead[signer]
         upcoming = self._rounds.get(self._round)
         if upcoming is not None:  # proposals kept for this round before its beacon was known
-            for (view, signer) in list(upcoming.proposals):
+            for view, signer in list(upcoming.proposals):
                 if signer != self.proposer(view).public_key:
                     del upcoming.proposals[(view, signer)]
-        return Commit(
-            r, proposal.proposal.value, value_hash, certificate, proposal, beacon_after
-        )
+        return Commit(r, proposal.proposal.value, value_hash, certificate, proposal, beacon_after)
