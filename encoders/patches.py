@@ -30,3 +30,18 @@ def video_tubelets(clips: torch.Tensor) -> torch.Tensor:
 def audio_patches(spectrograms: torch.Tensor) -> torch.Tensor:
     """``[B, M, T]`` log-mel → ``[B, (M/16)·(T/16), 16·16]``."""
     return image_patches(spectrograms.unsqueeze(1))
+
+
+def unpatchify(patches: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``[B, N, 3·16·16]`` patches and ``[B, V, N]`` masks → images ``[B·V, 3, S, S]``.
+
+    The inverse of ``image_patches`` for each keep variant; hidden patches
+    become 0, mid-grey in the node's [-1, 1] pixels. Adapters of models with
+    their own image stem (open_clip, Hugging Face CLIP) feed them this.
+    """
+    b, n, _ = patches.shape
+    v = keep.shape[1]
+    side = round(n**0.5)
+    shown = patches.unsqueeze(1) * keep.unsqueeze(-1).to(patches.dtype)
+    grid = shown.reshape(b * v, side, side, 3, PATCH, PATCH)
+    return grid.permute(0, 3, 1, 4, 2, 5).reshape(b * v, 3, side * PATCH, side * PATCH)

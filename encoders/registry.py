@@ -2,7 +2,8 @@
 
 ``"kind": "poc"`` (the default) is the project's own ``MultimodalEncoder``;
 ``"open_clip"`` is the optional adapter (``encoders.adapters.open_clip``,
-needs the ``openclip`` extra). Any installed distribution can add a kind
+needs the ``openclip`` extra); ``"hf_clip"`` runs a local Hugging Face CLIP
+checkpoint (``encoders.adapters.hf_clip``). Any installed distribution can add a kind
 through the entry-point group ``poc_node.encoders`` (name = kind, value =
 ``module:loader``), so an operator plugs in a model without editing the
 node. Loaders are imported only when a manifest names their kind.
@@ -22,6 +23,7 @@ ENTRY_POINT_GROUP = "poc_node.encoders"
 _BUILTIN = {
     DEFAULT_KIND: "encoders.shard:load_poc_encoder",
     "open_clip": "encoders.adapters.open_clip:load",
+    "hf_clip": "encoders.adapters.hf_clip:load",
 }
 
 

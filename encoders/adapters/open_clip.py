@@ -30,7 +30,7 @@ from safetensors.torch import load_file
 from encoders.errors import WeightsError
 from encoders.interface import EncoderSpec, TextVariants
 from encoders.modality import Modality
-from encoders.patches import PATCH
+from encoders.patches import unpatchify
 
 try:
     import open_clip  # type: ignore[import-not-found, unused-ignore]
@@ -40,18 +40,7 @@ except Exception as _error:  # torchvision beside CPU torch fails with RuntimeEr
 else:
     IMPORT_ERROR = None
 
-
-def unpatchify(patches: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """``[B, N, 3·16·16]`` patches and ``[B, V, N]`` masks → images ``[B·V, 3, S, S]`` in [-1, 1].
-
-    Hidden patches become 0 (mid-grey); the inverse of ``image_patches``.
-    """
-    b, n, _ = patches.shape
-    v = keep.shape[1]
-    side = round(n**0.5)
-    shown = patches.unsqueeze(1) * keep.unsqueeze(-1).to(patches.dtype)
-    grid = shown.reshape(b * v, side, side, 3, PATCH, PATCH)
-    return grid.permute(0, 3, 1, 4, 2, 5).reshape(b * v, 3, side * PATCH, side * PATCH)
+__all__ = ["IMPORT_ERROR", "OpenClipEncoder", "from_model", "load", "unpatchify"]
 
 
 class OpenClipEncoder(torch.nn.Module):

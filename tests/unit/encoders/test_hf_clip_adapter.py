@@ -1,0 +1,273 @@
+"""The Hugging Face CLIP adapter, offline, on a tiny randomly initialised checkpoint.
+
+The checkpoint is built here: a CLIP config with two-layer, 32-wide towers
+and 32x32 pictures in 16x16 patches, a byte-level BPE tokenizer whose
+vocabulary and merges this file writes (letters only, no merges), and the
+image processor's config, all saved with ``save_pretrained``. Nothing is
+downloaded; loading is checked to pass ``local_files_only`` and to open no
+socket.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+import string
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from encoders.adapters import hf_clip
+from encoders.embedding import EncodeRequest
+from encoders.errors import WeightsError
+from encoders.modality import Modality
+from encoders.shard import Shard
+from encoders.weights import sha256_file
+
+PROJECTION = 24
+SIDE = 32
+TEXT_BEACON = b"beacon"
+
+
+def write_tiny_clip(folder: Path, seed: int = 0) -> Path:
+    """Save a random tiny CLIP checkpoint (model, tokenizer, image processor) in ``folder``."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    folder.mkdir(parents=True)
+    source = folder.parent / f"{folder.name}-tokenizer-source"
+    source.mkdir()
+    letters = list(string.ascii_lowercase)
+    vocab = {token: i for i, token in enumerate([*letters, *(c + "</w>" for c in letters)])}
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    (source / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    (source / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+    tokenizer = CLIPTokenizer.from_pretrained(str(source), local_files_only=True)
+    config = CLIPConfig(
+        text_config={
+            "vocab_size": len(vocab),
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "max_position_embeddings": 77,
+            "bos_token_id": vocab["<|startoftext|>"],
+            "eos_token_id": vocab["<|endoftext|>"],
+            "pad_token_id": vocab["<|endoftext|>"],
+        },
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": SIDE,
+            "patch_size": 16,
+        },
+        projection_dim=PROJECTION,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CLIPModel(config)
+    model.save_pretrained(str(folder), safe_serialization=True)
+    images = CLIPImageProcessor(
+        size={"shortest_edge": SIDE}, crop_size={"height": SIDE, "width": SIDE}
+    )
+    CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def clip_manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("hf-clip")
+    write_tiny_clip(folder / "clip")
+    return hf_clip.write_manifest(folder)
+
+
+@pytest.fixture(scope="module")
+def clip_shard(clip_manifest: Path) -> Shard:
+    return Shard.load(clip_manifest, sha256_file(clip_manifest), mask_count=2)
+
+
+def _picture(seed: int) -> np.ndarray[Any, np.dtype[np.float32]]:
+    return np.random.default_rng(seed).uniform(-1, 1, (3, SIDE, SIDE)).astype(np.float32)
+
+
+def _requests() -> list[EncodeRequest]:
+    return [
+        EncodeRequest(Modality.TEXT, "a red circle", hashlib.sha256(b"t").digest()),
+        EncodeRequest(Modality.IMAGE, _picture(0), hashlib.sha256(b"i").digest()),
+    ]
+
+
+def test_manifest_pins_every_file_of_the_checkpoint(clip_manifest: Path) -> None:
+    manifest = json.loads(clip_manifest.read_text(encoding="utf-8"))
+    on_disk = sorted(
+        p.relative_to(clip_manifest.parent).as_posix()
+        for p in (clip_manifest.parent / "clip").rglob("*")
+        if p.is_file()
+    )
+    assert sorted(entry["path"] for entry in manifest["files"]) == on_disk
+    assert "clip/config.json" in on_disk and "clip/model.safetensors" in on_disk
+    assert manifest["encoders"] == [
+        {"kind": "hf_clip", "file": "clip/model.safetensors", "config": {}}
+    ]
+    assert manifest["dim"] == PROJECTION
+    assert manifest["preprocess"]["image_size"] == SIDE
+
+
+def test_shard_embeds_text_and_images_deterministically(clip_shard: Shard) -> None:
+    assert clip_shard.dim == PROJECTION
+    assert clip_shard.preprocess.image_size == SIDE
+    first = clip_shard.embed(_requests(), TEXT_BEACON)
+    again = clip_shard.embed(_requests(), TEXT_BEACON)
+    for a, b in zip(first, again, strict=True):
+        assert a.vector.shape == (PROJECTION,)
+        assert abs(float(np.linalg.norm(a.vector)) - 1.0) < 1e-6
+        assert a.vector.tobytes() == b.vector.tobytes()
+        assert np.isfinite(a.diff_loss)
+    assert not np.allclose(first[0].vector, first[1].vector)
+
+
+def test_a_loaded_shard_matches_a_fresh_load(clip_manifest: Path, clip_shard: Shard) -> None:
+    other = Shard.load(clip_manifest, sha256_file(clip_manifest), mask_count=2)
+    for a, b in zip(
+        clip_shard.embed(_requests(), TEXT_BEACON),
+        other.embed(_requests(), TEXT_BEACON),
+        strict=True,
+    ):
+        assert a.vector.tobytes() == b.vector.tobytes()
+
+
+def test_hidden_patches_do_not_reach_the_model() -> None:
+    """Two pictures that differ only under a hidden patch give the same masked variant."""
+    from encoders.patches import image_patches
+
+    seen: list[torch.Tensor] = []
+
+    class Spy:
+        config = type(
+            "C",
+            (),
+            {
+                "projection_dim": 4,
+                "vision_config": type("V", (), {"image_size": SIDE}),
+                "text_config": type("T", (), {"max_position_embeddings": 77}),
+            },
+        )
+
+        def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+            seen.append(pixel_values)
+            return pixel_values.flatten(1)[:, :4] + 10.0
+
+    encoder = hf_clip.HfClipEncoder(Spy(), None, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "cpu")
+    a = torch.from_numpy(_picture(1)).unsqueeze(0)
+    b = a.clone()
+    b[:, :, :16, :16] = -a[:, :, :16, :16]
+    keep = torch.ones(1, 2, 4, dtype=torch.bool)
+    keep[0, 1, 0] = False
+    encoder.embed_patches(Modality.IMAGE, image_patches(a), keep)
+    encoder.embed_patches(Modality.IMAGE, image_patches(b), keep)
+    # normalised with mean = std = 0.5, so the grey of a hidden patch reads 0 and a
+    # shown pixel its node value in [-1, 1]
+    assert torch.equal(seen[0][1], seen[1][1])
+    assert torch.all(seen[0][1][:, :16, :16] == 0)
+    assert torch.allclose(seen[0][0], a[0], atol=1e-6)
+    assert not torch.equal(seen[0][0], seen[1][0])
+
+
+def test_other_sizes_are_resized_to_the_model_input() -> None:
+    seen: list[torch.Tensor] = []
+
+    class Spy:
+        config = type(
+            "C",
+            (),
+            {
+                "projection_dim": 4,
+                "vision_config": type("V", (), {"image_size": 48}),
+                "text_config": type("T", (), {"max_position_embeddings": 77}),
+            },
+        )
+
+        def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+            seen.append(pixel_values)
+            return torch.ones(pixel_values.shape[0], 4)
+
+    from encoders.patches import image_patches
+
+    encoder = hf_clip.HfClipEncoder(Spy(), None, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), "cpu")
+    flat = torch.full((1, 3, SIDE, SIDE), 0.5)
+    out = encoder.embed_patches(Modality.IMAGE, image_patches(flat), torch.ones(1, 1, 4).bool())
+    assert out.shape == (1, 1, 4)
+    assert seen[0].shape == (1, 3, 48, 48)
+    assert torch.allclose(seen[0], torch.full_like(seen[0], 0.75), atol=1e-5)
+
+
+def test_video_and_audio_are_not_read(clip_shard: Shard) -> None:
+    encoder = next(iter(clip_shard._encoders))
+    assert encoder.modalities == frozenset({Modality.TEXT, Modality.IMAGE})
+    with pytest.raises(ValueError, match="images and text"):
+        encoder.embed_patches(Modality.AUDIO, torch.zeros(1, 4, 256), torch.ones(1, 1, 4).bool())
+
+
+def test_loading_is_offline(clip_manifest: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from transformers import CLIPModel, CLIPProcessor
+
+    calls: list[dict[str, Any]] = []
+
+    def spy(original: Any) -> Any:
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            calls.append(kwargs)
+            return original(*args, **kwargs)
+
+        return wrapped
+
+    def no_network(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError(f"network access during load: {args!r}")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(CLIPModel, "from_pretrained", spy(CLIPModel.from_pretrained))
+    monkeypatch.setattr(CLIPProcessor, "from_pretrained", spy(CLIPProcessor.from_pretrained))
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    Shard.load(clip_manifest, sha256_file(clip_manifest), mask_count=1)
+    assert len(calls) == 2
+    assert all(call.get("local_files_only") is True for call in calls)
+    assert calls[0].get("use_safetensors") is True
+
+
+def _copy(manifest: Path, target: Path) -> Path:
+    import shutil
+
+    shutil.copytree(manifest.parent, target)
+    return target / manifest.name
+
+
+def test_a_changed_file_is_refused_naming_it(clip_manifest: Path, tmp_path: Path) -> None:
+    manifest = _copy(clip_manifest, tmp_path / "w")
+    tokenizer = manifest.parent / "clip" / "tokenizer.json"
+    expected = sha256_file(tokenizer)
+    tokenizer.write_text(tokenizer.read_text(encoding="utf-8") + " ", encoding="utf-8")
+    with pytest.raises(WeightsError) as error:
+        Shard.load(manifest, sha256_file(manifest))
+    message = str(error.value)
+    assert "tokenizer.json" in message
+    assert expected in message and sha256_file(tokenizer) in message
+
+
+def test_an_unpinned_file_in_the_checkpoint_is_refused(clip_manifest: Path, tmp_path: Path) -> None:
+    manifest = _copy(clip_manifest, tmp_path / "w")
+    (manifest.parent / "clip" / "pytorch_model.bin").write_bytes(b"not pinned")
+    with pytest.raises(WeightsError, match=r"pytorch_model\.bin.*not pinned"):
+        Shard.load(manifest, sha256_file(manifest))
+
+
+def test_a_folder_without_safetensors_weights_gets_no_manifest(tmp_path: Path) -> None:
+    (tmp_path / "clip").mkdir()
+    (tmp_path / "clip" / "config.json").write_text("{}", encoding="utf-8")
+    with pytest.raises(WeightsError, match=r"model\.safetensors"):
+        hf_clip.write_manifest(tmp_path)
