@@ -1,4 +1,4 @@
-"""The ``train``, ``eval`` and ``embed`` subcommands of ``poc-node``.
+"""The ``train``, ``eval``, ``embed`` and calibration subcommands of ``poc-node``.
 
 ``register`` adds them to the CLI's subparsers and returns their handlers;
 the node wires them in. Handlers print one line to stderr and return 1 on
@@ -90,6 +90,43 @@ def register(commands: argparse._SubParsersAction) -> dict[str, Handler]:  # typ
     )
     calibrate.add_argument("--seed", type=int, default=0, help="world seed (default 0)")
 
+    pairs = commands.add_parser(
+        "calibrate-pairs",
+        help="measure δ on your own matched (and mismatched) caption pairs and write it into "
+        "the manifest",
+    )
+    pairs.add_argument("--weights", type=Path, required=True, help="manifest to calibrate in place")
+    pairs.add_argument(
+        "--manifest-sha256", help="expected SHA-256 of the manifest (default: the file's own hash)"
+    )
+    pairs.add_argument(
+        "--pairs",
+        type=Path,
+        required=True,
+        help='JSON Lines: {"text": ..., "file": ...} per matched pair, "match": false for a '
+        "mismatched one; paths relative to the file",
+    )
+    pairs.add_argument(
+        "--quantile",
+        type=float,
+        help="set δ to this quantile of the matched distances instead of the best separation "
+        "of matched and mismatched pairs",
+    )
+
+    clip = commands.add_parser(
+        "init-hf-clip",
+        help="write a manifest pinning a Hugging Face CLIP checkpoint folder (kind hf_clip)",
+    )
+    clip.add_argument(
+        "--dir",
+        type=Path,
+        required=True,
+        help="folder that holds the checkpoint in a subfolder; the manifest is written here",
+    )
+    clip.add_argument(
+        "--clip", default="clip", help="the checkpoint's subfolder of --dir (default clip)"
+    )
+
     embed = commands.add_parser("embed", help="print an item's embedding as JSON")
     _weights_options(embed)
     embed.add_argument(
@@ -98,7 +135,14 @@ def register(commands: argparse._SubParsersAction) -> dict[str, Handler]:  # typ
         help="epoch beacon as hex, which seeds the differential-loss masks (default empty)",
     )
     embed.add_argument("item", metavar="ITEM", help='text:"..." or a PNG/JPEG/WAV/MP4/UTF-8 file')
-    return {"train": _train, "eval": _eval, "embed": _embed, "calibrate": _calibrate}
+    return {
+        "train": _train,
+        "eval": _eval,
+        "embed": _embed,
+        "calibrate": _calibrate,
+        "calibrate-pairs": _calibrate_pairs,
+        "init-hf-clip": _init_hf_clip,
+    }
 
 
 def _weights_options(parser: argparse.ArgumentParser) -> None:
@@ -214,6 +258,38 @@ def _calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibrate_pairs(args: argparse.Namespace) -> int:
+    from training.pairs import calibrate_pairs, format_report
+
+    try:
+        if not args.weights.is_file():
+            raise FileNotFoundError(f"no manifest at {args.weights}")
+        figures, sha = calibrate_pairs(
+            args.weights,
+            args.pairs,
+            manifest_sha256=args.manifest_sha256,
+            quantile=args.quantile,
+            log=lambda line: print(line, file=sys.stderr),
+        )
+    except (EncoderError, OSError, ValueError) as error:
+        return _fail("calibrate-pairs", str(error))
+    print(format_report(figures))
+    print(f"wrote {args.weights} (sha256 {sha}); pin it as encoders.manifest_sha256")
+    return 0
+
+
+def _init_hf_clip(args: argparse.Namespace) -> int:
+    from encoders.adapters.hf_clip import write_manifest
+    from encoders.weights import sha256_file
+
+    try:
+        manifest = write_manifest(args.dir, args.clip)
+    except (EncoderError, OSError, ValueError, KeyError) as error:
+        return _fail("init-hf-clip", str(error))
+    print(f"{manifest}\nmanifest_sha256: {sha256_file(manifest)}")
+    return 0
+
+
 def _embed(args: argparse.Namespace) -> int:
     import hashlib
 
@@ -256,7 +332,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the three subcommands without the node's CLI (``python -m training.commands``)."""
+    """Run these subcommands without the node's CLI (``python -m training.commands``)."""
     parser = _Parser(prog="poc-node")
     handlers = register(parser.add_subparsers(dest="command", required=True, parser_class=_Parser))
     args = parser.parse_args(argv)

@@ -39,6 +39,7 @@ those modalities has no encoder in a CLIP-only shard.
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 from collections.abc import Mapping
@@ -145,8 +146,10 @@ def from_pretrained(folder: Path, device: str = "cpu") -> HfClipEncoder:
     from transformers import CLIPModel, CLIPProcessor
 
     try:
-        model: Any = CLIPModel.from_pretrained(
-            str(folder), local_files_only=True, use_safetensors=True
+        model: Any = _quietly(
+            lambda: CLIPModel.from_pretrained(
+                str(folder), local_files_only=True, use_safetensors=True
+            )
         )
         processor = _quietly(
             lambda: CLIPProcessor.from_pretrained(str(folder), local_files_only=True)
@@ -166,18 +169,24 @@ def from_pretrained(folder: Path, device: str = "cpu") -> HfClipEncoder:
 
 
 def _quietly(build: Any) -> Any:
-    """Run ``build`` with transformers' warning that torchvision is missing silenced.
+    """Run ``build`` without transformers' progress bars and warnings in the node's log.
 
-    The processor then falls back to its PIL image processor, whose mean and
-    std are all this adapter reads from it.
+    The warning silenced is that torchvision is missing: the processor then
+    falls back to its PIL image processor, whose mean and std are all this
+    adapter reads from it.
     """
+    hf_logging: Any = importlib.import_module("transformers.utils.logging")
     logger = logging.getLogger("transformers")
     level = logger.level
+    bars = hf_logging.is_progress_bar_enabled()
     logger.setLevel(logging.ERROR)
+    hf_logging.disable_progress_bar()
     try:
         return build()
     finally:
         logger.setLevel(level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _triple(values: Any) -> tuple[float, float, float]:

@@ -271,3 +271,137 @@ def test_a_folder_without_safetensors_weights_gets_no_manifest(tmp_path: Path) -
     (tmp_path / "clip" / "config.json").write_text("{}", encoding="utf-8")
     with pytest.raises(WeightsError, match=r"model\.safetensors"):
         hf_clip.write_manifest(tmp_path)
+
+
+# --- δ from the operator's own pairs (training/pairs.py, `poc-node calibrate-pairs`)
+
+
+def _write_pairs(folder: Path, count: int, mismatched: bool = False) -> Path:
+    from PIL import Image
+
+    folder.mkdir()
+    lines = []
+    words = ["red", "blue", "green", "black", "white", "grey", "pink", "gold"]
+    for i in range(count):
+        pixels = np.random.default_rng(100 + i).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"p{i}.png")
+        lines.append({"text": f"a {words[i]} thing", "file": f"p{i}.png"})
+        if mismatched:
+            lines.append({"text": f"a {words[i]} thing", "file": f"p{(i + 1) % count}.png"})
+            lines[-1]["match"] = False
+    path = folder / "pairs.jsonl"
+    path.write_text("\n".join(json.dumps(line) for line in lines) + "\n", encoding="utf-8")
+    return path
+
+
+def test_calibrate_pairs_command_writes_delta_and_a_new_hash(
+    clip_manifest: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from node.ops.cli import main
+
+    manifest = _copy(clip_manifest, tmp_path / "w")
+    before = sha256_file(manifest)
+    pairs = _write_pairs(tmp_path / "pairs", 6)
+    assert main(["calibrate-pairs", "--weights", str(manifest), "--pairs", str(pairs)]) == 0
+    out = capsys.readouterr().out
+    after = sha256_file(manifest)
+    assert after != before
+    assert f"sha256 {after}" in out
+    assert "image-text: 6 matched, 6 mismatched (derived" in out
+    raw = json.loads(manifest.read_text(encoding="utf-8"))
+    delta = raw["pair_delta"]["image-text"]
+    record = raw["pair_calibration"]["image-text"]
+    assert record["pairs_sha256"] == sha256_file(pairs)
+    assert record["rule"] == "best separation"
+    low = min(record["matched_distance"]["min"], record["mismatched_distance"]["min"])
+    high = max(record["matched_distance"]["max"], record["mismatched_distance"]["max"])
+    assert low - 1e-5 <= delta <= high + 1e-5
+    assert raw["pair_delta"]["audio-text"] == 2.0  # only pairs present are calibrated
+    shard = Shard.load(manifest, after)
+    assert shard.delta(Modality.TEXT, Modality.IMAGE) == delta
+
+
+def test_calibrate_pairs_quantile_accepts_that_share(
+    clip_manifest: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from training.commands import main
+
+    manifest = _copy(clip_manifest, tmp_path / "w")
+    pairs = _write_pairs(tmp_path / "pairs", 4, mismatched=True)
+    args = ["calibrate-pairs", "--weights", str(manifest), "--pairs", str(pairs)]
+    assert main([*args, "--quantile", "1"]) == 0
+    raw = json.loads(manifest.read_text(encoding="utf-8"))
+    record = raw["pair_calibration"]["image-text"]
+    assert record["mismatched_derived"] is False and record["mismatched"] == 4
+    assert record["matched_accepted"] == 1.0
+    assert abs(raw["pair_delta"]["image-text"] - record["matched_distance"]["max"]) < 1e-5
+    assert "from the file" in capsys.readouterr().out
+
+
+def test_calibrate_pairs_refuses_a_wrong_manifest_hash(
+    clip_manifest: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from training.commands import main
+
+    manifest = _copy(clip_manifest, tmp_path / "w")
+    before = manifest.read_bytes()
+    pairs = _write_pairs(tmp_path / "pairs", 2)
+    args = ["calibrate-pairs", "--weights", str(manifest), "--pairs", str(pairs)]
+    assert main([*args, "--manifest-sha256", "0" * 64]) == 1
+    assert "has sha256" in capsys.readouterr().err
+    assert manifest.read_bytes() == before
+
+
+class _StubShard:
+    """Embeds by a fixed table keyed by the item's SHA-256: distances chosen by the test."""
+
+    def __init__(self, table: dict[bytes, np.ndarray[Any, Any]]) -> None:
+        from encoders.weights import DEFAULT_PREPROCESS
+
+        self.preprocess = DEFAULT_PREPROCESS
+        self.table = table
+
+    def embed(self, requests: list[EncodeRequest], beacon: bytes) -> list[Any]:
+        from encoders.embedding import ItemEmbedding
+
+        return [
+            ItemEmbedding(self.table[r.data_sha256].astype(np.float32), 0.0, 1.0, (0.0,), (True,))
+            for r in requests
+        ]
+
+    def delta(self, a: Modality, b: Modality) -> float:
+        return 2.0
+
+
+def test_delta_falls_between_separated_matched_and_mismatched(tmp_path: Path) -> None:
+    from training.pairs import measure, read_pairs
+
+    pairs = _write_pairs(tmp_path / "pairs", 5, mismatched=True)
+    lines = read_pairs(pairs)
+    table = {}
+    for i, line in enumerate(line for line in lines if line.match):
+        axis = np.zeros(8)
+        axis[i] = 1.0
+        tilt = np.zeros(8)
+        tilt[(i + 3) % 8] = 0.2 + 0.02 * i
+        table[hashlib.sha256(line.text.encode()).digest()] = axis
+        table[hashlib.sha256(line.path.read_bytes()).digest()] = axis + tilt
+    [figure] = measure(_StubShard(table), lines)
+    assert figure.pair == "image-text" and len(figure.matched) == len(figure.mismatched) == 5
+    assert max(figure.matched) < figure.delta < min(figure.mismatched)
+    assert figure.accepted == 1.0 and figure.rejected == 1.0
+
+
+def test_a_bad_pairs_line_is_named(tmp_path: Path) -> None:
+    from training.pairs import read_pairs
+
+    pairs = _write_pairs(tmp_path / "pairs", 2)
+    pairs.write_text(
+        pairs.read_text(encoding="utf-8") + '{"text": "x", "file": "missing.png"}\n',
+        encoding="utf-8",
+    )
+    with pytest.raises(ValueError, match=r"pairs\.jsonl:3: no file"):
+        read_pairs(pairs)
+    pairs.write_text('{"text": "x", "picture": "p0.png"}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"pairs\.jsonl:1: unknown field"):
+        read_pairs(pairs)
