@@ -353,3 +353,16 @@ def test_a_bad_pairs_line_is_named(tmp_path: Path) -> None:
     pairs.write_text('{"text": "x", "picture": "p0.png"}\n', encoding="utf-8")
     with pytest.raises(ValueError, match=r"pairs\.jsonl:1: unknown field"):
         read_pairs(pairs)
+
+
+def test_init_hf_clip_command_pins_the_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from training.commands import main
+
+    write_tiny_clip(tmp_path / "w" / "clip")
+    assert main(["init-hf-clip", "--dir", str(tmp_path / "w")]) == 0
+    manifest = tmp_path / "w" / "manifest.json"
+    assert f"manifest_sha256: {sha256_file(manifest)}" in capsys.readouterr().out
+    assert main(["init-hf-clip", "--dir", str(tmp_path / "none")]) == 1
+    assert "poc-node init-hf-clip: error:" in capsys.readouterr().err
