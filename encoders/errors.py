@@ -27,6 +27,12 @@ class MediaTooLargeError(EncoderError):
     reason = "too_large"
 
 
+class UnsupportedModalityError(EncoderError):
+    """No encoder of the shard reads this modality (a CLIP shard has no audio tower)."""
+
+    reason = "unsupported_modality"
+
+
 class WeightsError(EncoderError):
     """A weight file or manifest is missing, malformed or not the pinned one.
 

@@ -77,6 +77,11 @@ class Shard:
         self._mask_count = mask_count
         self._device = device
 
+    @property
+    def modalities(self) -> frozenset[Modality]:
+        """The modalities some encoder of the shard reads (a CLIP shard: text and image)."""
+        return frozenset().union(*(encoder.modalities for encoder in self._encoders))
+
     @classmethod
     def load(
         cls,

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from typing import Protocol
 
 from encoders.embedding import EncodeRequest
+from encoders.errors import UnsupportedModalityError
 from encoders.fusion import fuse_pair
 from encoders.media import MediaLimits
 from encoders.modality import Modality
@@ -68,6 +69,11 @@ class Preparer:
     async def prepare(self, submission: Submission, epoch: int) -> Prepared:
         """Raises :class:`encoders.errors.EncoderError` for an item that cannot be decoded."""
         shard = self._encoder.shard
+        for item in submission.items:
+            if item.modality not in shard.modalities:
+                raise UnsupportedModalityError(
+                    f"these weights read {', '.join(sorted(shard.modalities))}, not {item.modality}"
+                )
         epoch, beacon = await self._beacons.epoch_beacon(epoch)
         started = time.perf_counter()
         try:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from encoders.weights import sha256_file
 from tests.conftest import POC_NODE, ROOT, start_mosquitto, start_node, write_node_config
-from tests.media import image_bytes
+from tests.media import image_bytes, wav_bytes
 from tests.tiny_clip import write_tiny_clip
 
 
@@ -71,6 +71,15 @@ def test_a_node_on_a_clip_manifest_finalizes_a_caption_picture_pair(tmp_path: Pa
         delta = json.loads(manifest.read_text(encoding="utf-8"))["pair_delta"]["image-text"]
         # the node measures the pair exactly as calibrate-pairs did
         assert abs(results[-1]["pair_distance"] - delta) < 1e-4
+
+        # A CLIP reads no sound: an audio item is refused for what it is, before decoding.
+        sound = tmp_path / "tone.wav"
+        sound.write_bytes(wav_bytes("PCM_16"))
+        refused = _poc("submit", "--key", str(key), "--bus", bus, "--json", str(sound))
+        assert refused.returncode == 1, refused.stdout + refused.stderr
+        answer = json.loads(refused.stdout.splitlines()[-1])
+        assert (answer["status"], answer["reason"]) == ("rejected", "unsupported_modality")
+        assert "event=encode_failed" not in node.log_text()
     finally:
         assert node.stop() == 0, node.log_text()
         broker.stop()
