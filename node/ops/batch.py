@@ -360,6 +360,8 @@ class BatchRun:
         self.queue: deque[tuple[BatchLine, bool]] = deque()
         """(line, fresh): fresh lines get a new nonce; the others their journaled bytes again."""
         self.skipped = 0
+        self._open: set[tuple[int, str]] = set()
+        """Lines still without an outcome: kept as outcomes arrive, not recounted per message."""
         self._changed = asyncio.Event()
         for line in lines:
             state = journal.state(line)
@@ -367,13 +369,14 @@ class BatchRun:
                 self.skipped += 1
                 self._count_outcome(state.outcome or {})
             else:
+                self._open.add(line.key)
                 # In doubt: the same bytes again (a validator that has them ignores
                 # them; one that lost them judges them). Otherwise a fresh nonce.
                 self.queue.append((line, not state.in_doubt))
 
     @property
     def open_lines(self) -> int:
-        return sum(1 for line in self.lines.values() if not self._journal.state(line).done)
+        return len(self._open)
 
     def _count_outcome(self, outcome: dict[str, Any]) -> None:
         if outcome.get("status") == "final":
@@ -439,6 +442,7 @@ class BatchRun:
                     self.queue.append((line, True))
             else:
                 self._count_outcome(info)
+                self._open.discard(key)
         self._changed.set()
 
     @staticmethod
@@ -480,6 +484,7 @@ class BatchRun:
             except BadLine as error:  # a file that vanished or changed type since parsing
                 self.bad.append((line.number, str(error)))
                 del self.lines[line.key]
+                self._open.discard(line.key)
                 self._changed.set()
                 continue
             self._bucket.take()
@@ -574,7 +579,7 @@ async def run_batch(
                             run.hear_result(verify_result(bytes(payload)))
                         except (CodecError, KeyError, ValueError, TypeError):
                             continue
-                    done = len(lines) - run.open_lines
+                    done = len(run.lines) - run.open_lines
                     progress.update(done - progress.n)
                     progress.set_postfix_str(run.tally.describe(), refresh=True)
 

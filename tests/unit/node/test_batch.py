@@ -95,6 +95,7 @@ def test_a_resumed_run_skips_outcomes_resends_the_same_bytes_and_refreshes_the_u
     journal = Journal(tmp_path / "out.jsonl")
     second = _run(tmp_path, key, journal)
     assert second.skipped == 2  # line 1 final, line 4 judged undecodable
+    assert second.open_lines == 2 and not second.finished()
     assert [(line.number, fresh) for line, fresh in second.queue] == [(2, True), (3, False)]
     line3 = next(line for line, _ in second.queue if line.number == 3)
     raw, record = second.build(line3, False)
