@@ -89,22 +89,22 @@ class RayServe:
         self.replicas_running = 0
         self.weights_checked = False
 
+    def _replica_bounds(self) -> tuple[int, int]:
+        """(at start, at full size): ``num_replicas`` twice, or the autoscaling bounds."""
+        settings = self._settings
+        if settings.autoscaling is not None:
+            return settings.autoscaling.min_replicas, settings.autoscaling.max_replicas
+        assert settings.num_replicas is not None
+        return settings.num_replicas, settings.num_replicas
+
     @property
     def replicas_wanted(self) -> int:
         """Replicas at full size: ``num_replicas``, or the autoscaling maximum."""
-        settings = self._settings
-        if settings.autoscaling is not None:
-            return settings.autoscaling.max_replicas
-        assert settings.num_replicas is not None
-        return settings.num_replicas
+        return self._replica_bounds()[1]
 
     @property
     def replicas_at_start(self) -> int:
-        settings = self._settings
-        if settings.autoscaling is not None:
-            return settings.autoscaling.min_replicas
-        assert settings.num_replicas is not None
-        return settings.num_replicas
+        return self._replica_bounds()[0]
 
     @property
     def slots(self) -> int:
