@@ -238,6 +238,30 @@ def test_a_rejection_is_answered_again_to_the_same_bytes(node: NodeProcess, mosq
     ]
 
 
+def test_the_same_rejected_bytes_in_a_flood_are_answered_within_the_rate(
+    node: NodeProcess, mosquitto: Broker
+):
+    """Republishing a rejected submission 40 times buys the submitter's rate in answers, no more."""
+    peer = Peer()
+    first = peer.submission([("text", "text/plain", b"nonce 91, first")], nonce=91)
+    replay = peer.submission([("text", "text/plain", b"nonce 91, again")], nonce=91)
+
+    async def scenario() -> int:
+        async with ResultListener(mosquitto.port) as listener:
+            await listener.publish(first)
+            await listener.final(submission_id(first))
+            await listener.publish(replay)
+            await listener.final(submission_id(replay))
+            for _ in range(40):
+                await listener.publish(replay)
+            await asyncio.sleep(3)
+            return len(listener.about(submission_id(replay))) - 1
+
+    again = run(scenario())
+    # The node's rate here: burst 5, one a second; 40 answers without the cap.
+    assert 1 <= again <= 12, again
+
+
 def test_a_flooding_submitter_is_rate_limited(node: NodeProcess, mosquitto: Broker):
     peer = Peer()
     raws = [peer.submission([("text", "text/plain", f"flood {i}".encode())]) for i in range(8)]
