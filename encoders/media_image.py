@@ -9,6 +9,7 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image
 
+from encoders.canvas import fitted_size, pad_to_square
 from encoders.errors import EncoderError, MediaTooLargeError, UndecodableError
 
 _SIGNATURES = {"image/png": b"\x89PNG\r\n\x1a\n", "image/jpeg": b"\xff\xd8\xff"}
@@ -19,7 +20,10 @@ _WIDE_MODES = {"I;16": 65535.0, "I;16L": 65535.0, "I;16B": 65535.0, "I": 65535.0
 def decode_image(
     mime: str, data: bytes, max_bytes: int, max_pixels: int, size: int
 ) -> npt.NDArray[np.float32]:
-    """Decode to float32 ``[3, size, size]`` in [-1, 1], whole image resized.
+    """Decode to float32 ``[3, size, size]`` in [-1, 1]: the whole image, its aspect kept.
+
+    The longer side is scaled to ``size`` and the shorter padded by repeating
+    its edges (``encoders.canvas``), so a figure keeps its shape and stays whole.
 
     Pillow's ``open`` reads only the header, so the pixel limit is enforced
     before decoding; Pillow's own decompression-bomb guard is mapped to
@@ -44,14 +48,15 @@ def decode_image(
                 image.draft("RGB", (size, size))
             image.load()
             rgb = _to_rgb(image)
-            resized = rgb.resize((size, size), Image.Resampling.BILINEAR)
+            resized = rgb.resize(fitted_size(width, height, size), Image.Resampling.BILINEAR)
     except Image.DecompressionBombError as exc:
         raise MediaTooLargeError(f"image rejected as a decompression bomb: {exc}") from exc
     except EncoderError:
         raise
     except Exception as exc:
         raise UndecodableError(f"cannot decode {mime}: {exc}") from exc
-    pixels = np.asarray(resized, dtype=np.float32) / 127.5 - 1.0
+    square = pad_to_square(np.asarray(resized, dtype=np.uint8), size)
+    pixels = square.astype(np.float32) / 127.5 - 1.0
     return np.ascontiguousarray(pixels.transpose(2, 0, 1))
 
 

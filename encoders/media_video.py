@@ -10,6 +10,7 @@ import numpy as np
 import numpy.typing as npt
 from av.video.reformatter import VideoReformatter
 
+from encoders.canvas import fitted_size, pad_to_square
 from encoders.errors import EncoderError, MediaTooLargeError, UndecodableError
 
 _CODECS = frozenset({"h264", "mpeg4"})
@@ -24,13 +25,15 @@ def decode_mp4(
     n_frames: int,
     size: int,
 ) -> npt.NDArray[np.float32]:
-    """Decode to float32 ``[n_frames, 3, size, size]`` in [-1, 1].
+    """Decode to float32 ``[n_frames, 3, size, size]`` in [-1, 1], each frame's aspect kept.
 
     The container's and stream's declared duration, frame count and
     resolution are checked before the first packet is decoded; the same limits
     are enforced again while decoding, so a lying header only costs the
     decoding up to the limit. Every decoded frame is scaled down at once (only
-    small RGB frames are kept) and ``n_frames`` are then sampled uniformly.
+    small RGB frames are kept), its longer side to ``size`` and the shorter padded
+    by repeating its edges as for images (``encoders.canvas``), and ``n_frames``
+    are then sampled uniformly.
     """
     if data[4:8] != b"ftyp":
         raise UndecodableError("bytes are not an ISO BMFF (MP4) file")
@@ -108,6 +111,7 @@ def _decode_small_frames(
             start = stamp if start is None else min(start, stamp)
             if float(stamp - start) > max_seconds:
                 raise MediaTooLargeError(f"video runs past {max_seconds} s")
-        small = reformatter.reformat(frame, width=size, height=size, format="rgb24")
-        frames.append(np.asarray(small.to_ndarray(), dtype=np.uint8))
+        width, height = fitted_size(frame.width, frame.height, size)
+        small = reformatter.reformat(frame, width=width, height=height, format="rgb24")
+        frames.append(pad_to_square(np.asarray(small.to_ndarray(), dtype=np.uint8), size))
     return frames

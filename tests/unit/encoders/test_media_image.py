@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 
@@ -80,3 +82,61 @@ def test_header_without_pixels_is_undecodable() -> None:
 def test_garbage_or_wrong_type_is_undecodable(mime: str, data: bytes) -> None:
     with pytest.raises(UndecodableError):
         decode(mime, data)
+
+
+def _square_on_white(width: int, height: int, mime: str = "image/png") -> bytes:
+    """A blue square whose side is half the shorter side, centred on white."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (width, height), (255, 255, 255))
+    side = min(width, height) // 2
+    left, top = (width - side) // 2, (height - side) // 2
+    ImageDraw.Draw(image).rectangle(
+        (left, top, left + side - 1, top + side - 1), fill=(30, 60, 220)
+    )
+    out = io.BytesIO()
+    image.save(out, format="PNG" if mime == "image/png" else "JPEG", quality=95)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize(("width", "height"), [(300, 200), (200, 300), (1000, 100), (64, 64)])
+@pytest.mark.parametrize("mime", ["image/png", "image/jpeg"])
+def test_a_picture_of_any_shape_keeps_its_aspect_and_the_figure_stays_whole(
+    width: int, height: int, mime: str
+) -> None:
+    """Scaled to fit, padded with its edge colour: a square stays a square, nothing cut."""
+    out = decode(mime, _square_on_white(width, height, mime))
+    blue = out[2] - out[0] > 0.6  # the figure's pixels
+    rows, cols = np.flatnonzero(blue.any(axis=1)), np.flatnonzero(blue.any(axis=0))
+    tall, wide = rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1
+    expected = SIZE * min(width, height) / max(width, height) / 2
+    assert abs(tall - wide) <= 1.5, f"the square became {wide}x{tall}"
+    assert abs(tall - expected) <= 1.5
+    assert abs((rows[0] + rows[-1]) / 2 - (SIZE - 1) / 2) <= 1.5  # centred, whole
+    assert abs((cols[0] + cols[-1]) / 2 - (SIZE - 1) / 2) <= 1.5
+    from encoders.canvas import fitted_size
+
+    fitted = fitted_size(width, height, SIZE)
+    top, left = (SIZE - fitted[1]) // 2, (SIZE - fitted[0]) // 2
+    pad = np.ones((SIZE, SIZE), dtype=bool)
+    pad[top : top + fitted[1], left : left + fitted[0]] = False
+    if pad.any():  # the pad is the picture's own white, not a frame of grey
+        assert out[:, pad].min() > 0.95
+
+
+def test_pad_to_square_fills_with_the_mean_edge_colour() -> None:
+    from encoders.canvas import fitted_size, pad_to_square
+
+    assert fitted_size(1000, 100, 64) == (64, 6)
+    assert fitted_size(100, 1000, 64) == (6, 64)
+    assert fitted_size(10_000, 1, 64) == (64, 1)
+    strip = np.zeros((6, 64, 3), dtype=np.uint8)
+    strip[0] = 200  # the top row
+    strip[1:5, 30:34] = 90  # an inner figure, not part of the edge
+    square = pad_to_square(strip, 64)
+    assert square.shape == (64, 64, 3)
+    edge = np.concatenate([strip[0], strip[-1], strip[1:-1, 0], strip[1:-1, -1]]).mean(axis=0)
+    assert (square[:29] == np.rint(edge)).all() and (square[35:] == np.rint(edge)).all()
+    assert (square[29:35] == strip).all()
+    with pytest.raises(ValueError, match="does not fit"):
+        pad_to_square(np.zeros((65, 10, 3), dtype=np.uint8), 64)

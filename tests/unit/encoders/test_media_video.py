@@ -58,3 +58,31 @@ def test_truncated_mp4_is_undecodable() -> None:
 def test_garbage_mp4_is_undecodable(data: bytes) -> None:
     with pytest.raises(UndecodableError):
         decode(data)
+
+
+@pytest.mark.parametrize(("width", "height"), [(96, 48), (48, 96)])
+def test_oblong_frames_keep_their_aspect(width: int, height: int) -> None:
+    """A frame is fitted like a picture: scaled to the longer side, padded with its edge."""
+    import io
+
+    import av
+
+    out_bytes = io.BytesIO()
+    with av.open(out_bytes, "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=10)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for _ in range(4):
+            pixels = np.full((height, width, 3), 235, dtype=np.uint8)
+            side = min(width, height) // 2
+            top, left = (height - side) // 2, (width - side) // 2
+            pixels[top : top + side, left : left + side] = (20, 20, 20)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    clip = decode(out_bytes.getvalue())
+    dark = clip[0].mean(axis=0) < -0.5
+    rows, cols = np.flatnonzero(dark.any(axis=1)), np.flatnonzero(dark.any(axis=0))
+    assert abs(len(rows) - len(cols)) <= 2, "the square stays square"
+    assert abs(len(rows) - SPEC.video_size / 4) <= 2
+    assert clip[0][:, ~dark].min() > 0.6  # padded with the frame's own light edge
