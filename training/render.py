@@ -1,8 +1,9 @@
 """Drawing shapes with varied renderings: the pixels change, the concept does not.
 
 Each drawing varies colour tone, background (flat, gradient or noisy; grey
-from black to white, or of any colour),
-size, position, rotation, aspect of the diamond, outline, blur and noise.
+from black to white, or of any colour), canvas size and shape (a third of the
+canvases are not square), size, position, rotation, aspect of the diamond,
+outline, blur and noise.
 Rotations stay within ±30° so that a square never turns into a diamond nor
 a cross into an X: those are different concepts in this world.
 """
@@ -24,6 +25,10 @@ RGB = tuple[int, int, int]
 _SUPERSAMPLE = 4
 _MIN_CONTRAST = 110.0
 _COLOURED_SHARE = 1 / 3
+_OBLONG_SHARE = 1 / 3
+"""Share of canvases that are not square: the node keeps a picture's aspect ratio
+(``encoders.canvas``), so training must see the padded pictures it makes."""
+_MAX_ASPECT = 2.5
 
 
 @dataclass(frozen=True)
@@ -94,7 +99,16 @@ def _distance(a: RGB, b: RGB) -> float:
     return math.dist(a, b)
 
 
-def background(size: int, fill: RGB, rng: random.Random) -> Image.Image:
+def canvas_shape(size: int, rng: random.Random) -> tuple[int, int]:
+    """``(width, height)``: ``size`` square, or, one time in three, oblong up to 2.5:1."""
+    if rng.random() >= _OBLONG_SHARE:
+        return size, size
+    ratio = math.exp(rng.uniform(math.log(1.25), math.log(_MAX_ASPECT)))
+    longer, shorter = size, max(16, 2 * round(size / ratio / 2))  # even: yuv420p video
+    return (longer, shorter) if rng.random() < 0.5 else (shorter, longer)
+
+
+def background(shape: tuple[int, int], fill: RGB, rng: random.Random) -> Image.Image:
     """A background far from ``fill``: flat, gradient or noisy.
 
     Mostly a grey from black to white with a slight tint; one in three is a
@@ -113,24 +127,29 @@ def background(size: int, fill: RGB, rng: random.Random) -> Image.Image:
         if _distance(first, fill) >= _MIN_CONTRAST:
             break
     kind = rng.random()
-    base = np.empty((size, size, 3), dtype=np.float64)
+    width, height = shape
+    base = np.empty((height, width, 3), dtype=np.float64)
     base[:] = first
     if kind < 0.35:
         second = np.array(first) + rng.uniform(-30, 30)
-        ramp = np.linspace(0.0, 1.0, size)
-        grad = ramp[:, None] if rng.random() < 0.5 else ramp[None, :]
+        grad = (
+            np.linspace(0.0, 1.0, height)[:, None]
+            if rng.random() < 0.5
+            else np.linspace(0.0, 1.0, width)[None, :]
+        )
         base = base * (1 - grad[..., None]) + second * grad[..., None]
     elif kind < 0.6:
         base += np.random.default_rng(rng.getrandbits(32)).normal(0, rng.uniform(4, 14), base.shape)
     return Image.fromarray(np.clip(base, 0, 255).astype(np.uint8), "RGB")
 
 
-def random_placement(size: int, rng: random.Random, lo: float, hi: float) -> Placement:
-    radius = size * rng.uniform(lo, hi) / 2
+def random_placement(shape: tuple[int, int], rng: random.Random, lo: float, hi: float) -> Placement:
+    width, height = shape
+    radius = min(width, height) * rng.uniform(lo, hi) / 2
     margin = radius * 0.9
     return Placement(
-        cx=rng.uniform(margin, size - margin),
-        cy=rng.uniform(margin, size - margin),
+        cx=rng.uniform(margin, width - margin),
+        cy=rng.uniform(margin, height - margin),
         radius=radius,
         rotation=math.radians(rng.uniform(-30, 30)),
         aspect=rng.uniform(0.5, 0.68),
@@ -141,21 +160,21 @@ def draw_shape(
     canvas: Image.Image, shape: str, fill: RGB, p: Placement, outline: RGB | None
 ) -> Image.Image:
     """Draw ``shape`` anti-aliased (by supersampling) onto a copy of ``canvas``."""
-    size = canvas.size[0]
-    big = canvas.resize((size * _SUPERSAMPLE, size * _SUPERSAMPLE), Image.Resampling.NEAREST)
+    width, height = canvas.size
+    big = canvas.resize((width * _SUPERSAMPLE, height * _SUPERSAMPLE), Image.Resampling.NEAREST)
     scaled = Placement(
         p.cx * _SUPERSAMPLE, p.cy * _SUPERSAMPLE, p.radius * _SUPERSAMPLE, p.rotation, p.aspect
     )
-    width = max(1, round(scaled.radius * 0.08)) if outline else 0
+    line = max(1, round(scaled.radius * 0.08)) if outline else 0
     ImageDraw.Draw(big).polygon(
-        shape_polygon(shape, scaled), fill=fill, outline=outline, width=width
+        shape_polygon(shape, scaled), fill=fill, outline=outline, width=line
     )
-    return big.resize((size, size), Image.Resampling.LANCZOS)
+    return big.resize((width, height), Image.Resampling.LANCZOS)
 
 
 def _finish(image: Image.Image, rng: random.Random) -> Image.Image:
     if rng.random() < 0.4:
-        image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.6) * image.size[0] / 96))
+        image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.6) * max(image.size) / 96))
     if rng.random() < 0.3:
         noisy = np.asarray(image, dtype=np.float64)
         noisy = noisy + np.random.default_rng(rng.getrandbits(32)).normal(
@@ -173,11 +192,11 @@ def _outline(fill: RGB, rng: random.Random) -> RGB | None:
 
 
 def render_image(colour: str, shape: str, rng: random.Random) -> tuple[str, bytes]:
-    """One still picture as ``(media type, file bytes)``: PNG or JPEG of varied size."""
-    size = rng.choice((64, 80, 96, 128, 160, 200))
+    """One still picture as ``(media type, file bytes)``: PNG or JPEG of varied size and shape."""
+    shape_of_canvas = canvas_shape(rng.choice((64, 80, 96, 128, 160, 200)), rng)
     fill = shape_colour(colour, rng)
-    canvas = background(size, fill, rng)
-    placement = random_placement(size, rng, 0.35, 0.85)
+    canvas = background(shape_of_canvas, fill, rng)
+    placement = random_placement(shape_of_canvas, rng, 0.35, 0.85)
     image = _finish(draw_shape(canvas, shape, fill, placement, _outline(fill, rng)), rng)
     out = io.BytesIO()
     if rng.random() < 0.5:
@@ -193,21 +212,25 @@ _MOTION_VECTORS = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), 
 def render_frames(
     colour: str, shape: str, motion: str, rng: random.Random, size: int, frames: int
 ) -> list[npt.NDArray[np.uint8]]:
-    """RGB frames of a shape crossing a still background in ``motion``'s direction."""
+    """RGB frames of a shape crossing a still background in ``motion``'s direction.
+
+    The frames are ``size`` square or, one clip in three, oblong (``canvas_shape``)."""
+    width, height = canvas_shape(size, rng)
     fill = shape_colour(colour, rng)
-    canvas = background(size, fill, rng)
+    canvas = background((width, height), fill, rng)
     outline = _outline(fill, rng)
-    radius = size * rng.uniform(0.22, 0.4) / 2
+    radius = min(width, height) * rng.uniform(0.22, 0.4) / 2
     dx, dy = _MOTION_VECTORS[motion]
-    travel = rng.uniform(0.4, 0.65) * size
-    across = rng.uniform(radius, size - radius)
-    start = (size - travel) / 2 + rng.uniform(-0.08, 0.08) * size
+    length, side = (width, height) if dx else (height, width)
+    travel = rng.uniform(0.4, 0.65) * length
+    across = rng.uniform(radius, side - radius)
+    start = (length - travel) / 2 + rng.uniform(-0.08, 0.08) * length
     rotation = math.radians(rng.uniform(-30, 30))
     aspect = rng.uniform(0.5, 0.68)
     out = []
     for i in range(frames):
         along = start + travel * i / (frames - 1)
-        pos = along if (dx > 0 or dy > 0) else size - along
+        pos = along if (dx > 0 or dy > 0) else length - along
         cx, cy = (pos, across) if dx else (across, pos)
         placement = Placement(cx, cy, radius, rotation, aspect)
         out.append(np.asarray(draw_shape(canvas, shape, fill, placement, outline), dtype=np.uint8))

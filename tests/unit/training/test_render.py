@@ -15,7 +15,7 @@ def test_backgrounds_stay_far_from_the_shape_and_span_greys_and_hues() -> None:
     for i in range(600):
         colour = list(COLOURS)[i % len(COLOURS)]
         fill = render.shape_colour(colour, rng)
-        canvas = np.asarray(render.background(16, fill, rng), dtype=np.float64)
+        canvas = np.asarray(render.background((16, 16), fill, rng), dtype=np.float64)
         corner = canvas[0, 0]  # a gradient starts at the first colour, noise aside
         corners.append(corner)
         if canvas.std() == 0:  # flat: every pixel is the first colour
