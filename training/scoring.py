@@ -65,9 +65,28 @@ HISTORY_MEDIA = (Modality.IMAGE, Modality.IMAGE, Modality.IMAGE, Modality.AUDIO,
 JUNK_PER_MODALITY = 24
 """Noise items of each modality that the genesis history holds (see ``add_junk``)."""
 JUNK_SPARED = 0.99
-"""A junk radius is used only where it spares this share of genuine items: a
-modality whose noise mixes with genuine data (text: random tokens land among
-captions) is left to the gap cutoff."""
+"""A junk radius is used only where it spares this share of genuine items. Where
+the radius that best separates noise from genuine data spares fewer, the largest
+radius that spares this share is taken instead (``sparing_radius``)."""
+JUNK_MARGIN = 0.01
+"""Cosine distance kept between a sparing junk radius and the genuine item it spares."""
+JUNK_CAUGHT = 0.5
+"""...and only where it catches at least this share of the noise: a modality whose
+noise mixes with genuine data (text: random tokens land among captions) is left to
+the gap cutoff."""
+
+
+def sparing_radius(genuine: Sequence[float]) -> float:
+    """About the largest radius within which at most ``1 - JUNK_SPARED`` of ``genuine`` lie.
+
+    ``JUNK_MARGIN`` short of the nearest genuine item that would be one too many
+    (but never nearer than halfway to the one before it): genuine data the
+    calibration did not see sits about as far, not exactly as far.
+    """
+    ordered = sorted(genuine)
+    allowed = int((1.0 - JUNK_SPARED) * len(ordered) + 1e-9)
+    below = ordered[allowed - 1] if allowed > 0 else 0.0
+    return max(0.5 * (below + ordered[allowed]), ordered[allowed] - JUNK_MARGIN)
 
 
 @dataclass(frozen=True)
@@ -268,16 +287,22 @@ def calibrate_scoring(
         if not near_noise or not near_genuine:
             continue
         cut = calibrate_delta(near_noise, near_genuine)
+        rule = "best separation"
+        if rates(near_noise, near_genuine, cut).rejected < JUNK_SPARED:
+            cut, rule = sparing_radius(near_genuine), "sparing genuine data"
         spared = rates(near_noise, near_genuine, cut).rejected
+        caught = rates(near_noise, near_genuine, cut).accepted
+        used = spared >= JUNK_SPARED and caught >= JUNK_CAUGHT
         junk_figures[str(modality)] = {
             "noise": _quantiles(near_noise),
             "genuine": _quantiles(near_genuine),
             "radius": cut,
-            "noise_caught": rates(near_noise, near_genuine, cut).accepted,
+            "rule": rule,
+            "noise_caught": caught,
             "genuine_spared": spared,
-            "used": spared >= JUNK_SPARED,
+            "used": used,
         }
-        if spared >= JUNK_SPARED:
+        if used:
             junk_radius[modality] = cut
     # The cutoff has to stop the noise that the junk radius lets through.
     by_kind["noise"] = [
@@ -429,12 +454,9 @@ def write_calibration(
 ) -> str:
     """Store the calibration, its figures and its genesis history in ``manifest``.
 
-    Returns the manifest's new SHA-256 (pin it in the configuration). A
-    manifest of format 1 is brought to format 2 on the way: that is the only
-    difference between the two.
+    Returns the manifest's new SHA-256 (pin it in the configuration).
     """
     raw = json.loads(manifest.read_text(encoding="utf-8"))
-    raw["format_version"] = FORMAT_VERSION
     raw["scoring"] = {**calibration.body(), **({"figures": dict(figures)} if figures else {})}
     if genesis is not None:
         path = manifest.parent / GENESIS_FILE
@@ -455,18 +477,19 @@ def write_calibration(
 def loadable_manifest(manifest: Path) -> Iterator[tuple[Path, str]]:
     """``(path, sha256)`` of a manifest the node reads, for calibrating ``manifest``.
 
-    A format-2 manifest is itself. A format-1 one (no scoring calibration) is
-    copied, beside it so that its files resolve, as format 2 with uncalibrated
-    scoring; the copy is removed afterwards and ``manifest`` is left as it
-    was, so a calibration that fails never leaves an uncalibrated manifest
-    for a node to load.
+    A manifest with a ``scoring`` block is itself, and so is one of another
+    format (the node's own check then refuses it, naming the format). One of
+    the current format without a ``scoring`` block is copied, beside it so that
+    its files resolve, with uncalibrated scoring; the copy is removed afterwards
+    and ``manifest`` is left as it was, so a calibration that fails never leaves
+    an uncalibrated manifest for a node to load.
     """
     raw = json.loads(manifest.read_text(encoding="utf-8"))
-    if raw.get("format_version") == FORMAT_VERSION and "scoring" in raw:
+    if raw.get("format_version") != FORMAT_VERSION or "scoring" in raw:
         yield manifest, sha256_file(manifest)
         return
     staging = manifest.with_name(f".{manifest.name}.calibrating")
-    raw.update(format_version=FORMAT_VERSION, scoring=UNCALIBRATED_SCORING.body())
+    raw.update(scoring=UNCALIBRATED_SCORING.body())
     staging.write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     try:
         yield staging, sha256_file(staging)

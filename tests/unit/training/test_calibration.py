@@ -42,3 +42,17 @@ def test_no_threshold_does_better(
     best = rates(matched, mismatched, calibrate_delta(matched, mismatched))
     alternative = rates(matched, mismatched, other)
     assert best.accepted + best.rejected >= alternative.accepted + alternative.rejected - 1e-9
+
+
+def test_a_sparing_junk_radius_spares_genuine_data_and_keeps_a_margin() -> None:
+    """Where noise and genuine data overlap, the radius spares 99 % of genuine data."""
+    from training.scoring import JUNK_MARGIN, JUNK_SPARED, sparing_radius
+
+    few = [0.19, 0.25, 0.3, 0.5] + [0.6] * 37  # 41 items: none may fall inside
+    assert sparing_radius(few) == pytest.approx(0.19 - JUNK_MARGIN)
+    many = sorted([0.1, 0.104, 0.3] + [0.2 + 0.003 * i for i in range(197)])  # 200: two may
+    radius = sparing_radius(many)
+    assert sum(d <= radius for d in many) <= (1 - JUNK_SPARED) * len(many)
+    assert radius == pytest.approx(0.2 - JUNK_MARGIN)
+    close = sorted([0.1, 0.196, 0.3] + [0.2 + 0.003 * i for i in range(197)])
+    assert sparing_radius(close) == pytest.approx(0.198)  # halfway: the one before is too near
