@@ -25,7 +25,7 @@ from encoders.interface import Encoder, EncoderSpec, TextVariants
 from encoders.masks import MASK_SHARES, token_masks
 from encoders.media import PreprocessSpec
 from encoders.modality import Modality
-from encoders.model import EncoderConfig, MultimodalEncoder
+from encoders.model import EncoderConfig, Memo, MultimodalEncoder
 from encoders.patches import audio_patches, image_patches, video_tubelets
 from encoders.registry import loader_for
 from encoders.text_backbone import TextBackbone, TextTokens
@@ -178,8 +178,13 @@ class Shard:
                 keep_rows.append(np.stack(rows))
             keep = torch.from_numpy(np.stack(keep_rows)).to(self._device)
             shape = (len(batch), keep.shape[1], self.dim)
+            memo: Memo = {}  # our encoders compute the parameter-free channels once
             outputs = [
-                encoder.embed_patches(modality, patches, keep)
+                (
+                    encoder.encode_patches(modality, patches, keep, memo)
+                    if isinstance(encoder, MultimodalEncoder)
+                    else encoder.embed_patches(modality, patches, keep)
+                )
                 if modality in encoder.modalities
                 else torch.full(shape, float("nan"))
                 for encoder in self._encoders

@@ -28,8 +28,21 @@ from encoders.model import EncoderConfig, MultimodalEncoder
 from encoders.patches import PATCH, TUBELET
 from encoders.text_backbone import BACKBONE_FILE, BACKBONE_PACKAGE, backbone_dir
 
-FORMAT_VERSION = 2
-"""2: the manifest carries the scoring calibration (qualify ratio, near-duplicate radii)."""
+FORMAT_VERSION = 3
+"""2: the manifest carries the scoring calibration (qualify ratio, near-duplicate radii).
+3: encoders v2 (one architecture, continuous channels, pictures of any shape)."""
+_OLD_FORMATS = {
+    1: (
+        "no scoring calibration, encoders v1",
+        "train new weights with `poc-node train`, or pin the shipped weights/default",
+    ),
+    2: (
+        "encoders v1, whose principal-contrast channel can put validators apart",
+        "train new weights with `poc-node train`, or pin the shipped weights/default; "
+        "a manifest of another kind (hf_clip, open_clip) only needs `format_version: 3` "
+        "and a new hash",
+    ),
+}
 MANIFEST_NAME = "manifest.json"
 DEFAULT_KIND = "poc"
 """Encoder kind of the project's own ``MultimodalEncoder`` (``encoders.registry``)."""
@@ -109,11 +122,6 @@ def config_for(
     width: int,
     depth: int,
     heads: int,
-    image_stem: str = "linear",
-    factored: bool = False,
-    image_shape: str = "patch",
-    shape_input: str = "luminance",
-    colour_input: str = "pixels",
 ) -> EncoderConfig:
     """Architecture whose token counts match the preprocessing."""
     image = (spec.image_size // PATCH) ** 2
@@ -128,11 +136,6 @@ def config_for(
         image_tokens=image,
         video_tokens=video,
         audio_tokens=audio,
-        image_stem=image_stem,
-        factored=factored,
-        image_shape=image_shape,
-        shape_input=shape_input,
-        colour_input=colour_input,
         video_grid=spec.video_size // PATCH,
     )
 
@@ -280,11 +283,15 @@ def read_manifest(manifest_path: Path, manifest_sha256: str) -> Manifest:
 
 
 def _parse(raw: dict[str, Any], manifest_path: Path, sha: str) -> Manifest:
-    if raw["format_version"] != FORMAT_VERSION:
-        missing = " (no scoring calibration)" if raw["format_version"] == 1 else ""
+    version = raw.get("format_version")
+    if version != FORMAT_VERSION:
+        what, remedy = _OLD_FORMATS.get(
+            version if isinstance(version, int) else -1,
+            ("unknown", f"write a manifest of format {FORMAT_VERSION}"),
+        )
         raise WeightsError(
-            f"manifest {manifest_path} has format {raw['format_version']}{missing}, "
-            f"this node reads {FORMAT_VERSION}: run `poc-node calibrate` on it"
+            f"manifest {manifest_path} has format {version} ({what}); "
+            f"this node reads format {FORMAT_VERSION}: {remedy}"
         )
     base = manifest_path.parent
     hashes = {entry["path"]: entry["sha256"] for entry in raw["files"]}

@@ -28,6 +28,7 @@ from encoders.fusion import cosine_distance, fuse_pair
 from encoders.modality import PATCHED, Modality
 from encoders.shard import Shard
 from encoders.weights import pair_key
+from training import robustness
 from training.calibration import calibrate_delta, rates
 from training.corpus import Corpus
 from training.world import Concept, training_captions, unseen_captions
@@ -36,6 +37,9 @@ EVAL_BEACON = b"poc-eval-beacon"
 ALPHA = dict.fromkeys(Modality, 0.75)
 _BATCH = 32
 DISTRACTORS_PER_CONCEPT = 4
+EMBEDDING_TOLERANCE = 0.02
+"""``consensus.embedding_tolerance`` of the default configuration, which the continuity
+figure is measured against."""
 
 
 @dataclass(frozen=True)
@@ -393,4 +397,11 @@ def format_report(figures: dict[str, Any]) -> str:
     lines.append(f"{'pair':<18}{'unfused':>9}{'fused':>9}")
     for name, row in figures["fusion"].items():
         lines.append(f"{name:<18}{row['unfused_r1']:>9.3f}{row['fused_r1']:>9.3f}")
+    if "continuity" in figures:
+        lines.append("")
+        lines.append(
+            robustness.format_report(
+                figures["continuity"], figures["oblong_pairs"], EMBEDDING_TOLERANCE
+            )
+        )
     return "\n".join(lines)

@@ -23,21 +23,3 @@ def symmetric_nce(
     logits = scale * items @ texts.T
     positives = labels[:, None] == labels[None, :]
     return 0.5 * (multi_positive_nce(logits, positives) + multi_positive_nce(logits.T, positives))
-
-
-def pairwise_sigmoid(
-    items: torch.Tensor,
-    texts: torch.Tensor,
-    labels: torch.Tensor,
-    scale: torch.Tensor,
-    bias: torch.Tensor,
-) -> torch.Tensor:
-    """SigLIP's loss: every (item, text) cell is a binary "same concept?" decision.
-
-    Unlike InfoNCE, which only ranks texts per item, it pushes matched pairs
-    above and mismatched pairs below one learned similarity threshold for
-    the whole space, which is what a single δ per modality pair needs.
-    """
-    logits = scale * items @ texts.T + bias
-    signs = (labels[:, None] == labels[None, :]).to(logits.dtype) * 2.0 - 1.0
-    return -torch.nn.functional.logsigmoid(signs * logits).sum(dim=1).mean()

@@ -32,6 +32,7 @@ from encoders.weights import (
 )
 from rewards.curiosity import DEFAULT_K
 from training import corpus as corpus_module
+from training import robustness
 from training.corpus import CORPUS_VERSION, DEFAULT_SIZE, Corpus, CorpusSize
 from training.evaluation import calibrate, embed_halves, evaluate
 from training.scoring import calibrate_manifest
@@ -136,6 +137,8 @@ def run_training(
     halves = embed_halves(shard, corpus)
     deltas = calibrate(halves)
     figures = evaluate(halves, deltas)
+    log("measuring continuity and pictures of any shape")
+    figures.update(robustness.figures(shard, deltas[frozenset((Modality.TEXT, Modality.IMAGE))]))
     extra = {
         "corpus_version": CORPUS_VERSION,
         "corpus_seed": settings.seed,
@@ -185,7 +188,9 @@ def run_eval(
     deltas = {
         frozenset((a, b)): shard.delta(a, b) for a in Modality for b in Modality if a is not b
     }
-    return evaluate(halves, deltas, trials=trials)
+    figures = evaluate(halves, deltas, trials=trials)
+    figures.update(robustness.figures(shard, shard.delta(Modality.TEXT, Modality.IMAGE)))
+    return figures
 
 
 __all__ = ["manifest_info", "pair_key", "run_eval", "run_training"]

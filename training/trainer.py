@@ -20,14 +20,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from encoders.channels import Memo
 from encoders.masks import MASK_SHARES
 from encoders.media import PreprocessSpec
 from encoders.modality import PATCHED, Modality
-from encoders.model import Memo, MultimodalEncoder
+from encoders.model import MultimodalEncoder
 from encoders.patches import audio_patches, image_patches, video_tubelets
 from encoders.weights import config_for
 from training.corpus import Corpus, Split
-from training.losses import pairwise_sigmoid, symmetric_nce
+from training.losses import symmetric_nce
 from training.text_table import TextTable
 from training.world import Concept
 
@@ -36,6 +37,12 @@ _PATCHIFY = {
     Modality.VIDEO: video_tubelets,
     Modality.AUDIO: audio_patches,
 }
+_FACTORED = frozenset({Modality.IMAGE, Modality.VIDEO})
+"""Modalities trained with the factored InfoNCE (``_factored_nce``): colour half by colour,
+shape half by shape (and motion). Audio keeps the whole-concept InfoNCE over its two halves,
+as in every shipped version: speech names colour and shape in one breath."""
+_SHRUNK_SHARE = 0.3
+"""Share of training pictures scaled down onto their edge colour (``BatchMaker._shrink``)."""
 _FLIP = {"left": "right", "right": "left", "up": "up", "down": "down"}
 _REVERSE = {"left": "right", "right": "left", "up": "down", "down": "up"}
 
@@ -50,14 +57,6 @@ class TrainSettings:
     width: int = 128
     depth: int = 2
     heads: int = 4
-    image_stem: str = "conv"
-    """Patch stem of the image tower (``EncoderConfig.image_stem``)."""
-    image_shape: str = "cnn"
-    """Shape tower of factored image encoders (``EncoderConfig.image_shape``)."""
-    shape_input: str = "contrast"
-    """What the shape towers see of the pixels (``EncoderConfig.shape_input``)."""
-    colour_input: str = "figure"
-    """What the colour towers see of each token (``EncoderConfig.colour_input``)."""
     epochs: int = 20
     batch_size: int = 96
     learning_rate: float = 1.5e-3
@@ -77,26 +76,10 @@ class TrainSettings:
     schedule: tuple[str, ...] = ("image", "image", "video", "video", "audio", "audio", "audio")
     """Optimizer updates per step, one batch each. Audio, the hardest, gets three;
     image and video two each, as they share the text head's shape half."""
-    pair_loss: float = 0.0
-    """Weight of the pairwise sigmoid loss added to InfoNCE (``losses.pairwise_sigmoid``)."""
-    factored: bool = True
-    """Build factored encoders (``EncoderConfig.factored``) and train them with the
-    factored InfoNCE alone, the channel seen by their shape towers flipped at random."""
-    factored_losses: tuple[str, ...] = ("image", "video")
-    """Modalities a factored encoder trains with the factored InfoNCE; the others keep
-    the whole-concept InfoNCE (over embeddings whose halves are unit length)."""
-    factor_loss: float = 0.0
-    """Weight of the factored InfoNCE: the first half of every embedding is bound by
-    colour alone and the second half by shape alone (see ``_factored_nce``)."""
-    image_turns: bool = True
-    """Also turn training images by quarter turns and flip them vertically."""
-    audio_warp: bool = False
-    """Also stretch spectrograms in time (±15 %) and shift them by ±2 mel bands,
-    imitating other speaking rates and vocal tracts."""
 
     def __post_init__(self) -> None:
         names = {m.value for m in PATCHED}
-        for key in ("schedule", "factored_losses", "learn_temperature"):
+        for key in ("schedule", "learn_temperature"):
             unknown = sorted(set(getattr(self, key)) - names)
             if unknown:
                 raise ValueError(f"{key} names no modality of {sorted(names)}: {unknown}")
@@ -115,25 +98,12 @@ class EpochReport:
 class _Member:
     model: MultimodalEncoder
     log_scales: dict[Modality, torch.Tensor]
-    pair_scale: torch.Tensor
-    pair_bias: torch.Tensor
     optimizer: torch.optim.Optimizer
     losses: dict[Modality, list[float]] = field(default_factory=dict)
 
 
 def new_encoder(spec: PreprocessSpec, settings: TrainSettings, seed: int) -> MultimodalEncoder:
-    config = config_for(
-        spec,
-        settings.dim,
-        settings.width,
-        settings.depth,
-        settings.heads,
-        image_stem=settings.image_stem,
-        factored=settings.factored,
-        image_shape=settings.image_shape,
-        shape_input=settings.shape_input,
-        colour_input=settings.colour_input,
-    )
+    config = config_for(spec, settings.dim, settings.width, settings.depth, settings.heads)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return MultimodalEncoder(config)
@@ -150,17 +120,8 @@ def motion_maps(moving: tuple[Concept, ...]) -> tuple[torch.Tensor, torch.Tensor
 class BatchMaker:
     """Decoded, augmented batches and the random masks that hide tokens."""
 
-    def __init__(
-        self,
-        corpus: Corpus,
-        generator: torch.Generator,
-        *,
-        audio_warp: bool = False,
-        image_turns: bool = False,
-    ) -> None:
+    def __init__(self, corpus: Corpus, generator: torch.Generator) -> None:
         self.generator = generator
-        self.audio_warp = audio_warp
-        self.image_turns = image_turns
         self.flip_map, self.reverse_map = motion_maps(corpus.moving)
 
     def coin(self, n: int, p: float) -> torch.Tensor:
@@ -175,8 +136,7 @@ class BatchMaker:
         if split.modality is Modality.IMAGE:
             flip = self.coin(n, 0.5)
             x[flip] = x[flip].flip(-1)
-            if self.image_turns:
-                x = self._turn(x)
+            x = self._shrink(self._turn(x))
         elif split.modality is Modality.VIDEO:
             flip = self.coin(n, 0.5)
             x[flip] = x[flip].flip(-1)
@@ -199,6 +159,28 @@ class BatchMaker:
         x[upside] = x[upside].flip(-2)
         return x
 
+    def _shrink(self, x: torch.Tensor) -> torch.Tensor:
+        """A share of pictures scaled down (45-85 %) onto their own edge colour, anywhere.
+
+        Figures then come as small as in video frames and in oblong pictures fitted
+        to the square, which the shape network, shared with video, must read too.
+        """
+        chosen = torch.nonzero(self.coin(x.shape[0], _SHRUNK_SHARE)).flatten().tolist()
+        side = x.shape[-1]
+        for i in chosen:
+            draws = torch.rand(3, generator=self.generator).tolist()
+            small = max(8, round(side * (0.45 + 0.4 * draws[0])))
+            picture = F.interpolate(
+                x[i : i + 1], size=(small, small), mode="bilinear", antialias=True
+            )[0]
+            edge = torch.cat(
+                [x[i, :, 0], x[i, :, -1], x[i, :, 1:-1, 0], x[i, :, 1:-1, -1]], dim=1
+            ).mean(dim=1)
+            top, left = (round(d * (side - small)) for d in draws[1:])
+            x[i] = edge[:, None, None]
+            x[i, :, top : top + small, left : left + small] = picture
+        return x
+
     def _audio(self, x: torch.Tensor) -> torch.Tensor:
         """Time shift and a masked band of frequencies (SpecAugment-like).
 
@@ -219,26 +201,6 @@ class BatchMaker:
             width = draws[1] % 7
             start = draws[2] % (mels - width + 1)
             out[i, start : start + width, :] = floor[i]
-            if self.audio_warp:
-                out[i] = self._warp(out[i], float(floor[i]))
-        return out
-
-    def _warp(self, spectrogram: torch.Tensor, floor: float) -> torch.Tensor:
-        frames = spectrogram.shape[1]
-        stretch = 0.85 + 0.3 * float(torch.rand((), generator=self.generator))
-        length = max(1, round(frames * stretch))
-        warped = F.interpolate(spectrogram[None], size=length, mode="linear", align_corners=False)[
-            0
-        ]
-        out = torch.full_like(spectrogram, floor)
-        out[:, : min(frames, length)] = warped[:, :frames]
-        shift = int(torch.randint(-2, 3, (), generator=self.generator))
-        if shift:
-            out = torch.roll(out, shift, dims=0)
-            if shift > 0:
-                out[:shift] = floor
-            else:
-                out[shift:] = floor
         return out
 
     def keep(self, modality: Modality, n: int, n_tokens: int, share: float) -> torch.Tensor:
@@ -303,9 +265,7 @@ def train(
     torch.manual_seed(settings.seed)
     generator = torch.Generator().manual_seed(settings.seed)
     rng = np.random.default_rng(settings.seed)
-    maker = BatchMaker(
-        corpus, generator, audio_warp=settings.audio_warp, image_turns=settings.image_turns
-    )
+    maker = BatchMaker(corpus, generator)
     members = []
     for seed in settings.encoder_seeds:
         model = new_encoder(spec, settings, seed)
@@ -318,18 +278,16 @@ def train(
             for m in PATCHED
         }
         learned = [t for t in log_scales.values() if t.requires_grad]
-        pair_scale = torch.tensor(math.log(10.0), requires_grad=True)
-        pair_bias = torch.tensor(-10.0, requires_grad=True)
         groups: list[dict[str, Any]] = [
             {"params": [*model.parameters()]},
-            {"params": [pair_scale, pair_bias, *learned], "weight_decay": 0.0},
+            {"params": learned, "weight_decay": 0.0},
         ]
         optimizer = torch.optim.AdamW(
             groups,
             lr=settings.learning_rate,
             weight_decay=settings.weight_decay,
         )
-        members.append(_Member(model, log_scales, pair_scale, pair_bias, optimizer))
+        members.append(_Member(model, log_scales, optimizer))
     batch = settings.batch_size
     steps_per_epoch = len(corpus.train[Modality.IMAGE]) // batch
     total = steps_per_epoch * settings.epochs
@@ -353,28 +311,17 @@ def train(
                 table = moving if modality is Modality.VIDEO else still
                 phrasing = torch.randint(0, table.features.shape[1], (batch,), generator=generator)
                 features = table.features[labels, phrasing]
-                polarity = None
-                if settings.factored:
-                    polarity = torch.where(maker.coin(batch, 0.5), -1.0, 1.0)
                 memo: Memo = {}  # the members share the channels computed without parameters
                 for member in members:
                     member.optimizer.zero_grad(set_to_none=True)
                     scale = member.log_scales[modality].clamp(max=math.log(100.0)).exp()
-                    items = member.model.encode_patches(modality, patches, keep, polarity, memo)
+                    items = member.model.encode_patches(modality, patches, keep, memo)
                     items = items[:, 0]
                     texts = member.model.encode_text(features)
-                    if settings.factored and modality.value in settings.factored_losses:
+                    if modality in _FACTORED:
                         loss = _factored_nce(items, texts, factors[modality], labels, scale)
                     else:
                         loss = symmetric_nce(items, texts, labels, scale)
-                    if settings.factor_loss:
-                        loss = loss + settings.factor_loss * _factored_nce(
-                            items, texts, factors[modality], labels, scale
-                        )
-                    if settings.pair_loss:
-                        loss = loss + settings.pair_loss * pairwise_sigmoid(
-                            items, texts, labels, member.pair_scale.exp(), member.pair_bias
-                        )
                     loss.backward()  # type: ignore[no-untyped-call]
                     member.optimizer.step()
                     member.losses[modality].append(float(loss.detach()))

@@ -1,130 +1,22 @@
-from __future__ import annotations
+"""The one architecture: halves, what each half sees, masks, the figure and motion channels."""
 
-import dataclasses
+from __future__ import annotations
 
 import pytest
 import torch
 
 from encoders import model as model_module
+from encoders.channels import Memo, figure, figure_colours, frames_of, motion
 from encoders.modality import Modality
-from encoders.model import (
-    ConvStem,
-    EncoderConfig,
-    Memo,
-    MultimodalEncoder,
-    PatchTower,
-    ShapeCNN,
-    figure_colours,
-    principal_contrast,
-)
+from encoders.model import MultimodalEncoder
 from encoders.patches import image_patches, video_tubelets
+from encoders.towers import ShapeNet
 from encoders.weights import DEFAULT_PREPROCESS, config_for
 
 
-def test_conv_stem_reads_each_token_from_its_own_pixels_only() -> None:
-    torch.manual_seed(0)
-    stem = ConvStem(3, 32)
-    images = torch.randn(2, 3, 64, 64)
-    changed = images.clone()
-    changed[:, :, 16:32, 32:48] = torch.randn(2, 3, 16, 16)  # token (1, 2) of the 4x4 grid
-    before, after = stem(image_patches(images)), stem(image_patches(changed))
-    assert before.shape == (2, 16, 32)
-    differs = (before - after).abs().amax(dim=(0, 2)) > 0
-    assert differs.nonzero().flatten().tolist() == [1 * 4 + 2]
-
-
-def test_a_masked_token_changes_nothing_with_the_conv_stem() -> None:
-    torch.manual_seed(0)
-    model = MultimodalEncoder(config_for(DEFAULT_PREPROCESS, 32, 32, 1, 2, image_stem="conv"))
-    images = torch.randn(1, 3, 64, 64)
-    changed = images.clone()
-    changed[:, :, :16, :16] += 1.0
-    keep = torch.ones(1, 1, 16, dtype=torch.bool)
-    keep[0, 0, 0] = False
-    with torch.inference_mode():
-        a = model.encode_patches(Modality.IMAGE, image_patches(images), keep)
-        b = model.encode_patches(Modality.IMAGE, image_patches(changed), keep)
-    assert torch.allclose(a, b, atol=1e-6)
-
-
-def test_a_manifest_without_a_stem_loads_the_linear_stem() -> None:
-    config = dataclasses.asdict(config_for(DEFAULT_PREPROCESS, 32, 32, 1, 2))
-    del config["image_stem"]
-    model = MultimodalEncoder(EncoderConfig(**config))
-    assert isinstance(model.towers["image"].stem, torch.nn.Linear)
-
-
-def test_an_unknown_stem_is_refused() -> None:
-    with pytest.raises(ValueError, match="image_stem"):
-        config_for(DEFAULT_PREPROCESS, 32, 32, 1, 2, image_stem="resnet")
-
-
-def test_a_manifest_without_an_image_shape_loads_the_patch_shape_tower() -> None:
-    config = dataclasses.asdict(config_for(DEFAULT_PREPROCESS, 32, 32, 1, 2, factored=True))
-    del config["image_shape"]
-    model = MultimodalEncoder(EncoderConfig(**config))
-    assert isinstance(model.towers["image"], PatchTower)
-
-
-def test_an_unknown_image_shape_tower_is_refused() -> None:
-    with pytest.raises(ValueError, match="image_shape"):
-        config_for(DEFAULT_PREPROCESS, 32, 32, 1, 2, factored=True, image_shape="resnet")
-
-
-def test_a_manifest_without_a_shape_input_loads_luminance() -> None:
-    config = dataclasses.asdict(config_for(DEFAULT_PREPROCESS, 32, 32, 1, 2, factored=True))
-    del config["shape_input"]
-    assert EncoderConfig(**config).shape_input == "luminance"
-
-
-def test_a_manifest_without_a_colour_input_loads_pixel_statistics() -> None:
-    config = dataclasses.asdict(config_for(DEFAULT_PREPROCESS, 32, 32, 1, 2, factored=True))
-    del config["colour_input"], config["video_grid"]
-    assert EncoderConfig(**config).colour_input == "pixels"
-    assert EncoderConfig(**config).video_grid == DEFAULT_PREPROCESS.video_size // 16
-
-
-def test_an_unknown_colour_input_is_refused() -> None:
-    with pytest.raises(ValueError, match="colour_input"):
-        config_for(DEFAULT_PREPROCESS, 32, 32, 1, 2, factored=True, colour_input="hue")
-
-
-def test_an_unknown_shape_input_is_refused() -> None:
-    with pytest.raises(ValueError, match="shape_input"):
-        config_for(DEFAULT_PREPROCESS, 32, 32, 1, 2, factored=True, shape_input="hue")
-
-
-SHAPE_TOWERS = pytest.mark.parametrize(
-    "image_shape, shape_input, colour_input",
-    [
-        ("patch", "luminance", "pixels"),
-        ("cnn", "luminance", "pixels"),
-        ("patch", "contrast", "pixels"),
-        ("cnn", "contrast", "figure"),
-    ],
-)
-
-
-def factored_model(
-    image_shape: str = "patch", shape_input: str = "luminance", colour_input: str = "pixels"
-) -> MultimodalEncoder:
-    torch.manual_seed(0)
-    config = config_for(
-        DEFAULT_PREPROCESS,
-        32,
-        32,
-        1,
-        2,
-        image_stem="conv",
-        factored=True,
-        image_shape=image_shape,
-        shape_input=shape_input,
-        colour_input=colour_input,
-    )
-    model = MultimodalEncoder(config).eval()
-    expected = PatchTower if image_shape == "patch" else ShapeCNN
-    assert isinstance(model.towers["image"], expected)
-    return model
+def small_model(seed: int = 0) -> MultimodalEncoder:
+    torch.manual_seed(seed)
+    return MultimodalEncoder(config_for(DEFAULT_PREPROCESS, 32, 32, 1, 2)).eval()
 
 
 def encode(model: MultimodalEncoder, images: torch.Tensor, keep: torch.Tensor | None = None):
@@ -136,150 +28,78 @@ def encode(model: MultimodalEncoder, images: torch.Tensor, keep: torch.Tensor | 
     return out[:, :16], out[:, 16:]
 
 
-def square(colour: tuple[float, float, float], at: tuple[int, int] = (8, 8)) -> torch.Tensor:
-    image = torch.full((1, 3, 64, 64), -0.2)
+def square(
+    colour: tuple[float, float, float],
+    at: tuple[int, int] = (8, 8),
+    ground: tuple[float, float, float] = (-0.2, -0.2, -0.2),
+) -> torch.Tensor:
+    image = torch.tensor(ground).reshape(1, 3, 1, 1).expand(1, 3, 64, 64).clone()
     y, x = at
     image[0, :, y : y + 24, x : x + 24] = torch.tensor(colour).reshape(3, 1, 1)
     return image
 
 
-@SHAPE_TOWERS
-def test_factored_embeddings_are_two_halves_of_equal_length(
-    image_shape: str, shape_input: str, colour_input: str
-) -> None:
-    model = factored_model(image_shape, shape_input, colour_input)
+def moving_square(dx: int, dy: int, colour=(0.8, -0.8, -0.7)) -> torch.Tensor:
+    """``[1, 8, 3, 64, 64]``: a 16-pixel square crossing a grey frame by (dx, dy) per frame."""
+    clip = torch.full((1, 8, 3, 64, 64), -0.2)
+    for f in range(8):
+        y, x = 24 + dy * (f - 4), 24 + dx * (f - 4)
+        clip[0, f, :, y : y + 16, x : x + 16] = torch.tensor(colour).reshape(3, 1, 1)
+    return clip
+
+
+def test_every_embedding_is_two_halves_of_equal_length() -> None:
+    model = small_model()
     colour, shape = encode(model, torch.randn(3, 3, 64, 64))
     assert torch.allclose(colour.norm(dim=-1), torch.full((3,), 0.5**0.5), atol=1e-5)
     assert torch.allclose(shape.norm(dim=-1), torch.full((3,), 0.5**0.5), atol=1e-5)
     with torch.inference_mode():
         text = model.encode_text(torch.randn(2, 1, 384))
-    assert torch.allclose(text[..., :16].norm(dim=-1), torch.full((2, 1), 0.5**0.5), atol=1e-5)
+        clip = model.encode_patches(
+            Modality.VIDEO,
+            video_tubelets(moving_square(2, 0)),
+            torch.ones(1, 1, 64, dtype=torch.bool),
+        )
+        audio = model.encode_patches(
+            Modality.AUDIO, torch.randn(2, 64, 256), torch.ones(2, 1, 64, dtype=torch.bool)
+        )
+    for out in (text, clip, audio):
+        assert torch.allclose(
+            out[..., :16].norm(dim=-1), torch.full(out.shape[:2], 0.5**0.5), atol=1e-5
+        )
 
 
-@SHAPE_TOWERS
-def test_the_colour_half_does_not_see_where_things_are(
-    image_shape: str, shape_input: str, colour_input: str
-) -> None:
-    model = factored_model(image_shape, shape_input, colour_input)
-    red_here, red_there = square((0.8, -0.8, -0.8)), square((0.8, -0.8, -0.8), at=(32, 32))
-    colour_a, shape_a = encode(model, red_here)
-    colour_b, shape_b = encode(model, red_there)
+def test_the_colour_half_does_not_see_where_things_are() -> None:
+    model = small_model()
+    colour_a, shape_a = encode(model, square((0.8, -0.8, -0.8)))
+    colour_b, shape_b = encode(model, square((0.8, -0.8, -0.8), at=(32, 32)))
     assert torch.allclose(colour_a, colour_b, atol=1e-5)
     assert not torch.allclose(shape_a, shape_b, atol=1e-3)
 
 
-@SHAPE_TOWERS
-def test_the_shape_half_does_not_see_colour(
-    image_shape: str, shape_input: str, colour_input: str
-) -> None:
-    model = factored_model(image_shape, shape_input, colour_input)
-    red, teal = (0.8, -0.4, 0.0), (-0.4, 0.15298, 0.3)  # equal 0.299 r + 0.587 g + 0.114 b
-    luma = [0.299 * c[0] + 0.587 * c[1] + 0.114 * c[2] for c in (red, teal)]
-    assert abs(luma[0] - luma[1]) < 1e-4
-    colour_a, shape_a = encode(model, square(red))
-    colour_b, shape_b = encode(model, square(teal))
-    assert torch.allclose(shape_a, shape_b, atol=1e-3)
-    assert not torch.allclose(colour_a, colour_b, atol=1e-3)
-
-
-ISO_LUMINANT = (0.5, -0.5954, 0.0)
-"""A red whose luminance is the background's (-0.2) in ``square``."""
-
-
-@pytest.mark.parametrize("image_shape", ["patch", "cnn"])
-def test_a_shape_as_light_as_its_background_is_seen_through_contrast_only(
-    image_shape: str,
-) -> None:
-    assert abs(0.299 * 0.5 + 0.587 * -0.5954 - -0.2) < 1e-4
-    blank = torch.full((1, 3, 64, 64), -0.2)
-    grey = factored_model(image_shape, "luminance")
-    assert torch.allclose(encode(grey, square(ISO_LUMINANT))[1], encode(grey, blank)[1], atol=1e-3)
-    seeing = factored_model(image_shape, "contrast")
-    _, red = encode(seeing, square(ISO_LUMINANT))
-    assert torch.allclose(red, encode(seeing, square((1.0, 1.0, 1.0)))[1], atol=1e-3)
-    assert not torch.allclose(red, encode(seeing, blank)[1], atol=1e-2)
-
-
-def test_principal_contrast_draws_any_two_colours_alike_up_to_sign() -> None:
-    torch.manual_seed(0)
-    keep = torch.ones(1, 2, 16, dtype=torch.bool)
-    keep[0, 1, :4] = False  # variant 1 hides the top row of tokens
-    pictures = []
-    for fill, ground in [((0.8, -0.4, 0.0), (-0.2,) * 3), ((-0.9, -0.9, 0.7), (0.6, 0.5, 0.4))]:
-        image = torch.tensor(ground).reshape(1, 3, 1, 1).expand(1, 3, 64, 64).clone()
-        image[0, :, 20:50, 20:50] = torch.tensor(fill).reshape(3, 1, 1)
-        image[0, :, :16] = torch.rand(3, 16, 64)  # the top row of tokens: noise
-        pictures.append(principal_contrast(image_patches(image), keep, 1)[0])
-    a, b = pictures  # [V, N, 256] each
-    assert (a[1, :4] == 0).all() and (b[1, :4] == 0).all()
-    assert torch.allclose(a[1], b[1], atol=1e-4) or torch.allclose(a[1], -b[1], atol=1e-4)
-    assert a[1].std() > 0.5
-    assert not torch.allclose(a[0, 4:], a[1, 4:], atol=1e-2)  # the noise moved the mean
-
-
 @pytest.mark.parametrize(
-    ("shape_input", "colour_input"), [("luminance", "pixels"), ("contrast", "figure")]
+    "second",
+    [
+        (-0.4, 0.15298, 0.3),  # the red's luminance: invisible to a grey picture
+        (0.5, -0.5954, 0.0),  # the background's luminance
+        (1.0, 1.0, 1.0),
+    ],
 )
-def test_a_masked_video_token_changes_neither_half(shape_input: str, colour_input: str) -> None:
-    model = factored_model("cnn", shape_input, colour_input)
-    clips = torch.randn(1, 8, 3, 64, 64)
-    changed = clips.clone()
-    changed[:, :2, :, :16, :16] = torch.randn(1, 2, 3, 16, 16)  # token 0: first tubelet, top left
-    keep = torch.ones(1, 2, 64, dtype=torch.bool)
-    keep[0, 0, 0] = False
-    with torch.inference_mode():
-        a = model.encode_patches(Modality.VIDEO, video_tubelets(clips), keep)
-        b = model.encode_patches(Modality.VIDEO, video_tubelets(changed), keep)
-    assert torch.allclose(a[:, 0], b[:, 0], atol=1e-6)
-    assert not torch.allclose(a[:, 1, 16:], b[:, 1, 16:], atol=1e-4)
-
-
-@SHAPE_TOWERS
-def test_a_masked_token_changes_neither_half(
-    image_shape: str, shape_input: str, colour_input: str
+def test_the_shape_half_does_not_see_the_colour_of_a_figure_far_from_its_background(
+    second: tuple[float, float, float],
 ) -> None:
-    model = factored_model(image_shape, shape_input, colour_input)
-    images = torch.randn(1, 3, 64, 64)
-    changed = images.clone()
-    changed[:, :, :16, :16] += 1.0
+    """The figure channel is a silhouette: any two colours well apart from the ground
+    draw the same shape, including one as light as the ground, and no flat picture."""
+    model = small_model()
+    colour_a, shape_a = encode(model, square((0.8, -0.4, 0.0), ground=(-0.9, -0.9, -0.9)))
+    colour_b, shape_b = encode(model, square(second, ground=(-0.9, -0.9, -0.9)))
+    assert torch.allclose(shape_a, shape_b, atol=0.02)
+    assert not torch.allclose(colour_a, colour_b, atol=1e-3)
     keep = torch.ones(1, 1, 16, dtype=torch.bool)
-    keep[0, 0, 0] = False
-    for a, b in zip(encode(model, images, keep), encode(model, changed, keep), strict=True):
-        assert torch.allclose(a, b, atol=1e-6)
-
-
-def test_the_cnn_shape_tower_reads_no_pixel_of_a_masked_token() -> None:
-    """Even across token borders: the neighbours of a masked token see it as blank."""
-    torch.manual_seed(0)
-    tower = ShapeCNN(32, 8).eval()
-    images = torch.randn(2, 3, 64, 64)
-    changed = images.clone()
-    changed[:, :, 16:32, 16:32] = torch.randn(2, 3, 16, 16)  # token (1, 1)
-    keep = torch.ones(2, 3, 16, dtype=torch.bool)
-    keep[:, 1, 5] = False  # variant 1 hides token (1, 1)
-    keep[:, 2, 10:] = False  # variant 2 hides others and keeps it
-    with torch.inference_mode():
-        a = tower(image_patches(images), keep)
-        b = tower(image_patches(changed), keep)
-    assert a.shape == (2, 3, 8)
-    assert torch.allclose(a[:, 1], b[:, 1], atol=1e-6)
-    assert not torch.allclose(a[:, 0], b[:, 0], atol=1e-4)
-    assert not torch.allclose(a[:, 2], b[:, 2], atol=1e-4)
-
-
-def test_the_cnn_shape_tower_polarity_is_a_negated_picture() -> None:
-    torch.manual_seed(0)
-    tower = ShapeCNN(32, 8).eval()
-    patches = image_patches(torch.randn(2, 3, 64, 64))
-    keep = torch.ones(2, 1, 16, dtype=torch.bool)
-    with torch.inference_mode():
-        plain = tower(patches, keep)
-        same = tower(patches, keep, torch.tensor([1.0, 1.0]))
-        inverted = tower(patches, keep, torch.tensor([-1.0, 1.0]))
-        negative = tower(-patches, keep)
-    assert torch.allclose(plain, same)
-    assert torch.allclose(inverted[0], negative[0], atol=1e-5)
-    assert torch.allclose(inverted[1], plain[1])
+    seen = figure(image_patches(square(second, ground=(-0.9, -0.9, -0.9))), keep, 1, 4)
+    silhouette = frames_of(seen, 4)[0, 0, 0]
+    assert (silhouette[8:32, 8:32] > 0.8).all()
+    assert silhouette[40:, 40:].abs().max() < 1e-6
 
 
 @pytest.mark.parametrize("ground", [(-0.2, -0.2, -0.2), (-0.6, -0.4, 0.9), (0.2, 0.9, 0.1)])
@@ -291,17 +111,88 @@ def test_figure_colours_name_the_figure_whatever_the_background(
     image[0, :, 16:48, 16:48] = torch.tensor(red).reshape(3, 1, 1)  # the four middle tokens
     keep = torch.ones(1, 2, 16, dtype=torch.bool)
     keep[0, 1, [0, 1, 4]] = False  # variant 1 hides three edge tokens
-    figure = figure_colours(image_patches(image), keep, 1, 4)[0]  # [V, N, 4]
-    middle, edge = [5, 6, 9, 10], [0, 3, 12, 15]
+    patches = image_patches(image)
+    weight = figure(patches, keep, 1, 4)
+    colours = figure_colours(patches, weight, 1)[0]  # [V, N, 4]
+    middle, edge = [5, 6, 9, 10], [3, 12, 15]
     for variant in (0, 1):
-        assert (figure[variant, middle, 0] > 0.8).all()
-        assert torch.allclose(figure[variant, middle, 1:], torch.tensor(red), atol=1e-3)
-        assert (figure[variant, edge, 0] < 0.01).all()
+        assert (colours[variant, middle, 0] > 0.8).all()
+        assert torch.allclose(colours[variant, middle, 1:], torch.tensor(red), atol=1e-3)
+        assert (colours[variant, edge, 0] < 0.01).all()
+    assert (weight[0, 1, [0, 1, 4]] == 0).all()  # masked tokens show nothing
+
+
+@pytest.mark.parametrize(
+    ("dx", "dy", "expected"), [(3, 0, (1, 0)), (-3, 0, (-1, 0)), (0, 3, (0, 1)), (0, -3, (0, -1))]
+)
+def test_motion_points_where_the_figure_goes(dx: int, dy: int, expected: tuple[int, int]) -> None:
+    patches = video_tubelets(moving_square(dx, dy))
+    keep = torch.ones(1, 2, 64, dtype=torch.bool)
+    keep[0, 1, ::5] = False  # a masked variant still sees the direction
+    moved = motion(frames_of(figure(patches, keep, 2, 4), 4))[0]  # [V, 2]
+    travel = 3 * 7 / 64  # pixels per frame, over 7 frame steps, in frame widths
+    for variant, slack in ((0, 0.02), (1, 0.2)):  # hidden tokens pull the centre a little
+        direction = moved[variant] / moved[variant].norm()
+        assert torch.allclose(direction, torch.tensor(expected, dtype=torch.float32), atol=slack)
+        assert abs(float(moved[variant].norm()) - travel) < 2 * slack * travel
+    static = torch.full((1, 8, 3, 64, 64), 0.1)
+    still = motion(frames_of(figure(video_tubelets(static), keep, 2, 4), 4))
+    assert still.abs().max() < 1e-6
+
+
+def test_video_sees_which_way_the_figure_moves() -> None:
+    model = small_model()
+    keep = torch.ones(2, 1, 64, dtype=torch.bool)
+    clips = torch.cat([moving_square(3, 0), moving_square(-3, 0)])
+    with torch.inference_mode():
+        out = model.encode_patches(Modality.VIDEO, video_tubelets(clips), keep)[:, 0]
+    assert torch.allclose(out[0, :16], out[1, :16], atol=1e-3)  # same colours
+    assert not torch.allclose(out[0, 16:], out[1, 16:], atol=1e-3)
+
+
+@pytest.mark.parametrize("modality", [Modality.IMAGE, Modality.VIDEO])
+def test_a_masked_token_changes_neither_half(modality: Modality) -> None:
+    """Even across token borders: a masked token's neighbours see it as blank."""
+    model = small_model()
+    if modality is Modality.IMAGE:
+        items = torch.rand(2, 3, 64, 64) * 2 - 1
+        changed = items.clone()
+        changed[:, :, 16:32, 16:32] = torch.rand(2, 3, 16, 16) * 2 - 1  # token (1, 1)
+        patches, after, token, n = image_patches(items), image_patches(changed), 5, 16
+    else:
+        items = torch.rand(2, 8, 3, 64, 64) * 2 - 1
+        changed = items.clone()
+        changed[:, :2, :, 16:32, 16:32] = torch.rand(2, 2, 3, 16, 16) * 2 - 1  # tubelet 5
+        patches, after, token, n = video_tubelets(items), video_tubelets(changed), 5, 64
+    keep = torch.ones(2, 3, n, dtype=torch.bool)
+    keep[:, 1, token] = False  # variant 1 hides it
+    keep[:, 2, :4] = False  # variant 2 hides others and keeps it
+    with torch.inference_mode():
+        a = model.encode_patches(modality, patches, keep)
+        b = model.encode_patches(modality, after, keep)
+    assert torch.allclose(a[:, 1], b[:, 1], atol=1e-6)
+    assert not torch.allclose(a[:, 0], b[:, 0], atol=1e-4)
+    assert not torch.allclose(a[:, 2], b[:, 2], atol=1e-4)
+
+
+def test_the_shape_network_pools_kept_cells_of_every_frame() -> None:
+    torch.manual_seed(0)
+    net = ShapeNet(8).eval()
+    pictures = torch.rand(1, 1, 2, 64, 64)
+    keep = torch.ones(1, 1, 2, 16, dtype=torch.bool)
+    with torch.inference_mode():
+        both = net(pictures, keep)
+        keep_first = keep.clone()
+        keep_first[0, 0, 1] = False
+        first = net(pictures, keep_first)
+        alone = net(pictures[:, :, :1], keep[:, :, :1])
+    assert torch.allclose(first, alone, atol=1e-6)
+    assert not torch.allclose(both, first, atol=1e-4)
 
 
 def test_degenerate_pictures_give_finite_unit_embeddings() -> None:
     """One flat colour, extreme values, a single kept token: nothing to divide by, no NaN."""
-    model = factored_model("cnn", "contrast", "figure")
+    model = small_model()
     flat = torch.full((1, 3, 64, 64), 0.3)
     extreme = torch.where(torch.rand(1, 3, 64, 64) < 0.5, -1.0, 1.0)
     keep = torch.zeros(2, 2, 16, dtype=torch.bool)
@@ -323,11 +214,7 @@ def test_degenerate_pictures_give_finite_unit_embeddings() -> None:
 def test_encoders_sharing_a_memo_compute_each_channel_once_and_alike(
     modality: Modality, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    first, second = (
-        factored_model("cnn", "contrast", "figure"),
-        factored_model("cnn", "contrast", "figure"),
-    )
-    torch.nn.init.normal_(second.towers[f"{modality}-colour"].head.weight)  # another encoder
+    first, second = small_model(0), small_model(1)
     if modality is Modality.IMAGE:
         patches = image_patches(torch.rand(2, 3, 64, 64) * 2 - 1)
     else:
@@ -336,14 +223,17 @@ def test_encoders_sharing_a_memo_compute_each_channel_once_and_alike(
     with torch.inference_mode():
         alone = [m.encode_patches(modality, patches, keep) for m in (first, second)]
         calls: list[str] = []
-        for name in ("principal_contrast", "figure_colours"):
+        names = ["figure", "figure_colours", "frames_of"] + (
+            ["motion"] if modality is Modality.VIDEO else []
+        )
+        for name in names:
             original = getattr(model_module, name)
             monkeypatch.setattr(
                 model_module, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a)
             )
         memo: Memo = {}
         shared = [m.encode_patches(modality, patches, keep, memo=memo) for m in (first, second)]
-    assert sorted(calls) == ["figure_colours", "principal_contrast"]
+    assert sorted(calls) == sorted(names)
     for a, b in zip(alone, shared, strict=True):
         assert torch.equal(a, b)
     assert not torch.allclose(shared[0], shared[1])

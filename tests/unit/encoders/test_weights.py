@@ -92,17 +92,18 @@ def _copy(shard_manifest: Path, tmp_path: Path) -> Path:
     return target / shard_manifest.name
 
 
-def test_a_manifest_of_format_1_is_refused_naming_the_format(
-    shard_manifest: Path, tmp_path: Path
+@pytest.mark.parametrize(
+    ("version", "named"),
+    [(1, r"no scoring calibration"), (2, r"encoders v1"), (7, r"unknown"), (None, r"unknown")],
+)
+def test_a_manifest_of_another_format_is_refused_naming_the_format(
+    shard_manifest: Path, tmp_path: Path, version: int | None, named: str
 ) -> None:
     manifest = _copy(shard_manifest, tmp_path)
     raw = json.loads(manifest.read_text())
-    raw["format_version"] = 1
-    del raw["scoring"]
+    raw["format_version"] = version
     manifest.write_text(json.dumps(raw))
-    with pytest.raises(
-        WeightsError, match=r"format 1 \(no scoring calibration\).*poc-node calibrate"
-    ):
+    with pytest.raises(WeightsError, match=rf"has format {version} \({named}.*reads format 3"):
         read_manifest(manifest, sha256_file(manifest))
 
 
@@ -116,7 +117,6 @@ def test_scoring_calibration_and_genesis_round_trip(shard_manifest: Path, tmp_pa
 
     manifest = _copy(shard_manifest, tmp_path)
     raw = json.loads(manifest.read_text())
-    raw["format_version"] = 1
     del raw["scoring"]
     manifest.write_text(json.dumps(raw))
     before = manifest.read_bytes()
