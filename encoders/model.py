@@ -45,8 +45,6 @@ VIDEO_SHAPE_STRIDE = 2
 _FRAMES = {Modality.IMAGE: 1, Modality.VIDEO: 2}
 """Frames per token: 1 for an image patch, 2 for a video tubelet."""
 
-__all__ = ["TEXT_FEATURES", "EncoderConfig", "Memo", "MultimodalEncoder", "unit_halves"]
-
 
 @dataclass(frozen=True)
 class EncoderConfig:

@@ -18,6 +18,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from encoders.channels import Memo
 from encoders.embedding import EncodeRequest, ItemEmbedding
 from encoders.ensemble import EnsembleRule, combine
 from encoders.errors import WeightsError
@@ -25,7 +26,7 @@ from encoders.interface import Encoder, EncoderSpec, TextVariants
 from encoders.masks import MASK_SHARES, token_masks
 from encoders.media import PreprocessSpec
 from encoders.modality import Modality
-from encoders.model import EncoderConfig, Memo, MultimodalEncoder
+from encoders.model import EncoderConfig, MultimodalEncoder
 from encoders.patches import audio_patches, image_patches, video_tubelets
 from encoders.registry import loader_for
 from encoders.text_backbone import TextBackbone, TextTokens

@@ -37,9 +37,6 @@ EVAL_BEACON = b"poc-eval-beacon"
 ALPHA = dict.fromkeys(Modality, 0.75)
 _BATCH = 32
 DISTRACTORS_PER_CONCEPT = 4
-EMBEDDING_TOLERANCE = 0.02
-"""``consensus.embedding_tolerance`` of the default configuration, which the continuity
-figure is measured against."""
 
 
 @dataclass(frozen=True)
@@ -401,7 +398,7 @@ def format_report(figures: dict[str, Any]) -> str:
         lines.append("")
         lines.append(
             robustness.format_report(
-                figures["continuity"], figures["oblong_pairs"], EMBEDDING_TOLERANCE
+                figures["continuity"], figures["oblong_pairs"], robustness.EMBEDDING_TOLERANCE
             )
         )
     return "\n".join(lines)

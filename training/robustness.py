@@ -34,6 +34,10 @@ from training import render
 from training.world import HELD_OUT, Concept, unseen_captions
 
 EPSILON = 1e-6
+EMBEDDING_TOLERANCE = 0.02
+"""``consensus.embedding_tolerance`` of the default configuration: a perturbation may
+move an embedding by a tenth of it (``tests/unit/encoders/test_continuity.py`` checks
+the configuration still says so)."""
 PERTURBATIONS = 12
 OBLONG_CANVASES = ((300, 200), (200, 300), (1000, 100))
 

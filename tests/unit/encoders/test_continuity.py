@@ -18,16 +18,21 @@ from pathlib import Path
 import pytest
 
 from encoders.shard import Shard
-from training.robustness import crafted_clips, crafted_images, crafted_waves, movement
+from training.robustness import (
+    EMBEDDING_TOLERANCE,
+    crafted_clips,
+    crafted_images,
+    crafted_waves,
+    movement,
+)
 
 ROOT = Path(__file__).resolve().parents[3]
-TOLERANCE = 0.02
 
 
 @pytest.fixture(scope="module")
 def moved() -> dict[str, dict[str, float]]:
     config = (ROOT / "config" / "default.yaml").read_text()
-    assert re.search(rf"embedding_tolerance: {TOLERANCE}\b", config)
+    assert re.search(rf"embedding_tolerance: {EMBEDDING_TOLERANCE}\b", config)
     pinned = re.search(r'manifest_sha256:\s*"([0-9a-f]{64})"', config)
     assert pinned is not None
     shard = Shard.load(ROOT / "weights" / "default" / "manifest.json", pinned.group(1))
@@ -43,4 +48,4 @@ def moved() -> dict[str, dict[str, float]]:
 def test_a_perturbed_input_stays_where_it_was(
     moved: dict[str, dict[str, float]], modality: str, name: str
 ) -> None:
-    assert moved[modality][name] <= TOLERANCE / 10
+    assert moved[modality][name] <= EMBEDDING_TOLERANCE / 10
