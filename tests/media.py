@@ -37,6 +37,17 @@ def image_bytes(mode: str, fmt: str = "PNG", size: tuple[int, int] = (40, 30)) -
     return out.getvalue()
 
 
+def square_on_white(width: int, height: int, fmt: str = "PNG") -> bytes:
+    """A blue square, its side half the shorter side, centred on a white canvas of any shape."""
+    image = Image.new("RGB", (width, height), (255, 255, 255))
+    side = max(1, min(width, height) // 2)
+    left, top = (width - side) // 2, (height - side) // 2
+    image.paste((30, 60, 220), (left, top, left + side, top + side))
+    out = io.BytesIO()
+    image.save(out, format=fmt, quality=95)
+    return out.getvalue()
+
+
 def png_header_only(width: int, height: int) -> bytes:
     """A PNG whose IHDR claims ``width x height`` but which carries no pixel data."""
 

@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import pytest
 
@@ -9,7 +7,7 @@ from encoders.errors import MediaTooLargeError, UndecodableError
 from encoders.media import MediaLimits, decode_media
 from encoders.modality import Modality
 from encoders.weights import DEFAULT_PREPROCESS
-from tests.media import image_bytes, png_header_only
+from tests.media import image_bytes, png_header_only, square_on_white
 
 LIMITS = MediaLimits()
 SIZE = DEFAULT_PREPROCESS.image_size
@@ -84,28 +82,13 @@ def test_garbage_or_wrong_type_is_undecodable(mime: str, data: bytes) -> None:
         decode(mime, data)
 
 
-def _square_on_white(width: int, height: int, mime: str = "image/png") -> bytes:
-    """A blue square whose side is half the shorter side, centred on white."""
-    from PIL import Image, ImageDraw
-
-    image = Image.new("RGB", (width, height), (255, 255, 255))
-    side = min(width, height) // 2
-    left, top = (width - side) // 2, (height - side) // 2
-    ImageDraw.Draw(image).rectangle(
-        (left, top, left + side - 1, top + side - 1), fill=(30, 60, 220)
-    )
-    out = io.BytesIO()
-    image.save(out, format="PNG" if mime == "image/png" else "JPEG", quality=95)
-    return out.getvalue()
-
-
 @pytest.mark.parametrize(("width", "height"), [(300, 200), (200, 300), (1000, 100), (64, 64)])
 @pytest.mark.parametrize("mime", ["image/png", "image/jpeg"])
 def test_a_picture_of_any_shape_keeps_its_aspect_and_the_figure_stays_whole(
     width: int, height: int, mime: str
 ) -> None:
     """Scaled to fit, padded with its edge colour: a square stays a square, nothing cut."""
-    out = decode(mime, _square_on_white(width, height, mime))
+    out = decode(mime, square_on_white(width, height, "PNG" if mime == "image/png" else "JPEG"))
     blue = out[2] - out[0] > 0.6  # the figure's pixels
     rows, cols = np.flatnonzero(blue.any(axis=1)), np.flatnonzero(blue.any(axis=0))
     tall, wide = rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1
@@ -140,3 +123,12 @@ def test_pad_to_square_fills_with_the_mean_edge_colour() -> None:
     assert (square[29:35] == strip).all()
     with pytest.raises(ValueError, match="does not fit"):
         pad_to_square(np.zeros((65, 10, 3), dtype=np.uint8), 64)
+
+
+@pytest.mark.parametrize(("width", "height"), [(4000, 1), (1, 4000), (5000, 3)])
+def test_a_picture_one_pixel_thin_still_decodes_to_the_square(width: int, height: int) -> None:
+    """The thinnest pictures a submitter can send: the short side rounds to one pixel
+    (never zero) and the rest is its edge colour, white."""
+    out = decode("image/png", square_on_white(width, height))
+    assert out.shape == (3, SIZE, SIZE) and np.isfinite(out).all()
+    assert (out > 0.95).mean() > 0.95

@@ -22,6 +22,7 @@ from encoders.media import MediaLimits, decode_media
 from encoders.modality import Modality
 from encoders.shard import Shard
 from encoders.weights import sha256_file
+from tests.media import square_on_white
 from training import render
 from training.corpus import render_item
 from training.trainer import TrainSettings
@@ -201,13 +202,7 @@ def test_a_blue_square_of_any_canvas_shape_pairs_with_its_caption(
     squashed to a square; now each is fitted whole and padded with its own white.
     (On a 1000x100 canvas the square fits in 3 of the model's 64 pixels: kept whole
     and square by decoding, tested there, but too small to name.)"""
-    image = Image.new("RGB", (width, height), (255, 255, 255))
-    side = min(width, height) // 2
-    left, top = (width - side) // 2, (height - side) // 2
-    image.paste((30, 60, 220), (left, top, left + side, top + side))
-    out = io.BytesIO()
-    image.save(out, format="PNG")
-    data = out.getvalue()
+    data = square_on_white(width, height)
     media = decode_media(Modality.IMAGE, "image/png", data, MediaLimits(), default_shard.preprocess)
     text = "a blue square"
     picture, caption = default_shard.embed(
