@@ -1,75 +1,100 @@
 """Encode throughput per modality at batch sizes 1 to 64 (items/s), and the best.
 
-Uses the default (trained) weights in ``weights/default``; the figures
-include the differential loss (1 + 2K forward variants per item, K = 4) and
-every encoder of the shard, i.e. exactly what a validator pays per item.
-Throughput depends on the weights' architecture, not their values, but the
-benchmark loads the shipped files so that it measures what a node runs.
-Run: ``python bench/bench_encoders.py``.
+It measures what one of the node's encoders pays: the default (trained)
+weights in ``weights/default``, every encoder of the shard, the differential
+loss (1 + 2K forward variants per item, K = 4), on items of the project's
+world (``training.stream.WorldMaker``: captions, PNG/JPEG pictures, espeak-ng
+speech, MP4 clips, decoded as the node decodes them), with **the torch threads
+of one encoder worker** (cores / ``encoders.workers`` on CPU, as the node
+sets them): a single-threaded worker's best batch is not a two-threaded
+process's (text is fastest at 8 on one thread, at 32 or more on two). The
+defaults of ``encoders.batch`` come from this table; ``--threads N`` measures
+another setting.
+
+    .venv/bin/python bench/bench_encoders.py [--threads N] [--items 64]
 """
 
 from __future__ import annotations
 
-import hashlib
+import argparse
+import os
+import random
+import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-from encoders.embedding import EncodeRequest
-from encoders.modality import Modality
-from encoders.shard import Shard
-from encoders.weights import sha256_file
+import torch  # noqa: E402
 
-MANIFEST = Path(__file__).resolve().parent.parent / "weights" / "default" / "manifest.json"
-BATCHES = (1, 4, 8, 16, 32, 64)
+from encoders.embedding import EncodeRequest  # noqa: E402
+from encoders.media import decode_media  # noqa: E402
+from encoders.modality import Modality  # noqa: E402
+from encoders.shard import Shard  # noqa: E402
+from node.daemon import DEFAULT_CPU_WORKERS  # noqa: E402
+from node.ops.config import DEFAULT_CONFIG, load_config  # noqa: E402
+from node.pipeline.prepare import media_limits  # noqa: E402
+from training.stream import WorldMaker, concepts  # noqa: E402
+
+BATCHES = (1, 2, 4, 8, 16, 32, 64)
 MIN_SECONDS = 2.0
-SENTENCES = (
-    "a dog runs across a sunny field chasing a red ball",
-    "the orchestra tunes before the evening concert begins",
-    "rain falls on the tin roof of an old farmhouse at night",
-)
 
 
-def requests_for(shard: Shard, modality: Modality, count: int) -> list[EncodeRequest]:
-    spec = shard.preprocess
-    rng = np.random.default_rng(0)
-    shapes = {
-        Modality.IMAGE: (3, spec.image_size, spec.image_size),
-        Modality.AUDIO: (spec.n_mels, spec.audio_frames),
-        Modality.VIDEO: (spec.video_frames, 3, spec.video_size, spec.video_size),
-    }
+def world_requests(shard: Shard, modality: Modality, count: int, seed: int) -> list[EncodeRequest]:
+    """``count`` decoded items of ``modality``: captions name a concept (and its motion)."""
+    maker = WorldMaker(seed)
+    pool = concepts(novel=False) + concepts(novel=True)
+    rng = random.Random(seed)
+    limits = media_limits(load_config(DEFAULT_CONFIG))
     out = []
-    for i in range(count):
-        sha = hashlib.sha256(f"{modality}-{i}".encode()).digest()
-        if modality is Modality.TEXT:
-            out.append(EncodeRequest(modality, f"{SENTENCES[i % 3]} number {i}", sha))
+    for _ in range(count):
+        if modality is Modality.TEXT:  # half the captions name a motion, as video's do
+            media = Modality.VIDEO if rng.random() < 0.5 else Modality.IMAGE
+            item = maker.pair("bench", rng.choice(pool), media).items[0]
         else:
-            media = rng.uniform(-1, 1, shapes[modality]).astype(np.float32)
-            out.append(EncodeRequest(modality, media, sha))
+            item = maker.single("bench", rng.choice(pool), modality).items[0]
+        data = decode_media(item.modality, item.mime, item.data, limits, shard.preprocess)
+        out.append(EncodeRequest(item.modality, data, item.sha256))
     return out
 
 
-def throughput(shard: Shard, requests: list[EncodeRequest]) -> float:
-    shard.embed(requests, b"warm-up")
-    calls, start = 0, time.perf_counter()
-    while time.perf_counter() - start < MIN_SECONDS or calls < 2:
-        shard.embed(requests, b"bench-beacon")
-        calls += 1
-    return calls * len(requests) / (time.perf_counter() - start)
+def throughput(shard: Shard, requests: list[EncodeRequest], batch: int) -> float:
+    """Items/s encoding ``requests`` in batches of ``batch``, warm, over ≥ MIN_SECONDS."""
+    shard.embed(requests[:batch], b"warm-up")
+    items, start = 0, time.perf_counter()
+    while time.perf_counter() - start < MIN_SECONDS or items < 2 * batch:
+        for begin in range(0, len(requests) - batch + 1, batch):
+            shard.embed(requests[begin : begin + batch], b"bench-beacon")
+            items += batch
+    return items / (time.perf_counter() - start)
 
 
 def main() -> None:
-    shard = Shard.load(MANIFEST, sha256_file(MANIFEST))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    worker_threads = max(1, (os.cpu_count() or 1) // DEFAULT_CPU_WORKERS)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=worker_threads,
+        help=f"torch threads (default {worker_threads}: one encoder worker's on this machine)",
+    )
+    parser.add_argument("--items", type=int, default=64, help="distinct items per modality")
+    parser.add_argument("--seed", type=int, default=5)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    config = load_config(DEFAULT_CONFIG)
+    shard = Shard.load(config.encoders.manifest, config.encoders.manifest_sha256)
     print(f"weights {shard.weights_id[:16]}  torch threads {torch.get_num_threads()}")
-    header = "".join(f"{f'batch {b}':>12}" for b in BATCHES)
-    print(f"{'modality':<8}{header}{'best':>16}   items/s")
+    batches = [b for b in BATCHES if b <= args.items]
+    header = "".join(f"{f'batch {b}':>10}" for b in batches)
+    print(f"{'modality':<8}{header}{'best':>14}   items/s")
     for modality in Modality:
-        rates = [throughput(shard, requests_for(shard, modality, b)) for b in BATCHES]
-        best = max(range(len(BATCHES)), key=lambda i: rates[i])
-        best_text = f"{rates[best]:.1f} @ {BATCHES[best]}"
-        print(f"{modality:<8}" + "".join(f"{rate:>12.1f}" for rate in rates) + f"{best_text:>16}")
+        requests = world_requests(shard, modality, args.items, args.seed)
+        rates = [throughput(shard, requests, b) for b in batches]
+        best = max(range(len(batches)), key=lambda i: rates[i])
+        best_text = f"{rates[best]:.1f} @ {batches[best]}"
+        print(f"{modality:<8}" + "".join(f"{rate:>10.1f}" for rate in rates) + f"{best_text:>14}")
 
 
 if __name__ == "__main__":

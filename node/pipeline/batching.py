@@ -1,8 +1,10 @@
 """How items are grouped for the encoders: a micro-batch size and a wait per modality.
 
 The encoders' throughput depends on the batch differently for each modality
-(``bench/bench_encoders.py``): on 2 CPU cores text is fastest in batches of
-32 and pictures in batches of 8. A lone item waits at most ``wait_ms`` for
+and with the threads that run it (``bench/bench_encoders.py``): in the node's
+single-threaded encoder workers text, pictures and speech are fastest in
+batches of about 8 and clips of 4 (one process on two threads would want 32
+or more captions). A lone item waits at most ``wait_ms`` for
 company while the encoder is idle; while it is busy, items gather by
 themselves and the next batch starts the moment it is free.
 """

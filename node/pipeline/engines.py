@@ -32,7 +32,7 @@ from typing import Protocol
 
 from encoders.shard import EncodeRequest, ItemEmbedding, Shard
 from node.errors import NodeError
-from node.ops.threads import name_thread, threads_cpu_seconds, trim_heap
+from node.ops.threads import name_thread, reuse_heap, threads_cpu_seconds, trim_heap
 from node.pipeline.sandbox import forkserver, kill_executor
 
 log = logging.getLogger("poc.encoding")
@@ -113,6 +113,7 @@ def _start_worker(spec: ShardSpec) -> None:
 
     watch_parent()
     name_thread(ENCODER_THREAD)
+    reuse_heap()
     import torch
 
     if spec.threads:

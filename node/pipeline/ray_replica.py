@@ -27,7 +27,7 @@ from ray import serve
 
 from encoders.shard import EncodeRequest, ItemEmbedding, Shard
 from node.errors import NodeError
-from node.ops.threads import name_thread, trim_heap
+from node.ops.threads import name_thread, reuse_heap, trim_heap
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,8 @@ class ShardReplica:
 
     def __init__(self, spec: ReplicaSpec) -> None:
         import torch
+
+        reuse_heap()
 
         if spec.threads:
             torch.set_num_threads(spec.threads)

@@ -51,7 +51,7 @@ def test_batches_per_modality_merge_and_are_checked(tmp_path):
     path.write_text("encoders:\n  batch:\n    image: {size: 4, wait_ms: 0}\n")
     batch = load_config(path).encoders.batch
     assert (batch["image"].size, batch["image"].wait_ms) == (4, 0)
-    assert batch["text"].size == 32  # the rest keep their defaults
+    assert (batch["text"].size, batch["video"].size) == (8, 4)  # the rest keep their defaults
     path.write_text("encoders:\n  batch:\n    smell: {size: 4, wait_ms: 0}\n")
     with pytest.raises(ConfigError, match=r"encoders\.batch"):
         load_config(path)
