@@ -452,9 +452,13 @@ class Node:
 
     def _preparers(self) -> int:
         """Submissions prepared at once: enough to fill the next batch of every modality
-        while the encoder works on one (and to keep every decoder busy)."""
+        while the encoders work on one each (and to keep every decoder busy).
+
+        Counted over every modality, not the largest batch: single items of four
+        modalities spread the submissions in flight over four queues (with 16 in
+        flight their batches held 3 items, against 8 for pairs)."""
         policy = BatchPolicy.of(self.config.encoders)
-        return max(2 * self.config.decode.workers, 2 * max(b.size for b in policy.batches.values()))
+        return max(2 * self.config.decode.workers, 2 * sum(b.size for b in policy.batches.values()))
 
     async def _notify_ready(self) -> None:
         """Tell systemd (``Type=notify``) once every readiness condition holds."""
