@@ -137,6 +137,17 @@ def encoder_workers(config: Config) -> int:
     return workers
 
 
+def prepared_at_once(config: Config) -> int:
+    """Submissions prepared at once: enough to fill the next batch of every modality
+    while the encoders work on one each (and to keep every decoder busy).
+
+    Counted over every modality, not the largest batch: single items of four
+    modalities spread the submissions in flight over four queues (with 16 in
+    flight their batches held 3 items, against 8 for pairs)."""
+    policy = BatchPolicy.of(config.encoders)
+    return max(2 * config.decode.workers, 2 * sum(b.size for b in policy.batches.values()))
+
+
 def encoder_engine(config: Config, shard: Shard, metrics: Metrics | None = None) -> Engine:
     """The node's own thread, worker processes (``encoder_workers``), or a Ray Serve pool."""
     encoders = config.encoders
@@ -432,7 +443,9 @@ class Node:
                     )
                 workers += [
                     group.create_task(encoder.run(), name="encoder"),
-                    group.create_task(intake.run_preparers(self._preparers()), name="preparers"),
+                    group.create_task(
+                        intake.run_preparers(prepared_at_once(self.config)), name="preparers"
+                    ),
                     group.create_task(driver.run(), name="rounds"),
                     group.create_task(driver.sync_loop(), name="sync"),
                     group.create_task(driver.rebroadcast_loop(), name="rebroadcast"),
@@ -449,16 +462,6 @@ class Node:
                 group.create_task(self._notify_ready(), name="notify-ready")
         except* asyncio.CancelledError:
             pass
-
-    def _preparers(self) -> int:
-        """Submissions prepared at once: enough to fill the next batch of every modality
-        while the encoders work on one each (and to keep every decoder busy).
-
-        Counted over every modality, not the largest batch: single items of four
-        modalities spread the submissions in flight over four queues (with 16 in
-        flight their batches held 3 items, against 8 for pairs)."""
-        policy = BatchPolicy.of(self.config.encoders)
-        return max(2 * self.config.decode.workers, 2 * sum(b.size for b in policy.batches.values()))
 
     async def _notify_ready(self) -> None:
         """Tell systemd (``Type=notify``) once every readiness condition holds."""

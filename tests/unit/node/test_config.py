@@ -64,3 +64,15 @@ def test_encoder_workers_default_to_two_on_cpu_and_none_on_a_gpu(tmp_path):
     assert encoder_workers(load_config(None, {"encoders.device": "cuda:0"})) == 0
     assert encoder_workers(load_config(None, {"encoders.workers": 1})) == 1
     assert encoder_workers(load_config(None, {"encoders.workers": 0})) == 0
+
+
+def test_enough_submissions_are_prepared_at_once_to_fill_every_modalitys_batch():
+    from node.daemon import prepared_at_once
+
+    config = load_config()
+    sizes = {name: section.size for name, section in config.encoders.batch.items()}
+    # Single items spread over every modality: one batch in progress per worker
+    # and the next batch of every modality must be able to fill at once.
+    assert prepared_at_once(config) >= 2 * max(sizes.values()) + sum(sizes.values())
+    wide = load_config(None, {"decode.workers": 64})
+    assert prepared_at_once(wide) == 128  # and every decoder has an item
