@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import platform
 import resource
 import subprocess
@@ -48,11 +46,3 @@ def test_reused_heap_does_not_fault_each_batch_in_anew():
     # above twice the moving mmap threshold), so each batch faults it in anew.
     assert _faults("default") > 20 * batch_pages
     assert _faults("reuse") < 3 * batch_pages  # the first batch's pages, then reused
-
-
-def test_reuse_heap_is_harmless_to_call_twice():
-    from node.ops.threads import reuse_heap
-
-    reuse_heap()
-    reuse_heap()
-    assert ctypes.CDLL(ctypes.util.find_library("c")) is not None
