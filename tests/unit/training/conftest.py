@@ -10,6 +10,7 @@ import torch
 from encoders.weights import DEFAULT_PREPROCESS
 from training.corpus import Corpus, CorpusSize, load_or_generate
 from training.text_table import TextTable
+from training.trainer import TrainSettings
 from training.world import Concept
 
 MICRO = CorpusSize(
@@ -41,3 +42,17 @@ def random_table(concepts: tuple[Concept, ...], phrasings: int = 3, seed: int = 
     )
     captions = tuple(tuple(f"{c.name} {i}" for i in range(phrasings)) for c in concepts)
     return TextTable(features, captions)
+
+
+def tiny_settings(**overrides: object) -> TrainSettings:
+    """Training settings for a micro corpus: a 16-d, one-block model in batches of 4."""
+    base: dict[str, object] = {
+        "dim": 16,
+        "width": 32,
+        "depth": 1,
+        "heads": 2,
+        "batch_size": 4,
+        "warmup_steps": 1,
+        "schedule": ("image", "audio", "video"),
+    }
+    return TrainSettings(**{**base, **overrides})  # type: ignore[arg-type]

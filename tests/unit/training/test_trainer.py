@@ -19,7 +19,7 @@ from training.trainer import (
 )
 from training.world import Concept
 
-from .conftest import random_table
+from .conftest import random_table, tiny_settings
 
 
 def test_multi_positive_nce_is_clip_loss_with_one_positive() -> None:
@@ -40,19 +40,8 @@ def test_motion_maps_swap_directions(micro_corpus: Corpus) -> None:
 
 def test_training_lowers_the_loss_on_a_tiny_corpus(micro_corpus: Corpus) -> None:
     torch.set_num_threads(1)
-    settings = TrainSettings(
-        seed=0,
-        encoder_seeds=(0,),
-        dim=16,
-        width=32,
-        depth=1,
-        heads=2,
-        epochs=10,
-        batch_size=4,
-        learning_rate=3e-3,
-        warmup_steps=1,
-        masked_share=0.3,
-        schedule=("image", "audio", "video"),
+    settings = tiny_settings(
+        seed=0, encoder_seeds=(0,), epochs=10, learning_rate=3e-3, masked_share=0.3
     )
     reports: list[EpochReport] = []
     models = train(
@@ -112,18 +101,7 @@ def test_training_twice_from_one_seed_gives_the_same_bytes(
     still, moving = random_table(micro_corpus.still), random_table(micro_corpus.moving)
 
     def weights(seed: int, out: Path) -> str:
-        settings = TrainSettings(
-            seed=seed,
-            encoder_seeds=(0, 1),
-            dim=16,
-            width=32,
-            depth=1,
-            heads=2,
-            epochs=2,
-            batch_size=4,
-            warmup_steps=1,
-            schedule=("image", "audio", "video"),
-        )
+        settings = tiny_settings(seed=seed, encoder_seeds=(0, 1), epochs=2)
         models = train(micro_corpus, DEFAULT_PREPROCESS, still, moving, settings)
         manifest = write_shard(
             out,
