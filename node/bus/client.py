@@ -1,16 +1,41 @@
 """The MQTT bus: persistent sessions, QoS 1, reconnection with backoff.
 
-A committee member runs two sessions: one for submissions, one for
-consensus and sync, each with its own in-flight window and handler, so a
+Every node runs two sessions. The submissions session only receives; the
+other publishes everything the node publishes (the outbox, consensus) and,
+in a committee, receives consensus and sync. Each has its own handler, so a
 flood of submissions (whose handler blocks while intake is full) never
-delays a vote.
+delays a vote, and the submissions session never awaits an answer of the
+broker, which is what lets it stop reading (below).
 
 Incoming messages are acknowledged (PUBACK) only after the handler returns,
 that is after the submission is durably stored: paho's manual acknowledgement
 is switched on, so a crash between delivery and storage leaves the message
-with the broker, which delivers it again to the persistent session. The
-broker's in-flight window bounds how many unacknowledged messages reach the
-node, which is the back-pressure on the bus.
+with the broker, which delivers it again to the persistent session.
+
+The broker's in-flight window is not what bounds the node's memory: Mosquitto
+2.0.11 (Debian's) lets a whole window more through on every PUBACK, a window
+of 1,000 messages of 8 MiB would be 8 GB even where it holds, and QoS 0 has
+no window at all. Each session therefore holds at most ``bus.receive_window``
+delivered, unhandled messages (and ``receive_window_mb`` of payload), in
+:class:`_WindowedClient`:
+
+- at the window it stops reading its socket, so TCP pushes back and the
+  backlog stays in the broker, and resumes at half the window; only while
+  nothing on the connection awaits an answer, which a paused connection
+  could not read;
+- a QoS 1 delivery that arrives past the window all the same is left
+  unacknowledged and unqueued: the broker keeps it in flight and sends it
+  again when the session reconnects (MQTT 3.1.1 §4.4). From the first
+  deferred message on, every later one is deferred too, so that order is
+  kept; once everything held is handled and acknowledged, :meth:`Bus.run`
+  reconnects at once and the broker delivers the deferred messages again,
+  in order. A QoS 0 delivery past the window is dropped (at most once is
+  all QoS 0 promises).
+
+The embedded broker (amqtt) forgets a delivery left unacknowledged for 5 s
+and sends nothing again on a reconnect, so with it the window is off: it
+runs in the node's process anyway, and what it holds is the node's memory
+either way.
 
 Outgoing messages come from the store's outbox; :class:`OutboxPublisher`
 publishes them with a bounded window of concurrent QoS 1 publishes and
@@ -26,15 +51,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import ssl
 import stat
+import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import aiomqtt
-from paho.mqtt.client import MQTT_CLEAN_START_FIRST_ONLY
+from paho.mqtt.client import MQTT_CLEAN_START_FIRST_ONLY, MQTT_ERR_SUCCESS, MQTTMessage
 
 from node.errors import ConfigError
 from node.ops.config import BusSection
@@ -42,7 +70,12 @@ from node.ops.metrics import Metrics
 
 log = logging.getLogger("poc.bus")
 
+T = TypeVar("T")
+
 MessageHandler = Callable[[str, bytes], Awaitable[None]]
+
+# Never subscribed: unsubscribing it changes nothing and is answered in order.
+_BARRIER_TOPIC = "poc-node/barrier"
 
 
 @dataclass(frozen=True)
@@ -131,6 +164,158 @@ def tls_context(
     return context
 
 
+class _WindowedClient(aiomqtt.Client):
+    """An aiomqtt client that holds at most a window of unhandled deliveries.
+
+    paho calls :meth:`_on_message` on the event loop for every PUBLISH it
+    reads; the consumer calls :meth:`handled` once a message is handled and
+    acknowledged. Two things keep the window:
+
+    - **pausing**: once the window is full, the socket's reader leaves the
+      event loop, TCP pushes back on the broker, and reading resumes at half
+      the window. Only while nothing on this connection awaits an answer (a
+      PUBACK of our own publish, a SUBACK, an UNSUBACK, a PINGRESP): a paused
+      connection reads none of them, and a handler that awaits one would
+      wait forever.
+    - **deferring**, whenever a message arrives past the window all the same:
+      it is neither queued nor acknowledged (see the module's docstring).
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        window: int,
+        window_bytes: int,
+        on_defer: Callable[[int], None],
+        on_pause: Callable[[], None],
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self._window = window
+        self._window_bytes = window_bytes
+        self._on_defer = on_defer
+        self._on_pause = on_pause
+        self.held = 0
+        self.held_bytes = 0
+        self.deferring = False
+        self._awaiting = 0  # our requests on this connection still waiting for their answer
+        self._fd = -1
+        self._paused = False
+        self.session_present = False
+
+    def _on_connect(self, client: Any, userdata: Any, flags: Any, *args: Any) -> None:
+        self.session_present = bool(flags.session_present)
+        super()._on_connect(client, userdata, flags, *args)
+
+    # -- the window ----------------------------------------------------------
+
+    def _on_message(self, client: Any, userdata: Any, message: MQTTMessage) -> None:
+        size = len(message.payload)
+        # The same test as the pause below: a message is taken while the window
+        # is not full, so the bytes may pass it by one message at most.
+        full = self.held >= self._window or self.held_bytes >= self._window_bytes
+        if self.deferring or full:
+            if message.qos > 0:
+                self.deferring = True  # no PUBACK: the broker sends it again after a reconnect
+            self._on_defer(message.qos)
+            return
+        self.held += 1
+        self.held_bytes += size
+        super()._on_message(client, userdata, message)
+        self._steer()
+
+    def handled(self, size: int) -> None:
+        self.held -= 1
+        self.held_bytes -= size
+        self._steer()
+
+    # -- pausing the reader ----------------------------------------------------
+
+    def _steer(self) -> None:
+        """Pause or resume reading, as the window and the awaited answers say."""
+        if self._fd < 0:
+            return
+        answer_due = self._awaiting > 0 or self._client._ping_t > 0
+        if self._paused:
+            drained = self.held <= self._window // 2 and self.held_bytes <= self._window_bytes // 2
+            if answer_due or (drained and not self.deferring):
+                self._paused = False
+                self._loop.add_reader(self._fd, self._read)
+                self._loop.call_soon(self._read)  # TLS may hold decoded bytes already
+        elif not answer_due and (
+            self.deferring or self.held >= self._window or self.held_bytes >= self._window_bytes
+        ):
+            self._paused = True
+            self._loop.remove_reader(self._fd)
+            self._on_pause()
+
+    def _read(self) -> None:
+        """aiomqtt's own reader: read, and a failure ends the connection."""
+        if self._paused or self._fd < 0:
+            return
+        try:
+            while True:
+                self._client.loop_read()
+                pending = getattr(self._client._sock, "pending", None)  # TLS: decoded bytes
+                if self._paused or pending is None or pending() == 0:
+                    break
+        except Exception as error:  # the connection broke: aiomqtt's run loop raises it
+            if not self._disconnected.done():
+                self._disconnected.set_exception(error)
+
+    def _on_socket_open(self, client: Any, userdata: Any, sock: Any) -> None:
+        super()._on_socket_open(client, userdata, sock)
+        self._fd = sock.fileno()  # where aiomqtt registers its reader
+
+    def _on_socket_close(self, client: Any, userdata: Any, sock: Any) -> None:
+        self._fd = -1
+        self._paused = False
+        super()._on_socket_close(client, userdata, sock)
+
+    async def _misc_loop(self) -> None:
+        """aiomqtt's keepalive loop, which sends no PINGREQ while messages are held.
+
+        The PINGRESP comes after whatever the broker has sent before it, which
+        under a flood is its backlog: paho would read on past the window to
+        find it. While messages are held the session acknowledges them, and
+        those PUBACKs are what the broker's keepalive needs; once none is held
+        (and the backlog is read) paho's pings resume and find a dead
+        connection as before. A handler stuck for longer than the keepalive
+        gets the session closed by the broker, which delivers what it held
+        again.
+        """
+        while self._paused or self.held > 0 or self._client.loop_misc() == MQTT_ERR_SUCCESS:
+            self._steer()
+            await asyncio.sleep(1)
+
+    async def _answered(self, request: Awaitable[T]) -> T:
+        self._awaiting += 1
+        self._steer()
+        try:
+            return await request
+        finally:
+            self._awaiting -= 1
+            self._steer()
+
+    async def publish(self, *args: Any, **kwargs: Any) -> None:
+        await self._answered(super().publish(*args, **kwargs))
+
+    async def subscribe(self, *args: Any, **kwargs: Any) -> Any:
+        return await self._answered(super().subscribe(*args, **kwargs))
+
+    async def unsubscribe(self, *args: Any, **kwargs: Any) -> None:
+        await self._answered(super().unsubscribe(*args, **kwargs))
+
+    async def resubscribe(self, topic: str) -> None:
+        """Subscribe again without reading on for the SUBACK.
+
+        The broker sends a session's backlog before the SUBACK: waiting for it
+        would mean reading the whole backlog past the window. The SUBACK is
+        read whenever reading reaches it.
+        """
+        await super().subscribe(topic, qos=1, timeout=math.inf)
+
+
 class Bus:
     """A reconnecting aiomqtt client whose session survives restarts."""
 
@@ -154,8 +339,11 @@ class Bus:
         self.connected = asyncio.Event()
         self._connections = 0
 
-    def _make_client(self) -> aiomqtt.Client:
-        client = aiomqtt.Client(
+    def _deferred(self, qos: int) -> None:
+        self._metrics.bus_deferred.labels(session=self._role, qos=str(qos)).inc()
+
+    def _make_client(self) -> _WindowedClient:
+        client = _WindowedClient(
             hostname=self._settings.host,
             port=self._settings.port,
             identifier=self._client_id,
@@ -168,6 +356,14 @@ class Bus:
             timeout=self._settings.connect_timeout_s,
             max_inflight_messages=self._settings.max_inflight,
             max_queued_outgoing_messages=0,
+            # amqtt forgets a delivery unacknowledged for 5 s and sends nothing again
+            # on a reconnect: deferring would lose it, so the window is off there.
+            window=sys.maxsize if self._settings.embedded else self._settings.receive_window,
+            window_bytes=sys.maxsize
+            if self._settings.embedded
+            else self._settings.receive_window_mb * 2**20,
+            on_defer=self._deferred,
+            on_pause=self._metrics.bus_pauses.labels(session=self._role).inc,
         )
         client.pending_calls_threshold = self._settings.publish_window + 16
         # aiomqtt exposes no switch for manual PUBACK; paho's client under it has one.
@@ -177,15 +373,26 @@ class Bus:
     async def run(self, subscriptions: Sequence[str], handler: MessageHandler) -> None:
         """Stay connected, subscribed, and feed every message to ``handler``, in order."""
         delay = self._settings.reconnect_min_s
+        held = self._metrics.bus_held.labels(session=self._role)
+        redeliver = False
         while True:
+            renewal: asyncio.Task[None] | None = None
             try:
                 async with self._make_client() as client:
                     self._client = client
                     self._connections += 1
-                    if self._connections > 1 and self._reports:
+                    if redeliver:
+                        self._metrics.bus_window_reconnects.labels(session=self._role).inc()
+                    elif self._connections > 1 and self._reports:
                         self._metrics.bus_reconnects.inc()
-                    for topic in subscriptions:
-                        await client.subscribe(topic, qos=1)
+                    redeliver = False
+                    if client.session_present:
+                        # The broker kept the session, its subscriptions and backlog:
+                        # renew them (the list may have changed) without waiting.
+                        renewal = asyncio.create_task(self._renew(client, subscriptions))
+                    else:
+                        for topic in subscriptions:
+                            await client.subscribe(topic, qos=1)
                     self.connected.set()
                     if self._reports:
                         self._metrics.bus_connected.set(1)
@@ -201,12 +408,23 @@ class Bus:
                     )
                     delay = self._settings.reconnect_min_s
                     async for message in client.messages:
+                        held.set(client.held)
                         payload = message.payload
                         if not isinstance(payload, bytes | bytearray):
                             payload = b"" if payload is None else str(payload).encode()
                         await handler(str(message.topic), bytes(payload))
                         if message.qos > 0:
                             client._client.ack(message.mid, message.qos)
+                        client.handled(len(payload))
+                        if client.deferring and client.held == 0:
+                            # Everything held is handled: reconnect for the deferred ones.
+                            await self._barrier(client)
+                            redeliver = True
+                            log.info(
+                                "event=bus_redeliver role=%s reason=receive_window_full",
+                                self._role,
+                            )
+                            break
             except aiomqtt.MqttError as error:
                 log.warning(
                     "event=bus_disconnected role=%s error=%r retry_in_s=%.1f",
@@ -215,12 +433,38 @@ class Bus:
                     delay,
                 )
             finally:
+                if renewal is not None:
+                    renewal.cancel()
                 self._client = None
+                held.set(0)
                 self.connected.clear()
                 if self._reports:
                     self._metrics.bus_connected.set(0)
+            if redeliver:
+                continue
             await asyncio.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, self._settings.reconnect_max_s)
+
+    async def _renew(self, client: _WindowedClient, subscriptions: Sequence[str]) -> None:
+        try:
+            for topic in subscriptions:
+                await client.resubscribe(topic)
+        except aiomqtt.MqttError as error:
+            log.info("event=bus_resubscribe_failed role=%s error=%r", self._role, str(error))
+
+    async def _barrier(self, client: aiomqtt.Client) -> None:
+        """Wait until the broker has counted every PUBACK sent so far.
+
+        Closing a socket with unread data in it resets the connection, and the
+        broker may drop what it had not read yet: the last PUBACKs, whose
+        messages it would then deliver twice. A broker handles a session's
+        packets in order, so the answer to an UNSUBSCRIBE (of a filter never
+        subscribed: nothing changes) comes after them.
+        """
+        try:
+            await client.unsubscribe(_BARRIER_TOPIC, timeout=self._settings.connect_timeout_s)
+        except aiomqtt.MqttError as error:
+            log.info("event=bus_barrier_failed role=%s error=%r", self._role, str(error))
 
     async def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
         """Publish with QoS 1 and wait for the PUBACK; raises MqttError when disconnected."""

@@ -80,6 +80,8 @@ class BusSection(_Section):
     reconnect_max_s: PositiveFloat
     publish_window: PositiveInt
     max_inflight: PositiveInt
+    receive_window: PositiveInt
+    receive_window_mb: PositiveInt
 
     @field_validator("url")
     @classmethod

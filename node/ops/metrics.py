@@ -124,6 +124,32 @@ class Metrics:
             "Connections to the broker after the first",
             registry=registry,
         )
+        self.bus_held = Gauge(
+            "poc_bus_held_messages",
+            "Messages delivered by the broker and not yet handled, per session "
+            "(bounded by bus.receive_window)",
+            ["session"],
+            registry=registry,
+        )
+        self.bus_deferred = Counter(
+            "poc_bus_deferred_total",
+            "Deliveries past the receive window: QoS 1 left unacknowledged for the broker "
+            "to deliver again, QoS 0 dropped",
+            ["session", "qos"],
+            registry=registry,
+        )
+        self.bus_pauses = Counter(
+            "poc_bus_read_pauses_total",
+            "Times a session stopped reading its socket with its receive window full",
+            ["session"],
+            registry=registry,
+        )
+        self.bus_window_reconnects = Counter(
+            "poc_bus_window_reconnects_total",
+            "Reconnections made to have deferred deliveries sent again",
+            ["session"],
+            registry=registry,
+        )
         self.published = Counter(
             "poc_published_total",
             "Messages published and acknowledged by the broker",
