@@ -201,11 +201,12 @@ class Node:
         # Built here so that a bad TLS file is refused before the encoders load.
         client_id = config.bus.client_id or f"poc-node-{self.key.public_hex[:16]}"
         self.bus = Bus(config.bus, client_id, self.metrics)
-        # Consensus has its own session and queue: votes never wait behind submissions.
-        self.consensus_bus = (
-            Bus(config.bus, f"{client_id}-consensus", self.metrics, role="consensus")
-            if len(self.committee.members) > 1
-            else None
+        # A second session carries everything the node publishes, and a committee's
+        # consensus and sync: votes never wait behind submissions, and the submissions
+        # session awaits no answer, so under a flood it can stop reading its socket
+        # and let TCP hold the backlog in the broker (node.bus.client).
+        self.consensus_bus = Bus(
+            config.bus, f"{client_id}-consensus", self.metrics, role="consensus"
         )
         self.http_port: int | None = None
         self._stopping = asyncio.Event()
@@ -219,8 +220,7 @@ class Node:
             "encoders_loaded": self._encoders_loaded,
             "bus_connected": self.bus.connected.is_set(),
         }
-        if self.consensus_bus is not None:
-            checks["consensus_bus_connected"] = self.consensus_bus.connected.is_set()
+        checks["consensus_bus_connected"] = self.consensus_bus.connected.is_set()
         if self.config.encoders.backend == "ray":
             # A replica running and the weights of the pool checked (node.pipeline.ray_engine).
             checks["encoder_pool"] = bool(getattr(self._engine, "ready", False))
@@ -233,9 +233,8 @@ class Node:
         it is sent and sent again while undecided; a message lost while
         disconnected is dropped.
         """
-        bus = self.consensus_bus or self.bus
         try:
-            await bus.publish(topic, payload)
+            await self.consensus_bus.publish(topic, payload)
         except (aiomqtt.MqttError, TimeoutError) as error:
             log.info("event=consensus_publish_failed topic=%s error=%r", topic, str(error))
 
@@ -334,7 +333,7 @@ class Node:
                 await store.published(seqs)
 
             publisher = OutboxPublisher(
-                self.bus, fetch, done, config.bus.publish_window, self.metrics
+                self.consensus_bus, fetch, done, config.bus.publish_window, self.metrics
             )
             chain = BeaconChain(self.committee)
             clock = Clock()
@@ -433,15 +432,14 @@ class Node:
                 bus_task = group.create_task(
                     self.bus.run([self.topics.submissions], on_submission), name="bus"
                 )
-                workers = []
-                if self.consensus_bus is not None:
-                    workers.append(
-                        group.create_task(
-                            self.consensus_bus.run(consensus_topics, driver.on_message),
-                            name="consensus-bus",
-                        )
-                    )
-                workers += [
+                workers = [
+                    group.create_task(
+                        self.consensus_bus.run(
+                            consensus_topics if len(self.committee.members) > 1 else [],
+                            driver.on_message,
+                        ),
+                        name="consensus-bus",
+                    ),
                     group.create_task(encoder.run(), name="encoder"),
                     group.create_task(
                         intake.run_preparers(prepared_at_once(self.config)), name="preparers"
@@ -491,7 +489,7 @@ class Node:
         try:
             async with asyncio.timeout(DRAIN_TIMEOUT_S):
                 await intake.idle()
-                while self.bus.connected.is_set():
+                while self.consensus_bus.connected.is_set():
                     unpublished: int = await store.outbox_size()
                     if not unpublished:
                         break

@@ -44,6 +44,7 @@ pytestmark = pytest.mark.integration
 SHIPPED = ROOT / "config" / "mosquitto"
 PREFIX = "poc/v1"
 VALIDATOR = "validator-1"  # the example validator of the shipped acl.conf
+VALIDATOR_OUT = "validator-1-consensus"  # its second session: what it publishes, consensus
 
 
 def _name(common_name: str) -> x509.Name:
@@ -170,7 +171,7 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secured]:
     directory = tmp_path_factory.mktemp("secured-mosquitto")
     ca, cert, key = make_pki(directory)
     submitters = [Peer() for _ in range(3)]
-    passwords = {VALIDATOR: "validator secret"}
+    passwords = {VALIDATOR: "validator secret", VALIDATOR_OUT: "outbound secret"}
     passwords.update({peer.public.hex(): f"secret {n}" for n, peer in enumerate(submitters)})
     password_file = directory / "passwd"
     for username, password in passwords.items():
@@ -382,6 +383,8 @@ def test_the_node_serves_a_submitter_over_tls_with_passwords(secured: Secured, t
             "tls_ca": str(secured.ca),
             "username": VALIDATOR,
             "password": secured.passwords[VALIDATOR],
+            "consensus_username": VALIDATOR_OUT,
+            "consensus_password": secured.passwords[VALIDATOR_OUT],
         },
     )
     node = start_node(tmp_path / "node", secured.url, config)

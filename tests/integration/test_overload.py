@@ -37,6 +37,9 @@ def test_a_burst_is_absorbed_with_bounded_queues(tmp_path: Path):
             rounds={"round_seconds": 1},
             intake={"queue_size": QUEUE},
             encoders={"queue_size": QUEUE},
+            # Small enough that the burst overflows it: the submissions session
+            # stops reading, and the backlog waits in the broker.
+            bus={"receive_window": 16},
         ),
     )
     raws = [Peer().submission([("text", "text/plain", f"burst {i}".encode())]) for i in range(300)]
@@ -64,8 +67,11 @@ def test_a_burst_is_absorbed_with_bounded_queues(tmp_path: Path):
             span.append(time.monotonic())
             return finals
 
+    session = 'session="submissions"'
     try:
         finals = asyncio.run(scenario())
+        pauses = node.metric("poc_bus_read_pauses_total", session)
+        deferred = node.metric("poc_bus_deferred_total", f'qos="1",{session}')
     finally:
         stop.set()
         watcher.join()
@@ -73,6 +79,11 @@ def test_a_burst_is_absorbed_with_bounded_queues(tmp_path: Path):
         broker.stop()
     assert all(result["status"] == "final" for result in finals)
     assert max(depths) <= QUEUE
+    # The receive window fired, by pausing alone: the submissions session
+    # publishes nothing (Results leave on the node's second session), so it
+    # never had to read on past the window.
+    assert pauses > 0
+    assert deferred == 0
     # One-second rounds: however long the burst took here, rounds kept closing meanwhile.
     assert rounds[-1] - rounds[0] >= max(int(span[1] - span[0]) - 1, 1), (rounds, span)
 
