@@ -120,6 +120,11 @@ def main() -> None:
     parser.add_argument(
         "--picture-kib", type=int, default=256, help="size of the flood's pictures (0: none)"
     )
+    parser.add_argument(
+        "--no-receive-window",
+        action="store_true",
+        help="turn the node's bus.receive_window off (to see what it bounds)",
+    )
     args = parser.parse_args()
 
     directory = Path(tempfile.mkdtemp(prefix="poc-overload-"))
@@ -129,6 +134,7 @@ def main() -> None:
         rounds={"round_seconds": 2},
         node={"log_level": "WARNING"},
         encoders={"workers": None},  # the shipped default (tests encode in the node)
+        bus={"receive_window": 10**9, "receive_window_mb": 10**9} if args.no_receive_window else {},
     )
     node = start_node(directory / "node", f"mqtt://127.0.0.1:{broker.port}", config)
     try:
@@ -194,6 +200,13 @@ def main() -> None:
         for key in sorted(k for k in stats if k.startswith("result:")):
             print(f"  {key[7:]:<22}{stats[key]:8d} results seen during the flood")
         print(f"recovery                {recovery:8.1f} s from the flood's end to a new final")
+        session = 'session="submissions"'
+        deferred = node.metric("poc_bus_deferred_total", f'qos="1",{session}')
+        redeliveries = node.metric("poc_bus_window_reconnects_total", session)
+        print(
+            f"deferred deliveries     {deferred:8.0f} past the receive window, in "
+            f"{redeliveries:.0f} reconnects (a message deferred again counts again)"
+        )
         depth = node.metric("poc_queue_depth", 'queue="prepare"')
         print(f"queue depth now         {depth:8.0f}")
     finally:
