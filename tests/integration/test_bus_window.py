@@ -66,6 +66,7 @@ async def _drive(
     name: str = "window-test",
     scheme: str = "mqtt",
     backlog: bool = False,
+    keepalive: int = 30,
 ) -> Run:
     """Flood ``COUNT`` messages at a handler that keeps up with a fraction of them.
 
@@ -81,6 +82,7 @@ async def _drive(
             "bus.receive_window": window,
             "bus.receive_window_mb": window_mb,
             "bus.connect_timeout_s": 5,
+            "bus.keepalive_s": keepalive,
         },
     )
     registry = CollectorRegistry()
@@ -142,6 +144,16 @@ def test_a_backlog_met_at_reconnection_is_held_to_the_window(mosquitto: Broker):
     """The broker sends a session's backlog before the SUBACK of its renewed
     subscription: the session renews without waiting for it, so it can pause."""
     run = asyncio.run(_drive(mosquitto.port, backlog=True, name="backlog"))
+    assert run.most_held <= WINDOW
+    assert run.pauses > 0 and run.deferred == 0
+    assert run.seen == list(range(COUNT))
+
+
+def test_no_ping_is_sent_into_the_backlog(mosquitto: Broker):
+    """A keepalive far shorter than the flood: a PINGREQ while messages are held
+    would be answered after the backlog, and the session would read on past
+    the window to find the PINGRESP."""
+    run = asyncio.run(_drive(mosquitto.port, keepalive=1, name="keepalive"))
     assert run.most_held <= WINDOW
     assert run.pauses > 0 and run.deferred == 0
     assert run.seen == list(range(COUNT))
