@@ -37,6 +37,8 @@ from node.bus.client import tls_context
 from node.errors import ConfigError
 from node.ops.config import load_config
 from tests.conftest import POC_NODE, ROOT, Broker, free_port, start_node, write_node_config
+from tests.integration.test_bus_window import COUNT as WINDOW_COUNT
+from tests.integration.test_bus_window import flood_session
 from tests.peer import Peer
 
 pytestmark = pytest.mark.integration
@@ -460,3 +462,33 @@ def test_tls_settings_that_cannot_work_are_named(tmp_path: Path):
     bus = load_config(path).bus
     assert bus.tls and bus.port == 1884
     assert not load_config().bus.tls
+
+
+def test_the_receive_window_defers_and_recovers_under_the_shipped_acl(secured: Secured):
+    """Deferral past the receive window through TLS, passwords and the shipped ACL.
+
+    The handler awaits PUBACKs on its own session (a validator's Results), so
+    the session must read on and defer; its barrier (an UNSUBSCRIBE of a filter
+    no ACL line names) and its reconnects must still work for a validator
+    account, and nothing a submitter sent may be lost, reordered or repeated.
+    """
+    alice = secured.submitters[0].public.hex()
+    run = asyncio.run(
+        flood_session(
+            secured.port,
+            echo_every=10,
+            name="acl",
+            settings={
+                "bus.url": secured.url,
+                "bus.tls_ca": str(secured.ca),
+                "bus.username": VALIDATOR,
+                "bus.password": secured.passwords[VALIDATOR],
+            },
+            publisher=lambda: secured.login(alice),
+            topic=f"{PREFIX}/submissions/{alice}",
+            echo_topic=f"{PREFIX}/results/{alice}",
+        )
+    )
+    assert run.deferred > 0 and run.redeliveries > 0  # the window fired and recovered
+    assert run.echoed == WINDOW_COUNT // 10
+    assert run.seen == list(range(WINDOW_COUNT))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import aiomqtt
@@ -32,8 +33,8 @@ WINDOW = 40
 COUNT = 1500
 
 
-async def _flood(port: int, topic: str, count: int, size: int, qos: int = 1) -> None:
-    async with aiomqtt.Client("127.0.0.1", port, identifier=f"flooder-{topic}") as publisher:
+async def _flood(publisher: aiomqtt.Client, topic: str, count: int, size: int, qos: int) -> None:
+    async with publisher:
         publisher.pending_calls_threshold = 1000
         window = asyncio.Semaphore(200)
 
@@ -55,7 +56,7 @@ class Run:
     echoed: int = 0
 
 
-async def _drive(
+async def flood_session(
     port: int,
     *,
     window: int = WINDOW,
@@ -67,14 +68,28 @@ async def _drive(
     scheme: str = "mqtt",
     backlog: bool = False,
     keepalive: int = 30,
+    settings: dict[str, object] | None = None,
+    publisher: Callable[[], aiomqtt.Client] | None = None,
+    topic: str | None = None,
+    echo_topic: str | None = None,
 ) -> Run:
     """Flood ``COUNT`` messages at a handler that keeps up with a fraction of them.
 
     With ``echo_every`` the handler also publishes on its own session and awaits
     the PUBACK, as the node's Results and a one-member committee's rounds do.
     With ``backlog`` the flood goes to the session while it is away: at its
-    return the broker sends the backlog before anything else.
+    return the broker sends the backlog before anything else. ``settings``,
+    ``publisher``, ``topic`` and ``echo_topic`` put the session, the flooder and
+    the topics on another broker (TLS, accounts, ACL).
     """
+    topic = topic or f"flood/{name}"
+    echo_topic = echo_topic or f"echo/{name}"
+
+    def flooder() -> aiomqtt.Client:
+        if publisher is not None:
+            return publisher()
+        return aiomqtt.Client("127.0.0.1", port, identifier=f"flooder-{name}")
+
     config = load_config(
         None,
         {
@@ -83,6 +98,7 @@ async def _drive(
             "bus.receive_window_mb": window_mb,
             "bus.connect_timeout_s": 5,
             "bus.keepalive_s": keepalive,
+            **(settings or {}),
         },
     )
     registry = CollectorRegistry()
@@ -98,22 +114,22 @@ async def _drive(
         run.seen.append(index)
         await asyncio.sleep(0.002)  # an intake that keeps up with a fraction of the flood
         if echo_every and index % echo_every == 0:
-            await bus.publish(f"echo/{name}", payload[:4])
+            await bus.publish(echo_topic, payload[:4])
             run.echoed += 1
         if len(run.seen) >= COUNT:
             done.set()
 
-    runner = asyncio.create_task(bus.run([f"flood/{name}"], slow))
+    runner = asyncio.create_task(bus.run([topic], slow))
     try:
         await asyncio.wait_for(bus.connected.wait(), 10)
         if backlog:
             runner.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await runner
-            await _flood(port, f"flood/{name}", COUNT, size, qos)
-            runner = asyncio.create_task(bus.run([f"flood/{name}"], slow))
+            await _flood(flooder(), topic, COUNT, size, qos)
+            runner = asyncio.create_task(bus.run([topic], slow))
         else:
-            await _flood(port, f"flood/{name}", COUNT, size, qos)
+            await _flood(flooder(), topic, COUNT, size, qos)
         if qos == 1:
             await asyncio.wait_for(done.wait(), 120)
         else:
@@ -133,7 +149,7 @@ async def _drive(
 
 def test_a_flood_never_holds_more_than_the_receive_window(mosquitto: Broker):
     """Nothing awaits an answer on the session: it stops reading, TCP pushes back."""
-    run = asyncio.run(_drive(mosquitto.port, name="count"))
+    run = asyncio.run(flood_session(mosquitto.port, name="count"))
     assert run.most_held <= WINDOW
     assert run.pauses > 0  # the window was reached: it fired
     assert run.deferred == 0  # by pausing alone
@@ -143,7 +159,7 @@ def test_a_flood_never_holds_more_than_the_receive_window(mosquitto: Broker):
 def test_a_backlog_met_at_reconnection_is_held_to_the_window(mosquitto: Broker):
     """The broker sends a session's backlog before the SUBACK of its renewed
     subscription: the session renews without waiting for it, so it can pause."""
-    run = asyncio.run(_drive(mosquitto.port, backlog=True, name="backlog"))
+    run = asyncio.run(flood_session(mosquitto.port, backlog=True, name="backlog"))
     assert run.most_held <= WINDOW
     assert run.pauses > 0 and run.deferred == 0
     assert run.seen == list(range(COUNT))
@@ -153,7 +169,7 @@ def test_no_ping_is_sent_into_the_backlog(mosquitto: Broker):
     """A keepalive far shorter than the flood: a PINGREQ while messages are held
     would be answered after the backlog, and the session would read on past
     the window to find the PINGRESP."""
-    run = asyncio.run(_drive(mosquitto.port, keepalive=1, name="keepalive"))
+    run = asyncio.run(flood_session(mosquitto.port, keepalive=1, name="keepalive"))
     assert run.most_held <= WINDOW
     assert run.pauses > 0 and run.deferred == 0
     assert run.seen == list(range(COUNT))
@@ -161,7 +177,7 @@ def test_no_ping_is_sent_into_the_backlog(mosquitto: Broker):
 
 def test_without_the_window_the_broker_hands_over_far_more(mosquitto: Broker):
     """The control: Mosquitto's own window does not bound what a slow session holds."""
-    run = asyncio.run(_drive(mosquitto.port, window=100_000, name="control"))
+    run = asyncio.run(flood_session(mosquitto.port, window=100_000, name="control"))
     assert run.deferred == 0 and run.pauses == 0
     assert run.most_held > 5 * WINDOW
     assert run.seen == list(range(COUNT))
@@ -170,7 +186,7 @@ def test_without_the_window_the_broker_hands_over_far_more(mosquitto: Broker):
 def test_large_messages_are_bounded_by_bytes_too(mosquitto: Broker):
     # A 1 MiB window of 64 KiB messages: at most 16 held, well under the count window;
     # the session pauses at the byte window, never reading on to defer.
-    run = asyncio.run(_drive(mosquitto.port, window_mb=1, size=60 * 1024, name="bytes"))
+    run = asyncio.run(flood_session(mosquitto.port, window_mb=1, size=60 * 1024, name="bytes"))
     assert run.most_held <= 18  # 17 messages reach 1 MiB: the 18th is one past it
     assert run.pauses > 0
     assert run.deferred == 0
@@ -180,7 +196,7 @@ def test_large_messages_are_bounded_by_bytes_too(mosquitto: Broker):
 def test_own_publishes_are_acknowledged_while_deferring(mosquitto: Broker):
     """The handler awaits PUBACKs on its own session, so the session must read on:
     what arrives past the window is deferred and delivered again after a reconnect."""
-    run = asyncio.run(_drive(mosquitto.port, echo_every=10, name="echo"))
+    run = asyncio.run(flood_session(mosquitto.port, echo_every=10, name="echo"))
     assert run.most_held <= WINDOW
     assert run.deferred > 0 and run.redeliveries > 0
     assert run.echoed == COUNT // 10
@@ -189,7 +205,7 @@ def test_own_publishes_are_acknowledged_while_deferring(mosquitto: Broker):
 
 def test_a_qos0_flood_is_bounded(mosquitto: Broker):
     """QoS 0 has no broker window at all: the session's window is the only bound."""
-    run = asyncio.run(_drive(mosquitto.port, qos=0, name="qos0"))
+    run = asyncio.run(flood_session(mosquitto.port, qos=0, name="qos0"))
     assert run.most_held <= WINDOW
     assert run.pauses > 0 or run.deferred > 0
     assert run.redeliveries == 0  # a QoS 0 message is never sent again
@@ -202,7 +218,7 @@ def test_the_window_is_off_with_the_embedded_broker():
     async def scenario() -> Run:
         port = free_port()
         async with embedded_broker("127.0.0.1", port):
-            return await _drive(port, scheme="embedded", name="embedded")
+            return await flood_session(port, scheme="embedded", name="embedded")
 
     run = asyncio.run(scenario())
     assert run.deferred == 0
