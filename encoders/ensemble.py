@@ -40,33 +40,77 @@ def combine(
     embeddings: npt.NDArray[np.float64], losses: npt.NDArray[np.float64], rule: EnsembleRule
 ) -> ItemEmbedding:
     """Ensemble ``[J, D]`` unit embeddings with their ``[J]`` differential losses."""
-    finite = np.all(np.isfinite(embeddings), axis=1) & np.isfinite(losses)
-    if not finite.any():
-        raise EncodingFailedError("every encoder of the shard gave a non-finite output")
+    return combine_batch(embeddings[:, None], losses[:, None], rule)[0]
+
+
+def combine_batch(
+    embeddings: npt.NDArray[np.float64], losses: npt.NDArray[np.float64], rule: EnsembleRule
+) -> list[ItemEmbedding]:
+    """Ensemble ``[J, B, D]`` embeddings with ``[J, B]`` losses: B items at once, each
+    by the rule of the module, in array operations over the batch."""
+    b = embeddings.shape[1]
+    finite = np.all(np.isfinite(embeddings), axis=2) & np.isfinite(losses)
+    counts = finite.sum(axis=0)
+    if not counts.all():
+        failed = np.flatnonzero(counts == 0).tolist()
+        raise EncodingFailedError(
+            f"every encoder of the shard gave a non-finite output for item(s) {failed}"
+        )
     used = finite.copy()
-    if int(finite.sum()) >= 3:
-        median = np.median(embeddings[finite], axis=0)
-        norm = float(np.linalg.norm(median))
-        if norm > 0.0:
-            unit = embeddings[finite] / np.linalg.norm(embeddings[finite], axis=1, keepdims=True)
-            distance = 1.0 - unit @ (median / norm)
-            inliers = distance <= rule.outlier_distance
-            if inliers.any():
-                used[np.flatnonzero(finite)] = inliers
-    kept_losses = losses[used]
-    logits = -(kept_losses - kept_losses.min()) / rule.tau
-    weights = np.exp(logits) / np.exp(logits).sum()
-    mixed = weights @ embeddings[used]
-    norm = float(np.linalg.norm(mixed))
-    if not norm > 1e-12:
-        mixed, norm = embeddings[used][int(np.argmax(weights))], 1.0
-    diff_loss = float(weights @ kept_losses)
-    return ItemEmbedding(
-        vector=(mixed / norm).astype(np.float32),
-        diff_loss=diff_loss,
-        quality=float(np.exp(-diff_loss / rule.tau)),
-        encoder_losses=tuple(
-            float(x) if ok else float("nan") for x, ok in zip(losses, finite, strict=True)
-        ),
-        used=tuple(bool(x) for x in used),
-    )
+    voted = np.flatnonzero(counts >= 3)
+    if voted.size:
+        used[:, voted] = _inliers(embeddings[:, voted], finite[:, voted], rule.outlier_distance)
+    kept = np.where(used, losses, np.inf)
+    lowest = kept.min(axis=0)
+    logits = np.where(used, -(np.where(used, losses, 0.0) - lowest) / rule.tau, -np.inf)
+    weights = np.exp(logits) / np.exp(logits).sum(axis=0)
+    present = np.where(used[..., None], embeddings, 0.0)
+    mixed = _weighted_sum(weights[..., None], present)
+    norms = np.linalg.norm(mixed, axis=1)
+    flat = ~(norms > 1e-12)
+    if flat.any():
+        heaviest = np.argmax(weights, axis=0)
+        mixed[flat] = present[heaviest[flat], np.flatnonzero(flat)]
+        norms[flat] = 1.0
+    vectors = (mixed / norms[:, None]).astype(np.float32)
+    diff_losses = _weighted_sum(weights, np.where(used, losses, 0.0))
+    qualities = np.exp(-diff_losses / rule.tau)
+    reported = np.where(finite, losses, np.nan)
+    return [
+        ItemEmbedding(
+            vector=vectors[i].copy(),
+            diff_loss=float(diff_losses[i]),
+            quality=float(qualities[i]),
+            encoder_losses=tuple(float(x) for x in reported[:, i]),
+            used=tuple(bool(x) for x in used[:, i]),
+        )
+        for i in range(b)
+    ]
+
+
+def _weighted_sum(
+    weights: npt.NDArray[np.float64], values: npt.NDArray[np.float64]
+) -> npt.NDArray[np.float64]:
+    """``Σ_j weights[j]·values[j]``, added in encoder order: an item's result never
+    depends on the other items of its batch (a library reduction may order the
+    additions by the array's shape)."""
+    total: npt.NDArray[np.float64] = weights[0] * values[0]
+    for j in range(1, len(values)):
+        total = total + weights[j] * values[j]
+    return total
+
+
+def _inliers(
+    embeddings: npt.NDArray[np.float64], finite: npt.NDArray[np.bool_], bound: float
+) -> npt.NDArray[np.bool_]:
+    """``[J, B]``: the finite encoders within ``bound`` of their item's median direction;
+    all finite ones where the median is zero or would leave none."""
+    values = np.where(finite[..., None], embeddings, np.nan)
+    median = np.nanmedian(values, axis=0)
+    norm = np.linalg.norm(median, axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        unit = values / np.linalg.norm(values, axis=2, keepdims=True)
+        distance = 1.0 - (unit * (median / norm[:, None])).sum(axis=2)
+    inliers = finite & (distance <= bound)
+    judged = (norm > 0.0) & inliers.any(axis=0)
+    return np.where(judged, inliers, finite)

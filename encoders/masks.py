@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import numpy.typing as npt
 
 from encoders.modality import Modality
+from encoders.pcg64 import draw_keys, seed_sequence_state, seed_words
 
 MASK_SHARES: dict[Modality, float] = {
     Modality.TEXT: 0.15,
@@ -46,14 +48,52 @@ def token_masks(
     n_tokens: int, share: float, epoch_beacon: bytes, data_sha256: bytes, count: int
 ) -> npt.NDArray[np.bool_]:
     """Boolean ``[count, n_tokens]``: row k keeps ``kept_count`` tokens chosen by seed k."""
+    masks: npt.NDArray[np.bool_] = batch_token_masks(
+        [n_tokens], share, epoch_beacon, [data_sha256], count
+    )[0]
+    return masks
+
+
+def batch_token_masks(
+    n_tokens: Sequence[int],
+    share: float,
+    epoch_beacon: bytes,
+    data_sha256s: Sequence[bytes],
+    count: int,
+) -> npt.NDArray[np.bool_]:
+    """Boolean ``[B, count, max(n_tokens)]``: the masks of B items at once.
+
+    Row ``[b, k]`` keeps ``kept_count(n_b, share)`` of item b's first ``n_b``
+    tokens: those whose draws of ``PCG64(int(mask_seed(…, k)))`` rank lowest
+    (``Generator.random``, ties by position), the same as drawing each mask
+    with its own numpy generator; the positions past ``n_b`` are False. Only
+    the seeds' SHA-256 runs per mask; the generators run as arrays
+    (``encoders.pcg64``).
+    """
     if not 0.0 < share < 1.0:
         raise ValueError(f"mask share {share} is not in (0, 1)")
-    if n_tokens < 0 or count < 0:
-        raise ValueError(f"negative n_tokens={n_tokens} or count={count}")
-    keep = kept_count(n_tokens, share)
-    masks = np.zeros((count, n_tokens), dtype=np.bool_)
-    for k in range(count):
-        seed = int.from_bytes(mask_seed(epoch_beacon, data_sha256, k), "big")
-        draws = np.random.Generator(np.random.PCG64(seed)).random(n_tokens)
-        masks[k, np.argsort(draws, kind="stable")[:keep]] = True
+    if len(n_tokens) != len(data_sha256s):
+        raise ValueError(f"{len(n_tokens)} token counts for {len(data_sha256s)} items")
+    if count < 0 or any(n < 0 for n in n_tokens):
+        raise ValueError(f"negative n_tokens={list(n_tokens)} or count={count}")
+    width = max(n_tokens, default=0)
+    if count == 0 or width == 0:
+        return np.zeros((len(n_tokens), count, width), dtype=np.bool_)
+    digests = b"".join(
+        mask_seed(epoch_beacon, sha, k) for sha in data_sha256s for k in range(count)
+    )
+    keys = draw_keys(seed_sequence_state(seed_words(digests)), width)
+    keys = keys.reshape(len(n_tokens), count, width)
+    position = np.arange(width)
+    sizes = np.asarray(n_tokens)[:, None, None]
+    keys = np.where(position < sizes, keys, np.uint64(_PAST_END))
+    order = np.argsort(keys, axis=-1, kind="stable")
+    rank = np.empty_like(order)
+    np.put_along_axis(rank, order, np.broadcast_to(position, order.shape), axis=-1)
+    kept = np.asarray([kept_count(n, share) for n in n_tokens])
+    masks: npt.NDArray[np.bool_] = rank < kept[:, None, None]
     return masks
+
+
+_PAST_END = 1 << 53
+"""A rank key above every draw's (53 bits): positions past an item's tokens sort last."""

@@ -20,10 +20,10 @@ from safetensors.torch import load_file
 
 from encoders.channels import Memo
 from encoders.embedding import EncodeRequest, ItemEmbedding
-from encoders.ensemble import EnsembleRule, combine
+from encoders.ensemble import EnsembleRule, combine_batch
 from encoders.errors import WeightsError
 from encoders.interface import Encoder, EncoderSpec, TextVariants
-from encoders.masks import MASK_SHARES, token_masks
+from encoders.masks import MASK_SHARES, batch_token_masks
 from encoders.media import PreprocessSpec
 from encoders.modality import Modality
 from encoders.model import EncoderConfig, MultimodalEncoder
@@ -135,8 +135,8 @@ class Shard:
                 batch = [requests[i] for i in indices]
                 variants = self._variants(modality, batch, epoch_beacon)
                 losses = _differential_losses(variants)
-                for row, index in enumerate(indices):
-                    results[index] = combine(variants[:, row, 0], losses[:, row], self._rule)
+                combined = combine_batch(variants[:, :, 0], losses, self._rule)
+                results.update(zip(indices, combined, strict=True))
         return [results[i] for i in range(len(requests))]
 
     def _variants(
@@ -147,11 +147,10 @@ class Shard:
         if modality is Modality.TEXT:
             texts = tuple(_text(r) for r in batch)
             tokens = self._backbone.tokenize(list(texts))
-            masks = [
-                token_masks(n, share, epoch_beacon, r.data_sha256, self._mask_count)
-                for n, r in zip(tokens.n_tokens, batch, strict=True)
-            ]
-            keep = self._backbone.keep_variants(tokens, masks)
+            masks = batch_token_masks(
+                tokens.n_tokens, share, epoch_beacon, _hashes(batch), self._mask_count
+            )
+            keep = self._backbone.keep_variants(tokens, torch.from_numpy(masks))
             variants = TextVariants(
                 texts,
                 lambda: self._backbone.sentence_features(tokens, keep),
@@ -167,17 +166,14 @@ class Shard:
         else:
             arrays = np.stack([_array(r) for r in batch])
             patches = _PATCHIFY[modality](torch.from_numpy(arrays)).to(self._device)
-            n_tokens = patches.shape[1]
-            keep_rows = []
-            for request in batch:
-                item_masks = token_masks(
-                    n_tokens, share, epoch_beacon, request.data_sha256, self._mask_count
-                )
-                rows = [np.ones(n_tokens, dtype=np.bool_)]
-                for mask in item_masks:
-                    rows.extend((mask, ~mask))
-                keep_rows.append(np.stack(rows))
-            keep = torch.from_numpy(np.stack(keep_rows)).to(self._device)
+            masks = batch_token_masks(
+                [patches.shape[1]] * len(batch),
+                share,
+                epoch_beacon,
+                _hashes(batch),
+                self._mask_count,
+            )
+            keep = variant_keeps(torch.from_numpy(masks)).to(self._device)
             shape = (len(batch), keep.shape[1], self.dim)
             memo: Memo = {}  # our encoders compute the parameter-free channels once
             outputs = [
@@ -232,6 +228,18 @@ def _differential_losses(variants: npt.NDArray[np.float64]) -> npt.NDArray[np.fl
     residual = full - variants[:, :, 1::2] - variants[:, :, 2::2]
     losses: npt.NDArray[np.float64] = np.mean(np.sum(residual**2, axis=-1), axis=-1)
     return losses
+
+
+def variant_keeps(masks: torch.Tensor) -> torch.Tensor:
+    """Masks ``[B, K, N]`` → keep rows ``[B, 1+2K, N]``: all tokens, then each mask
+    followed by its complement."""
+    b, k, n = masks.shape
+    pairs = torch.stack((masks, ~masks), dim=2).reshape(b, 2 * k, n)
+    return torch.cat((torch.ones_like(masks[:, :1]), pairs), dim=1)
+
+
+def _hashes(batch: Sequence[EncodeRequest]) -> list[bytes]:
+    return [request.data_sha256 for request in batch]
 
 
 def _text(request: EncodeRequest) -> str:

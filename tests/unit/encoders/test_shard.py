@@ -5,11 +5,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from encoders.embedding import EncodeRequest
+from encoders.masks import batch_token_masks, token_masks
 from encoders.media import MediaLimits, decode_media
 from encoders.modality import Modality
-from encoders.shard import Shard
+from encoders.shard import Shard, variant_keeps
+from encoders.text_backbone import TextBackbone, backbone_dir
 from encoders.weights import DEFAULT_PREPROCESS, UNCALIBRATED_DELTA, sha256_file
 from tests.media import image_bytes, mp4_bytes, wav_bytes
 
@@ -92,3 +95,36 @@ def test_text_without_content_tokens_still_embeds(shard: Shard) -> None:
     (item,) = shard.embed([request(Modality.TEXT, "text/plain", "\u200b".encode())], BEACON)
     assert np.linalg.norm(item.vector) == pytest.approx(1.0, abs=1e-5)
     assert item.diff_loss == pytest.approx(1.0, abs=1e-5)
+
+
+def test_keep_rows_are_all_tokens_then_each_mask_and_its_complement() -> None:
+    masks = torch.from_numpy(
+        batch_token_masks([16, 16], 0.85, BEACON, [bytes(32), b"\x01" * 32], 3)
+    )
+    keep = variant_keeps(masks)
+    assert keep.shape == (2, 7, 16)
+    assert keep[:, 0].all()
+    for k in range(3):
+        assert torch.equal(keep[:, 1 + 2 * k], masks[:, k])
+        assert torch.equal(keep[:, 2 + 2 * k], ~masks[:, k])
+
+
+def test_text_keep_variants_mask_only_each_caption_s_own_words() -> None:
+    """Captions of different lengths in one batch: each mask covers positions
+    1..n of its caption; [CLS], [SEP] and padding keep their attention."""
+    backbone = TextBackbone(backbone_dir(), DEFAULT_PREPROCESS.text_max_tokens, "cpu")
+    texts = ["a red circle moves left across a white background", "x", "", "two words"]
+    tokens = backbone.tokenize(texts)
+    shas = [hashlib.sha256(t.encode()).digest() for t in texts]
+    masks = batch_token_masks(tokens.n_tokens, 0.15, BEACON, shas, 4)
+    keep = backbone.keep_variants(tokens, torch.from_numpy(masks))
+    assert keep.shape == (4, 9, tokens.attention.shape[1])
+    for i, n in enumerate(tokens.n_tokens):
+        attention = tokens.attention[i]
+        assert torch.equal(keep[i, 0], attention)
+        for k in range(4):
+            chosen = torch.from_numpy(token_masks(n, 0.15, BEACON, shas[i], 4)[k])
+            for row, content in ((keep[i, 1 + 2 * k], chosen), (keep[i, 2 + 2 * k], ~chosen)):
+                assert torch.equal(row[1 : 1 + n], content)
+                assert torch.equal(row[:1], attention[:1])
+                assert torch.equal(row[1 + n :], attention[1 + n :])
