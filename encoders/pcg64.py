@@ -73,10 +73,15 @@ def _consts(start: int, mult: int, count: int) -> tuple[Words, Words, int]:
     return np.array(before, dtype=np.uint32), np.array(after, dtype=np.uint32), start
 
 
+_SHIFT = np.uint32(_XSHIFT)
+_LEFT = np.uint32(_MIX_MULT_L)
+_RIGHT = np.uint32(_MIX_MULT_R)
+
+
 def _hashmix(value: Words, before: Words, after: Words) -> Words:
     """SeedSequence's ``hashmix`` with the constant ``before`` and after its step."""
     value = (value ^ before) * after
-    return value ^ (value >> np.uint32(_XSHIFT))
+    return value ^ (value >> _SHIFT)
 
 
 def _hashmixes(value: Words, const: int, count: int) -> tuple[Words, int]:
@@ -87,8 +92,8 @@ def _hashmixes(value: Words, const: int, count: int) -> tuple[Words, int]:
 
 
 def _mix(x: Words, y: Words) -> Words:
-    result: Words = x * np.uint32(_MIX_MULT_L) - y * np.uint32(_MIX_MULT_R)
-    return result ^ (result >> np.uint32(_XSHIFT))
+    result: Words = x * _LEFT - y * _RIGHT
+    return result ^ (result >> _SHIFT)
 
 
 def seed_sequence_state(words: Words) -> Words:
@@ -108,9 +113,11 @@ def seed_sequence_state(words: Words) -> Words:
         others = [dst for dst in range(_POOL) if dst != src]
         mixed, const = _hashmixes(pool[:, src], const, len(others))
         pool[:, others] = _mix(pool[:, others], mixed)
-    for src in range(_POOL, words.shape[1]):
-        mixed, const = _hashmixes(words[:, src], const, _POOL)
-        pool = np.where((length > src)[:, None], _mix(pool, mixed), pool)
+    extra = words.shape[1] - _POOL  # each extra word is hashed once per pool word
+    mixed, const = _hashmixes(np.repeat(words[:, _POOL:], _POOL, axis=1), const, extra * _POOL)
+    for i in range(extra):
+        update = _mix(pool, mixed[:, i * _POOL : (i + 1) * _POOL])
+        pool = np.where((length > _POOL + i)[:, None], update, pool)
     before, after, _ = _consts(_INIT_B, _MULT_B, 2 * _POOL)
     state: Words = _hashmix(np.tile(pool, 2), before, after)
     return state
