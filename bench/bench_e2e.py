@@ -328,15 +328,22 @@ def run_kind(
     if reasons:
         print(f"  ({kind}: {len(reasons)} of {len(submissions)} rejected: {sorted(reasons)})")
     stages = {s: stages_after.get(s, 0.0) - stages_before.get(s, 0.0) for s in stages_after}
-    # The event loop's own work (MQTT in and out, asyncio, Results) is "bus"; the
-    # stages measured on the loop thread are taken out of it.
+    # The event loop's own work (MQTT in and out, asyncio, handing work to threads)
+    # is "bus"; the stages measured on the loop thread (fusing, committing, decoding
+    # text, handing items to decoder processes, signing Results) are taken out of it.
     loop = threads_after.get("loop", 0.0) - threads_before.get("loop", 0.0)
-    stages["bus"] = loop - stages.get("fuse", 0.0) - stages.get("commit", 0.0)
+    on_loop = ("fuse", "commit", "decode_text", "decode_submit", "sign")
+    stages["bus"] = loop - sum(stages.get(s, 0.0) for s in on_loop)
     stages["commit"] = stages.get("commit", 0.0) + stages.pop("commit_write", 0.0)
+    stages["publish"] = stages.get("publish", 0.0) + stages.pop("sign", 0.0)
     # Decoding and encoding cost everything their processes spend (calls, copies),
     # not only what they report.
     children = {k: v - children_before.get(k, 0.0) for k, v in children_after.items()}
-    stages["decode"] = stages.pop("decode_text", 0.0) + children.get("poc-decoder", 0.0)
+    stages["decode"] = (
+        stages.pop("decode_text", 0.0)
+        + stages.pop("decode_submit", 0.0)
+        + children.get("poc-decoder", 0.0)
+    )
     if "poc-encoder" in children:  # the encoders run in worker processes
         stages["encode"] = children["poc-encoder"]
     per_submission = items / len(submissions)

@@ -307,6 +307,7 @@ class Node:
                 self.metrics.stage_cpu.labels(stage="decode").inc,
                 self.metrics.stage_cpu.labels(stage="decode_text").inc,
                 lambda kind: self.metrics.decoder_failures.labels(kind=kind).inc(),
+                self.metrics.stage_cpu.labels(stage="decode_submit").inc,
             )
             stack.callback(decoders.close)
             encoder = EncoderService(

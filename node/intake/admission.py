@@ -172,6 +172,7 @@ class Intake:
         )
         self._window_ms = config.intake.stale_window_s * 1000
         self._verify_cpu = metrics.stage_cpu.labels(stage="verify").inc
+        self._sign_cpu = metrics.stage_cpu.labels(stage="sign").inc
         self.queue: asyncio.Queue[Pending] = asyncio.Queue(maxsize=config.intake.queue_size)
         self._queued_bytes = ByteBudget(config.intake.queue_mb * 1024 * 1024)
         self._receiving = asyncio.Event()
@@ -189,7 +190,9 @@ class Intake:
 
     def _result(self, result: Result, submitter: bytes) -> Outgoing:
         self._metrics.results.labels(status=str(result.status)).inc()
+        started = time.thread_time()
         payload = self._signer.signed_bytes(RESULT_DOMAIN.decode(), result.body())
+        self._sign_cpu(time.thread_time() - started)
         return Outgoing(self._topics.results(submitter), payload)
 
     async def _reject(

@@ -127,11 +127,14 @@ class DecoderPool:
         on_cpu: Callable[[float], None] | None = None,
         on_text_cpu: Callable[[float], None] | None = None,
         on_failure: Callable[[str], None] | None = None,
+        on_submit_cpu: Callable[[float], None] | None = None,
     ) -> None:
         """``on_cpu`` hears the CPU time each item cost its decoder process; ``on_text_cpu``
         what each text cost the node; ``on_failure`` each decoder stopped (``timeout``),
-        dead (``crash``) or out of memory (``memory``)."""
+        dead (``crash``) or out of memory (``memory``); ``on_submit_cpu`` what handing
+        an item to its decoder process cost the calling thread."""
         self._on_cpu = on_cpu
+        self._on_submit_cpu = on_submit_cpu
         self._on_failure = on_failure
         self._on_text_cpu = on_text_cpu
         self._timeout_s = timeout_s
@@ -180,9 +183,12 @@ class DecoderPool:
         loop = asyncio.get_running_loop()
         healthy = True
         try:
+            started = time.thread_time()
             future = loop.run_in_executor(
                 slot, _decode, modality, mime, data, limits, spec, self._cpu_seconds
             )
+            if self._on_submit_cpu is not None:
+                self._on_submit_cpu(time.thread_time() - started)
             async with asyncio.timeout(self._timeout_s):
                 media, cpu = await future
             if self._on_cpu is not None:

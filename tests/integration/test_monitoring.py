@@ -169,6 +169,8 @@ def test_a_real_prometheus_scrapes_a_node_and_every_dashboard_query_has_data(tmp
             finals = _query(port, 'poc_rounds_total{outcome="final"} > 0')
             time.sleep(0.5)
         assert finals, "Prometheus never saw the finalized rounds"
+        # Results signed at intake count as their own stage, off the loop's "bus" share.
+        assert _query(port, 'poc_stage_cpu_seconds_total{stage="sign"} > 0')
         assert "history_index=TorchHistoryIndex/cpu" in node.log_text()
 
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/rules", timeout=10) as r:

@@ -20,14 +20,27 @@ async def decode(pool: DecoderPool, modality: Modality, mime: str, data: bytes):
 
 def test_decodes_and_reports_reasons_from_the_worker():
     async def scenario() -> None:
-        pool = DecoderPool(workers=1, timeout_s=30, memory_mb=350)
+        process_cpu: list[float] = []
+        submit_cpu: list[float] = []
+        pool = DecoderPool(
+            workers=1,
+            timeout_s=30,
+            memory_mb=350,
+            on_cpu=process_cpu.append,
+            on_submit_cpu=submit_cpu.append,
+        )
         try:
             image = await decode(pool, Modality.IMAGE, "image/png", image_bytes("RGB"))
             assert image.shape == (3, DEFAULT_PREPROCESS.image_size, DEFAULT_PREPROCESS.image_size)
+            # The decoder process's CPU and the caller's cost of handing it the item
+            # are reported apart (the node counts them as decode and decode_submit).
+            assert len(process_cpu) == 1 and process_cpu[0] > 0.0
+            assert len(submit_cpu) == 1 and submit_cpu[0] >= 0.0
             with pytest.raises(MediaTooLargeError):
                 await decode(pool, Modality.IMAGE, "image/png", png_header_only(100_000, 100_000))
             with pytest.raises(UndecodableError):
                 await decode(pool, Modality.IMAGE, "image/png", b"\x89PNG nope")
+            assert len(submit_cpu) == 3
         finally:
             pool.close()
 
