@@ -61,7 +61,6 @@ STORE_STAGES = {
     "outbox": "publish",
     "published": "publish",
     "admit": "intake",
-    "knows": "intake",
     "reject": "intake",
 }
 """The stage a store call's CPU time counts for (any other: ``store``)."""

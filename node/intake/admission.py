@@ -172,6 +172,8 @@ class Intake:
         )
         self._window_ms = config.intake.stale_window_s * 1000
         self._verify_cpu = metrics.stage_cpu.labels(stage="verify").inc
+        self._intake_cpu = metrics.stage_cpu.labels(stage="intake").inc
+        self._known = store.store.known_ids()
         self._sign_cpu = metrics.stage_cpu.labels(stage="sign").inc
         self.queue: asyncio.Queue[Pending] = asyncio.Queue(maxsize=config.intake.queue_size)
         self._queued_bytes = ByteBudget(config.intake.queue_mb * 1024 * 1024)
@@ -232,17 +234,9 @@ class Intake:
         self._metrics.messages.inc()
         started = time.perf_counter()
         identity = submission_id(raw)
-        if await self._store.knows(identity):
-            self._metrics.redeliveries.inc()
-            # Finalized by a round this member learned by sync: keep its bytes now
-            # (they hash to its id) for peers' sync and for audits.
-            await self._store.keep_raw(identity, raw)
-            await self._answer_rejection_again(identity)
-            return
         try:
-            submission = await asyncio.to_thread(
-                thread_cpu_timed, self._verify_cpu, parse_submission, raw, self._wire_limits
-            )
+            # One trip off the loop: the store's answer, then verification.
+            submission = await asyncio.to_thread(self._unknown_and_verified, identity, raw)
         except Rejected as rejected:
             if rejected.submitter is None:
                 self._metrics.unattributed.inc()
@@ -259,6 +253,13 @@ class Intake:
             self._metrics.stage_seconds.labels(stage="verify").observe(
                 time.perf_counter() - started
             )
+        if submission is None:
+            self._metrics.redeliveries.inc()
+            # Finalized by a round this member learned by sync: keep its bytes now
+            # (they hash to its id) for peers' sync and for audits.
+            await self._store.keep_raw(identity, raw)
+            await self._answer_rejection_again(identity)
+            return
         if topic is not None and topic != self._topics.submission(submission.submitter):
             await self._reject(
                 identity,
@@ -268,6 +269,13 @@ class Intake:
             )
             return
         await self._admit(submission)
+
+    def _unknown_and_verified(self, identity: bytes, raw: bytes) -> Submission | None:
+        """``None`` for a submission the store knows (a copy, not verified again);
+        else the parsed, verified submission. Runs on a worker thread."""
+        if thread_cpu_timed(self._intake_cpu, self._known, identity):
+            return None
+        return thread_cpu_timed(self._verify_cpu, parse_submission, raw, self._wire_limits)
 
     async def _answer_rejection_again(self, identity: bytes) -> None:
         """The same bytes again after a rejection: the rejection is answered again.

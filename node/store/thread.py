@@ -72,9 +72,6 @@ class StoreThread:
 
     # -- intake ---------------------------------------------------------------
 
-    async def knows(self, submission_id: bytes) -> bool:
-        return await self._run(self.store.knows, submission_id)
-
     async def admit(
         self,
         submission_id: bytes,

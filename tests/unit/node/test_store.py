@@ -1,5 +1,10 @@
 """The store on a real SQLite file: admission, rejections, commits, outbox."""
 
+import sqlite3
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
 from node.store.sqlite import (
     Admission,
     CommittedRound,
@@ -256,3 +261,22 @@ def test_history_is_read_in_chunks_of_float16_rows_in_commit_order(tmp_path):
     assert list(store.history_chunks(4, before_round=0)) == []
     with pytest.raises(StoreError, match="not 5 float16"):
         list(store.history_chunks(5))
+
+
+def test_known_ids_answer_from_other_threads_read_only(tmp_path):
+    """The intake asks whether it knows a message on the verifier's threads: each
+    reads committed rows through its own read-only connection."""
+    store = Store(tmp_path / "s.db")
+    known = store.known_ids()
+    admit(store, b"a" * 32)
+    store.reject(b"r" * 32, b"s" * 32, "malformed", 1_000_000, Outgoing("results/s", b"r"))
+    asked = [b"a" * 32, b"r" * 32, b"z" * 32]
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        answers = list(pool.map(known, asked * 3))
+    assert answers == [True, True, False] * 3
+    admit(store, b"z" * 32, nonce=2, hashes=[b"y" * 32])  # written later, seen at once
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        assert pool.submit(known, b"z" * 32).result()
+        db = pool.submit(lambda: (known(b"a" * 32), known._local.db)).result()[1]
+        with pytest.raises(sqlite3.OperationalError, match="readonly"):
+            pool.submit(db.execute, "DELETE FROM submissions").result()
