@@ -423,16 +423,19 @@ class RoundDriver:
         started = time.perf_counter()
         oldest = None if self._solo else round_number - self._config.rounds.expiry_rounds
         waiting = await self._store.waiting(self._config.rounds.max_records, oldest)
+        score_cpu = self._metrics.stage_cpu.labels(stage="score").inc
+        cpu_started = time.thread_time()  # reading the candidates on the loop is scoring's
         candidates = [  # oldest first
             Candidate(s.id, s.submitter, Prepared.from_bytes(s.prepared)) for s in waiting
         ]
+        score_cpu(time.thread_time() - cpu_started)
         certified = await self._store.accepted_hashes(
             [item.sha256 for candidate in candidates for item in candidate.prepared.items]
         )
         async with self._history_lock:
             records = await asyncio.to_thread(
                 thread_cpu_timed,
-                self._metrics.stage_cpu.labels(stage="score").inc,
+                score_cpu,
                 score_round,
                 candidates,
                 self._history,
@@ -440,7 +443,10 @@ class RoundDriver:
                 certified,
             )
         self._metrics.stage_seconds.labels(stage="score").observe(time.perf_counter() - started)
-        return [record.to_bytes() for record in records]
+        cpu_started = time.thread_time()
+        encoded = [record.to_bytes() for record in records]
+        score_cpu(time.thread_time() - cpu_started)
+        return encoded
 
     async def _verify(self, action: VerifyProposal) -> None:
         ok = self._verifier is None
@@ -497,8 +503,12 @@ class RoundDriver:
 
     async def _commit(self, commit: Commit) -> None:
         started = time.perf_counter()
+        # The loop's CPU for this round, counted as "commit": its synchronous
+        # parts only (an await lets other work run on this thread).
+        cpu_started = time.thread_time()
         records = [RoundRecord.from_bytes(raw) for raw in commit.value.records]
         ids = [record.submission_id for record in records]
+        cpu = time.thread_time() - cpu_started
         decided = await self._store.decided_states(ids)
         me = self._signer.key.public_key
         outcomes = []
@@ -542,8 +552,9 @@ class RoundDriver:
                     self._signer.signed_bytes(RESULT_DOMAIN.decode(), result.body()),
                 )
             )
-        self._metrics.stage_cpu.labels(stage="commit").inc(time.thread_time() - cpu_started)
+        cpu += time.thread_time() - cpu_started
         outgoing += await self._expire(commit.round, set(ids), outcomes)
+        cpu_started = time.thread_time()
         summary = self._summary(commit, records)
         outgoing.append(Outgoing(self._topics.round(commit.round), summary, retain=True))
         retention = self._config.rounds.summary_retention_rounds
@@ -558,6 +569,8 @@ class RoundDriver:
             None if commit.proposal is None else encode_signed(commit.proposal),
         )
         now = self._clock.now_ms()
+        cpu += time.thread_time() - cpu_started
+        self._metrics.stage_cpu.labels(stage="commit").inc(cpu)
 
         epoch_beacon = (
             (self._committee.epoch_of(commit.round + 1), commit.beacon_after)
