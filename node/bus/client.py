@@ -476,8 +476,26 @@ class Bus:
         )
 
 
+_QUIET_S = 0.2
+"""The outbox publisher deletes what it sent once nothing new came for this long."""
+_PUBLISH_FAILURES = (aiomqtt.MqttError, TimeoutError)
+"""What a publish raises when the broker is away: retried, never fatal."""
+
+
 class OutboxPublisher:
-    """Drains the store's outbox onto the bus, at least once, in order of production."""
+    """Drains the store's outbox onto the bus, at least once, in order of production.
+
+    Entries are deleted from the outbox once their PUBACK arrived, in batches:
+    when ``window`` of them are waiting to be deleted, or when nothing new came
+    for ``_QUIET_S`` (so a drain finds the outbox empty), not once per batch
+    sent. Each deletion is a trip to the store's thread and back on the event
+    loop (and a write there); a steady stream of Results is sent a few at a
+    time. Meanwhile the publisher
+    reads only entries past the last one it sent. After a failed publish it
+    deletes what it sent and reads the outbox from its start again; after a
+    crash, entries sent but not yet deleted are sent again (at least once,
+    the same bytes).
+    """
 
     def __init__(
         self,
@@ -493,22 +511,30 @@ class OutboxPublisher:
         self._window = window
         self._metrics = metrics
         self._wakeup = asyncio.Event()
+        self._sent: list[int] = []
+        """Entries published and acknowledged, not yet deleted from the outbox."""
 
     def notify(self) -> None:
         """New entries were committed to the outbox."""
         self._wakeup.set()
 
+    async def _forget_sent(self) -> None:
+        if self._sent:
+            await self._done(self._sent)
+            self._sent = []
+
     async def run(self) -> None:
+        after = 0  # the last entry sent; entries are read past it
         while True:
             await self._bus.connected.wait()
             self._wakeup.clear()
-            batch = await self._fetch(0, self._window)
+            batch = await self._fetch(after, self._window)
             if not batch:
                 try:
-                    async with asyncio.timeout(1.0):
+                    async with asyncio.timeout(_QUIET_S if self._sent else 1.0):
                         await self._wakeup.wait()
                 except TimeoutError:
-                    pass
+                    await self._forget_sent()
                 continue
             results = await asyncio.gather(
                 *(
@@ -522,19 +548,18 @@ class OutboxPublisher:
                 for entry, outcome in zip(batch, results, strict=True)
                 if not isinstance(outcome, BaseException)
             ]
-            if sent:
-                await self._done(sent)
-                self._metrics.published.inc(len(sent))
+            self._sent += sent
+            self._metrics.published.inc(len(sent))
             failures = [outcome for outcome in results if isinstance(outcome, BaseException)]
-            if failures:
-                if any(
-                    not isinstance(failure, aiomqtt.MqttError | TimeoutError)
-                    for failure in failures
-                ):
-                    raise next(
-                        f for f in failures if not isinstance(f, aiomqtt.MqttError | TimeoutError)
-                    )
-                log.warning(
-                    "event=publish_failed count=%d error=%r", len(failures), str(failures[0])
-                )
-                await asyncio.sleep(0.2)
+            if not failures:
+                after = batch[-1][0]
+                if len(self._sent) >= self._window:
+                    await self._forget_sent()
+                continue
+            await self._forget_sent()
+            after = 0  # every entry not acknowledged is sent again, in order
+            unexpected = [f for f in failures if not isinstance(f, _PUBLISH_FAILURES)]
+            if unexpected:
+                raise unexpected[0]
+            log.warning("event=publish_failed count=%d error=%r", len(failures), str(failures[0]))
+            await asyncio.sleep(0.2)
