@@ -9,7 +9,7 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image
 
-from encoders.canvas import fitted_size, pad_to_square
+from encoders.canvas import fit_square, fitted_size
 from encoders.errors import EncoderError, MediaTooLargeError, UndecodableError
 
 _SIGNATURES = {"image/png": b"\x89PNG\r\n\x1a\n", "image/jpeg": b"\xff\xd8\xff"}
@@ -22,8 +22,10 @@ def decode_image(
 ) -> npt.NDArray[np.float32]:
     """Decode to float32 ``[3, size, size]`` in [-1, 1]: the whole image, its aspect kept.
 
-    The longer side is scaled to ``size`` and the shorter padded by repeating
-    its edges (``encoders.canvas``), so a figure keeps its shape and stays whole.
+    The longer side is scaled to ``size`` and the shorter padded with the colour
+    of its edges; a picture more oblong than 2.5:1 is cut to a 2.5:1 window
+    around its figure first (``encoders.canvas``). A figure keeps its shape and
+    stays whole.
 
     Pillow's ``open`` reads only the header, so the pixel limit is enforced
     before decoding; Pillow's own decompression-bomb guard is mapped to
@@ -55,7 +57,7 @@ def decode_image(
         raise
     except Exception as exc:
         raise UndecodableError(f"cannot decode {mime}: {exc}") from exc
-    square = pad_to_square(np.asarray(resized, dtype=np.uint8), size)
+    square = fit_square(np.asarray(resized, dtype=np.uint8), size)
     pixels = square.astype(np.float32) / 127.5 - 1.0
     return np.ascontiguousarray(pixels.transpose(2, 0, 1))
 

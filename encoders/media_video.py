@@ -10,7 +10,7 @@ import numpy as np
 import numpy.typing as npt
 from av.video.reformatter import VideoReformatter
 
-from encoders.canvas import fitted_size, pad_to_square
+from encoders.canvas import fit_squares, fitted_size
 from encoders.errors import EncoderError, MediaTooLargeError, UndecodableError
 
 _CODECS = frozenset({"h264", "mpeg4"})
@@ -31,9 +31,9 @@ def decode_mp4(
     resolution are checked before the first packet is decoded; the same limits
     are enforced again while decoding, so a lying header only costs the
     decoding up to the limit. Every decoded frame is scaled down at once (only
-    small RGB frames are kept), its longer side to ``size`` and the shorter padded
-    by repeating its edges as for images (``encoders.canvas``), and ``n_frames``
-    are then sampled uniformly.
+    small RGB frames are kept), as for images (``encoders.canvas``); ``n_frames``
+    are then sampled uniformly and fitted into the square, with one window for
+    the clip where a frame is more oblong than 2.5:1.
     """
     if data[4:8] != b"ftyp":
         raise UndecodableError("bytes are not an ISO BMFF (MP4) file")
@@ -53,7 +53,8 @@ def decode_mp4(
     if not frames:
         raise UndecodableError("MP4 video stream holds no decodable frame")
     picks = np.linspace(0, len(frames) - 1, n_frames).round().astype(np.int64)
-    clip = np.stack([frames[i] for i in picks]).astype(np.float32) / 127.5 - 1.0
+    squares = fit_squares([frames[i] for i in picks], size)
+    clip = np.stack(squares).astype(np.float32) / 127.5 - 1.0
     return np.ascontiguousarray(clip.transpose(0, 3, 1, 2))
 
 
@@ -113,5 +114,5 @@ def _decode_small_frames(
                 raise MediaTooLargeError(f"video runs past {max_seconds} s")
         width, height = fitted_size(frame.width, frame.height, size)
         small = reformatter.reformat(frame, width=width, height=height, format="rgb24")
-        frames.append(pad_to_square(np.asarray(small.to_ndarray(), dtype=np.uint8), size))
+        frames.append(np.asarray(small.to_ndarray(), dtype=np.uint8))
     return frames

@@ -86,3 +86,35 @@ def test_oblong_frames_keep_their_aspect(width: int, height: int) -> None:
     assert abs(len(rows) - len(cols)) <= 2, "the square stays square"
     assert abs(len(rows) - SPEC.video_size / 4) <= 2
     assert clip[0][:, ~dark].min() > 0.6  # padded with the frame's own light edge
+
+
+def test_a_strip_clip_is_cut_to_one_window_around_its_moving_figure() -> None:
+    """A 10:1 clip whose figure moves near its right end: every sampled frame shows
+    the whole figure at the scale of a 2.5:1 canvas, and the motion stays."""
+    import io
+
+    import av
+
+    width, height, side = 400, 40, 20
+    out_bytes = io.BytesIO()
+    with av.open(out_bytes, "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=10)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for f in range(SPEC.video_frames):
+            pixels = np.full((height, width, 3), 235, dtype=np.uint8)
+            left = 300 + 6 * f
+            pixels[10 : 10 + side, left : left + side] = (20, 20, 20)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    clip = decode(out_bytes.getvalue())
+    expected = SPEC.video_size * side / (2.5 * height)  # the square shows 100 of 400 columns
+    lefts = []
+    for frame in clip:
+        dark = frame.mean(axis=0) < -0.5
+        rows, cols = np.flatnonzero(dark.any(axis=1)), np.flatnonzero(dark.any(axis=0))
+        assert abs(len(cols) - expected) <= 2 and abs(len(rows) - expected) <= 2
+        assert cols[0] > 0 and cols[-1] < SPEC.video_size - 1, "the figure is whole"
+        lefts.append(cols[0])
+    assert lefts == sorted(lefts) and lefts[-1] > lefts[0], "one window: the motion shows"

@@ -194,14 +194,16 @@ def test_a_shape_on_a_coloured_background_is_named_in_its_own_colour(
     assert right_colour >= 14  # the shipped weights: 16 of 16
 
 
-@pytest.mark.parametrize(("width", "height"), [(300, 200), (200, 300), (400, 160), (200, 200)])
+@pytest.mark.parametrize(
+    ("width", "height"), [(300, 200), (200, 300), (400, 160), (1000, 100), (100, 1000), (200, 200)]
+)
 def test_a_blue_square_of_any_canvas_shape_pairs_with_its_caption(
     default_shard: Shard, width: int, height: int
 ) -> None:
     """What a new user tried: the 300x200 one was refused at 0.57 when pictures were
     squashed to a square; now each is fitted whole and padded with its own white.
-    (On a 1000x100 canvas the square fits in 3 of the model's 64 pixels: kept whole
-    and square by decoding, tested there, but too small to name.)"""
+    On a 1000x100 canvas, padding alone left the square 3 of the model's 64 pixels,
+    too small to name; the 2.5:1 window around it keeps it at 13."""
     data = square_on_white(width, height)
     media = decode_media(Modality.IMAGE, "image/png", data, MediaLimits(), default_shard.preprocess)
     text = "a blue square"
