@@ -3,8 +3,8 @@
 A picture (or a video frame) keeps its aspect ratio. Up to ``MAX_ASPECT`` (2.5:1,
 the most oblong canvas training draws), its longer side is scaled to the square's
 side and the shorter side is padded. A more oblong picture is scaled so that a
-window of ``MAX_ASPECT`` fills the square, the window is cut where the picture has
-the most edges (the figure), and the rest of the square is padded.
+window of ``MAX_ASPECT`` fills the square, the window is cut around the picture's
+edges (the figure), and the rest of the square is padded.
 
 **Why pad, and crop only beyond 2.5:1.** Padding keeps everything: a crop of a
 wide picture could cut off the figure, which the encoders must see whole. But
@@ -14,14 +14,19 @@ keeps such a figure at the scale training drew it, and whole as long as it is no
 wider than 2.5 times the picture's short side. (Past ``LONGEST`` times the
 square, 40:1, the picture is scaled down further instead: a strip, not a picture.)
 
-**Which window.** The one holding the most edges: the sum of absolute
-differences between neighbouring pixels inside it, both ways, over the three
-colours (and over every frame of a clip, so a clip gets one window). A figure
-is edges; a smooth background gradient adds little, uniform noise adds the
-same to every window. Ties go to the window nearest the centre,
-so a flat picture keeps its middle. It is integer arithmetic on the decoded
-8-bit pixels, so every member cuts the same window on any machine; the choice is
-not continuous in the pixels, but it is exact, and the pixels are exact too.
+**Which window.** The one centred on the picture's edges: per position of the
+long side, the absolute differences between neighbouring pixels, over the
+three colours (and over every frame of a clip, so a clip gets one window); the
+window's centre is the mean position weighted by the square of that energy
+above its median, with a small prior weight at the middle (``window_start``).
+A figure is edges; a background's texture, noise or gradient sits at the
+median. The window is cut at a fractional start, interpolating between whole
+pixels. Every step is continuous in the pixels, as the encoders' channels are:
+an argmax over windows would be exact on one machine, but a decoder that
+rounds one pixel differently on another (swscale's SIMD paths do) could flip
+a near tie and move the figure; here it moves the cut by a fraction of a
+pixel. Two figures far apart get a window between them: cut, but the same on
+every member.
 
 **The pad** is the mean colour of the picture's outermost pixels: it continues
 the background, which is what reaches a picture's edges, so no frame of another
@@ -68,46 +73,61 @@ def fit_squares(frames: list[npt.NDArray[np.uint8]], size: int) -> list[npt.NDAr
 
 
 def cut_window(frames: list[npt.NDArray[np.uint8]], size: int) -> list[npt.NDArray[np.uint8]]:
-    """Frames of one shape cut to at most ``size`` along their long side, where the edges are."""
+    """Frames of one shape cut to at most ``size`` along their long side, around the edges."""
     height, width = frames[0].shape[:2]
     if height <= size and width <= size:
         return frames
     axis = 1 if width >= height else 0  # the long side's axis in [h, w]
-    between = sum(_differences(frame, axis, along=True) for frame in frames)
-    within = sum(_differences(frame, axis, along=False) for frame in frames)
-    start = _richest_window(np.asarray(between), np.asarray(within), size)
-    if axis == 1:
-        return [frame[:, start : start + size] for frame in frames]
-    return [frame[start : start + size] for frame in frames]
+    energy = sum(_edge_energy(frame, axis) for frame in frames)
+    start = window_start(np.asarray(energy, dtype=np.float64), size, min(height, width))
+    return [_cut(frame, axis, start, size) for frame in frames]
 
 
-def _differences(frame: npt.NDArray[np.uint8], axis: int, along: bool) -> npt.NDArray[np.int64]:
-    """Absolute differences of neighbouring pixels, summed per position on the long axis.
-
-    ``along``: between positions ``i`` and ``i + 1`` of the long axis (one fewer
-    than positions); otherwise: across the short axis, within each position.
-    """
+def _edge_energy(frame: npt.NDArray[np.uint8], axis: int) -> npt.NDArray[np.float64]:
+    """Per position on the long axis: the absolute differences of neighbouring pixels at
+    it, across the short side, plus half of those to each neighbour along the long side."""
     pixels = frame.astype(np.int32)
-    step = np.abs(np.diff(pixels, axis=axis if along else 1 - axis))
     short = 1 - axis
-    sums: npt.NDArray[np.int64] = step.sum(axis=(short, 2), dtype=np.int64)
-    return sums
+    across = np.abs(np.diff(pixels, axis=short)).sum(axis=(short, 2), dtype=np.int64)
+    along = np.abs(np.diff(pixels, axis=axis)).sum(axis=(short, 2), dtype=np.int64)
+    energy: npt.NDArray[np.float64] = across.astype(np.float64)
+    energy[:-1] += along / 2
+    energy[1:] += along / 2
+    return energy
 
 
-def _richest_window(
-    between: npt.NDArray[np.int64], within: npt.NDArray[np.int64], size: int
-) -> int:
-    """Start of the ``size``-long window holding the most edges; ties nearest the centre.
+def window_start(energy: npt.NDArray[np.float64], size: int, short: int) -> float:
+    """Where a ``size``-long window starts: centred on the figure, a continuous function
+    of ``energy`` (per position of the long axis).
 
-    A window counts the differences inside it only, so one that starts right at
-    a figure's border does not see that border: the figure gets a margin.
+    Each position weighs the square of its energy above the median (the
+    background's texture, noise or gradient, sits at the median); the weighted
+    mean position, with a prior weight ``_PRIOR`` per short-side pixel at the
+    middle (so a nearly flat picture keeps its middle and no division comes
+    near zero), is the window's centre, clamped into the picture.
     """
-    inside = np.concatenate([[0], np.cumsum(within)])
-    steps = np.concatenate([[0], np.cumsum(between)])
-    windows = inside[size:] - inside[:-size] + steps[size - 1 :] - steps[: -(size - 1) or None]
-    best = np.flatnonzero(windows == windows.max())
-    middle = (len(within) - size) / 2
-    return int(min(best, key=lambda start: (abs(start - middle), start)))
+    length = len(energy)
+    excess = np.maximum(energy - np.median(energy), 0.0) ** 2
+    prior = (_PRIOR * short) ** 2
+    centres = np.arange(length, dtype=np.float64) + 0.5
+    centre = (float(excess @ centres) + prior * length / 2) / (float(excess.sum()) + prior)
+    return min(max(centre - size / 2, 0.0), float(length - size))
+
+
+_PRIOR = 24.0
+"""A weak edge: 8 levels in each colour along every short-side pixel."""
+
+
+def _cut(frame: npt.NDArray[np.uint8], axis: int, start: float, size: int) -> npt.NDArray[np.uint8]:
+    """``size`` positions from ``start`` along ``axis``, linearly interpolated between
+    whole positions, so the cut moves continuously with ``start``."""
+    whole = int(np.floor(start))
+    part = start - whole
+    first = np.take(frame, np.arange(whole, whole + size), axis=axis).astype(np.float64)
+    if part > 0:
+        second = np.take(frame, np.arange(whole + 1, whole + 1 + size), axis=axis)
+        first = first * (1.0 - part) + second * part
+    return np.rint(first).astype(np.uint8)
 
 
 def pad_to_square(pixels: npt.NDArray[np.uint8], size: int) -> npt.NDArray[np.uint8]:
