@@ -8,6 +8,7 @@ and every mask and complement, so the differential loss costs one pass.
 
 from __future__ import annotations
 
+import hashlib
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -24,7 +25,7 @@ from encoders.ensemble import EnsembleRule, combine_batch
 from encoders.errors import WeightsError
 from encoders.interface import Encoder, EncoderSpec, TextVariants
 from encoders.masks import MASK_SHARES, batch_token_masks
-from encoders.media import PreprocessSpec
+from encoders.media import DecodedMedia, PreprocessSpec
 from encoders.modality import Modality
 from encoders.model import EncoderConfig, MultimodalEncoder
 from encoders.patches import audio_patches, image_patches, video_tubelets
@@ -123,6 +124,34 @@ class Shard:
         if a is b:
             raise ValueError(f"no pair bound for two {a} items")
         return self.pair_delta[frozenset((a, b))]
+
+    def warm_up(self, items: int = 2) -> list[Modality]:
+        """Embed a small batch of blank items of every modality the shard reads, once.
+
+        A process's first forward passes cost more than later ones (torch and
+        oneDNN allocate and build their kernels on first use: on CPU about
+        60-80 ms for the first batch and 10-40 ms for each modality's first),
+        so a node that warms up answers its first submissions as fast as the
+        rest. The items are blank (an empty caption, a black picture, a
+        silent spectrogram, a still black clip) and the results are dropped:
+        the shard is a pure function, nothing is left behind. Returns the
+        modalities warmed, in order.
+        """
+        spec = self.preprocess
+        blanks: dict[Modality, DecodedMedia] = {
+            Modality.TEXT: "",
+            Modality.IMAGE: np.full((3, spec.image_size, spec.image_size), -1.0, np.float32),
+            Modality.AUDIO: np.full((spec.n_mels, spec.audio_frames), -1.0, np.float32),
+            Modality.VIDEO: np.full(
+                (spec.video_frames, 3, spec.video_size, spec.video_size), -1.0, np.float32
+            ),
+        }
+        warmed = [modality for modality in Modality if modality in self.modalities]
+        for modality in warmed:
+            digest = hashlib.sha256(b"warm-up " + modality.value.encode()).digest()
+            request = EncodeRequest(modality, blanks[modality], digest)
+            self.embed([request] * items, b"warm-up")
+        return warmed
 
     def embed(self, requests: Sequence[EncodeRequest], epoch_beacon: bytes) -> list[ItemEmbedding]:
         """Embed decoded items, in request order, with their differential losses."""

@@ -75,7 +75,9 @@ class InProcess:
         return 1
 
     async def start(self) -> None:
-        return None
+        """Warm the shard up on the encoder thread (on a GPU: its kernels and buffers)."""
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._thread, self.shard.warm_up)
 
     async def embed(self, slot: int, requests: Sequence[EncodeRequest], beacon: bytes) -> Embedded:
         loop = asyncio.get_running_loop()
@@ -125,11 +127,18 @@ def _start_worker(spec: ShardSpec) -> None:
         tau=spec.tau,
         mask_count=spec.mask_count,
     )
+    global _WARMED
+    _WARMED = [str(modality) for modality in _WORKER_SHARD.warm_up()]
 
 
-def _worker_weights() -> str:
+_WARMED: list[str] = []
+"""The modalities this worker warmed up before its first batch."""
+
+
+def _worker_weights() -> tuple[str, list[str]]:
+    """The weights this worker loaded, and the modalities it warmed up."""
     assert _WORKER_SHARD is not None
-    return _WORKER_SHARD.weights_id
+    return _WORKER_SHARD.weights_id, _WARMED
 
 
 _TRIM_EVERY = 16
@@ -162,6 +171,8 @@ class WorkerProcesses:
         self._weights_id = weights_id
         self._context = forkserver()
         self._workers = [self._new_worker() for _ in range(workers)]
+        self.warmed: list[list[str]] = []
+        """Per worker, the modalities it warmed up at start (known once ``start`` returns)."""
 
     def _new_worker(self) -> ProcessPoolExecutor:
         return ProcessPoolExecutor(
@@ -185,9 +196,10 @@ class WorkerProcesses:
             raise NodeError(
                 "an encoder worker could not load the weights (see its error above)"
             ) from None
-        wrong = [weights for weights in found if weights != self._weights_id]
+        wrong = [weights for weights, _ in found if weights != self._weights_id]
         if wrong:  # pragma: no cover - the same pinned manifest is loaded
             raise NodeError(f"an encoder worker loaded weights {wrong[0]}, not {self._weights_id}")
+        self.warmed = [warmed for _, warmed in found]
 
     async def embed(self, slot: int, requests: Sequence[EncodeRequest], beacon: bytes) -> Embedded:
         loop = asyncio.get_running_loop()

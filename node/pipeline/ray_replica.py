@@ -88,6 +88,7 @@ class ShardReplica:
                 f"this replica loaded weights {self._shard.weights_id}, "
                 f"the node runs {spec.weights_id}"
             )
+        self._shard.warm_up()  # its first batches then cost what the rest do
         try:
             self._replica = serve.get_replica_context().replica_id.unique_id
         except Exception:  # outside Serve (a unit test): the process names it

@@ -63,6 +63,8 @@ async def test_workers_give_exactly_the_node_s_own_embeddings() -> None:
             assert np.array_equal(a.vector, c.vector) and np.array_equal(b.vector, c.vector)
             assert a.encoder_losses == c.encoder_losses
         assert cpu > 0
+        # Each worker warmed every modality up before its first batch.
+        assert engine.warmed == [["text", "image", "audio", "video"]] * 2
     finally:
         engine.close()
 

@@ -91,6 +91,26 @@ def test_empty_call_embeds_nothing(shard: Shard) -> None:
     assert shard.embed([], BEACON) == []
 
 
+def test_warm_up_embeds_every_modality_and_changes_nothing(
+    shard: Shard, requests: list[EncodeRequest], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    before = shard.embed(requests, BEACON)
+    calls: list[list[Modality]] = []
+    embed = shard.embed
+
+    def recording(batch: list[EncodeRequest], beacon: bytes) -> list[object]:
+        calls.append([r.modality for r in batch])
+        return embed(batch, beacon)  # type: ignore[return-value]
+
+    monkeypatch.setattr(shard, "embed", recording)
+    assert shard.warm_up() == [Modality.TEXT, Modality.IMAGE, Modality.AUDIO, Modality.VIDEO]
+    assert calls == [[m, m] for m in Modality]
+    monkeypatch.undo()
+    after = shard.embed(requests, BEACON)
+    for a, b in zip(before, after, strict=True):
+        assert np.array_equal(a.vector, b.vector) and a.diff_loss == b.diff_loss
+
+
 def test_text_without_content_tokens_still_embeds(shard: Shard) -> None:
     (item,) = shard.embed([request(Modality.TEXT, "text/plain", "\u200b".encode())], BEACON)
     assert np.linalg.norm(item.vector) == pytest.approx(1.0, abs=1e-5)
