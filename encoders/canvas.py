@@ -45,6 +45,9 @@ MAX_ASPECT = Fraction(5, 2)
 """The most oblong window the square shows: training's most oblong canvas."""
 LONGEST = 16
 """A fitted picture's long side is at most this many squares (a 40:1 strip)."""
+_PRIOR = 24.0
+"""The window's prior weight at the middle, as a weak edge: 8 levels in each colour
+along every short-side pixel (``window_start``)."""
 
 
 def fitted_size(width: int, height: int, size: int) -> tuple[int, int]:
@@ -112,10 +115,6 @@ def window_start(energy: npt.NDArray[np.float64], size: int, short: int) -> floa
     centres = np.arange(length, dtype=np.float64) + 0.5
     centre = (float(excess @ centres) + prior * length / 2) / (float(excess.sum()) + prior)
     return min(max(centre - size / 2, 0.0), float(length - size))
-
-
-_PRIOR = 24.0
-"""A weak edge: 8 levels in each colour along every short-side pixel."""
 
 
 def _cut(frame: npt.NDArray[np.uint8], axis: int, start: float, size: int) -> npt.NDArray[np.uint8]:
