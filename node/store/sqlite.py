@@ -261,10 +261,7 @@ class Store:
     # -- intake -------------------------------------------------------------
 
     def knows(self, submission_id: bytes) -> bool:
-        row = self._db.execute(
-            "SELECT 1 FROM submissions WHERE id = ?", (submission_id,)
-        ).fetchone()
-        return row is not None
+        return _knows(self._db, submission_id)
 
     def known_ids(self) -> KnownIds:
         """``knows`` for any thread, without a trip to the store's own thread."""
@@ -866,5 +863,10 @@ class KnownIds:
         if db is None:
             db = sqlite3.connect(self._uri, uri=True)
             self._local.db = db
-        row = db.execute("SELECT 1 FROM submissions WHERE id = ?", (submission_id,)).fetchone()
-        return row is not None
+        return _knows(db, submission_id)
+
+
+def _knows(db: sqlite3.Connection, submission_id: bytes) -> bool:
+    """Whether the submissions table holds ``submission_id`` (in any state)."""
+    row = db.execute("SELECT 1 FROM submissions WHERE id = ?", (submission_id,)).fetchone()
+    return row is not None
