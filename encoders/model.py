@@ -10,8 +10,8 @@ mean of a **colour** cosine and a **shape** cosine:
   runs the same ``ShapeNet`` on two of its frames and adds the
   figure's motion (``encoders.channels.motion``) to its head's input, so its
   shape half names the shape and the direction it moves;
-- audio: a transformer over log-mel patches (``PatchTower``), whose output is
-  split in the same halves;
+- audio: a transformer over log-mel time slices (``PatchTower``), whose output
+  is split in the same halves;
 - text: the frozen pretrained MiniLM's sentence features (held by the shard,
   pinned by hash) through a trainable linear head, split the same way.
 
@@ -58,6 +58,8 @@ class EncoderConfig:
     image_tokens: int
     video_tokens: int
     audio_tokens: int
+    audio_token_size: int
+    """Values per audio token: the preprocessing's ``n_mels`` times 4 frames."""
     video_grid: int
     """Tokens per side of a video frame (the preprocessing's ``video_size`` / 16)."""
 
@@ -92,7 +94,7 @@ class MultimodalEncoder(nn.Module):
         self.image_shape = ShapeHead(config.width, half)
         self.video_shape = ShapeHead(config.width, half, extra=2)
         self.audio = PatchTower(
-            1,
+            config.audio_token_size,
             config.audio_tokens,
             config.width,
             config.depth,

@@ -1,7 +1,10 @@
 """Tokenizing decoded arrays into patch sequences (DESIGN §4).
 
-Images become 16x16 patches, video 16x16x2 tubelets, audio 16x16 patches of
-its log-mel spectrogram; each token is the flattened pixels of its patch.
+Images become 16x16 patches and video 16x16x2 tubelets; each token is the
+flattened pixels of its patch. Audio tokens are time slices of the log-mel
+spectrogram: 4 frames (40 ms) of every band, so a spoken word is a run of
+tokens that each see its whole spectrum (16x16 patches split a word's
+formants over four tokens and mixed them with their neighbours').
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ import torch
 
 PATCH = 16
 TUBELET = 2
+AUDIO_TOKEN_FRAMES = 4
+"""Log-mel frames (10 ms each) per audio token."""
 
 
 def image_patches(images: torch.Tensor) -> torch.Tensor:
@@ -28,8 +33,11 @@ def video_tubelets(clips: torch.Tensor) -> torch.Tensor:
 
 
 def audio_patches(spectrograms: torch.Tensor) -> torch.Tensor:
-    """``[B, M, T]`` log-mel → ``[B, (M/16)·(T/16), 16·16]``."""
-    return image_patches(spectrograms.unsqueeze(1))
+    """``[B, M, T]`` log-mel → ``[B, T/4, M·4]``: token j holds frames 4j…4j+3 of every
+    band, band-major (band 0's four frames first)."""
+    b, m, t = spectrograms.shape
+    k = AUDIO_TOKEN_FRAMES
+    return spectrograms.reshape(b, m, t // k, k).permute(0, 2, 1, 3).reshape(b, t // k, m * k)
 
 
 def unpatchify(patches: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

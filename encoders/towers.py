@@ -12,8 +12,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from encoders.patches import PATCH
-
 
 class Block(nn.Module):
     """Pre-norm transformer block whose attention ignores masked-out keys."""
@@ -40,11 +38,11 @@ class Block(nn.Module):
 
 
 class PatchTower(nn.Module):
-    """Linear patch stem, learned positions, CLS token, transformer trunk and head (audio)."""
+    """Linear token stem, learned positions, CLS token, transformer trunk and head (audio)."""
 
     def __init__(
         self,
-        channels: int,
+        token_size: int,
         n_tokens: int,
         width: int,
         depth: int,
@@ -53,7 +51,7 @@ class PatchTower(nn.Module):
         out_dim: int,
     ) -> None:
         super().__init__()
-        self.stem = nn.Linear(channels * PATCH * PATCH, width)
+        self.stem = nn.Linear(token_size, width)
         self.cls = nn.Parameter(torch.randn(1, 1, width) * 0.02)
         self.position = nn.Parameter(torch.randn(1, n_tokens + 1, width) * 0.02)
         self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio) for _ in range(depth))

@@ -25,12 +25,13 @@ from encoders.errors import WeightsError
 from encoders.media import PreprocessSpec
 from encoders.modality import Modality
 from encoders.model import EncoderConfig, MultimodalEncoder
-from encoders.patches import PATCH, TUBELET
+from encoders.patches import AUDIO_TOKEN_FRAMES, PATCH, TUBELET
 from encoders.text_backbone import BACKBONE_FILE, BACKBONE_PACKAGE, backbone_dir
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 """2: the manifest carries the scoring calibration (qualify ratio, near-duplicate radii).
-3: encoders v2 (one architecture, continuous channels, pictures of any shape)."""
+3: encoders v2 (one architecture, continuous channels, pictures of any shape).
+4: encoders v3 (audio tokens are 40 ms time slices of every mel band)."""
 _OLD_FORMATS = {
     1: (
         "no scoring calibration, encoders v1",
@@ -39,7 +40,13 @@ _OLD_FORMATS = {
     2: (
         "encoders v1, whose principal-contrast channel can put validators apart",
         "train new weights with `poc-node train`, or pin the shipped weights/default; "
-        "a manifest of another kind (hf_clip, open_clip) only needs `format_version: 3` "
+        "a manifest of another kind (hf_clip, open_clip) only needs `format_version: 4` "
+        "and a new hash",
+    ),
+    3: (
+        "encoders v2, whose audio tower reads 16x16 log-mel patches",
+        "train new weights with `poc-node train`, or pin the shipped weights/default; "
+        "a manifest of another kind (hf_clip, open_clip) only needs `format_version: 4` "
         "and a new hash",
     ),
 }
@@ -126,7 +133,7 @@ def config_for(
     """Architecture whose token counts match the preprocessing."""
     image = (spec.image_size // PATCH) ** 2
     video = (spec.video_frames // TUBELET) * (spec.video_size // PATCH) ** 2
-    audio = (spec.n_mels // PATCH) * (spec.audio_frames // PATCH)
+    audio = spec.audio_frames // AUDIO_TOKEN_FRAMES
     return EncoderConfig(
         dim=dim,
         width=width,
@@ -136,6 +143,7 @@ def config_for(
         image_tokens=image,
         video_tokens=video,
         audio_tokens=audio,
+        audio_token_size=spec.n_mels * AUDIO_TOKEN_FRAMES,
         video_grid=spec.video_size // PATCH,
     )
 

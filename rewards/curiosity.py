@@ -36,7 +36,7 @@ from rewards.history import History, Searchable, quantize
 PPM = 1_000_000
 """Fixed-point scale of scores: parts per million."""
 
-DEFAULT_K = 32
+DEFAULT_K = 64
 DEFAULT_QUALIFY_RATIO = 1.0
 """Only for callers without a calibration; the node always uses the manifest's."""
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from encoders.errors import EncoderError
+from rewards.curiosity import DEFAULT_K
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MANIFEST = ROOT / "weights" / "default" / "manifest.json"
@@ -86,7 +87,10 @@ def register(commands: argparse._SubParsersAction) -> dict[str, Handler]:  # typ
         help="manifest to calibrate in place (default weights/default/manifest.json)",
     )
     calibrate.add_argument(
-        "--k", type=_positive, default=32, help="scoring.k the ratio is calibrated for (default 32)"
+        "--k",
+        type=_positive,
+        default=DEFAULT_K,
+        help=f"scoring.k the ratio is calibrated for (default {DEFAULT_K})",
     )
     calibrate.add_argument("--seed", type=int, default=0, help="world seed (default 0)")
 

@@ -29,10 +29,11 @@ from encoders.modality import PATCHED, Modality
 from training import render, speech, video
 from training.world import MOTIONS, Concept, caption, moving_concepts, still_concepts
 
-CORPUS_VERSION = "shapes-v3"
+CORPUS_VERSION = "shapes-v4"
 """Bumped whenever generation changes what a seed produces. v2: backgrounds from
 black to white, and a third of them coloured. v3: a third of the pictures and
-clips on oblong canvases, decoded with their aspect ratio kept."""
+clips on oblong canvases, decoded with their aspect ratio kept. v4: the same items,
+the cached log-mel spectrograms with the silence floor at ``melspec.FLOOR_POWER``."""
 _ITEM_SEEDS = "shapes-v1"
 """Part of every item's seed. Kept at v1, so that what v2 did not change (the
 spoken descriptions) stays exactly what v1 made."""

@@ -64,13 +64,16 @@ class TrainSettings:
     warmup_steps: int = 40
     temperature: float = 0.07
     """Initial InfoNCE temperature of the modalities in ``learn_temperature``."""
-    learn_temperature: tuple[str, ...] = ("video", "audio")
+    learn_temperature: tuple[str, ...] = ("audio",)
     """Modalities whose InfoNCE temperature is learned (as CLIP does), each its own."""
     fixed_temperature: float = 0.2
-    """Temperature of the other modalities. A learned temperature sharpens until
-    ranking is enough: matched image-text halves then sit anywhere above their
-    negatives, where one δ per modality pair needs them close in absolute terms. A
-    high fixed one keeps pulling matched halves together after ranking is right."""
+    """Temperature of the other modalities (image and video). A learned temperature
+    sharpens until ranking is enough: matched halves then sit anywhere above their
+    negatives, where one δ per modality pair needs them close in absolute terms, and
+    text→video needs a caption's own motion nearer than a better-drawn clip of the
+    same figure moving another way (with a learned video temperature, every
+    text→video miss was such a motion). A high fixed one keeps pulling matched
+    halves together after ranking is right."""
     masked_share: float = 0.3
     """Probability that a training item is seen through one random mask."""
     schedule: tuple[str, ...] = ("image", "image", "video", "video", "audio", "audio", "audio")

@@ -21,14 +21,15 @@ pytestmark = pytest.mark.integration
 
 
 def test_the_shipped_calibration_pays_new_combinations_and_not_noise_or_copies() -> None:
-    pin = yaml.safe_load((ROOT / "config" / "default.yaml").read_text())["encoders"]
+    config = yaml.safe_load((ROOT / "config" / "default.yaml").read_text())
+    pin = config["encoders"]
     shard = Shard.load(ROOT / "weights" / "default" / "manifest.json", pin["manifest_sha256"])
     assert shard.genesis is not None and shard.scoring.junk_radius
     figures = report(
         shard,
         dict.fromkeys(Modality, 0.75),
         shard.scoring,
-        k=32,
+        k=config["scoring"]["k"],
         seed=5,
         per_kind=24,
         log=lambda _: None,

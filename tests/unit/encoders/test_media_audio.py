@@ -118,6 +118,25 @@ def test_long_audio_is_pooled_to_fixed_frames() -> None:
     assert short.shape == (64, 256)
 
 
+@pytest.mark.parametrize("amplitude", [0.0, 3e-4])
+def test_a_change_below_one_pcm_step_leaves_silent_bands_silent(amplitude: float) -> None:
+    """Members whose arithmetic differs in the last bits must see one spectrogram.
+
+    Silence and a faint tone, changed by ±1e-6 per sample (a thirtieth of a
+    16-bit step): every band the change alone would fill stays at the floor.
+    Under a floor of 1e-10 the change painted every silent band with noise.
+    """
+    wave = 2 * amplitude * tone(1.0, 16_000, 1, hz=300.0)
+    changed = wave + np.random.default_rng(0).choice([-1e-6, 1e-6], size=wave.shape)
+    before = log_mel(wave, 16_000, 64, 256)
+    after = log_mel(changed, 16_000, 64, 256)
+    silent = before == before.min()
+    assert silent.mean() > 0.5
+    assert np.array_equal(after[silent], before[silent])
+    loud = before > before.min() + 0.5  # 100 times the floor's power, or more
+    assert np.abs(after[loud] - before[loud]).max(initial=0.0) < 1e-3
+
+
 def test_empty_data_chunk_is_undecodable() -> None:
     with pytest.raises(UndecodableError, match="no complete sample"):
         decode(wav_header_claiming(0)[:-64])

@@ -9,7 +9,7 @@ from encoders import model as model_module
 from encoders.channels import Memo, figure, figure_colours, frames_of, motion
 from encoders.modality import Modality
 from encoders.model import MultimodalEncoder
-from encoders.patches import image_patches, video_tubelets
+from encoders.patches import audio_patches, image_patches, video_tubelets
 from encoders.towers import ShapeNet
 from encoders.weights import DEFAULT_PREPROCESS, config_for
 
@@ -150,11 +150,16 @@ def test_video_sees_which_way_the_figure_moves() -> None:
     assert not torch.allclose(out[0, 16:], out[1, 16:], atol=1e-3)
 
 
-@pytest.mark.parametrize("modality", [Modality.IMAGE, Modality.VIDEO])
+@pytest.mark.parametrize("modality", [Modality.IMAGE, Modality.VIDEO, Modality.AUDIO])
 def test_a_masked_token_changes_neither_half(modality: Modality) -> None:
     """Even across token borders: a masked token's neighbours see it as blank."""
     model = small_model()
-    if modality is Modality.IMAGE:
+    if modality is Modality.AUDIO:
+        items = torch.rand(2, 64, 256) * 2 - 1
+        changed = items.clone()
+        changed[:, :, 20:24] = torch.rand(2, 64, 4) * 2 - 1  # 40 ms of every band: token 5
+        patches, after, token, n = audio_patches(items), audio_patches(changed), 5, 64
+    elif modality is Modality.IMAGE:
         items = torch.rand(2, 3, 64, 64) * 2 - 1
         changed = items.clone()
         changed[:, :, 16:32, 16:32] = torch.rand(2, 3, 16, 16) * 2 - 1  # token (1, 1)
@@ -173,6 +178,15 @@ def test_a_masked_token_changes_neither_half(modality: Modality) -> None:
     assert torch.allclose(a[:, 1], b[:, 1], atol=1e-6)
     assert not torch.allclose(a[:, 0], b[:, 0], atol=1e-4)
     assert not torch.allclose(a[:, 2], b[:, 2], atol=1e-4)
+
+
+def test_an_audio_token_is_40_ms_of_every_band() -> None:
+    """The layout a peer must reproduce: token j holds frames 4j…4j+3, band-major."""
+    spectrogram = torch.arange(64 * 256, dtype=torch.float32).reshape(1, 64, 256)
+    tokens = audio_patches(spectrogram)
+    assert tokens.shape == (1, 64, 256)
+    for j in (0, 5, 63):
+        assert torch.equal(tokens[0, j], spectrogram[0, :, 4 * j : 4 * j + 4].reshape(-1))
 
 
 def test_the_shape_network_pools_kept_cells_of_every_frame() -> None:

@@ -94,7 +94,13 @@ def _copy(shard_manifest: Path, tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize(
     ("version", "named"),
-    [(1, r"no scoring calibration"), (2, r"encoders v1"), (7, r"unknown"), (None, r"unknown")],
+    [
+        (1, r"no scoring calibration"),
+        (2, r"encoders v1"),
+        (3, r"encoders v2, whose audio tower reads 16x16"),
+        (7, r"unknown"),
+        (None, r"unknown"),
+    ],
 )
 def test_a_manifest_of_another_format_is_refused_naming_the_format(
     shard_manifest: Path, tmp_path: Path, version: int | None, named: str
@@ -103,7 +109,7 @@ def test_a_manifest_of_another_format_is_refused_naming_the_format(
     raw = json.loads(manifest.read_text())
     raw["format_version"] = version
     manifest.write_text(json.dumps(raw))
-    with pytest.raises(WeightsError, match=rf"has format {version} \({named}.*reads format 3"):
+    with pytest.raises(WeightsError, match=rf"has format {version} \({named}.*reads format 4"):
         read_manifest(manifest, sha256_file(manifest))
 
 
