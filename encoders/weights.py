@@ -86,6 +86,8 @@ class ScoringCalibration:
     duplicate_radius: dict[Modality, float]
     junk_radius: dict[Modality, float] = dataclasses.field(default_factory=dict)
     """Per modality: an item this close to the genesis history's known junk repeats it."""
+    k: int | None = None
+    """The ``scoring.k`` ``qualify_ratio`` was measured for, where the manifest records it."""
 
     def body(self) -> dict[str, Any]:
         return {
@@ -102,7 +104,8 @@ class ScoringCalibration:
         radii = [*radius.values(), *junk.values()]
         if not ratio > 0 or not all(0 <= r < 2 for r in radii):
             raise ValueError(f"scoring calibration out of range: {dict(body)}")
-        return cls(ratio, radius, junk)
+        k = body.get("figures", {}).get("calibration", {}).get("k")
+        return cls(ratio, radius, junk, None if k is None else int(k))
 
 
 UNCALIBRATED_SCORING = ScoringCalibration(2.0, dict.fromkeys(Modality, 1e-6))

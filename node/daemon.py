@@ -109,9 +109,10 @@ def committee_from_description(raw: bytes) -> Committee:
 
 
 def load_shard(config: Config) -> Shard:
+    """The pinned shard, refused with a message if it does not fit the configuration."""
     encoders = config.encoders
     try:
-        return Shard.load(
+        shard = Shard.load(
             encoders.manifest,
             encoders.manifest_sha256,
             device=encoders.device,
@@ -120,6 +121,16 @@ def load_shard(config: Config) -> Shard:
         )
     except WeightsError as error:
         raise NodeError(f"encoder weights refused: {error}") from None
+    calibrated = shard.scoring.k
+    if config.scoring.qualify_ratio is None and calibrated not in (None, config.scoring.k):
+        # d_E / d_nn depends on k: a ratio measured for another k pays the wrong items,
+        # and members on different k disagree on every record that pays.
+        raise NodeError(
+            f"scoring.k is {config.scoring.k} but the manifest's qualify_ratio was calibrated "
+            f"for k = {calibrated}: set scoring.k: {calibrated}, or run `poc-node calibrate "
+            f"--k {config.scoring.k}` on the weights, or set scoring.qualify_ratio yourself"
+        )
+    return shard
 
 
 DEFAULT_CPU_WORKERS = 2

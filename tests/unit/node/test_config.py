@@ -76,3 +76,16 @@ def test_enough_submissions_are_prepared_at_once_to_fill_every_modalitys_batch()
     assert prepared_at_once(config) >= 2 * max(sizes.values()) + sum(sizes.values())
     wide = load_config(None, {"decode.workers": 64})
     assert prepared_at_once(wide) == 128  # and every decoder has an item
+
+
+def test_a_k_other_than_the_calibrated_one_is_refused_unless_the_ratio_is_set(tmp_path):
+    """qualify_ratio is measured for one k (64 for the shipped weights): an old config
+    keeping k: 32 would pay with a ratio meant for another neighbourhood."""
+    from node.daemon import load_shard
+    from node.errors import NodeError
+
+    assert load_shard(load_config()).scoring.k == load_config().scoring.k == 64
+    with pytest.raises(NodeError, match=r"scoring.k is 32 but .* calibrated for k = 64"):
+        load_shard(load_config(None, {"scoring.k": 32}))
+    chosen = load_config(None, {"scoring.k": 32, "scoring.qualify_ratio": 0.8})
+    assert load_shard(chosen).scoring.k == 64  # the operator's own ratio: their call
