@@ -226,7 +226,7 @@ def _eval(args: argparse.Namespace) -> int:
             shard,
             dict.fromkeys(Modality, 0.75),
             shard.scoring,
-            k=_calibrated_k(manifest_info(manifest)),
+            k=_LEGACY_K if shard.scoring.k is None else shard.scoring.k,
             seed=seed + 1,
             log=lambda line: print(line, file=sys.stderr),
         )
@@ -241,10 +241,8 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _calibrated_k(info: dict[str, Any]) -> int:
-    """The scoring.k a manifest's qualify_ratio was calibrated for (32 if it does not say)."""
-    figures = info.get("scoring", {}).get("figures", {})
-    return int(figures.get("calibration", {}).get("k", 32))
+_LEGACY_K = 32
+"""The k of manifests that predate recording it (``ScoringCalibration.k``)."""
 
 
 def _calibrate(args: argparse.Namespace) -> int:
