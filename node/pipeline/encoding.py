@@ -7,8 +7,10 @@ oldest item has waited longest, and up to that modality's batch size of its
 items (``BatchPolicy``). While the slots are busy, items gather by
 themselves, so under load batches fill without any waiting; only an item that
 arrives while every slot is idle waits, at most its modality's ``wait_ms``,
-for company. A full queue makes ``embed`` wait, which pushes back on intake
-instead of growing memory.
+for company. A worker process also holds a whole batch waiting behind the
+one it runs (``Engine.depth``), so it never idles through the round trip to
+the event loop between two batches. A full queue makes ``embed`` wait, which
+pushes back on intake instead of growing memory.
 """
 
 from __future__ import annotations
@@ -53,9 +55,14 @@ class EncoderService:
         self._policy = policy
         self._queues: dict[Modality, deque[_Job]] = {m: deque() for m in policy.batches}
         self._room = asyncio.Semaphore(queue_size)
-        self._arrived = asyncio.Event()
+        self._changed = asyncio.Event()
+        """Set when an item arrives or a batch ends."""
         self._metrics = metrics
         self._running = 0
+        self._in_flight: list[int] = []
+        self._idle_since = 0.0
+        """When the last batch ended (``time.monotonic``), if none runs."""
+        """Batches at each slot: running, and waiting behind it."""
 
     @property
     def queued(self) -> int:
@@ -67,49 +74,70 @@ class EncoderService:
         for job in jobs:
             await self._room.acquire()  # waits while the queue is full
             self._queues[job.request.modality].append(job)
-            self._arrived.set()
+            self._changed.set()
         self._metrics.queue_depth.labels(queue="encode").set(self.queued)
         return list(await asyncio.gather(*(job.future for job in jobs)))
 
-    def _oldest(self) -> Modality | None:
-        waiting = [(queue[0].queued_at, m) for m, queue in self._queues.items() if queue]
+    def _oldest(self, full: bool = False) -> Modality | None:
+        """The modality whose oldest item has waited longest (with ``full``: among those
+        with a whole batch waiting)."""
+        waiting = [
+            (queue[0].queued_at, m)
+            for m, queue in self._queues.items()
+            if queue and (not full or len(queue) >= self._policy.size(m))
+        ]
         return min(waiting, key=lambda pair: pair[0])[1] if waiting else None
 
     async def run(self) -> None:
-        free: asyncio.Queue[int] = asyncio.Queue()
-        for slot in range(self.engine.slots):
-            free.put_nowait(slot)
+        depth = max(1, self.engine.depth)
+        self._in_flight = [0] * self.engine.slots
         async with asyncio.TaskGroup() as group:
             while True:
-                slot = await free.get()
-                modality = await self._next()
-                # Slots free at once share what waits (the end of a burst is spread
-                # over idle workers, not left to one of them).
-                share = -(-len(self._queues[modality]) // (free.qsize() + 1))
-                group.create_task(self._encode(slot, self._take(modality, share), free))
+                slot, modality, share = await self._next(depth)
+                self._in_flight[slot] += 1
+                self._running += 1
+                group.create_task(self._encode(slot, self._take(modality, share)))
 
-    async def _next(self) -> Modality:
-        """The modality to encode next, once there is one."""
-        loop = asyncio.get_running_loop()
-        modality = self._oldest()
-        if modality is not None:
-            return modality
-        while modality is None:
-            self._arrived.clear()
-            await self._arrived.wait()
+    async def _next(self, depth: int) -> tuple[int, Modality, int | None]:
+        """The slot to fill next, the modality to fill it with, and how many items at most
+        (``None``: a whole batch), once there is one.
+
+        An idle slot takes the oldest modality's items at once; idle slots
+        share what waits (the end of a burst is spread over idle workers, not
+        left to one of them). A busy slot with room behind its running batch
+        (``Engine.depth``) takes only a whole batch: it waits there, so that
+        the worker starts it the moment it is done with the last one instead
+        of idling through a round trip to this loop.
+        """
+        while True:
+            idle = [slot for slot, n in enumerate(self._in_flight) if n == 0]
             modality = self._oldest()
-        if self._running:
-            return modality
-        # Every slot was idle: this item may wait a little for company.
+            if idle and modality is not None:
+                arrived = self._queues[modality][0].queued_at
+                if not self._running and arrived >= self._idle_since:
+                    # It arrived while every slot was idle: it may wait for company.
+                    modality = await self._company(modality)
+                share = -(-len(self._queues[modality]) // len(idle))
+                return idle[0], modality, share
+            behind = [slot for slot, n in enumerate(self._in_flight) if 0 < n < depth]
+            full = self._oldest(full=True)
+            if behind and full is not None:
+                return min(behind, key=lambda slot: self._in_flight[slot]), full, None
+            self._changed.clear()
+            await self._changed.wait()
+
+    async def _company(self, modality: Modality) -> Modality:
+        """Wait at most the modality's ``wait_ms`` for a whole batch of it."""
+        loop = asyncio.get_running_loop()
         deadline = loop.time() + self._policy.wait_s(modality)
         while len(self._queues[modality]) < self._policy.size(modality):
             remaining = deadline - loop.time()
             if remaining <= 0:
                 break
-            self._arrived.clear()
+            self._changed.clear()
             try:
                 async with asyncio.timeout(remaining):
-                    await self._arrived.wait()
+                    await self._changed.wait()
             except TimeoutError:
                 break
         return modality
@@ -137,13 +165,15 @@ class EncoderService:
         self._metrics.queue_depth.labels(queue="encode").set(self.queued)
         return batch
 
-    async def _encode(self, slot: int, group: list[_Job], free: asyncio.Queue[int]) -> None:
-        self._running += 1
+    async def _encode(self, slot: int, group: list[_Job]) -> None:
         try:
             await self._encode_on(slot, group)
         finally:
             self._running -= 1
-            free.put_nowait(slot)
+            self._in_flight[slot] -= 1
+            if not self._running:
+                self._idle_since = time.monotonic()
+            self._changed.set()
 
     async def _encode_on(self, slot: int, group: list[_Job]) -> None:
         if not group:

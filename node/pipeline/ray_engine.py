@@ -111,6 +111,10 @@ class RayServe:
         return SLOTS_PER_REPLICA * self.replicas_wanted
 
     @property
+    def depth(self) -> int:
+        return 1  # a replica's second batch already waits there (SLOTS_PER_REPLICA)
+
+    @property
     def ready(self) -> bool:
         """A replica running, and the weights of those that answered checked."""
         return self.weights_checked and self.replicas_running >= 1

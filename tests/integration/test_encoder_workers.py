@@ -77,12 +77,17 @@ async def test_a_worker_killed_mid_batch_costs_time_never_the_batch() -> None:
         await engine.start()
         (victim,) = worker_pids(engine)
         batch = requests(48)
+        # The worker's depth: one batch running, the next waiting in its pipe.
         running = asyncio.create_task(engine.embed(0, batch, b"beacon"))
+        behind = asyncio.create_task(engine.embed(0, batch[:8], b"beacon"))
         await asyncio.sleep(0.3)
         os.kill(victim, signal.SIGKILL)
         embeddings, _ = await asyncio.wait_for(running, 120)
-        assert len(embeddings) == 48
-        assert worker_pids(engine) != [victim]
+        waited, _ = await asyncio.wait_for(behind, 120)
+        assert len(embeddings) == 48 and len(waited) == 8
+        # One new worker took both over (the second loss did not replace it again).
+        (replacement,) = worker_pids(engine)
+        assert replacement != victim
         mine, _ = await InProcess(shard).embed(0, batch[:3], b"beacon")
         assert all(
             np.array_equal(a.vector, b.vector) for a, b in zip(embeddings[:3], mine, strict=True)

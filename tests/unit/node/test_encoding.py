@@ -181,6 +181,10 @@ class TwoSlots:
     def slots(self) -> int:
         return 2
 
+    @property
+    def depth(self) -> int:
+        return 1
+
     async def start(self) -> None:
         return None
 
@@ -204,4 +208,63 @@ async def test_idle_slots_share_a_burst() -> None:
     # Both slots idle: eight texts arriving together are split over them.
     await service.embed([request(TEXT, f"t{i}") for i in range(8)], b"b")
     assert sorted(len(names) for names, _ in shard.calls) == [4, 4]
+    await stop(service, task)
+
+
+class QueuingWorker:
+    """One slot that holds a second batch behind the running one (a worker process)."""
+
+    def __init__(self, shard: FakeShard) -> None:
+        self.shard = shard
+        self.handed: list[list[str]] = []  # batches handed to the worker, in order
+        self._lock = asyncio.Lock()
+
+    @property
+    def slots(self) -> int:
+        return 1
+
+    @property
+    def depth(self) -> int:
+        return 2
+
+    async def start(self) -> None:
+        return None
+
+    async def embed(self, slot: int, requests, beacon: bytes):
+        self.handed.append([str(r.media) for r in requests])
+        async with self._lock:  # one batch at a time, in the order handed
+            return await asyncio.to_thread(self.shard.embed, list(requests), beacon), 0.0
+
+    def close(self) -> None:
+        return None
+
+
+async def test_a_busy_worker_holds_the_next_whole_batch_but_not_a_partial_one() -> None:
+    shard = FakeShard(block_first=True)
+    worker = QueuingWorker(shard)
+    service = EncoderService(
+        shard,  # type: ignore[arg-type]
+        policy(text=2, image=2, wait_ms=0),
+        64,
+        Metrics(CollectorRegistry()),
+        worker,
+    )
+    task = asyncio.create_task(service.run())
+    running = asyncio.create_task(service.embed([request(TEXT, "a")], b"b"))
+    await asyncio.to_thread(shard.entered.wait, 10)
+    lone = asyncio.create_task(service.embed([request(IMAGE, "i")], b"b"))
+    await asyncio.sleep(0.05)
+    # One image is not a batch: it stays in the service, free to gather company.
+    assert worker.handed == [["a"]]
+    whole = asyncio.create_task(service.embed([request(TEXT, "b"), request(TEXT, "c")], b"b"))
+    await asyncio.sleep(0.05)
+    # A whole batch is handed over while the worker is still busy with the first.
+    assert worker.handed == [["a"], ["b", "c"]]
+    assert len(shard.calls) == 1
+    more = asyncio.create_task(service.embed([request(IMAGE, "j")], b"b"))
+    await asyncio.sleep(0.05)
+    shard.release.set()
+    async with asyncio.timeout(10):
+        await asyncio.gather(running, lone, whole, more)
+    assert worker.handed == [["a"], ["b", "c"], ["i", "j"]]
     await stop(service, task)
