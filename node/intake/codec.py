@@ -37,7 +37,35 @@ class DecodeLimits:
     """Values in the whole message (containers, keys and leaves), counted before any is built."""
 
 
+_PLAIN = frozenset({int, str, bytes, bool, type(None)})
+"""Types that are their own canonical form (exactly these: subclasses take the long way)."""
+
+
 def _canonical(value: Any) -> Any:
+    """``value`` with every map's keys in bytewise order, refused if it has no canonical form.
+
+    Plain dicts of ``str`` keys and lists take a short way: for valid text,
+    code point order (``sorted``) is UTF-8's bytewise order.
+    """
+    kind = type(value)
+    if kind in _PLAIN:
+        return value
+    if kind is dict:
+        if all(type(key) is str for key in value):
+            return {
+                key: item if type(item) in _PLAIN else _canonical(item)
+                for key, item in sorted(value.items(), key=_first)
+            }
+    elif kind is list or kind is tuple:
+        return [item if type(item) in _PLAIN else _canonical(item) for item in value]
+    return _canonical_other(value)
+
+
+def _first(entry: tuple[str, Any]) -> str:
+    return entry[0]
+
+
+def _canonical_other(value: Any) -> Any:
     if isinstance(value, bool) or value is None:
         return value
     if isinstance(value, int):
@@ -77,10 +105,12 @@ def _reject_foreign(value: Any, max_depth: int, depth: int = 0) -> None:
         for key, item in value.items():
             if not isinstance(key, str):
                 raise CodecError("map keys must be strings")
-            _reject_foreign(item, max_depth, depth + 1)
+            if type(item) not in _PLAIN:
+                _reject_foreign(item, max_depth, depth + 1)
     elif isinstance(value, list):
         for item in value:
-            _reject_foreign(item, max_depth, depth + 1)
+            if type(item) not in _PLAIN:
+                _reject_foreign(item, max_depth, depth + 1)
     elif isinstance(value, msgpack.ExtType):
         raise CodecError("extension types are not allowed")
 
@@ -94,7 +124,8 @@ def unpack(raw: bytes, limits: DecodeLimits = DecodeLimits()) -> Any:
     """
     if len(raw) > limits.max_bytes:
         raise CodecError(f"{len(raw)} bytes exceed the limit of {limits.max_bytes}")
-    check_shape(raw, limits)
+    if len(raw) > limits.max_objects:  # shorter, it cannot hold more values than that
+        check_shape(raw, limits)
     try:
         value = msgpack.unpackb(
             raw,

@@ -1,5 +1,9 @@
+import enum
+
 import msgpack
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from node.intake.codec import CodecError, DecodeLimits, NonCanonicalError, pack, peek_field, unpack
 
@@ -107,3 +111,40 @@ def test_an_amplifying_message_that_names_a_submitter_is_attributed():
     with pytest.raises(Rejected) as refused:
         parse_submission(raw)
     assert refused.value.reason is Reason.MALFORMED and refused.value.submitter == b"k" * 32
+
+
+def _bytewise(value):
+    """The canonical form by its definition: every map's keys in UTF-8 byte order."""
+    if isinstance(value, dict):
+        return {k: _bytewise(value[k]) for k in sorted(value, key=lambda k: k.encode("utf-8"))}
+    if isinstance(value, list | tuple):
+        return [_bytewise(item) for item in value]
+    return value
+
+
+_keys = st.text(st.characters(blacklist_categories=("Cs",)), max_size=6)
+_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.binary(max_size=8) | _keys,
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.tuples(inner, inner)
+        | st.dictionaries(_keys, inner, max_size=5)
+    ),
+    max_leaves=30,
+)
+
+
+@given(_values)
+def test_pack_sorts_every_key_bytewise_whatever_its_script(value):
+    # The short way sorts str by code point; for any text that is UTF-8's byte order.
+    expected = msgpack.packb(_bytewise(value), use_bin_type=True)
+    assert pack(value) == expected
+    assert unpack(expected) == _bytewise(value)
+
+
+def test_str_subclass_keys_and_values_take_the_long_way():
+    class Name(enum.StrEnum):
+        B = "b"
+        A = "a"
+
+    assert pack({Name.B: 1, Name.A: [Name.B]}) == pack({"a": ["b"], "b": 1})
