@@ -95,6 +95,10 @@ class Searchable(Protocol):
         """The stored embeddings with these ids, as float64 copies ``[len(ids), dim]``."""
         ...
 
+    def stored(self, ids: npt.NDArray[np.int64]) -> npt.NDArray[np.float32]:
+        """The same values as ``vectors``, as float32 (exact: every float16 is a float32)."""
+        ...
+
 
 @runtime_checkable
 class EmbeddingIndex(Searchable, Protocol):
@@ -154,13 +158,16 @@ class HistoryIndex:
 
     def vectors(self, ids: npt.NDArray[np.int64]) -> npt.NDArray[np.float64]:
         """Float64 copies of the stored embeddings, for exact recomputation."""
+        return np.asarray(self.stored(ids), dtype=np.float64)
+
+    def stored(self, ids: npt.NDArray[np.int64]) -> npt.NDArray[np.float32]:
+        """The stored embeddings as faiss holds them: float32, exactly the float16 values."""
         flat = np.asarray(ids, dtype=np.int64).reshape(-1)
         if flat.size == 0:
-            return np.empty((0, self._dim), dtype=np.float64)
+            return np.empty((0, self._dim), dtype=np.float32)
         if flat.min() < 0 or flat.max() >= len(self):
             raise IndexError(f"ids out of range 0..{len(self) - 1}")
-        stored = self._index.reconstruct_batch(flat)
-        return np.asarray(stored, dtype=np.float64)
+        return np.asarray(self._index.reconstruct_batch(flat), dtype=np.float32)
 
 
 IndexFactory = Callable[[int], EmbeddingIndex]
@@ -279,17 +286,23 @@ class History:
 
     def vectors(self, ids: npt.NDArray[np.int64]) -> npt.NDArray[np.float64]:
         """Float64 copies of the stored embeddings with these global ids."""
+        return np.asarray(self.stored(ids), dtype=np.float64)
+
+    def stored(self, ids: npt.NDArray[np.int64]) -> npt.NDArray[np.float32]:
+        """The stored embeddings with these global ids, as float32 (exact)."""
         flat = np.asarray(ids, dtype=np.int64).reshape(-1)
-        out = np.empty((flat.size, self._dim), dtype=np.float64)
+        out = np.empty((flat.size, self._dim), dtype=np.float32)
         if flat.size == 0:
             return out
         if flat.min() < 0 or flat.max() >= len(self):
             raise IndexError(f"ids out of range 0..{len(self) - 1}")
         codes = self._modality_of.array[flat]
         local = self._local.array[flat]
+        if len(self._names) == 1:
+            return self._indexes[self._names[0]].stored(local)
         for code in np.unique(codes).tolist():
             rows = np.flatnonzero(codes == code)
-            out[rows] = self._indexes[self._names[code]].vectors(local[rows])
+            out[rows] = self._indexes[self._names[code]].stored(local[rows])
         return out
 
     def modality_of(self, ids: npt.NDArray[np.int64]) -> list[str]:

@@ -203,10 +203,14 @@ class TorchHistoryIndex:
 
     def vectors(self, ids: npt.NDArray[np.int64]) -> npt.NDArray[np.float64]:
         """Float64 copies of the stored float16 embeddings, for exact recomputation."""
+        return np.asarray(self.stored(ids), dtype=np.float64)
+
+    def stored(self, ids: npt.NDArray[np.int64]) -> npt.NDArray[np.float32]:
+        """The stored float16 embeddings as float32 (exact)."""
         flat = np.asarray(ids, dtype=np.int64).reshape(-1)
         if flat.size == 0:
-            return np.empty((0, self._dim), dtype=np.float64)
+            return np.empty((0, self._dim), dtype=np.float32)
         if flat.min() < 0 or flat.max() >= self._size:
             raise IndexError(f"ids out of range 0..{self._size - 1}")
         chosen = self._stored[torch.from_numpy(flat).to(self._device)]
-        return np.asarray(chosen.cpu().numpy(), dtype=np.float64)
+        return np.asarray(chosen.cpu().numpy(), dtype=np.float32)

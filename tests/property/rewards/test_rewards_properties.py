@@ -137,3 +137,60 @@ def test_a_query_moved_onto_a_centroid_qualifies(
     (after,) = gap_scores(index, moved[None], k=k)
     assert not before.qualified
     assert after.qualified and after.score_ppm == round(after.d_nn * 1e6) > 0
+
+
+def _every_candidate(query, ids, points, k):
+    """The re-ranking's input without the float32 shortlist: every candidate, in float64."""
+    return ids, points.astype(np.float64)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.integers(0, 2**32 - 1),
+    st.integers(1, 24),
+    st.sampled_from([1.0, 0.01, 30.0]),
+    st.integers(2, 12),
+)
+def test_the_float32_shortlist_never_changes_a_score(
+    seed: int, k: int, scale: float, distinct: int
+) -> None:
+    """Many exact ties (copies of a few vectors, at several norms), three modalities and a
+    round whose earlier items join the context: the same scores with and without it."""
+    from rewards import curiosity
+    from rewards.curiosity import RoundItem, ScoringRules, gap_scores, score_in_order
+    from rewards.history import History
+
+    rng = np.random.default_rng(seed)
+    base = scale * rng.standard_normal((distinct, DIM))
+    rows = base[rng.integers(0, distinct, 300)]
+    history = History(DIM)
+    history.add([("text", "image", "audio")[i % 3] for i in range(len(rows))], rows)
+    queries = base[rng.integers(0, distinct, 12)] + scale * 1e-3 * rng.standard_normal((12, DIM))
+    round_items = [
+        [RoundItem("text", queries[i]), RoundItem("image", queries[i + 1])] for i in range(0, 12, 2)
+    ]
+    rules = ScoringRules(k=k, qualify_ratio=0.9)
+    original = curiosity._shortlist
+    sizes = []
+
+    def counted(query, ids, points, k):
+        kept = original(query, ids, points, k)
+        sizes.append((len(ids), len(kept[0])))
+        return kept
+
+    curiosity._shortlist = counted
+    try:
+        shortlisted = (
+            score_in_order(history, round_items, rules),
+            gap_scores(history, queries, k=k),
+        )
+        curiosity._shortlist = _every_candidate
+        everything = (
+            score_in_order(history, round_items, rules),
+            gap_scores(history, queries, k=k),
+        )
+    finally:
+        curiosity._shortlist = original
+    assert shortlisted == everything
+    # It did cut: candidates from three indexes, twice k each, shrank to their ties.
+    assert sum(kept for _, kept in sizes) < sum(given for given, _ in sizes)
