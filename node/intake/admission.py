@@ -233,26 +233,26 @@ class Intake:
         await self._receiving.wait()
         self._metrics.messages.inc()
         started = time.perf_counter()
-        identity = submission_id(raw)
         try:
-            # One trip off the loop: the store's answer, then verification.
-            submission = await asyncio.to_thread(self._unknown_and_verified, identity, raw)
-        except Rejected as rejected:
-            if rejected.submitter is None:
-                self._metrics.unattributed.inc()
-                log.warning(
-                    "event=unattributed_message bytes=%d reason=%s detail=%r",
-                    len(raw),
-                    rejected.reason,
-                    rejected.detail,
-                )
-                return
-            await self._reject(identity, rejected.submitter, rejected.reason, rejected.detail)
-            return
+            # One trip off the loop: the hash (up to 8 MiB), the store's answer,
+            # then verification.
+            identity, submission = await asyncio.to_thread(self._unknown_and_verified, raw)
         finally:
             self._metrics.stage_seconds.labels(stage="verify").observe(
                 time.perf_counter() - started
             )
+        if isinstance(submission, Rejected):
+            if submission.submitter is None:
+                self._metrics.unattributed.inc()
+                log.warning(
+                    "event=unattributed_message bytes=%d reason=%s detail=%r",
+                    len(raw),
+                    submission.reason,
+                    submission.detail,
+                )
+                return
+            await self._reject(identity, submission.submitter, submission.reason, submission.detail)
+            return
         if submission is None:
             self._metrics.redeliveries.inc()
             # Finalized by a round this member learned by sync: keep its bytes now
@@ -270,12 +270,20 @@ class Intake:
             return
         await self._admit(submission)
 
-    def _unknown_and_verified(self, identity: bytes, raw: bytes) -> Submission | None:
-        """``None`` for a submission the store knows (a copy, not verified again);
-        else the parsed, verified submission. Runs on a worker thread."""
+    def _unknown_and_verified(self, raw: bytes) -> tuple[bytes, Submission | Rejected | None]:
+        """The submission's id, and ``None`` for a submission the store knows (a copy, not
+        verified again), else the parsed, verified submission or why it is refused.
+        Runs on a worker thread."""
+        identity = thread_cpu_timed(self._verify_cpu, submission_id, raw)
         if thread_cpu_timed(self._intake_cpu, self._known, identity):
-            return None
-        return thread_cpu_timed(self._verify_cpu, parse_submission, raw, self._wire_limits)
+            return identity, None
+        try:
+            submission = thread_cpu_timed(
+                self._verify_cpu, parse_submission, raw, self._wire_limits, identity
+            )
+        except Rejected as rejected:
+            return identity, rejected
+        return identity, submission
 
     async def _answer_rejection_again(self, identity: bytes) -> None:
         """The same bytes again after a rejection: the rejection is answered again.

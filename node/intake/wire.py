@@ -113,8 +113,14 @@ def _is_uint64(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= UINT64_MAX
 
 
-def parse_submission(raw: bytes, limits: WireLimits | None = None) -> Submission:
-    """Decode and verify a Submission, or raise :class:`Rejected` with its reason."""
+def parse_submission(
+    raw: bytes, limits: WireLimits | None = None, identity: bytes | None = None
+) -> Submission:
+    """Decode and verify a Submission, or raise :class:`Rejected` with its reason.
+
+    ``identity``: ``submission_id(raw)``, where the caller hashed the bytes
+    already (it becomes the submission's ``id`` without hashing them again).
+    """
     limits = limits or WireLimits()
     if len(raw) > limits.message_bytes:
         raise Rejected(
@@ -217,7 +223,7 @@ def parse_submission(raw: bytes, limits: WireLimits | None = None) -> Submission
     if len(items) == 2 and items[0].modality == items[1].modality:
         raise Rejected(Reason.SAME_MODALITY, f"both items are {items[0].modality}", named)
 
-    return Submission(
+    submission = Submission(
         submitter=named,
         nonce=message["nonce"],
         created_ms=message["created_ms"],
@@ -225,6 +231,9 @@ def parse_submission(raw: bytes, limits: WireLimits | None = None) -> Submission
         sig=message["sig"],
         raw=raw,
     )
+    if identity is not None:
+        submission.__dict__["id"] = identity  # what the cached_property would compute
+    return submission
 
 
 def submission_body(

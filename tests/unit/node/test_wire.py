@@ -39,6 +39,9 @@ def test_a_peer_submission_parses_with_its_id():
     assert submission.id == hashlib.sha256(raw).digest()
     assert [item.modality for item in submission.items] == [Modality.TEXT, Modality.IMAGE]
     assert submission.is_pair
+    # Intake hashes the bytes once, before it looks them up, and hands the id on.
+    identity = hashlib.sha256(raw).digest()
+    assert parse_submission(raw, identity=identity).id is identity
 
 
 def test_garbage_names_no_submitter():
