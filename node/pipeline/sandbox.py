@@ -1,11 +1,17 @@
 """Media decoding in separate, capped worker processes (text, bounded UTF-8, in the node).
 
-Each slot is a one-process pool whose process has an address-space cap and,
-for every item, a CPU-time cap (the kernel kills a decoder that spins). An
-item whose decoding crashes its process, exceeds a cap, or does not finish
-within the wall-clock limit, costs only that slot's process; the item is rejected as
+Each slot is one decoder process with an address-space cap and, for every
+item, a CPU-time cap (the kernel kills a decoder that spins). An item whose
+decoding crashes its process, exceeds a cap, or does not finish within the
+wall-clock limit, costs only that slot's process; the item is rejected as
 ``undecodable`` and the slot is replaced. Decoders never share a process with
 torch, the store or the event loop.
+
+The node talks to a decoder over one pipe, from the event loop: the item
+goes out as one pickled message and the loop reads the answer when the pipe
+becomes readable. A ``ProcessPoolExecutor`` per slot cost two more threads
+of the node per item (its queue feeder and its manager) and as much again
+of the node's CPU as decoding a picture (bench/bench_e2e.py).
 """
 
 from __future__ import annotations
@@ -13,11 +19,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+import pickle
 import resource
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from multiprocessing.connection import Connection
+from typing import Any
 
 from encoders.errors import EncoderError, UndecodableError
 from encoders.media import DecodedMedia, MediaLimits, PreprocessSpec, decode_media
@@ -82,6 +90,85 @@ def _decode(
         raise UndecodableError(f"{type(error).__name__}: {error}") from None
 
 
+def _serve(requests: Connection, memory_bytes: int) -> None:
+    """A decoder process: decode the items the node sends, one at a time, until it hangs up."""
+    _limit_worker(memory_bytes)
+    while True:
+        try:
+            request = requests.recv_bytes()
+        except (EOFError, OSError):
+            return
+        reply: tuple[bool, Any]
+        try:
+            reply = (True, _decode(*pickle.loads(request)))
+        except Exception as error:  # every item gets an answer
+            reply = (False, error)
+        try:
+            answer = pickle.dumps(reply, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as error:  # an answer that cannot travel
+            answer = pickle.dumps((False, UndecodableError(f"{type(error).__name__}: {error}")))
+        requests.send_bytes(answer)
+
+
+class _DecoderDied(Exception):
+    """The decoder process ended while it held an item."""
+
+
+_SEND_ON_LOOP_BYTES = 256 * 1024
+"""Items up to this size are pickled and written on the event loop; larger ones
+(up to 8 MiB) on a helper thread, so that the loop never copies megabytes."""
+
+
+class _Decoder:
+    """One sandboxed decoder process and the pipe the node talks to it through."""
+
+    def __init__(self, context: multiprocessing.context.ForkServerContext, memory_bytes: int):
+        self._pipe, theirs = context.Pipe(duplex=True)
+        self.process = context.Process(target=_serve, args=(theirs, memory_bytes), daemon=True)
+        self.process.start()
+        theirs.close()
+
+    def _send(self, request: tuple[Any, ...]) -> None:
+        self._pipe.send_bytes(pickle.dumps(request, protocol=pickle.HIGHEST_PROTOCOL))
+
+    async def decode(self, request: tuple[Any, ...], size: int, on_sent: Callable[[], None]) -> Any:
+        """The decoder's answer to one request; raises what decoding raised, or
+        :class:`_DecoderDied`. ``on_sent`` runs once the request is written."""
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[bytes] = loop.create_future()
+        descriptor = self._pipe.fileno()
+
+        def readable() -> None:
+            loop.remove_reader(descriptor)
+            if answer.done():
+                return
+            try:  # the whole answer: the decoder is writing it now
+                answer.set_result(self._pipe.recv_bytes())
+            except (EOFError, OSError):
+                answer.set_exception(_DecoderDied())
+
+        loop.add_reader(descriptor, readable)
+        try:
+            try:
+                if size <= _SEND_ON_LOOP_BYTES:
+                    self._send(request)
+                else:
+                    await loop.run_in_executor(None, self._send, request)
+            except OSError:
+                raise _DecoderDied() from None
+            on_sent()
+            ok, value = pickle.loads(await answer)
+        finally:
+            loop.remove_reader(descriptor)
+        if not ok:
+            raise value
+        return value
+
+    def kill(self) -> None:
+        self.process.kill()
+        self._pipe.close()
+
+
 def _caused_by_memory(error: BaseException) -> bool:
     cause = error.__cause__ or error.__context__
     while cause is not None:
@@ -141,18 +228,13 @@ class DecoderPool:
         self._cpu_seconds = cpu_seconds if cpu_seconds is not None else timeout_s
         self._memory_bytes = memory_mb * 1024 * 1024
         self._context = forkserver()
-        self._free: asyncio.Queue[ProcessPoolExecutor] = asyncio.Queue()
+        self._free: asyncio.Queue[_Decoder] = asyncio.Queue()
         for _ in range(workers):
             self._free.put_nowait(self._new_slot())
         self._all = workers
 
-    def _new_slot(self) -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(
-            max_workers=1,
-            mp_context=self._context,
-            initializer=_limit_worker,
-            initargs=(self._memory_bytes,),
-        )
+    def _new_slot(self) -> _Decoder:
+        return _Decoder(self._context, self._memory_bytes)
 
     @property
     def busy(self) -> int:
@@ -180,27 +262,28 @@ class DecoderPool:
                 if self._on_text_cpu is not None:
                     self._on_text_cpu(time.thread_time() - started)
         slot = await self._free.get()
-        loop = asyncio.get_running_loop()
         healthy = True
-        try:
-            started = time.thread_time()
-            future = loop.run_in_executor(
-                slot, _decode, modality, mime, data, limits, spec, self._cpu_seconds
-            )
+        started = time.thread_time()
+
+        def sent() -> None:
             if self._on_submit_cpu is not None:
                 self._on_submit_cpu(time.thread_time() - started)
+
+        try:
             async with asyncio.timeout(self._timeout_s):
-                media, cpu = await future
+                media, cpu = await slot.decode(
+                    (modality, mime, data, limits, spec, self._cpu_seconds), len(data), sent
+                )
             if self._on_cpu is not None:
                 self._on_cpu(cpu)
-            return media
+            return media  # type: ignore[no-any-return]
         except TimeoutError:
             healthy = False
             self._failed("timeout")
             raise UndecodableError(
                 f"decoding took longer than {self._timeout_s:g} s and was stopped"
             ) from None
-        except BrokenProcessPool:
+        except _DecoderDied:
             healthy = False
             self._failed("crash")
             raise UndecodableError("the decoder process died on this item") from None
@@ -212,7 +295,7 @@ class DecoderPool:
             if healthy:
                 self._free.put_nowait(slot)
             else:
-                kill_executor(slot)
+                slot.kill()
                 self._free.put_nowait(self._new_slot())
 
     def _failed(self, kind: str) -> None:
@@ -222,4 +305,4 @@ class DecoderPool:
     def close(self) -> None:
         while not self._free.empty():
             slot = self._free.get_nowait()
-            kill_executor(slot)
+            slot.kill()
