@@ -51,18 +51,18 @@ def _canonical(value: Any) -> Any:
     if kind in _PLAIN:
         return value
     if kind is dict:
-        if all(type(key) is str for key in value):
-            return {
-                key: item if type(item) in _PLAIN else _canonical(item)
-                for key, item in sorted(value.items(), key=_first)
-            }
+        if set(map(type, value)) <= _STR:
+            out = {}
+            for key in sorted(value):
+                item = value[key]
+                out[key] = item if type(item) in _PLAIN else _canonical(item)
+            return out
     elif kind is list or kind is tuple:
         return [item if type(item) in _PLAIN else _canonical(item) for item in value]
     return _canonical_other(value)
 
 
-def _first(entry: tuple[str, Any]) -> str:
-    return entry[0]
+_STR = frozenset({str})
 
 
 def _canonical_other(value: Any) -> Any:

@@ -21,6 +21,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from encoders.modality import Modality
 from encoders.shard import EncodeRequest, ItemEmbedding, Shard
@@ -60,9 +61,11 @@ class EncoderService:
         self._metrics = metrics
         self._running = 0
         self._in_flight: list[int] = []
+        """Batches at each slot: running, and waiting behind it."""
         self._idle_since = 0.0
         """When the last batch ended (``time.monotonic``), if none runs."""
-        """Batches at each slot: running, and waiting behind it."""
+        self._losses: dict[tuple[int, str], Any] = {}
+        """``poc_encoder_diff_loss`` by (encoder, modality): looked up once, observed per item."""
 
     @property
     def queued(self) -> int:
@@ -198,9 +201,15 @@ class EncoderService:
                 job.future.set_result(embedding)
             for index, loss in enumerate(embedding.encoder_losses):
                 if loss == loss:  # not NaN: the encoder was used
-                    self._metrics.encoder_diff_loss.labels(
-                        encoder=str(index), modality=modality
-                    ).observe(loss)
+                    self._loss_metric(index, modality).observe(loss)
+
+    def _loss_metric(self, encoder: int, modality: str) -> Any:
+        child = self._losses.get((encoder, modality))
+        if child is None:
+            child = self._losses[(encoder, modality)] = self._metrics.encoder_diff_loss.labels(
+                encoder=str(encoder), modality=modality
+            )
+        return child
 
     def close(self) -> None:
         self.engine.close()

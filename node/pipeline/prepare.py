@@ -76,16 +76,22 @@ class Preparer:
                 )
         epoch, beacon = await self._beacons.epoch_beacon(epoch)
         started = time.perf_counter()
-        try:
-            media = await asyncio.gather(
-                *(
-                    self._decoders.decode(
-                        item.modality, item.mime, item.data, self._limits, shard.preprocess
-                    )
-                    for item in submission.items
-                )
+        decodings = [
+            self._decoders.decode(
+                item.modality, item.mime, item.data, self._limits, shard.preprocess
             )
+            for item in submission.items
+        ]
+        together = sum(item.modality is not Modality.TEXT for item in submission.items) > 1
+        try:
+            if together:  # two sandboxed decodings at once
+                media = list(await asyncio.gather(*decodings))
+            else:  # text decodes in place: no task for it
+                media = [await decoding for decoding in decodings]
         finally:
+            if not together:  # (gather's tasks own theirs)
+                for decoding in decodings:
+                    decoding.close()  # one never awaited, after the other failed
             self._metrics.stage_seconds.labels(stage="decode").observe(
                 time.perf_counter() - started
             )
