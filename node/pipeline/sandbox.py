@@ -17,7 +17,9 @@ of the node's CPU as decoding a picture (bench/bench_e2e.py).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import math
 import multiprocessing
 import pickle
 import resource
@@ -27,7 +29,10 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing.connection import Connection
 from typing import Any
 
-from encoders.errors import EncoderError, UndecodableError
+import numpy as np
+import numpy.typing as npt
+
+from encoders.errors import EncoderError, MediaTooLargeError, UndecodableError
 from encoders.media import DecodedMedia, MediaLimits, PreprocessSpec, decode_media
 from encoders.modality import Modality
 
@@ -91,32 +96,67 @@ def _decode(
 
 
 def _serve(requests: Connection, memory_bytes: int) -> None:
-    """A decoder process: decode the items the node sends, one at a time, until it hangs up."""
+    """A decoder process: decode the items the node sends, one at a time, until it hangs up.
+
+    Each answer is a JSON header, then (for a decoded item) the array's raw
+    float32 bytes: the node never unpickles what a decoder sends, because a
+    decoder is where hostile media would take over a process.
+    """
     _limit_worker(memory_bytes)
     while True:
         try:
             request = requests.recv_bytes()
         except (EOFError, OSError):
             return
-        reply: tuple[bool, Any]
         try:
-            reply = (True, _decode(*pickle.loads(request)))
+            media, cpu = _decode(*pickle.loads(request))
+            array = np.ascontiguousarray(media, dtype=np.float32)
+            header = {"ok": True, "shape": list(array.shape), "cpu": cpu}
         except Exception as error:  # every item gets an answer
-            reply = (False, error)
-        try:
-            answer = pickle.dumps(reply, protocol=pickle.HIGHEST_PROTOCOL)
-        except Exception as error:  # an answer that cannot travel
-            answer = pickle.dumps((False, UndecodableError(f"{type(error).__name__}: {error}")))
-        requests.send_bytes(answer)
+            header = {"ok": False, "error": type(error).__name__, "message": str(error)[:1000]}
+            array = None
+        requests.send_bytes(json.dumps(header).encode())
+        if array is not None:
+            requests.send_bytes(array.data.cast("B"))
 
 
 class _DecoderDied(Exception):
-    """The decoder process ended while it held an item."""
+    """The decoder process ended while it held an item, or answered out of protocol."""
 
 
 _SEND_ON_LOOP_BYTES = 256 * 1024
 """Items up to this size are pickled and written on the event loop; larger ones
 (up to 8 MiB) on a helper thread, so that the loop never copies megabytes."""
+_HEADER_BYTES = 4096
+"""The most a decoder's answer header may take."""
+_ANSWER_BYTES = 256 * 1024 * 1024
+"""The most a decoded item may take (a float32 array; the largest is a clip, 393 KiB)."""
+_ERRORS: dict[str, type[EncoderError]] = {
+    kind.__name__: kind for kind in (UndecodableError, MediaTooLargeError, EncoderError)
+}
+"""The errors a decoder may report by name (any other is ``undecodable``)."""
+
+
+def _answer(header: bytes) -> tuple[bool, Any, tuple[int, ...], float]:
+    """A decoder's answer header, checked field by field: (ok, error, shape, cpu)."""
+    try:
+        fields = json.loads(header)
+        if fields.get("ok") is True:
+            shape = tuple(fields["shape"])
+            cpu = fields["cpu"]
+            if (
+                len(shape) <= 4
+                and all(type(n) is int and n > 0 for n in shape)
+                and type(cpu) in (int, float)
+                and 4 * math.prod(shape) <= _ANSWER_BYTES
+            ):
+                return True, None, shape, float(cpu)
+        elif fields.get("ok") is False:
+            kind = _ERRORS.get(str(fields["error"]), UndecodableError)
+            return False, kind(str(fields["message"])[:1000]), (), 0.0
+    except (ValueError, TypeError, KeyError, AttributeError):
+        pass
+    raise _DecoderDied()
 
 
 class _Decoder:
@@ -131,20 +171,34 @@ class _Decoder:
     def _send(self, request: tuple[Any, ...]) -> None:
         self._pipe.send_bytes(pickle.dumps(request, protocol=pickle.HIGHEST_PROTOCOL))
 
-    async def decode(self, request: tuple[Any, ...], size: int, on_sent: Callable[[], None]) -> Any:
-        """The decoder's answer to one request; raises what decoding raised, or
-        :class:`_DecoderDied`. ``on_sent`` runs once the request is written."""
+    def _read(self) -> tuple[npt.NDArray[np.float32], float]:
+        """The decoded item, read once the pipe is readable (the decoder is writing it)."""
+        ok, error, shape, cpu = _answer(self._pipe.recv_bytes(_HEADER_BYTES))
+        if not ok:
+            raise error
+        data = bytearray(4 * math.prod(shape))
+        if self._pipe.recv_bytes_into(data) != len(data):
+            raise _DecoderDied()
+        return np.frombuffer(data, dtype=np.float32).reshape(shape), cpu
+
+    async def decode(
+        self, request: tuple[Any, ...], size: int, on_sent: Callable[[], None]
+    ) -> tuple[npt.NDArray[np.float32], float]:
+        """The decoded item and the decoder's CPU time for it; raises what decoding
+        raised, or :class:`_DecoderDied`. ``on_sent`` runs once the request is written."""
         loop = asyncio.get_running_loop()
-        answer: asyncio.Future[bytes] = loop.create_future()
+        answer: asyncio.Future[tuple[npt.NDArray[np.float32], float]] = loop.create_future()
         descriptor = self._pipe.fileno()
 
         def readable() -> None:
             loop.remove_reader(descriptor)
             if answer.done():
                 return
-            try:  # the whole answer: the decoder is writing it now
-                answer.set_result(self._pipe.recv_bytes())
-            except (EOFError, OSError):
+            try:
+                answer.set_result(self._read())
+            except EncoderError as error:
+                answer.set_exception(error)
+            except (EOFError, OSError, multiprocessing.BufferTooShort, _DecoderDied):
                 answer.set_exception(_DecoderDied())
 
         loop.add_reader(descriptor, readable)
@@ -157,12 +211,9 @@ class _Decoder:
             except OSError:
                 raise _DecoderDied() from None
             on_sent()
-            ok, value = pickle.loads(await answer)
+            return await answer
         finally:
             loop.remove_reader(descriptor)
-        if not ok:
-            raise value
-        return value
 
     def kill(self) -> None:
         self.process.kill()
@@ -276,7 +327,7 @@ class DecoderPool:
                 )
             if self._on_cpu is not None:
                 self._on_cpu(cpu)
-            return media  # type: ignore[no-any-return]
+            return media
         except TimeoutError:
             healthy = False
             self._failed("timeout")

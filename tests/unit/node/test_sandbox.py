@@ -123,3 +123,72 @@ def test_text_is_decoded_in_the_node_even_while_every_slot_is_busy():
             pool.close()
 
     asyncio.run(scenario())
+
+
+class _Touch:
+    """A pickle that creates a file when loaded: what a hijacked decoder would send."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        import pathlib
+
+        return (pathlib.Path.touch, (pathlib.Path(self.path),))
+
+
+def test_a_hijacked_decoder_cannot_run_code_in_the_node(tmp_path):
+    """The node parses a decoder's answer (a JSON header, then raw float32 bytes); a
+    pickle from a decoder that hostile media took over is refused, never loaded."""
+    import pickle
+    import threading
+    from multiprocessing import Pipe
+
+    from node.pipeline import sandbox
+
+    marker = tmp_path / "pwned"
+
+    async def scenario(answers: list[bytes]):
+        ours, theirs = Pipe(duplex=True)
+        decoder = object.__new__(sandbox._Decoder)
+        decoder._pipe = ours
+
+        def hijacked() -> None:
+            theirs.recv_bytes()
+            for answer in answers:
+                theirs.send_bytes(answer)
+
+        thread = threading.Thread(target=hijacked)
+        thread.start()
+        try:
+            return await decoder.decode(("request",), 10, lambda: None)
+        finally:
+            thread.join()
+            ours.close()
+            theirs.close()
+
+    for answers in (
+        [pickle.dumps((True, _Touch(marker)))],  # the old reply format, weaponised
+        [b'{"ok": true, "shape": [2], "cpu": 0.1}', pickle.dumps(_Touch(marker))],
+        [b'{"ok": true, "shape": [100000, 100000, 100], "cpu": 0}'],  # 4 TB claimed
+        [b'{"ok": true, "shape": [-1], "cpu": 0}'],
+        [b"\x80\x05not json"],
+    ):
+        with pytest.raises(sandbox._DecoderDied):
+            asyncio.run(scenario(answers))
+    assert not marker.exists()
+
+    # A well-formed answer: errors by name (an unknown name is undecodable), arrays by bytes.
+    with pytest.raises(MediaTooLargeError, match="too big"):
+        asyncio.run(
+            scenario([b'{"ok": false, "error": "MediaTooLargeError", "message": "too big"}'])
+        )
+    with pytest.raises(UndecodableError, match="boom"):
+        asyncio.run(scenario([b'{"ok": false, "error": "SystemExit", "message": "boom"}']))
+    import numpy as np
+
+    array = np.arange(6, dtype=np.float32).reshape(2, 3)
+    media, cpu = asyncio.run(
+        scenario([b'{"ok": true, "shape": [2, 3], "cpu": 0.25}', array.tobytes()])
+    )
+    assert np.array_equal(media, array) and media.flags.writeable and cpu == 0.25
