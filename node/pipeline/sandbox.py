@@ -9,7 +9,8 @@ torch, the store or the event loop.
 
 The node talks to a decoder over one pipe, from the event loop: the item
 goes out as one pickled message and the loop reads the answer when the pipe
-becomes readable. A ``ProcessPoolExecutor`` per slot cost two more threads
+becomes readable. The answer is a JSON header and raw float32 bytes, checked
+field by field: the node never unpickles what a decoder sends. A ``ProcessPoolExecutor`` per slot cost two more threads
 of the node per item (its queue feeder and its manager) and as much again
 of the node's CPU as decoding a picture (bench/bench_e2e.py).
 """
