@@ -7,12 +7,15 @@ wall-clock limit, costs only that slot's process; the item is rejected as
 ``undecodable`` and the slot is replaced. Decoders never share a process with
 torch, the store or the event loop.
 
-The node talks to a decoder over one pipe, from the event loop: the item
-goes out as one pickled message and the loop reads the answer when the pipe
-becomes readable. The answer is a JSON header and raw float32 bytes, checked
-field by field: the node never unpickles what a decoder sends. A ``ProcessPoolExecutor`` per slot cost two more threads
-of the node per item (its queue feeder and its manager) and as much again
-of the node's CPU as decoding a picture (bench/bench_e2e.py).
+The node talks to a decoder over one pipe, an asyncio stream on the event
+loop: the item goes out as one pickled message, and the answer, a JSON
+header and the array's raw float32 bytes, is read without blocking the loop
+and checked field by field. The node never unpickles what a decoder sends
+(a decoder is where hostile media would take over a process), and a decoder
+that stalls mid-answer is stopped by the timeout. A ``ProcessPoolExecutor``
+per slot cost two more threads of the node per item (its queue feeder and
+its manager) and as much again of the node's CPU as decoding a picture
+(bench/bench_e2e.py).
 """
 
 from __future__ import annotations
@@ -22,8 +25,11 @@ import json
 import logging
 import math
 import multiprocessing
+import os
 import pickle
 import resource
+import socket
+import struct
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -125,9 +131,6 @@ class _DecoderDied(Exception):
     """The decoder process ended while it held an item, or answered out of protocol."""
 
 
-_SEND_ON_LOOP_BYTES = 256 * 1024
-"""Items up to this size are pickled and written on the event loop; larger ones
-(up to 8 MiB) on a helper thread, so that the loop never copies megabytes."""
 _HEADER_BYTES = 4096
 """The most a decoder's answer header may take."""
 _ANSWER_BYTES = 256 * 1024 * 1024
@@ -160,64 +163,65 @@ def _answer(header: bytes) -> tuple[bool, Any, tuple[int, ...], float]:
     raise _DecoderDied()
 
 
+def _frame(size: int) -> bytes:
+    """``multiprocessing.Connection``'s length prefix, which the decoder reads and writes."""
+    return struct.pack("!i", size) if size <= 0x7FFFFFFF else struct.pack("!iQ", -1, size)
+
+
+async def _message(reader: asyncio.StreamReader, limit: int) -> bytes:
+    """One message of at most ``limit`` bytes from the decoder, read without blocking."""
+    (size,) = struct.unpack("!i", await reader.readexactly(4))
+    if size == -1:
+        (size,) = struct.unpack("!Q", await reader.readexactly(8))
+    if not 0 <= size <= limit:
+        raise _DecoderDied()
+    return await reader.readexactly(size)
+
+
 class _Decoder:
-    """One sandboxed decoder process and the pipe the node talks to it through."""
+    """One sandboxed decoder process and the pipe the node talks to it through.
+
+    The node's end is an asyncio stream: writing an 8 MiB item and reading an
+    answer never block the event loop, so a decoder that stalls halfway
+    through a message is stopped by the pool's timeout like any other.
+    """
 
     def __init__(self, context: multiprocessing.context.ForkServerContext, memory_bytes: int):
         self._pipe, theirs = context.Pipe(duplex=True)
         self.process = context.Process(target=_serve, args=(theirs, memory_bytes), daemon=True)
         self.process.start()
         theirs.close()
-
-    def _send(self, request: tuple[Any, ...]) -> None:
-        self._pipe.send_bytes(pickle.dumps(request, protocol=pickle.HIGHEST_PROTOCOL))
-
-    def _read(self) -> tuple[npt.NDArray[np.float32], float]:
-        """The decoded item, read once the pipe is readable (the decoder is writing it)."""
-        ok, error, shape, cpu = _answer(self._pipe.recv_bytes(_HEADER_BYTES))
-        if not ok:
-            raise error
-        data = bytearray(4 * math.prod(shape))
-        if self._pipe.recv_bytes_into(data) != len(data):
-            raise _DecoderDied()
-        return np.frombuffer(data, dtype=np.float32).reshape(shape), cpu
+        self._streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
 
     async def decode(
-        self, request: tuple[Any, ...], size: int, on_sent: Callable[[], None]
+        self, request: tuple[Any, ...], on_sent: Callable[[], None]
     ) -> tuple[npt.NDArray[np.float32], float]:
         """The decoded item and the decoder's CPU time for it; raises what decoding
         raised, or :class:`_DecoderDied`. ``on_sent`` runs once the request is written."""
-        loop = asyncio.get_running_loop()
-        answer: asyncio.Future[tuple[npt.NDArray[np.float32], float]] = loop.create_future()
-        descriptor = self._pipe.fileno()
-
-        def readable() -> None:
-            loop.remove_reader(descriptor)
-            if answer.done():
-                return
-            try:
-                answer.set_result(self._read())
-            except EncoderError as error:
-                answer.set_exception(error)
-            except (EOFError, OSError, multiprocessing.BufferTooShort, _DecoderDied):
-                answer.set_exception(_DecoderDied())
-
-        loop.add_reader(descriptor, readable)
         try:
-            try:
-                if size <= _SEND_ON_LOOP_BYTES:
-                    self._send(request)
-                else:
-                    await loop.run_in_executor(None, self._send, request)
-            except OSError:
-                raise _DecoderDied() from None
+            if self._streams is None:
+                end = socket.socket(fileno=os.dup(self._pipe.fileno()))
+                self._streams = await asyncio.open_unix_connection(sock=end)
+            reader, writer = self._streams
+            payload = pickle.dumps(request, protocol=pickle.HIGHEST_PROTOCOL)
+            writer.write(_frame(len(payload)))
+            writer.write(payload)
             on_sent()
-            return await answer
-        finally:
-            loop.remove_reader(descriptor)
+            await writer.drain()
+            ok, error, shape, cpu = _answer(await _message(reader, _HEADER_BYTES))
+            if not ok:
+                raise error
+            data = await _message(reader, 4 * math.prod(shape))
+        except (OSError, EOFError, asyncio.IncompleteReadError, struct.error):
+            raise _DecoderDied() from None
+        if len(data) != 4 * math.prod(shape):
+            raise _DecoderDied()
+        return np.frombuffer(data, dtype=np.float32).reshape(shape), cpu  # read-only
 
     def kill(self) -> None:
         self.process.kill()
+        if self._streams is not None:
+            self._streams[1].close()
         self._pipe.close()
 
 
@@ -324,7 +328,7 @@ class DecoderPool:
         try:
             async with asyncio.timeout(self._timeout_s):
                 media, cpu = await slot.decode(
-                    (modality, mime, data, limits, spec, self._cpu_seconds), len(data), sent
+                    (modality, mime, data, limits, spec, self._cpu_seconds), sent
                 )
             if self._on_cpu is not None:
                 self._on_cpu(cpu)

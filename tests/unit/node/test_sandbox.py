@@ -139,44 +139,69 @@ class _Touch:
 
 def test_a_hijacked_decoder_cannot_run_code_in_the_node(tmp_path):
     """The node parses a decoder's answer (a JSON header, then raw float32 bytes); a
-    pickle from a decoder that hostile media took over is refused, never loaded."""
+    pickle from a decoder that hostile media took over is refused, never loaded, and a
+    decoder that stops halfway through an answer does not stop the event loop."""
     import pickle
     import threading
     from multiprocessing import Pipe
+
+    import numpy as np
 
     from node.pipeline import sandbox
 
     marker = tmp_path / "pwned"
 
-    async def scenario(answers: list[bytes]):
+    async def scenario(answers: list[bytes], stall: bool = False):
         ours, theirs = Pipe(duplex=True)
         decoder = object.__new__(sandbox._Decoder)
-        decoder._pipe = ours
+        decoder._pipe, decoder._streams = ours, None
+        hang_up = threading.Event()
 
         def hijacked() -> None:
             theirs.recv_bytes()
             for answer in answers:
                 theirs.send_bytes(answer)
+            if stall:
+                hang_up.wait(30)
 
         thread = threading.Thread(target=hijacked)
         thread.start()
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        beat = asyncio.create_task(ticker())
         try:
-            return await decoder.decode(("request",), 10, lambda: None)
+            async with asyncio.timeout(0.5 if stall else 30):
+                return await decoder.decode(("request",), lambda: None)
         finally:
+            hang_up.set()
+            beat.cancel()
             thread.join()
+            if decoder._streams is not None:
+                decoder._streams[1].close()
             ours.close()
             theirs.close()
+            assert ticks >= (20 if stall else 0)  # the loop ran on meanwhile
 
     for answers in (
-        [pickle.dumps((True, _Touch(marker)))],  # the old reply format, weaponised
+        [pickle.dumps((True, _Touch(marker)))],  # a pickled reply, weaponised
         [b'{"ok": true, "shape": [2], "cpu": 0.1}', pickle.dumps(_Touch(marker))],
         [b'{"ok": true, "shape": [100000, 100000, 100], "cpu": 0}'],  # 4 TB claimed
         [b'{"ok": true, "shape": [-1], "cpu": 0}'],
         [b"\x80\x05not json"],
+        [b"x" * 5000],  # a header past its limit
     ):
         with pytest.raises(sandbox._DecoderDied):
             asyncio.run(scenario(answers))
     assert not marker.exists()
+    # A header, then silence: the caller's timeout ends it, the loop never blocked.
+    with pytest.raises(TimeoutError):
+        asyncio.run(scenario([b'{"ok": true, "shape": [2, 3], "cpu": 0.1}'], stall=True))
 
     # A well-formed answer: errors by name (an unknown name is undecodable), arrays by bytes.
     with pytest.raises(MediaTooLargeError, match="too big"):
@@ -185,10 +210,8 @@ def test_a_hijacked_decoder_cannot_run_code_in_the_node(tmp_path):
         )
     with pytest.raises(UndecodableError, match="boom"):
         asyncio.run(scenario([b'{"ok": false, "error": "SystemExit", "message": "boom"}']))
-    import numpy as np
-
     array = np.arange(6, dtype=np.float32).reshape(2, 3)
     media, cpu = asyncio.run(
         scenario([b'{"ok": true, "shape": [2, 3], "cpu": 0.25}', array.tobytes()])
     )
-    assert np.array_equal(media, array) and media.flags.writeable and cpu == 0.25
+    assert np.array_equal(media, array) and cpu == 0.25
