@@ -187,11 +187,18 @@ class _Decoder:
     """
 
     def __init__(self, context: multiprocessing.context.ForkServerContext, memory_bytes: int):
-        self._pipe, theirs = context.Pipe(duplex=True)
+        ours, theirs = context.Pipe(duplex=True)
         self.process = context.Process(target=_serve, args=(theirs, memory_bytes), daemon=True)
         self.process.start()
         theirs.close()
+        self._attach(ours)
+
+    def _attach(self, pipe: Connection) -> None:
+        """Talk to the decoder at the other end of ``pipe``."""
+        self._pipe = pipe
         self._streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+        self._end: socket.socket | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def decode(
         self, request: tuple[Any, ...], on_sent: Callable[[], None]
@@ -199,10 +206,7 @@ class _Decoder:
         """The decoded item and the decoder's CPU time for it; raises what decoding
         raised, or :class:`_DecoderDied`. ``on_sent`` runs once the request is written."""
         try:
-            if self._streams is None:
-                end = socket.socket(fileno=os.dup(self._pipe.fileno()))
-                self._streams = await asyncio.open_unix_connection(sock=end)
-            reader, writer = self._streams
+            reader, writer = await self._connected()
             payload = pickle.dumps(request, protocol=pickle.HIGHEST_PROTOCOL)
             writer.write(_frame(len(payload)))
             writer.write(payload)
@@ -218,10 +222,27 @@ class _Decoder:
             raise _DecoderDied()
         return np.frombuffer(data, dtype=np.float32).reshape(shape), cpu  # read-only
 
+    async def _connected(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """The streams on the running loop (made again under a new loop: tools and
+        tests may run one pool under several ``asyncio.run``)."""
+        loop = asyncio.get_running_loop()
+        if self._streams is None or self._loop is not loop:
+            self._forget_streams()
+            self._end = socket.socket(fileno=os.dup(self._pipe.fileno()))
+            self._streams = await asyncio.open_unix_connection(sock=self._end)
+            self._loop = loop
+        return self._streams
+
+    def _forget_streams(self) -> None:
+        if self._streams is not None and self._loop is not None and not self._loop.is_closed():
+            self._streams[1].close()
+        elif self._end is not None:
+            self._end.close()  # its loop is gone: close the descriptor itself
+        self._streams = self._end = self._loop = None
+
     def kill(self) -> None:
         self.process.kill()
-        if self._streams is not None:
-            self._streams[1].close()
+        self._forget_streams()
         self._pipe.close()
 
 

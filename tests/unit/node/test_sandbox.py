@@ -153,11 +153,13 @@ def test_a_hijacked_decoder_cannot_run_code_in_the_node(tmp_path):
 
     async def scenario(answers: list[bytes], stall: bool = False):
         ours, theirs = Pipe(duplex=True)
-        decoder = object.__new__(sandbox._Decoder)
-        decoder._pipe, decoder._streams = ours, None
+        decoder = object.__new__(sandbox._Decoder)  # no process: this thread plays it
+        decoder._attach(ours)
         hang_up = threading.Event()
 
         def hijacked() -> None:
+            if not theirs.poll(10):
+                return
             theirs.recv_bytes()
             for answer in answers:
                 theirs.send_bytes(answer)
@@ -182,8 +184,7 @@ def test_a_hijacked_decoder_cannot_run_code_in_the_node(tmp_path):
             hang_up.set()
             beat.cancel()
             thread.join()
-            if decoder._streams is not None:
-                decoder._streams[1].close()
+            decoder._forget_streams()
             ours.close()
             theirs.close()
             assert ticks >= (20 if stall else 0)  # the loop ran on meanwhile
