@@ -113,10 +113,12 @@ def _serve(requests: Connection, memory_bytes: int) -> None:
     while True:
         try:
             request = requests.recv_bytes()
+            data = requests.recv_bytes()  # the item's bytes, apart: never copied into a pickle
         except (EOFError, OSError):
             return
         try:
-            media, cpu = _decode(*pickle.loads(request))
+            modality, mime, limits, spec, cpu_seconds = pickle.loads(request)
+            media, cpu = _decode(modality, mime, data, limits, spec, cpu_seconds)
             array = np.ascontiguousarray(media, dtype=np.float32)
             header = {"ok": True, "shape": list(array.shape), "cpu": cpu}
         except Exception as error:  # every item gets an answer
@@ -201,15 +203,16 @@ class _Decoder:
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def decode(
-        self, request: tuple[Any, ...], on_sent: Callable[[], None]
+        self, request: tuple[Any, ...], data: bytes, on_sent: Callable[[], None]
     ) -> tuple[npt.NDArray[np.float32], float]:
         """The decoded item and the decoder's CPU time for it; raises what decoding
-        raised, or :class:`_DecoderDied`. ``on_sent`` runs once the request is written."""
+        raised, or :class:`_DecoderDied`. ``request`` is pickled; ``data`` (up to
+        8 MiB) goes out as it is. ``on_sent`` runs once both are handed to the stream."""
         try:
             reader, writer = await self._connected()
             payload = pickle.dumps(request, protocol=pickle.HIGHEST_PROTOCOL)
-            writer.write(_frame(len(payload)))
-            writer.write(payload)
+            writer.write(_frame(len(payload)) + payload + _frame(len(data)))
+            writer.write(data)  # sent as far as the socket takes it; only the rest is copied
             on_sent()
             await writer.drain()
             ok, error, shape, cpu = _answer(await _message(reader, _HEADER_BYTES))
@@ -349,7 +352,7 @@ class DecoderPool:
         try:
             async with asyncio.timeout(self._timeout_s):
                 media, cpu = await slot.decode(
-                    (modality, mime, data, limits, spec, self._cpu_seconds), sent
+                    (modality, mime, limits, spec, self._cpu_seconds), data, sent
                 )
             if self._on_cpu is not None:
                 self._on_cpu(cpu)

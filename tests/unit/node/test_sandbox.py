@@ -161,6 +161,7 @@ def test_a_hijacked_decoder_cannot_run_code_in_the_node(tmp_path):
             if not theirs.poll(10):
                 return
             theirs.recv_bytes()
+            theirs.recv_bytes()  # the item's bytes
             for answer in answers:
                 theirs.send_bytes(answer)
             if stall:
@@ -179,7 +180,7 @@ def test_a_hijacked_decoder_cannot_run_code_in_the_node(tmp_path):
         beat = asyncio.create_task(ticker())
         try:
             async with asyncio.timeout(0.5 if stall else 30):
-                return await decoder.decode(("request",), lambda: None)
+                return await decoder.decode(("request",), b"item", lambda: None)
         finally:
             hang_up.set()
             beat.cancel()
