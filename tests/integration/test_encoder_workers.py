@@ -147,14 +147,21 @@ def test_a_node_with_worker_processes_publishes_the_same_embeddings(tmp_path: Pa
         finally:
             assert node.stop() == 0, node.log_text()
             broker.stop()
+    from node.ops.config import load_config
+
+    consensus = load_config().consensus
     for local, pooled in zip(finals[0], finals[2], strict=True):
         assert local["status"] == pooled["status"] == "final"
         # Bit for bit within one batch (above); across nodes the batches differ with
-        # timing, and an item's float rounding with its batch-mates: far below tolerance.
+        # timing, and an item's float rounding with its batch-mates (a float16 step
+        # flips now and then): far below what members tolerate of each other.
         for a, b in zip(local["embeddings"], pooled["embeddings"], strict=True):
             assert a["modality"] == b["modality"] and a["fused"] == b["fused"]
             va = np.frombuffer(a["vector"], "<f2").astype(np.float64)
             vb = np.frombuffer(b["vector"], "<f2").astype(np.float64)
             assert 1 - va @ vb / np.linalg.norm(va) / np.linalg.norm(vb) < 1e-3
         if local["pair_distance_ppm"] is not None:
-            assert abs(local["pair_distance_ppm"] - pooled["pair_distance_ppm"]) < 1000
+            # Two embeddings each within 1e-3 (cosine) can move their distance by more
+            # than 1,000 ppm (one run: 1,584); a quarter of the tolerance is far below it.
+            moved = abs(local["pair_distance_ppm"] - pooled["pair_distance_ppm"])
+            assert moved < consensus.distance_tolerance_ppm / 4
