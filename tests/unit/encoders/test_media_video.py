@@ -118,3 +118,19 @@ def test_a_strip_clip_is_cut_to_one_window_around_its_moving_figure() -> None:
         assert cols[0] > 0 and cols[-1] < SPEC.video_size - 1, "the figure is whole"
         lefts.append(cols[0])
     assert lefts == sorted(lefts) and lefts[-1] > lefts[0], "one window: the motion shows"
+
+
+@pytest.mark.parametrize("codec", ["libx264", "mpeg4"])
+def test_a_clip_decodes_on_the_calling_thread_alone(codec: str) -> None:
+    """FFmpeg's default makes helper threads for every clip (decoding) and every frame
+    (scaling), and the caller waits on them: more CPU than the clip itself costs. A
+    decoder process is one core's worth of work, so a clip never waits on a thread."""
+    import resource
+
+    clip = mp4_bytes(codec, frames=12, size=96)
+    decode(clip)  # the first call loads what it needs
+    before = resource.getrusage(resource.RUSAGE_THREAD).ru_nvcsw
+    for _ in range(10):
+        decode(clip)
+    waits = resource.getrusage(resource.RUSAGE_THREAD).ru_nvcsw - before
+    assert waits < 10, f"{waits} waits for 10 clips of 12 frames"
