@@ -68,7 +68,9 @@ HEAP_TRIM_THRESHOLD = 256 << 20
 """Free memory the heap keeps at its top before returning it to the system."""
 
 
-def reuse_heap() -> None:
+def reuse_heap(
+    mmap_threshold: int = HEAP_MMAP_THRESHOLD, trim_threshold: int = HEAP_TRIM_THRESHOLD
+) -> None:
     """Let glibc's heap keep freed memory for the next batch (glibc; elsewhere a no-op).
 
     By default glibc serves allocations above a moving threshold with fresh
@@ -77,11 +79,13 @@ def reuse_heap() -> None:
     2.8 ms of system time per item, 12 % of an encoder worker's CPU
     (``bench/bench_e2e.py``). Fixed thresholds let the next batch reuse the
     memory the last one freed; ``trim_heap`` still returns it now and then.
-    Call it at a process's start, before the large allocations.
+    Call it at a process's start, before the large allocations. Allocations
+    above ``mmap_threshold`` still get their own pages; at most
+    ``trim_threshold`` of free memory stays at the heap's top.
     """
     with contextlib.suppress(AttributeError, OSError):
-        _libc.mallopt(_M_MMAP_THRESHOLD, HEAP_MMAP_THRESHOLD)
-        _libc.mallopt(_M_TRIM_THRESHOLD, HEAP_TRIM_THRESHOLD)
+        _libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold)
+        _libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold)
 
 
 def trim_heap() -> None:

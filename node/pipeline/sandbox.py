@@ -46,16 +46,25 @@ from encoders.modality import Modality
 log = logging.getLogger("poc.sandbox")
 
 
+_HEAP_MMAP_THRESHOLD = 4 << 20
+"""A decoder's allocations up to this size reuse its heap; larger ones get their own pages."""
+_HEAP_TRIM_THRESHOLD = 16 << 20
+"""Free memory a decoder's heap keeps between items; the rest goes back at once."""
+
+
 def _limit_worker(memory_bytes: int) -> None:
-    """Runs first in every decoder process: one thread per library, capped memory.
+    """Runs first in every decoder process: one thread per library, capped memory, a kept heap.
 
     The worker also ends itself when its parent (the forkserver) goes away.
     """
     from node.ops.orphan_guard import watch_parent
-    from node.ops.threads import name_thread
+    from node.ops.threads import name_thread, reuse_heap
 
     watch_parent()
     name_thread("poc-decoder")
+    # A clip's arrays (a few hundred KiB each) would otherwise be fresh pages for
+    # every item: ~200 page faults and a fifth more CPU per speech clip.
+    reuse_heap(_HEAP_MMAP_THRESHOLD, _HEAP_TRIM_THRESHOLD)
     resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 

@@ -9,7 +9,7 @@ from encoders.media import MediaLimits
 from encoders.modality import Modality
 from encoders.weights import DEFAULT_PREPROCESS
 from node.pipeline.sandbox import DecoderPool
-from tests.media import image_bytes, mp4_bytes, png_header_only
+from tests.media import image_bytes, mp4_bytes, png_header_only, wav_bytes
 
 LIMITS = MediaLimits()
 
@@ -119,6 +119,33 @@ def test_text_is_decoded_in_the_node_even_while_every_slot_is_busy():
                 await decode(pool, Modality.TEXT, "image/png", image_bytes("RGB"))
             assert len(costs) == 4
             pool._free.put_nowait(slot)
+        finally:
+            pool.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_decoder_reuses_its_memory_from_one_item_to_the_next():
+    """A speech clip's arrays are a few hundred KiB each; with glibc's defaults every
+    item faulted them in as fresh pages (~200 page faults, a fifth more CPU)."""
+
+    def faults(pid: int) -> int:
+        with open(f"/proc/{pid}/stat") as stat:
+            return int(stat.read().rsplit(")", 1)[1].split()[7])  # minflt
+
+    async def scenario() -> None:
+        pool = DecoderPool(workers=1, timeout_s=30, memory_mb=350)
+        clip = wav_bytes("PCM_16", rate=22_050, seconds=3.0)
+        try:
+            for _ in range(3):  # the first items grow the heap
+                await decode(pool, Modality.AUDIO, "audio/wav", clip)
+            slot = await pool._free.get()
+            pool._free.put_nowait(slot)
+            before = faults(slot.process.pid)
+            for _ in range(20):
+                await decode(pool, Modality.AUDIO, "audio/wav", clip)
+            per_item = (faults(slot.process.pid) - before) / 20
+            assert per_item < 20, f"{per_item:.0f} page faults per clip"
         finally:
             pool.close()
 
