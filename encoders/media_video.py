@@ -118,8 +118,6 @@ def _decode_small_frames(
             if float(stamp - start) > max_seconds:
                 raise MediaTooLargeError(f"video runs past {max_seconds} s")
         width, height = fitted_size(frame.width, frame.height, size)
-        small = reformatter.reformat(
-            frame, width=width, height=height, format="rgb24", threads=1
-        )
+        small = reformatter.reformat(frame, width=width, height=height, format="rgb24", threads=1)
         frames.append(np.asarray(small.to_ndarray(), dtype=np.uint8))
     return frames
