@@ -7,8 +7,11 @@ One command, one run. For each kind of submission (caption + image, caption
    (``training.stream.WorldMaker``: PNG/JPEG, espeak-ng WAV, MP4);
 2. measures the **raw** rate: the shard called directly on the decoded items
    at the node's batch policy (``encoders.batch``: the micro-batch size of
-   each modality), in this process with torch's default threads, the best of
-   three passes;
+   each modality), in this process with torch's default threads and its heap
+   kept between batches as the node's encoder workers keep theirs
+   (``node.ops.threads.reuse_heap``: without it page faults cost the raw
+   rate 10-20 % on this machine, and made it swing from run to run), the
+   best of three passes;
 3. starts Mosquitto and a node process (or a committee of ``--committee``
    nodes), and feeds the **same** submissions, signed by many keys, through
    the bus; the node's rate counts items from the first publish to the last
@@ -49,6 +52,7 @@ from encoders.modality import Modality  # noqa: E402
 from encoders.shard import Shard  # noqa: E402
 from node.intake.keys import load_key  # noqa: E402
 from node.ops.config import DEFAULT_CONFIG, load_config  # noqa: E402
+from node.ops.threads import reuse_heap  # noqa: E402
 from node.pipeline.batching import BatchPolicy  # noqa: E402
 from node.pipeline.prepare import media_limits  # noqa: E402
 from tests.conftest import start_mosquitto, start_node  # noqa: E402
@@ -375,6 +379,7 @@ def main() -> None:
     )
     args = parser.parse_args()
 
+    reuse_heap()  # before the first large allocation, as an encoder worker does
     config = load_config(DEFAULT_CONFIG)
     policy = BatchPolicy.of(config.encoders)
     shard = Shard.load(
