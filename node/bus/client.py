@@ -56,6 +56,7 @@ import random
 import ssl
 import stat
 import sys
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +68,7 @@ from paho.mqtt.client import MQTT_CLEAN_START_FIRST_ONLY, MQTT_ERR_SUCCESS, MQTT
 from node.errors import ConfigError
 from node.ops.config import BusSection
 from node.ops.metrics import Metrics
+from node.ops.threads import CoroutineCpu
 
 log = logging.getLogger("poc.bus")
 
@@ -188,6 +190,7 @@ class _WindowedClient(aiomqtt.Client):
         window_bytes: int,
         on_defer: Callable[[int], None],
         on_pause: Callable[[], None],
+        on_cpu: Callable[[float], None],
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -195,6 +198,7 @@ class _WindowedClient(aiomqtt.Client):
         self._window_bytes = window_bytes
         self._on_defer = on_defer
         self._on_pause = on_pause
+        self.on_cpu = on_cpu
         self.held = 0
         self.held_bytes = 0
         self.deferring = False
@@ -253,6 +257,7 @@ class _WindowedClient(aiomqtt.Client):
         """aiomqtt's own reader: read, and a failure ends the connection."""
         if self._paused or self._fd < 0:
             return
+        started = time.thread_time()
         try:
             while True:
                 self._client.loop_read()
@@ -262,10 +267,31 @@ class _WindowedClient(aiomqtt.Client):
         except Exception as error:  # the connection broke: aiomqtt's run loop raises it
             if not self._disconnected.done():
                 self._disconnected.set_exception(error)
+        finally:
+            self.on_cpu(time.thread_time() - started)
+
+    def _on_socket_register_write(self, client: Any, userdata: Any, sock: Any) -> None:
+        """aiomqtt's own writer, with the CPU time it costs counted."""
+
+        def write() -> None:
+            started = time.thread_time()
+            try:
+                client.loop_write()
+            except Exception as error:  # the connection broke, as in aiomqtt's writer
+                if not self._disconnected.done():
+                    self._disconnected.set_exception(error)
+            finally:
+                self.on_cpu(time.thread_time() - started)
+
+        # paho may call this from the thread that connected: hand it to the loop.
+        self._loop.call_soon_threadsafe(self._loop.add_writer, sock.fileno(), write)
 
     def _on_socket_open(self, client: Any, userdata: Any, sock: Any) -> None:
         super()._on_socket_open(client, userdata, sock)
         self._fd = sock.fileno()  # where aiomqtt registers its reader
+        # Then ours replaces it (same reading, its CPU time counted): handed to the
+        # loop after aiomqtt's registration, as paho may call this from another thread.
+        self._loop.call_soon_threadsafe(self._loop.add_reader, self._fd, self._read)
 
     def _on_socket_close(self, client: Any, userdata: Any, sock: Any) -> None:
         self._fd = -1
@@ -298,7 +324,7 @@ class _WindowedClient(aiomqtt.Client):
             self._steer()
 
     async def publish(self, *args: Any, **kwargs: Any) -> None:
-        await self._answered(super().publish(*args, **kwargs))
+        await self._answered(CoroutineCpu(super().publish(*args, **kwargs), self.on_cpu))
 
     async def subscribe(self, *args: Any, **kwargs: Any) -> Any:
         return await self._answered(super().subscribe(*args, **kwargs))
@@ -364,6 +390,7 @@ class Bus:
             else self._settings.receive_window_mb * 2**20,
             on_defer=self._deferred,
             on_pause=self._metrics.bus_pauses.labels(session=self._role).inc,
+            on_cpu=self._metrics.stage_cpu.labels(stage="bus").inc,
         )
         client.pending_calls_threshold = self._settings.publish_window + 16
         # aiomqtt exposes no switch for manual PUBACK; paho's client under it has one.
@@ -413,9 +440,11 @@ class Bus:
                         if not isinstance(payload, bytes | bytearray):
                             payload = b"" if payload is None else str(payload).encode()
                         await handler(str(message.topic), bytes(payload))
+                        started = time.thread_time()
                         if message.qos > 0:
                             client._client.ack(message.mid, message.qos)
                         client.handled(len(payload))
+                        client.on_cpu(time.thread_time() - started)
                         if client.deferring and client.held == 0:
                             # Everything held is handled: reconnect for the deferred ones.
                             await self._barrier(client)

@@ -64,7 +64,8 @@ class Metrics:
         self.stage_cpu = Counter(
             "poc_stage_cpu_seconds",
             "CPU time spent per pipeline stage (decode: in the decoder processes; "
-            "encode: the encoder thread and the torch threads it started)",
+            "encode: the encoder thread and the torch threads it started; "
+            "bus: the MQTT client reading, writing, publishing and acknowledging)",
             ["stage"],
             registry=registry,
         )

@@ -14,9 +14,9 @@ import ctypes
 import ctypes.util
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine, Generator
 from pathlib import Path
-from typing import ParamSpec, TypeVar
+from typing import Any, Generic, ParamSpec, TypeVar
 
 _PR_SET_NAME = 15
 _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -58,6 +58,40 @@ def thread_cpu_timed(
         return fn(*args, **kwargs)
     finally:
         add(time.thread_time() - started)
+
+
+class CoroutineCpu(Generic[T]):
+    """Await ``coroutine`` and ``add`` the CPU time this thread spent running it.
+
+    Only its own steps count: each stretch from a resumption to its next
+    suspension, never the time other tasks run while it waits. (``thread_time``
+    around an ``await`` would count everything the event loop did meanwhile.)
+    Its result, its exceptions and a cancellation pass through unchanged.
+    """
+
+    def __init__(self, coroutine: Coroutine[Any, Any, T], add: Callable[[float], None]) -> None:
+        self._coroutine = coroutine
+        self._add = add
+
+    def __await__(self) -> Generator[Any, Any, T]:
+        coroutine = self._coroutine
+        sent: Any = None
+        thrown: BaseException | None = None
+        while True:
+            started = time.thread_time()
+            try:
+                yielded = coroutine.send(sent) if thrown is None else coroutine.throw(thrown)
+            except StopIteration as done:
+                return done.value  # type: ignore[no-any-return]
+            finally:
+                self._add(time.thread_time() - started)
+            try:
+                sent, thrown = (yield yielded), None
+            except GeneratorExit:  # the awaiting task was closed
+                coroutine.close()
+                raise
+            except BaseException as error:  # a cancellation, or what the awaited future raised
+                sent, thrown = None, error
 
 
 _M_TRIM_THRESHOLD = -1

@@ -219,6 +219,23 @@ def test_the_same_bytes_again_are_not_answered_twice(node: NodeProcess, mosquitt
     assert statuses == ["accepted", "final"]
 
 
+def test_the_mqtt_clients_own_cpu_time_is_the_bus_stage(node: NodeProcess, mosquitto: Broker):
+    """Reading the submission, acknowledging it and publishing its Results is counted
+    where the MQTT client runs (bench_e2e.py tells it from the rest of the loop)."""
+    raw = Peer().submission([("text", "text/plain", b"counted on the bus")])
+    bus = 'stage="bus"'
+
+    async def scenario() -> tuple[float, float]:
+        async with ResultListener(mosquitto.port) as listener:
+            before = node.metric("poc_stage_cpu_seconds_total", bus)
+            await listener.publish(raw)
+            await listener.final(submission_id(raw))
+            return before, node.metric("poc_stage_cpu_seconds_total", bus)
+
+    before, after = run(scenario())
+    assert after > before
+
+
 def test_a_rejection_is_answered_again_to_the_same_bytes(node: NodeProcess, mosquitto: Broker):
     """A submitter offline when its rejection went out learns it by sending the bytes again."""
     peer = Peer()
