@@ -22,7 +22,9 @@ One command, one run. For each kind of submission (caption + image, caption
 
 and prints items/s both ways, their **ratio**, each stage's share of the
 node's CPU time (``poc_stage_cpu_seconds_total``, decoders' processes
-included) and the node's peak RSS. Figures only; nothing is asserted.
+included; ``bus`` is the MQTT client's own work, ``loop`` the rest of the
+event loop thread) and the node's peak RSS. Figures only; nothing is
+asserted.
 
     .venv/bin/python bench/bench_e2e.py [--device cpu|cuda] [--count 240]
         [--kinds text+image,text+audio,text+video,single] [--committee 1]
