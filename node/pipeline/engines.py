@@ -34,7 +34,7 @@ from typing import Protocol
 from encoders.shard import EncodeRequest, ItemEmbedding, Shard
 from node.errors import NodeError
 from node.ops.threads import name_thread, reuse_heap, threads_cpu_seconds, trim_heap
-from node.pipeline.sandbox import forkserver, kill_executor
+from node.pipeline.sandbox import forkserver
 
 log = logging.getLogger("poc.encoding")
 
@@ -117,6 +117,13 @@ class ShardSpec:
 
 
 _WORKER_SHARD: Shard | None = None
+
+
+def kill_executor(executor: ProcessPoolExecutor) -> None:
+    """Stop a process pool now, a running call included (no public way does that)."""
+    for process in list(getattr(executor, "_processes", {}).values()):
+        process.kill()
+    executor.shutdown(wait=False, cancel_futures=True)
 
 
 def _start_worker(spec: ShardSpec) -> None:

@@ -32,14 +32,13 @@ import socket
 import struct
 import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from multiprocessing.connection import Connection
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from encoders.errors import EncoderError, MediaTooLargeError, UndecodableError
+from encoders.errors import EncoderError, UndecodableError
 from encoders.media import DecodedMedia, MediaLimits, PreprocessSpec, decode_media
 from encoders.modality import Modality
 
@@ -146,10 +145,15 @@ _HEADER_BYTES = 4096
 """The most a decoder's answer header may take."""
 _ANSWER_BYTES = 256 * 1024 * 1024
 """The most a decoded item may take (a float32 array; the largest is a clip, 393 KiB)."""
-_ERRORS: dict[str, type[EncoderError]] = {
-    kind.__name__: kind for kind in (UndecodableError, MediaTooLargeError, EncoderError)
-}
-"""The errors a decoder may report by name (any other is ``undecodable``)."""
+
+
+def _error_tree(root: type[EncoderError]) -> list[type[EncoderError]]:
+    return [root, *(kind for child in root.__subclasses__() for kind in _error_tree(child))]
+
+
+_ERRORS: dict[str, type[EncoderError]] = {kind.__name__: kind for kind in _error_tree(EncoderError)}
+"""The errors a decoder may report by name: the encoders' own tree, each with its
+reason code (any other name is ``undecodable``; nothing else is ever instantiated)."""
 
 
 def _answer(header: bytes) -> tuple[bool, Any, tuple[int, ...], float]:
@@ -282,13 +286,6 @@ def forkserver() -> multiprocessing.context.ForkServerContext:
         ["node.pipeline.single_threaded", "node.ops.orphan_guard", "encoders.media"]
     )
     return context
-
-
-def kill_executor(executor: ProcessPoolExecutor) -> None:
-    """Stop a process pool now, a running call included (no public way does that)."""
-    for process in list(getattr(executor, "_processes", {}).values()):
-        process.kill()
-    executor.shutdown(wait=False, cancel_futures=True)
 
 
 class DecoderPool:

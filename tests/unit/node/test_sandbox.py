@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 
-from encoders.errors import MediaTooLargeError, UndecodableError
+from encoders.errors import MediaTooLargeError, UndecodableError, UnsupportedModalityError
 from encoders.media import MediaLimits
 from encoders.modality import Modality
 from encoders.weights import DEFAULT_PREPROCESS
@@ -239,6 +239,11 @@ def test_a_hijacked_decoder_cannot_run_code_in_the_node(tmp_path):
         )
     with pytest.raises(UndecodableError, match="boom"):
         asyncio.run(scenario([b'{"ok": false, "error": "SystemExit", "message": "boom"}']))
+    # Every error of the encoders' tree keeps its class, so its reason code.
+    with pytest.raises(UnsupportedModalityError, match="no tower"):
+        asyncio.run(
+            scenario([b'{"ok": false, "error": "UnsupportedModalityError", "message": "no tower"}'])
+        )
     array = np.arange(6, dtype=np.float32).reshape(2, 3)
     media, cpu = asyncio.run(
         scenario([b'{"ok": true, "shape": [2, 3], "cpu": 0.25}', array.tobytes()])
