@@ -82,34 +82,56 @@ _UNIT_ROUNDOFF = 2.0**-24
 """float32's unit roundoff."""
 
 
+Candidates = tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]
+"""Candidate ids and their stored values (float16, so exact in float32)."""
+
+
 def _shortlist(
-    query: npt.NDArray[np.float64],
-    ids: npt.NDArray[np.int64],
-    points: npt.NDArray[np.float32],
-    k: int,
+    query: npt.NDArray[np.float64], parts: Sequence[Candidates], k: int
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
     """Of a query's candidates, those that may be among its k nearest, as float64.
 
-    ``points`` are the stored values (float16, so exact in float32). Their
-    squared distances ``|p|^2 - 2 p.q + |q|^2`` in float32 (one BLAS call)
-    err by at most ``e = 2 (d + 3) u (max |p|^2 + |q|^2)`` for dimension d
-    and unit roundoff u. Every candidate whose exact distance is within the
-    k nearest (ties included) lies within ``2e`` of the k-th smallest float32
-    distance; keeping those within ``16e`` of it leaves the exact float64
-    re-ranking that follows (``_neighbourhood``) the very k nearest it would
-    find among all candidates, at a fraction of the cost: the candidates of
-    every modality's index (hundreds) shrink to about k.
+    The candidates come in parts (H's, the round's earlier items), so that
+    none is copied before it is kept. Their squared distances
+    ``|p|^2 - 2 p.q + |q|^2`` in float32 (one BLAS call per part) err by at
+    most ``e = 2 (d + 3) u (max |p|^2 + |q|^2)`` for dimension d and unit
+    roundoff u. Every candidate whose exact distance is within the k nearest
+    (ties included) lies within ``2e`` of the k-th smallest float32 distance;
+    keeping those within ``16e`` of it leaves the exact float64 re-ranking
+    that follows (``_neighbourhood``) the very k nearest it would find among
+    all candidates, at a fraction of the cost: the candidates of every
+    modality's index (hundreds) shrink to about k.
     """
-    if len(ids) <= k:
-        return ids, points.astype(np.float64)
+    parts = [(ids, points) for ids, points in parts if len(ids)]
+    if sum(len(ids) for ids, _ in parts) <= k:
+        return _joined(parts)
     near = query.astype(np.float32)
-    norms = np.einsum("ij,ij->i", points, points)
     own = float(near @ near)
-    distances = norms - 2 * (points @ near) + np.float32(own)
-    kth = float(np.partition(distances, k - 1)[k - 1])
-    error = 2 * (points.shape[1] + 3) * _UNIT_ROUNDOFF * (float(norms.max()) + own)
-    keep = distances <= kth + 16 * error
-    return ids[keep], points[keep].astype(np.float64)
+    norms = [np.einsum("ij,ij->i", points, points) for _, points in parts]
+    distances = [
+        n - 2 * (points @ near) + np.float32(own)
+        for n, (_, points) in zip(norms, parts, strict=True)
+    ]
+    kth = float(np.partition(np.concatenate(distances), k - 1)[k - 1])
+    largest = max(float(n.max()) for n in norms)
+    error = 2 * (parts[0][1].shape[1] + 3) * _UNIT_ROUNDOFF * (largest + own)
+    limit = kth + 16 * error
+    return _joined(
+        [
+            (ids[d <= limit], points[d <= limit])
+            for (ids, points), d in zip(parts, distances, strict=True)
+        ]
+    )
+
+
+def _joined(parts: Sequence[Candidates]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
+    """The parts' ids and values together, the values as float64."""
+    if not parts:
+        raise ValueError("no candidates")
+    return (
+        np.concatenate([ids for ids, _ in parts]),
+        np.concatenate([points for _, points in parts]).astype(np.float64),
+    )
 
 
 def _neighbourhood(
@@ -190,7 +212,7 @@ def _candidates(
         ids = np.unique(row[row >= 0])
         if len(ids) < k:
             raise ValueError(f"index returned {len(ids)} distinct ids, fewer than k = {k}")
-        yield query, *_shortlist(query, ids, history.stored(ids), k)
+        yield query, *_shortlist(query, [(ids, history.stored(ids))], k)
 
 
 @dataclass(frozen=True)
@@ -309,6 +331,10 @@ NEAREST_CANDIDATES = 4
 """Candidates asked of a modality's index before the exact cosine check."""
 
 
+CHUNK = 64
+"""Items whose history rows are fetched together while a round is scored (bounds the memory)."""
+
+
 def score_in_order(
     history: History, submissions: Sequence[Sequence[RoundItem]], rules: ScoringRules
 ) -> list[list[ItemVerdict]]:
@@ -325,6 +351,10 @@ def score_in_order(
     searches are batched; the kNN is exact over H and the round's earlier
     items together, with ties broken by id (H's ids, then the round's items
     in order).
+
+    One search of H serves both the gap candidates and the near-duplicate
+    candidates (``History.search``), and the stored rows of every CHUNK items'
+    candidates are fetched at once: per item, only its own arithmetic is left.
     """
     k = rules.k
     flat = [item for items in submissions for item in items]
@@ -333,38 +363,22 @@ def score_in_order(
     queries = quantize(np.stack([np.asarray(item.vector) for item in flat]), history.dim)
     exact = queries.astype(np.float64)
     size = len(history)
-    gap_candidates = history.neighbours(queries, candidate_count(k, size)) if size else None
-    near: dict[int, npt.NDArray[np.int64]] = {}
-    junk_distance = np.full(len(flat), 2.0)
-    by_modality: dict[str, list[int]] = {}
-    for position, item in enumerate(flat):
-        by_modality.setdefault(item.modality, []).append(position)
-    for modality, positions in by_modality.items():
-        found = history.nearest_of(modality, queries[positions], NEAREST_CANDIDATES)
-        for position, row in zip(positions, found, strict=True):
-            near[position] = row[row >= 0]
-        known_junk = history.junk
-        if known_junk is not None and modality in rules.junk_radius:
-            rows = known_junk.nearest_of(modality, queries[positions], NEAREST_CANDIDATES)
-            for position, row in zip(positions, rows, strict=True):
-                if (row >= 0).any():
-                    points = known_junk.vectors(row[row >= 0])
-                    junk_distance[position] = float(cosine_distances(points, exact[position]).min())
+    modalities = [item.modality for item in flat]
+    gap_candidates, near = history.search(
+        queries, max(candidate_count(k, size), 1), modalities, NEAREST_CANDIDATES
+    )
+    junk_distance = _junk_distances(history, rules, modalities, queries, exact)
+    rows = _HistoryRows(history, gap_candidates if size else None, near)
 
-    context = np.empty_like(exact)  # the round's non-duplicate items so far, in order
-    context32 = np.empty(exact.shape, dtype=np.float32)  # the same, exactly
-    size_of_context = 0
-    context_of: dict[str, list[int]] = {}  # their rows, by modality
+    context = _Context(exact.shape)  # the round's non-duplicate items so far, in order
     verdicts: list[list[ItemVerdict]] = []
     position = 0
     for items in submissions:
         own: list[ItemVerdict] = []
         for item in items:
             query = exact[position]
-            same = context_of.get(item.modality, [])
-            pool = [history.vectors(near[position])] if len(near[position]) else []
-            pool += [context[same]] if same else []
-            nearest = float(cosine_distances(np.concatenate(pool), query).min()) if pool else 2.0
+            pool = np.concatenate([rows.near(position), context.of(item.modality)])
+            nearest = float(cosine_distances(pool, query).min()) if len(pool) else 2.0
             radius = rules.duplicate_radius.get(item.modality, 0.0)
             to_junk = float(junk_distance[position])
             if (
@@ -373,17 +387,10 @@ def score_in_order(
                 or to_junk <= rules.junk_radius.get(item.modality, -1.0)
             ):
                 own.append(ItemVerdict(True, NOT_SCORED, nearest, to_junk))
-            elif size + size_of_context < k:
+            elif size + len(context) < k:
                 own.append(ItemVerdict(False, NOT_SCORED, nearest, to_junk))
             else:
-                ids = size + np.arange(size_of_context, dtype=np.int64)
-                stored = context32[:size_of_context]
-                if gap_candidates is not None:
-                    row = gap_candidates[position]
-                    found = np.unique(row[row >= 0])
-                    ids = np.concatenate([found, ids])
-                    stored = np.concatenate([history.stored(found), stored])
-                ids, points = _shortlist(query, ids, stored, k)
+                ids, points = _shortlist(query, [rows.gap(position), context.candidates(size)], k)
                 own.append(
                     ItemVerdict(
                         False,
@@ -396,9 +403,128 @@ def score_in_order(
         start = position - len(items)
         for offset, verdict in enumerate(own):
             if not verdict.duplicate:
-                context[size_of_context] = exact[start + offset]
-                context32[size_of_context] = exact[start + offset]
-                context_of.setdefault(items[offset].modality, []).append(size_of_context)
-                size_of_context += 1
+                context.add(items[offset].modality, exact[start + offset])
         verdicts.append(own)
     return verdicts
+
+
+def _junk_distances(
+    history: History,
+    rules: ScoringRules,
+    modalities: Sequence[str],
+    queries: npt.NDArray[np.float16],
+    exact: npt.NDArray[np.float64],
+) -> npt.NDArray[np.float64]:
+    """Per query: cosine distance to the nearest known junk of its modality (2.0 if none)."""
+    distances = np.full(len(queries), 2.0)
+    known_junk = history.junk
+    if known_junk is None:
+        return distances
+    by_modality: dict[str, list[int]] = {}
+    for position, modality in enumerate(modalities):
+        by_modality.setdefault(modality, []).append(position)
+    for modality, positions in by_modality.items():
+        if modality not in rules.junk_radius:
+            continue
+        found = known_junk.nearest_of(modality, queries[positions], NEAREST_CANDIDATES)
+        for position, row in zip(positions, found, strict=True):
+            if (row >= 0).any():
+                points = known_junk.vectors(row[row >= 0])
+                distances[position] = float(cosine_distances(points, exact[position]).min())
+    return distances
+
+
+class _HistoryRows:
+    """The stored rows of the round's candidates from H, fetched CHUNK items at a time.
+
+    Per item, the gap candidates are its distinct ids in increasing order (as
+    ``np.unique`` gives them) and the near-duplicate candidates its own
+    modality's nearest, in the order the search found them.
+    """
+
+    def __init__(
+        self,
+        history: History,
+        gap_candidates: npt.NDArray[np.int64] | None,
+        near: npt.NDArray[np.int64],
+    ) -> None:
+        self._history = history
+        self._gap = gap_candidates
+        self._near = near
+        self._chunk = -1
+        self._ids = np.empty(0, dtype=np.int64)
+        self._stored = np.empty((0, history.dim), dtype=np.float32)
+        self._sorted = np.empty((0, 0), dtype=np.int64)
+        self._keep = np.empty((0, 0), dtype=bool)
+
+    def _load(self, position: int) -> int:
+        """Fetch the chunk of ``position``; returns the position's row within it."""
+        chunk, offset = divmod(position, CHUNK)
+        if chunk != self._chunk:
+            span = slice(chunk * CHUNK, (chunk + 1) * CHUNK)
+            wanted = [self._near[span].reshape(-1)]
+            if self._gap is not None:
+                ordered = np.sort(self._gap[span], axis=1)
+                repeated = np.zeros(ordered.shape, dtype=bool)
+                repeated[:, 1:] = ordered[:, 1:] == ordered[:, :-1]
+                self._sorted, self._keep = ordered, (ordered >= 0) & ~repeated
+                wanted.append(ordered.reshape(-1))
+            ids = np.unique(np.concatenate(wanted))
+            self._ids = ids[ids >= 0]
+            self._stored = self._history.stored(self._ids)
+            self._chunk = chunk
+        return offset
+
+    def near(self, position: int) -> npt.NDArray[np.float64]:
+        """The item's near-duplicate candidates from H, as float64."""
+        self._load(position)
+        row = self._near[position]
+        row = row[row >= 0]
+        return np.asarray(self._stored[np.searchsorted(self._ids, row)], dtype=np.float64)
+
+    def gap(self, position: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
+        """The item's distinct gap candidates from H (increasing ids) and their stored rows."""
+        if self._gap is None:
+            return np.empty(0, dtype=np.int64), self._stored[:0]
+        offset = self._load(position)
+        found = self._sorted[offset][self._keep[offset]]
+        return found, self._stored[np.searchsorted(self._ids, found)]
+
+
+class _Context:
+    """The round's non-duplicate items so far: ids after H's, in the order they joined.
+
+    Kept in place, as float32 (exactly their float16 values) for the gap
+    search and as float64 per modality for the near-duplicate check, so
+    that no item copies the whole context.
+    """
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        self._capacity = shape
+        self._rows32 = np.empty(shape, dtype=np.float32)
+        self._size = 0
+        self._of: dict[str, npt.NDArray[np.float64]] = {}
+        self._count: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return self._size
+
+    def candidates(self, first_id: int) -> Candidates:
+        """Their ids (``first_id`` onwards) and stored values, for the gap search."""
+        return first_id + np.arange(self._size, dtype=np.int64), self._rows32[: self._size]
+
+    def of(self, modality: str) -> npt.NDArray[np.float64]:
+        """The rows of one modality (float64)."""
+        rows = self._of.get(modality)
+        if rows is None:
+            return np.empty((0, self._capacity[1]), dtype=np.float64)
+        return rows[: self._count[modality]]
+
+    def add(self, modality: str, row: npt.NDArray[np.float64]) -> None:
+        self._rows32[self._size] = row
+        self._size += 1
+        if modality not in self._of:
+            self._of[modality] = np.empty(self._capacity, dtype=np.float64)
+            self._count[modality] = 0
+        self._of[modality][self._count[modality]] = row
+        self._count[modality] += 1

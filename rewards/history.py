@@ -270,19 +270,43 @@ class History:
 
     def neighbours(self, queries: npt.NDArray[Any], k: int) -> npt.NDArray[np.int64]:
         """Global ids ``[n, >= k]``: each modality's k nearest; -1 where missing."""
+        return self.search(queries, k)[0]
+
+    def search(
+        self, queries: npt.NDArray[Any], k: int, own: Sequence[str] = (), nearest: int = 0
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        """``neighbours``, and from the same search each query's nearest of its own modality.
+
+        Returns the global ids ``[n, >= k]`` that ``neighbours`` gives and,
+        for query i of modality ``own[i]``, the ids ``[n, nearest]`` that
+        ``nearest_of(own[i], ..., nearest)`` gives: the first columns of that
+        modality's block, which its index returns nearest first (-1 where
+        missing). One scan of every index serves both, where scoring a round
+        used to scan the item's own modality a second time. Each index is
+        asked for at least ``nearest``, so a small k never cuts them short.
+        """
         if k <= 0:
             raise ValueError(f"k must be positive, got {k}")
+        if own and len(own) != len(queries):
+            raise ValueError(f"{len(own)} modalities for {len(queries)} queries")
         half = quantize(queries, self._dim)
         parts = [np.full((len(half), 0), -1, dtype=np.int64)]
+        near = np.full((len(half), nearest), -1, dtype=np.int64)
+        labels = np.asarray(list(own), dtype=object)
         for modality, index in sorted(self._indexes.items()):
-            local = index.neighbours(half, min(k, len(index)))
+            local = index.neighbours(half, min(max(k, nearest), len(index)))
             table = self._global[modality].array
-            parts.append(np.where(local >= 0, table[np.maximum(local, 0)], -1))
+            block = np.where(local >= 0, table[np.maximum(local, 0)], -1)
+            parts.append(block)
+            if nearest and own:
+                rows = np.flatnonzero(labels == modality)
+                width = min(nearest, block.shape[1])
+                near[rows, :width] = block[rows, :width]
         found = np.concatenate(parts, axis=1)
         if found.shape[1] < k:
             pad = np.full((len(half), k - found.shape[1]), -1, dtype=np.int64)
             found = np.concatenate([found, pad], axis=1)
-        return found
+        return found, near
 
     def vectors(self, ids: npt.NDArray[np.int64]) -> npt.NDArray[np.float64]:
         """Float64 copies of the stored embeddings with these global ids."""
