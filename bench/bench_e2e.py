@@ -370,11 +370,22 @@ def run_kind(
     )
 
 
+def kinds(text: str) -> list[str]:
+    """``--kinds``: a comma-separated list of KINDS, checked before anything runs."""
+    chosen = [kind.strip() for kind in text.split(",") if kind.strip()]
+    unknown = [kind for kind in chosen if kind not in KINDS]
+    if unknown or not chosen:
+        raise argparse.ArgumentTypeError(
+            f"unknown kind {', '.join(unknown) or '(none)'}; choose from {', '.join(KINDS)}"
+        )
+    return chosen
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--count", type=int, default=240, help="submissions per kind")
-    parser.add_argument("--kinds", default=",".join(KINDS))
+    parser.add_argument("--kinds", type=kinds, default=list(KINDS), help=", ".join(KINDS))
     parser.add_argument(
         "--committee", type=int, default=1, help="members (each prepares every submission)"
     )
@@ -394,7 +405,7 @@ def main() -> None:
     print(f"weights {shard.weights_id[:16]}  device {args.device}  cores {os.cpu_count()}")
     print(f"batch policy {policy.describe()}")
     rows = []
-    for offset, kind in enumerate(args.kinds.split(",")):
+    for offset, kind in enumerate(args.kinds):
         figures = run_kind(kind, shard, policy, args, args.seed + offset)
         rows.append(figures)
         print(
