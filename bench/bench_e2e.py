@@ -20,7 +20,10 @@ One command, one run. For each kind of submission (caption + image, caption
    percentile of the accepted Results (the steady rate, without the start and
    the end of the burst);
 
-and prints items/s both ways, their **ratio**, each stage's share of the
+and prints items/s both ways, their **ratio**, how many items the node
+answered from its cache of recent embeddings instead of encoding them again
+(the world repeats some captions; the raw pass encodes every item:
+``--cache-items 0`` makes the node do so too), each stage's share of the
 node's CPU time (``poc_stage_cpu_seconds_total``, decoders' processes
 included; ``bus`` is the MQTT client's own work, ``loop`` the rest of the
 event loop thread) and the node's peak RSS. Figures only; nothing is
@@ -28,6 +31,7 @@ asserted.
 
     .venv/bin/python bench/bench_e2e.py [--device cpu|cuda] [--count 240]
         [--kinds text+image,text+audio,text+video,single] [--committee 1]
+        [--cache-items N]
 """
 
 from __future__ import annotations
@@ -131,6 +135,17 @@ def raw_rate(shard: Shard, submissions: list[WorldSubmission], policy: BatchPoli
                 shard.embed(requests[start : start + size], beacon)
         rates.append(total / (time.perf_counter() - started))
     return max(rates)  # the best pass: anything else on the machine only slows it
+
+
+def cached_items(metrics: str) -> int:
+    """Items the node answered from its cache of recent embeddings (not encoded again)."""
+    return int(
+        sum(
+            float(line.split()[-1])
+            for line in metrics.splitlines()
+            if line.startswith("poc_encode_cached_items_total{")
+        )
+    )
 
 
 def mean_batches(metrics: str) -> dict[str, float]:
@@ -250,6 +265,7 @@ def node_config(
         "encoders": {
             "device": args.device,
             **({} if args.workers is None else {"workers": args.workers}),
+            **({} if args.cache_items is None else {"cache_items": args.cache_items}),
         },
     }
     if committee is not None:
@@ -304,13 +320,15 @@ def run_kind(
         cpu_before = cpu_seconds(node.process.pid)
         threads_before = threads_cpu(node.process.pid)
         children_before = by_name(node.process.pid, "cpu", root=False)
-        stages_before = stage_cpu(node.metrics())
+        metrics_before = node.metrics()
+        stages_before = stage_cpu(metrics_before)
         accepted_s, final_s, steady, reasons = asyncio.run(
             feed(broker.port, submissions, args.submitters, validator)
         )
         after = node.metrics()
         stages_after = stage_cpu(after)
         batches = mean_batches(after)
+        cached = cached_items(after) - cached_items(metrics_before)
         threads_after = threads_cpu(node.process.pid)
         children_after = by_name(node.process.pid, "cpu", root=False)
         cpu_total = cpu_seconds(node.process.pid) - cpu_before
@@ -324,6 +342,7 @@ def run_kind(
     print(
         f"  ({kind}: mean encoder batch "
         + ", ".join(f"{m} {b:.1f}" for m, b in sorted(batches.items()))
+        + f"; {cached} items not encoded again (cache)"
         + f"; outside the node: submitters and Mosquitto {outside:.1f} CPU s"
         + "; node CPU s by thread "
         + ", ".join(
@@ -393,6 +412,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=11)
     parser.add_argument(
         "--workers", type=int, default=None, help="the node's encoders.workers (default: config)"
+    )
+    parser.add_argument(
+        "--cache-items",
+        type=int,
+        default=None,
+        help="the node's encoders.cache_items (default: config; 0 encodes every item again)",
     )
     args = parser.parse_args()
 

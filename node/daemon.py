@@ -326,6 +326,7 @@ class Node:
                 config.encoders.queue_size,
                 self.metrics,
                 encoder_engine(config, shard, self.metrics),
+                config.encoders.cache_items,
             )
             stack.callback(encoder.close)
             self._engine = encoder.engine

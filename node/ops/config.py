@@ -271,6 +271,8 @@ class EncodersSection(_Section):
     threads: Annotated[int, Field(ge=0)]
     batch: dict[str, BatchSection]
     queue_size: PositiveInt
+    cache_items: Annotated[int, Field(ge=0)] = 4096
+    """Embeddings of recently encoded items kept, so that one sent again is not re-encoded."""
     tau: PositiveFloat
     mask_count: PositiveInt
     backend: Literal["local", "ray"] = "local"

@@ -96,6 +96,13 @@ class Metrics:
             buckets=(1, 2, 4, 8, 16, 32, 64, 128),
             registry=registry,
         )
+        self.encode_cached = Counter(
+            "poc_encode_cached_items",
+            "Items whose embedding came from the cache of recent ones, not encoded again, "
+            "by modality",
+            ["modality"],
+            registry=registry,
+        )
         self.queue_depth = Gauge(
             "poc_queue_depth", "Items waiting, by queue", ["queue"], registry=registry
         )

@@ -11,6 +11,11 @@ for company. A worker process also holds a whole batch waiting behind the
 one it runs (``Engine.depth``), so it never idles through the round trip to
 the event loop between two batches. A full queue makes ``embed`` wait, which
 pushes back on intake instead of growing memory.
+
+An item's embedding is a function of its bytes, its epoch's beacon and the
+weights alone, so the service keeps the latest ones (``EmbeddingCache``): an
+item sent again in the same epoch (a common caption beside a new picture, a
+copy from another key) is answered without being encoded again.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +45,43 @@ class _Job:
     queued_at: float = field(default_factory=time.monotonic)
 
 
+CacheKey = tuple[Modality, bytes, bytes]
+"""An item's modality, the SHA-256 of its bytes, and its epoch's beacon."""
+
+
+class EmbeddingCache:
+    """The embeddings of the ``items`` items encoded last, by ``CacheKey`` (0: none kept).
+
+    Holds only what this node's own encoders computed, under the node's own
+    hash of the bytes: nothing another party sends can put an entry here.
+    About 1.6 KiB an item at d = 256 with four encoders.
+    """
+
+    def __init__(self, items: int) -> None:
+        if items < 0:
+            raise ValueError(f"items must be >= 0, got {items}")
+        self._items = items
+        self._entries: OrderedDict[CacheKey, ItemEmbedding] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: CacheKey) -> ItemEmbedding | None:
+        found = self._entries.get(key)
+        if found is not None:
+            self._entries.move_to_end(key)
+        return found
+
+    def put(self, key: CacheKey, embedding: ItemEmbedding) -> None:
+        if not self._items:
+            return
+        embedding.vector.setflags(write=False)  # shared by every later caller
+        self._entries[key] = embedding
+        self._entries.move_to_end(key)
+        while len(self._entries) > self._items:
+            self._entries.popitem(last=False)
+
+
 class EncoderService:
     """Runs a :class:`Shard` (through an engine) for coroutines that await embeddings."""
 
@@ -50,9 +92,11 @@ class EncoderService:
         queue_size: int,
         metrics: Metrics,
         engine: Engine | None = None,
+        cache_items: int = 0,
     ) -> None:
         self.shard = shard
         self.engine = engine or InProcess(shard)
+        self.cache = EmbeddingCache(cache_items)
         self._policy = policy
         self._queues: dict[Modality, deque[_Job]] = {m: deque() for m in policy.batches}
         self._room = asyncio.Semaphore(queue_size)
@@ -72,14 +116,23 @@ class EncoderService:
         return sum(len(queue) for queue in self._queues.values())
 
     async def embed(self, requests: Sequence[EncodeRequest], beacon: bytes) -> list[ItemEmbedding]:
+        """The embeddings of ``requests`` under ``beacon``, in order: cached, or encoded."""
         loop = asyncio.get_running_loop()
-        jobs = [_Job(request, beacon, loop.create_future()) for request in requests]
+        found = [self.cache.get(_key(request, beacon)) for request in requests]
+        jobs = []
+        for request, embedding in zip(requests, found, strict=True):
+            if embedding is None:
+                jobs.append(_Job(request, beacon, loop.create_future()))
+            else:
+                self._metrics.encode_cached.labels(modality=str(request.modality)).inc()
         for job in jobs:
             await self._room.acquire()  # waits while the queue is full
             self._queues[job.request.modality].append(job)
             self._changed.set()
-        self._metrics.queue_depth.labels(queue="encode").set(self.queued)
-        return list(await asyncio.gather(*(job.future for job in jobs)))
+        if jobs:
+            self._metrics.queue_depth.labels(queue="encode").set(self.queued)
+        encoded = iter(await asyncio.gather(*(job.future for job in jobs)))
+        return [next(encoded) if embedding is None else embedding for embedding in found]
 
     def _oldest(self, full: bool = False) -> Modality | None:
         """The modality whose oldest item has waited longest (with ``full``: among those
@@ -197,6 +250,7 @@ class EncoderService:
         self._metrics.stage_cpu.labels(stage="encode").inc(cpu)
         self._metrics.encode_batch.labels(modality=modality).observe(len(group))
         for job, embedding in zip(group, embeddings, strict=True):
+            self.cache.put(_key(job.request, job.beacon), embedding)
             if not job.future.done():
                 job.future.set_result(embedding)
             for index, loss in enumerate(embedding.encoder_losses):
@@ -213,3 +267,7 @@ class EncoderService:
 
     def close(self) -> None:
         self.engine.close()
+
+
+def _key(request: EncodeRequest, beacon: bytes) -> CacheKey:
+    return request.modality, request.data_sha256, beacon

@@ -58,8 +58,16 @@ def request(modality: Modality, name: str) -> EncodeRequest:
     return EncodeRequest(modality, name, name.encode().ljust(32, b"."))  # type: ignore[arg-type]
 
 
-async def started(shard: FakeShard, service_policy: BatchPolicy, queue_size: int = 64):
-    service = EncoderService(shard, service_policy, queue_size, Metrics(CollectorRegistry()))  # type: ignore[arg-type]
+async def started(
+    shard: FakeShard, service_policy: BatchPolicy, queue_size: int = 64, cache_items: int = 0
+):
+    service = EncoderService(
+        shard,  # type: ignore[arg-type]
+        service_policy,
+        queue_size,
+        Metrics(CollectorRegistry()),
+        cache_items=cache_items,
+    )
     task = asyncio.create_task(service.run())
     return service, task
 
@@ -268,3 +276,66 @@ async def test_a_busy_worker_holds_the_next_whole_batch_but_not_a_partial_one() 
         await asyncio.gather(running, lone, whole, more)
     assert worker.handed == [["a"], ["b", "c"], ["i", "j"]]
     await stop(service, task)
+
+
+def encoded(shard: FakeShard) -> list[str]:
+    return [name for names, _ in shard.calls for name in names]
+
+
+def cached_count(service: EncoderService, modality: str) -> float:
+    return service._metrics.encode_cached.labels(modality=modality)._value.get()
+
+
+async def test_an_item_sent_again_in_its_epoch_is_not_encoded_again() -> None:
+    shard = FakeShard()
+    service, task = await started(shard, policy(), cache_items=16)
+    try:
+        [first] = await service.embed([request(TEXT, "caption")], b"epoch-1")
+        # Again, beside a new picture, in the same epoch: only the picture is encoded.
+        again, picture = await service.embed(
+            [request(TEXT, "caption"), request(IMAGE, "new")], b"epoch-1"
+        )
+        assert again is first and picture is not first
+        assert encoded(shard) == ["caption", "new"]
+        assert cached_count(service, "text") == 1
+        # Another epoch's beacon, or the same hash under another modality: encoded.
+        await service.embed([request(TEXT, "caption")], b"epoch-2")
+        await service.embed([request(IMAGE, "caption")], b"epoch-1")
+        assert encoded(shard) == ["caption", "new", "caption", "caption"]
+        # What the cache hands out cannot be changed by the one it was handed to.
+        with pytest.raises(ValueError):
+            again.vector[0] = 7.0
+    finally:
+        await stop(service, task)
+
+
+async def test_the_cache_keeps_only_the_latest_items_and_none_when_sized_zero() -> None:
+    shard = FakeShard()
+    service, task = await started(shard, policy(), cache_items=2)
+    try:
+        for name in ("a", "b", "c", "a", "c"):
+            await service.embed([request(TEXT, name)], b"e")
+        assert encoded(shard) == ["a", "b", "c", "a"]  # "a" had given way to "c"
+        assert len(service.cache) == 2
+    finally:
+        await stop(service, task)
+    shard = FakeShard()
+    service, task = await started(shard, policy(), cache_items=0)
+    try:
+        for _ in range(3):
+            await service.embed([request(TEXT, "a")], b"e")
+        assert encoded(shard) == ["a", "a", "a"] and len(service.cache) == 0
+    finally:
+        await stop(service, task)
+
+
+async def test_a_failed_encoding_is_never_cached() -> None:
+    shard = FakeShard(fail_on="bad")
+    service, task = await started(shard, policy(), cache_items=16)
+    try:
+        for _ in range(2):
+            with pytest.raises(RuntimeError):
+                await service.embed([request(TEXT, "bad")], b"e")
+        assert encoded(shard) == ["bad", "bad"] and len(service.cache) == 0
+    finally:
+        await stop(service, task)
