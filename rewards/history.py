@@ -21,16 +21,18 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
-import faiss
 import numpy as np
 import numpy.typing as npt
+
+from rewards.faiss_blas import faiss
 
 BLAS_THRESHOLD = 20
 """Batches of at least this many queries go through BLAS in faiss.
 
 faiss's default (128000) keeps ordinary batches on the slow one-query-at-a-time
 path: with d = 256 a batch of 64 over 1M vectors takes 1.7 s by default and
-0.39 s with this threshold (ENVIRONMENT.md, kNN). The two paths round the
+0.39 s with this threshold (ENVIRONMENT.md, kNN; 0.27 s with the BLAS kernel
+of the CPU, ``rewards.faiss_blas``). The two paths round the
 float32 distances differently, which is why scores never use faiss's distances.
 """
 
