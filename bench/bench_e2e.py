@@ -51,6 +51,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
 from bench.procs import by_name, cpu_seconds, rss_kib, threads_cpu  # noqa: E402
 from encoders.embedding import EncodeRequest  # noqa: E402
 from encoders.media import decode_media  # noqa: E402
@@ -137,36 +139,31 @@ def raw_rate(shard: Shard, submissions: list[WorldSubmission], policy: BatchPoli
     return max(rates)  # the best pass: anything else on the machine only slows it
 
 
+def samples(metrics: str, name: str, label: str) -> dict[str, float]:
+    """The values of one sample of the node's ``/metrics`` text, by one label's value."""
+    return {
+        sample.labels[label]: sample.value
+        for family in text_string_to_metric_families(metrics)
+        for sample in family.samples
+        if sample.name == name and label in sample.labels
+    }
+
+
 def cached_items(metrics: str) -> int:
     """Items the node answered from its cache of recent embeddings (not encoded again)."""
-    return int(
-        sum(
-            float(line.split()[-1])
-            for line in metrics.splitlines()
-            if line.startswith("poc_encode_cached_items_total{")
-        )
-    )
+    return int(sum(samples(metrics, "poc_encode_cached_items_total", "modality").values()))
 
 
 def mean_batches(metrics: str) -> dict[str, float]:
     """Mean items per encoder micro-batch, by modality (``poc_encode_batch_items``)."""
-    sums: dict[str, float] = {}
-    counts: dict[str, float] = {}
-    for line in metrics.splitlines():
-        for suffix, into in (("_sum{", sums), ("_count{", counts)):
-            if line.startswith("poc_encode_batch_items" + suffix):
-                modality = line.split('modality="', 1)[1].split('"', 1)[0]
-                into[modality] = float(line.split()[-1])
+    sums = samples(metrics, "poc_encode_batch_items_sum", "modality")
+    counts = samples(metrics, "poc_encode_batch_items_count", "modality")
     return {m: sums[m] / counts[m] for m in sums if counts.get(m)}
 
 
 def stage_cpu(metrics: str) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for line in metrics.splitlines():
-        if line.startswith("poc_stage_cpu_seconds_total{"):
-            stage = line.split('stage="', 1)[1].split('"', 1)[0]
-            out[stage] = float(line.split()[-1])
-    return out
+    """CPU seconds by stage (``poc_stage_cpu_seconds_total``)."""
+    return samples(metrics, "poc_stage_cpu_seconds_total", "stage")
 
 
 async def feed(
