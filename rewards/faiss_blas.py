@@ -20,7 +20,6 @@ candidates, and scores are recomputed exactly in float64
 
 from __future__ import annotations
 
-import ctypes
 import importlib
 import os
 from collections.abc import Mapping
@@ -60,17 +59,3 @@ def _load() -> Any:
 
 
 faiss = _load()
-
-
-def faiss_blas_core() -> str | None:
-    """The kernel faiss's OpenBLAS runs (``openblas_get_corename``), if it is loaded."""
-    with open("/proc/self/maps") as maps:
-        paths = {line.split()[-1] for line in maps if "openblas" in line and "faiss" in line}
-    for path in sorted(paths):
-        try:
-            name = ctypes.CDLL(path).openblas_get_corename
-        except (OSError, AttributeError):
-            continue
-        name.restype = ctypes.c_char_p
-        return str(name().decode())
-    return None

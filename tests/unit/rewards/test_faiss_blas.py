@@ -2,13 +2,33 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from rewards.faiss_blas import _cpu_features, faiss_blas_core, openblas_core
+from rewards.faiss_blas import _cpu_features, faiss, openblas_core
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def faiss_blas_core() -> str | None:
+    """The kernel faiss's OpenBLAS runs (``openblas_get_corename``), read from the
+    library as this process mapped it."""
+    assert faiss is not None  # loaded, and its OpenBLAS with it
+    with open("/proc/self/maps") as maps:
+        paths = {line.split()[-1] for line in maps if "openblas" in line and "faiss" in line}
+    for path in sorted(paths):
+        try:
+            name = ctypes.CDLL(path).openblas_get_corename
+        except (OSError, AttributeError):
+            continue
+        name.restype = ctypes.c_char_p
+        return str(name().decode())
+    return None
 
 
 def test_the_kernel_follows_the_widest_instruction_set_numpy_found() -> None:
@@ -31,11 +51,16 @@ def test_faiss_searches_with_the_kernel_of_this_cpu() -> None:
 
 def test_an_operators_own_kernel_is_kept() -> None:
     code = (
-        "import os; from rewards.faiss_blas import faiss_blas_core; "
+        "import os; from tests.unit.rewards.test_faiss_blas import faiss_blas_core; "
         "print(faiss_blas_core(), os.environ['OPENBLAS_CORETYPE'])"
     )
     env = {**os.environ, "OPENBLAS_CORETYPE": "Prescott"}
     out = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+        [sys.executable, "-c", code],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert out.stdout.split() == ["Prescott", "Prescott"]
