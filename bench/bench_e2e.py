@@ -7,11 +7,11 @@ One command, one run. For each kind of submission (caption + image, caption
    (``training.stream.WorldMaker``: PNG/JPEG, espeak-ng WAV, MP4);
 2. measures the **raw** rate: the shard called directly on the decoded items
    at the node's batch policy (``encoders.batch``: the micro-batch size of
-   each modality), in this process with torch's default threads and its heap
-   kept between batches as the node's encoder workers keep theirs
-   (``node.ops.threads.reuse_heap``: without it page faults cost the raw
-   rate 10-20 % on this machine, and made it swing from run to run), the
-   best of three passes;
+   each modality), the items taken in arrival order, in this process with
+   torch's default threads and its heap kept between batches as the node's
+   encoder workers keep theirs (``node.ops.threads.reuse_heap``: without it
+   page faults cost the raw rate 10-20 % on this machine, and made it swing
+   from run to run), the best of three passes;
 3. starts Mosquitto and a node process (or a committee of ``--committee``
    nodes), and feeds the **same** submissions, signed by many keys, through
    the bus; the node's rate counts items from the first publish to the last
@@ -23,7 +23,10 @@ One command, one run. For each kind of submission (caption + image, caption
 and prints items/s both ways, their **ratio**, how many items the node
 answered from its cache of recent embeddings instead of encoding them again
 (the world repeats some captions; the raw pass encodes every item:
-``--cache-items 0`` makes the node do so too), each stage's share of the
+``--cache-items 0`` makes the node do so too), how much its caption batches
+were padded against the raw pass's (the node batches captions of like length
+together, ``node.pipeline.batching.companions``; the raw pass takes them in
+arrival order), each stage's share of the
 node's CPU time (``poc_stage_cpu_seconds_total``, decoders' processes
 included; ``bus`` is the MQTT client's own work, ``loop`` the rest of the
 event loop thread) and the node's peak RSS. Figures only; nothing is
@@ -114,8 +117,12 @@ def world(kind: str, count: int, seed: int) -> list[WorldSubmission]:
     return out
 
 
-def raw_rate(shard: Shard, submissions: list[WorldSubmission], policy: BatchPolicy) -> float:
-    """Items/s of the shard alone, on decoded items, in micro-batches of the node's sizes."""
+def raw_rate(
+    shard: Shard, submissions: list[WorldSubmission], policy: BatchPolicy
+) -> tuple[float, float]:
+    """Items/s of the shard alone, on decoded items, in micro-batches of the node's sizes
+    taken in arrival order; and how its caption batches pad (wordpieces computed per
+    wordpiece held, 0.0 without captions)."""
     limits = media_limits(load_config(DEFAULT_CONFIG))
     by_modality: dict[Modality, list[EncodeRequest]] = {}
     for submission in submissions:
@@ -136,7 +143,12 @@ def raw_rate(shard: Shard, submissions: list[WorldSubmission], policy: BatchPoli
             for start in range(0, len(requests), size):
                 shard.embed(requests[start : start + size], beacon)
         rates.append(total / (time.perf_counter() - started))
-    return max(rates)  # the best pass: anything else on the machine only slows it
+    captions = [shard.input_length(r) for r in by_modality.get(Modality.TEXT, [])]
+    size = policy.size(Modality.TEXT)
+    batches = [captions[i : i + size] for i in range(0, len(captions), size)]
+    computed = sum(len(batch) * max(batch) for batch in batches)
+    padding = computed / sum(captions) if captions else 0.0
+    return max(rates), padding  # the best pass: anything else on the machine only slows it
 
 
 def samples(metrics: str, name: str, label: str) -> dict[str, float]:
@@ -152,6 +164,11 @@ def samples(metrics: str, name: str, label: str) -> dict[str, float]:
 def cached_items(metrics: str) -> int:
     """Items the node answered from its cache of recent embeddings (not encoded again)."""
     return int(sum(samples(metrics, "poc_encode_cached_items_total", "modality").values()))
+
+
+def text_tokens(metrics: str) -> dict[str, float]:
+    """Caption wordpieces the encoders read: ``content`` and ``computed`` (padded)."""
+    return samples(metrics, "poc_encode_text_tokens_total", "kind")
 
 
 def mean_batches(metrics: str) -> dict[str, float]:
@@ -278,7 +295,7 @@ def run_kind(
 ) -> Figures:
     submissions = world(kind, args.count, seed)
     items = sum(len(s.items) for s in submissions)
-    raw = raw_rate(shard, submissions, policy)
+    raw, raw_padding = raw_rate(shard, submissions, policy)
     directory = Path(tempfile.mkdtemp(prefix=f"poc-e2e-{kind.replace('+', '-')}-"))
     broker = start_mosquitto(directory)
     bus = f"mqtt://127.0.0.1:{broker.port}"
@@ -326,6 +343,8 @@ def run_kind(
         stages_after = stage_cpu(after)
         batches = mean_batches(after)
         cached = cached_items(after) - cached_items(metrics_before)
+        tokens_before, tokens_after = text_tokens(metrics_before), text_tokens(after)
+        tokens = {k: v - tokens_before.get(k, 0.0) for k, v in tokens_after.items()}
         threads_after = threads_cpu(node.process.pid)
         children_after = by_name(node.process.pid, "cpu", root=False)
         cpu_total = cpu_seconds(node.process.pid) - cpu_before
@@ -340,6 +359,12 @@ def run_kind(
         f"  ({kind}: mean encoder batch "
         + ", ".join(f"{m} {b:.1f}" for m, b in sorted(batches.items()))
         + f"; {cached} items not encoded again (cache)"
+        + (
+            f"; captions padded to {tokens['computed'] / tokens['content']:.2f}"
+            f" wordpieces computed per wordpiece held (the raw pass: {raw_padding:.2f})"
+            if tokens.get("content")
+            else ""
+        )
         + f"; outside the node: submitters and Mosquitto {outside:.1f} CPU s"
         + "; node CPU s by thread "
         + ", ".join(

@@ -125,6 +125,14 @@ class Shard:
             raise ValueError(f"no pair bound for two {a} items")
         return self.pair_delta[frozenset((a, b))]
 
+    def input_length(self, request: EncodeRequest) -> int:
+        """How long the item's input is in a forward pass: a caption's wordpieces (a
+        batch of captions is padded to its longest, so like lengths batch cheaply);
+        0 for pictures, sounds and clips, whose inputs all have one shape."""
+        if request.modality is Modality.TEXT:
+            return self._backbone.length(_text(request))
+        return 0
+
     def warm_up(self, items: int = 2) -> list[Modality]:
         """Embed a small batch of blank items of every modality the shard reads, once.
 

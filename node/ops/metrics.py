@@ -96,6 +96,13 @@ class Metrics:
             buckets=(1, 2, 4, 8, 16, 32, 64, 128),
             registry=registry,
         )
+        self.encode_tokens = Counter(
+            "poc_encode_text_tokens",
+            "Caption wordpieces the encoders read: content (the captions' own) and computed "
+            "(each batch padded to its longest caption); their ratio is the padding's cost",
+            ["kind"],
+            registry=registry,
+        )
         self.encode_cached = Counter(
             "poc_encode_cached_items",
             "Items whose embedding came from the cache of recent ones, not encoded again, "

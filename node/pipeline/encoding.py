@@ -4,7 +4,9 @@ Items wait in one queue per modality. The engine (``node.pipeline.engines``:
 the node's own thread, or encoder worker processes) has slots, each running
 one batch at a time: whenever a slot is free it takes the modality whose
 oldest item has waited longest, and up to that modality's batch size of its
-items (``BatchPolicy``). While the slots are busy, items gather by
+items (``BatchPolicy``): the oldest one, and with it those of like input
+length among the next few batches' worth (``companions``: captions are padded
+to the longest of their batch). While the slots are busy, items gather by
 themselves, so under load batches fill without any waiting; only an item that
 arrives while every slot is idle waits, at most its modality's ``wait_ms``,
 for company. A worker process also holds a whole batch waiting behind the
@@ -31,7 +33,7 @@ from typing import Any
 from encoders.modality import Modality
 from encoders.shard import EncodeRequest, ItemEmbedding, Shard
 from node.ops.metrics import Metrics
-from node.pipeline.batching import BatchPolicy
+from node.pipeline.batching import LOOKAHEAD, BatchPolicy, companions
 from node.pipeline.engines import Engine, InProcess
 
 log = logging.getLogger("poc.encoding")
@@ -42,6 +44,8 @@ class _Job:
     request: EncodeRequest
     beacon: bytes
     future: asyncio.Future[ItemEmbedding]
+    length: int
+    """``Shard.input_length``: a caption's wordpieces, 0 for the other modalities."""
     queued_at: float = field(default_factory=time.monotonic)
 
 
@@ -124,7 +128,8 @@ class EncoderService:
         jobs = []
         for request, embedding in zip(requests, found, strict=True):
             if embedding is None:
-                jobs.append(_Job(request, beacon, loop.create_future()))
+                length = self.shard.input_length(request)
+                jobs.append(_Job(request, beacon, loop.create_future(), length))
             else:
                 self._metrics.encode_cached.labels(modality=str(request.modality)).inc()
         for job in jobs:
@@ -201,27 +206,30 @@ class EncoderService:
         return modality
 
     def _take(self, modality: Modality, share: int | None = None) -> list[_Job]:
-        """Up to a batch (or ``share``) of ``modality``'s oldest jobs, all of one beacon."""
+        """Up to a batch (or ``share``) of ``modality``'s jobs, all of the oldest one's
+        beacon: the oldest, and those of like length among the next ``LOOKAHEAD``
+        batches' worth (``companions``)."""
         queue = self._queues[modality]
-        beacon = queue[0].beacon
-        batch: list[_Job] = []
-        kept: list[_Job] = []
         limit = self._policy.size(modality)
         if share is not None:
             limit = max(1, min(limit, share))
-        while queue and len(batch) < limit:
+        popped: list[_Job] = []
+        window: list[_Job] = []
+        while queue and len(window) < LOOKAHEAD * limit:
             job = queue.popleft()
             if job.future.done():  # its caller went away
                 self._room.release()
-            elif job.beacon == beacon:
-                batch.append(job)
-            else:
-                kept.append(job)
-        queue.extendleft(reversed(kept))
-        for _ in batch:
+                continue
+            popped.append(job)
+            if not window or job.beacon == window[0].beacon:
+                window.append(job)
+        chosen = [window[i] for i in companions([job.length for job in window], limit)]
+        taken = {id(job) for job in chosen}
+        queue.extendleft(reversed([job for job in popped if id(job) not in taken]))
+        for _ in chosen:
             self._room.release()
         self._metrics.queue_depth.labels(queue="encode").set(self.queued)
-        return batch
+        return chosen
 
     async def _encode(self, slot: int, group: list[_Job]) -> None:
         try:
@@ -251,6 +259,10 @@ class EncoderService:
         self._metrics.stage_seconds.labels(stage="encode").observe(time.perf_counter() - started)
         self._metrics.stage_cpu.labels(stage="encode").inc(cpu)
         self._metrics.encode_batch.labels(modality=modality).observe(len(group))
+        longest = max(job.length for job in group)
+        if longest:  # captions: what the batch held, and what it computed (padded)
+            self._metrics.encode_tokens.labels(kind="content").inc(sum(j.length for j in group))
+            self._metrics.encode_tokens.labels(kind="computed").inc(longest * len(group))
         for job, embedding in zip(group, embeddings, strict=True):
             self.cache.put(_key(job.request, job.beacon), embedding)
             if not job.future.done():

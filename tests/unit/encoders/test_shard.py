@@ -148,3 +148,24 @@ def test_text_keep_variants_mask_only_each_caption_s_own_words() -> None:
                 assert torch.equal(row[1 : 1 + n], content)
                 assert torch.equal(row[:1], attention[:1])
                 assert torch.equal(row[1 + n :], attention[1 + n :])
+
+
+def test_input_length_is_the_width_a_caption_pads_its_batch_to(
+    shard: Shard, requests: list[EncodeRequest]
+) -> None:
+    backbone = shard._backbone
+    texts = [r for r in requests if r.modality is Modality.TEXT]
+    for text in texts:  # alone, a caption's batch is exactly as wide as its input length
+        assert shard.input_length(text) == backbone.tokenize([str(text.media)]).attention.shape[1]
+    # Together, a batch is as wide as its longest caption: what batching by length saves.
+    together = backbone.tokenize([str(t.media) for t in texts]).attention.shape[1]
+    assert together == max(shard.input_length(t) for t in texts)
+    assert len({shard.input_length(t) for t in texts}) > 1  # the captions differ in length
+    for other in (r for r in requests if r.modality is not Modality.TEXT):
+        assert shard.input_length(other) == 0  # one shape for every picture, sound, clip
+
+
+def test_a_64_kib_caption_counts_as_the_longest_input(shard: Shard) -> None:
+    words = " ".join(f"word{i}" for i in range(12_000)).encode()[:65536]
+    long = EncodeRequest(Modality.TEXT, words.decode(), hashlib.sha256(words).digest())
+    assert shard.input_length(long) == shard._backbone.max_tokens

@@ -33,6 +33,10 @@ class FakeShard:
             self.release.set()
         self.fail_on = fail_on
 
+    def input_length(self, request: EncodeRequest) -> int:
+        """A caption's length is its name's (``Shard.input_length``: 0 for the others)."""
+        return len(str(request.media)) if request.modality is TEXT else 0
+
     def embed(self, requests: list[EncodeRequest], beacon: bytes) -> list[ItemEmbedding]:
         self.calls.append(([str(r.media) for r in requests], beacon))
         self.entered.set()
@@ -152,6 +156,55 @@ async def test_items_of_different_epochs_never_share_a_batch() -> None:
     shard.release.set()
     await asyncio.gather(busy, old, new)
     assert shard.calls[1:] == [(["a", "b"], b"old"), (["c"], b"new")]
+    await stop(service, task)
+
+
+def text_tokens(service: EncoderService) -> dict[str, float]:
+    """``poc_encode_text_tokens_total`` by kind (content, computed)."""
+    registry = service._metrics.registry
+    return {
+        kind: registry.get_sample_value("poc_encode_text_tokens_total", {"kind": kind}) or 0.0
+        for kind in ("content", "computed")
+    }
+
+
+async def test_waiting_captions_batch_with_those_of_like_length() -> None:
+    shard = FakeShard(block_first=True)
+    service, task = await started(shard, policy(text=4))
+    busy = asyncio.create_task(service.embed([request(IMAGE, "x")], b"b"))
+    await asyncio.to_thread(shard.entered.wait, 10)
+    # Short and long captions arrive in turn, eight of each.
+    names = [name for i in range(8) for name in (f"s{i}", f"a-long-caption-{i}")]
+    waiting = [asyncio.create_task(service.embed([request(TEXT, n)], b"b")) for n in names]
+    await asyncio.sleep(0.05)
+    shard.release.set()
+    await asyncio.gather(busy, *waiting)
+    batches = [batch for batch, _ in shard.calls[1:]]
+    # In arrival order every batch would hold two short and two long ones.
+    assert batches == [
+        ["s0", "s1", "s2", "s3"],
+        ["a-long-caption-0", "a-long-caption-1", "a-long-caption-2", "a-long-caption-3"],
+        ["s4", "s5", "s6", "s7"],
+        ["a-long-caption-4", "a-long-caption-5", "a-long-caption-6", "a-long-caption-7"],
+    ]
+    tokens = text_tokens(service)
+    assert tokens["content"] == sum(len(n) for n in names) == tokens["computed"]  # no padding
+    await stop(service, task)
+
+
+async def test_the_oldest_caption_goes_in_the_next_batch_whatever_its_length() -> None:
+    shard = FakeShard(block_first=True)
+    service, task = await started(shard, policy(text=4))
+    busy = asyncio.create_task(service.embed([request(IMAGE, "x")], b"b"))
+    await asyncio.to_thread(shard.entered.wait, 10)
+    names = ["an-odd-long-caption"] + [f"s{i:02d}" for i in range(11)]
+    waiting = [asyncio.create_task(service.embed([request(TEXT, n)], b"b")) for n in names]
+    await asyncio.sleep(0.05)
+    shard.release.set()
+    await asyncio.gather(busy, *waiting)
+    assert shard.calls[1][0] == ["an-odd-long-caption", "s00", "s01", "s02"]
+    tokens = text_tokens(service)
+    assert tokens["computed"] - tokens["content"] == 3 * (len(names[0]) - 3)  # its padding
     await stop(service, task)
 
 
