@@ -167,3 +167,60 @@ def test_a_node_with_worker_processes_publishes_the_same_embeddings(tmp_path: Pa
             assert 1 - va @ vb / np.linalg.norm(va) / np.linalg.norm(vb) < 1e-6
         if local["pair_distance_ppm"] is not None:
             assert abs(local["pair_distance_ppm"] - pooled["pair_distance_ppm"]) < 10
+
+
+async def test_a_backlog_of_captions_is_encoded_in_batches_of_like_length() -> None:
+    """The real shard behind a worker process, the node's encoder service in front: 32
+    captions arrive at once, short and long in turn. Batched by wordpieces they pad not
+    at all (in arrival order each batch would be padded to a long one), and every
+    embedding is the one the caption gets alone."""
+    from prometheus_client import CollectorRegistry
+
+    from node.ops.config import DEFAULT_CONFIG, load_config
+    from node.ops.metrics import Metrics
+    from node.pipeline.batching import BatchPolicy
+    from node.pipeline.encoding import EncoderService
+
+    weights = session_weights()
+    shard = Shard.load(Path(weights["manifest"]), weights["manifest_sha256"])
+    words = ["red", "blue", "green", "small", "large", "round", "square", "bright"] * 2
+    texts = [
+        caption
+        for i, word in enumerate(words)
+        for caption in (
+            f"a {word} star",
+            f"a {word} star moves slowly across a wide field, turning once, number {i}",
+        )
+    ]
+    batch = [EncodeRequest(Modality.TEXT, t, hashlib.sha256(t.encode()).digest()) for t in texts]
+    short, long = (
+        {shard.input_length(r) for r in batch[::2]},
+        {shard.input_length(r) for r in batch[1::2]},
+    )
+    assert len(short) == len(long) == 1 and short != long  # two lengths, alternating
+    policy = BatchPolicy.of(load_config(DEFAULT_CONFIG).encoders)
+    metrics = Metrics(CollectorRegistry())
+    service = EncoderService(
+        shard, policy, 256, metrics, WorkerProcesses(spec(), 1, shard.weights_id)
+    )
+    await service.engine.start()
+    task = asyncio.create_task(service.run())
+    try:
+        together = await asyncio.gather(*(service.embed([r], b"beacon") for r in batch))
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        service.close()
+    content, computed = (
+        metrics.registry.get_sample_value("poc_encode_text_tokens_total", {"kind": kind})
+        for kind in ("content", "computed")
+    )
+    assert content == sum(shard.input_length(r) for r in batch)
+    assert computed == content  # every batch held captions of one length...
+    batches = metrics.registry.get_sample_value(
+        "poc_encode_batch_items_count", {"modality": "text"}
+    )
+    assert batches is not None and batches <= 8  # ...and they were batches, not single items
+    alone = [shard.embed([r], b"beacon")[0] for r in batch]
+    for (mine,), its_own in zip(together, alone, strict=True):
+        np.testing.assert_allclose(mine.vector, its_own.vector, atol=1e-5)

@@ -6,6 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from encoders.embedding import EncodeRequest
 from encoders.masks import batch_token_masks, token_masks
@@ -169,3 +171,14 @@ def test_a_64_kib_caption_counts_as_the_longest_input(shard: Shard) -> None:
     words = " ".join(f"word{i}" for i in range(12_000)).encode()[:65536]
     long = EncodeRequest(Modality.TEXT, words.decode(), hashlib.sha256(words).digest())
     assert shard.input_length(long) == shard._backbone.max_tokens
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.text(min_size=1, max_size=2500))
+def test_any_caption_s_input_length_lies_within_the_backbone_s_bounds(
+    shard: Shard, text: str
+) -> None:
+    """Any text strict UTF-8 can carry is counted, never refused: [CLS] and [SEP] at
+    least, ``max_tokens`` at most (the length only chooses batch companions)."""
+    length = shard.input_length(EncodeRequest(Modality.TEXT, text, bytes(32)))
+    assert 2 <= length <= shard._backbone.max_tokens
