@@ -71,11 +71,15 @@ class TextBackbone:
         """Wordpieces of ``text`` in a batch, ``[CLS]`` and ``[SEP]`` included, at most
         ``max_tokens``: a batch of captions is padded to its longest.
 
-        Only the first ``PREFIX_CHARS_PER_TOKEN * max_tokens`` characters are read, so
-        that a 64 KiB caption costs its caller well under a millisecond (reading it all
-        takes ~40 ms); a caption that long almost surely fills ``max_tokens`` anyway.
+        Only the first ``max_tokens`` words are read, runs of whitespace between them
+        collapsed, and at most ``PREFIX_CHARS_PER_TOKEN * max_tokens`` characters of
+        them: a 64 KiB caption costs its caller well under a millisecond (reading it
+        all takes ~40 ms), and padding it with blanks does not make it look short. A
+        word yields at least one wordpiece, so the count is exact unless the caption
+        fills ``max_tokens`` anyway or hides its words in one very long one.
         """
-        prefix = text[: PREFIX_CHARS_PER_TOKEN * self.max_tokens]
+        words = text.split(maxsplit=self.max_tokens)[: self.max_tokens]
+        prefix = " ".join(words)[: PREFIX_CHARS_PER_TOKEN * self.max_tokens]
         ids = self.tokenizer.encode(prefix, truncation=True, max_length=self.max_tokens)
         return len(ids)
 

@@ -171,6 +171,11 @@ def test_a_64_kib_caption_counts_as_the_longest_input(shard: Shard) -> None:
     words = " ".join(f"word{i}" for i in range(12_000)).encode()[:65536]
     long = EncodeRequest(Modality.TEXT, words.decode(), hashlib.sha256(words).digest())
     assert shard.input_length(long) == shard._backbone.max_tokens
+    # Blanks in front, or between the words, do not make a long caption look short.
+    words = " ".join(f"word{i}" for i in range(80))
+    for padded in (" " * 4000 + words, words.replace(" ", " " * 50)):
+        request = EncodeRequest(Modality.TEXT, padded, bytes(32))
+        assert shard.input_length(request) == shard._backbone.max_tokens
 
 
 @settings(max_examples=150, deadline=None)
