@@ -73,8 +73,8 @@ The wider the choice, the less padding and the longer an odd item may wait:
 simulated on the world's captions with a deep queue, arrival order computes
 1.35 wordpieces for each one held, 2 batches 1.15, 4 batches 1.07, 16 batches
 1.01; an item's longest wait (in items served before it) grows from 128 to
-158 at 4. Once among the oldest ``LOOKAHEAD`` batches' items, an item goes
-within that many batches."""
+158 at 4. Every batch takes the oldest item, so one among the oldest
+``LOOKAHEAD * size`` items goes within that many batches at worst."""
 
 
 def companions(lengths: Sequence[int], size: int) -> list[int]:

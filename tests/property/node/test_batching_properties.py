@@ -39,6 +39,33 @@ def test_enough_items_of_the_oldest_s_length_make_a_batch_without_padding(
     assert {lengths[i] for i in chosen} == {lengths[0]}
 
 
+@given(st.lists(st.integers(min_value=1, max_value=12), min_size=40, max_size=200), sizes)
+def test_no_item_waits_longer_than_the_look_ahead_once_it_is_in_it(
+    stream: list[int], size: int
+) -> None:
+    """Items keep arriving (the queue kept ``LOOKAHEAD`` batches deep, as the encoder
+    service reads it): once among the oldest ``LOOKAHEAD * size``, an item goes within
+    that many batches, however its length compares with those arriving behind it."""
+    window = LOOKAHEAD * size
+    waiting: list[tuple[int, int]] = []  # (arrival, length)
+    arrivals = iter(enumerate(stream))
+    entered: dict[int, int] = {}  # arrival -> batch at which it entered the window
+    for batch_number in range(10 * len(stream)):
+        for arrival, length in arrivals:
+            waiting.append((arrival, length))
+            if len(waiting) >= window:
+                break
+        if not waiting:
+            break
+        for arrival, _ in waiting[:window]:
+            entered.setdefault(arrival, batch_number)
+        chosen = companions([length for _, length in waiting[:window]], size)
+        for i in sorted(chosen, reverse=True):
+            arrival, _ = waiting.pop(i)
+            assert batch_number - entered[arrival] < window
+    assert not waiting  # everything went
+
+
 def test_on_a_deep_queue_of_mixed_captions_batches_pad_far_less_than_arrival_order() -> None:
     """The mechanism fires: the world's caption lengths (4 to 12 wordpieces), a queue
     kept ``LOOKAHEAD`` batches deep, batches of 8, as the node's encoder takes them."""
