@@ -168,18 +168,27 @@ def text_tokens(service: EncoderService) -> dict[str, float]:
     }
 
 
-async def test_waiting_captions_batch_with_those_of_like_length() -> None:
+async def captions_queued_behind_a_busy_encoder(
+    names: list[str], text_batch: int
+) -> tuple[list[list[str]], dict[str, float]]:
+    """The text batches the encoder made of ``names``, all queued while it was busy, and
+    ``poc_encode_text_tokens_total`` after them."""
     shard = FakeShard(block_first=True)
-    service, task = await started(shard, policy(text=4))
+    service, task = await started(shard, policy(text=text_batch))
     busy = asyncio.create_task(service.embed([request(IMAGE, "x")], b"b"))
     await asyncio.to_thread(shard.entered.wait, 10)
-    # Short and long captions arrive in turn, eight of each.
-    names = [name for i in range(8) for name in (f"s{i}", f"a-long-caption-{i}")]
     waiting = [asyncio.create_task(service.embed([request(TEXT, n)], b"b")) for n in names]
     await asyncio.sleep(0.05)
     shard.release.set()
     await asyncio.gather(busy, *waiting)
-    batches = [batch for batch, _ in shard.calls[1:]]
+    await stop(service, task)
+    return [batch for batch, _ in shard.calls[1:]], text_tokens(service)
+
+
+async def test_waiting_captions_batch_with_those_of_like_length() -> None:
+    # Short and long captions arrive in turn, eight of each.
+    names = [name for i in range(8) for name in (f"s{i}", f"a-long-caption-{i}")]
+    batches, tokens = await captions_queued_behind_a_busy_encoder(names, 4)
     # In arrival order every batch would hold two short and two long ones.
     assert batches == [
         ["s0", "s1", "s2", "s3"],
@@ -187,25 +196,14 @@ async def test_waiting_captions_batch_with_those_of_like_length() -> None:
         ["s4", "s5", "s6", "s7"],
         ["a-long-caption-4", "a-long-caption-5", "a-long-caption-6", "a-long-caption-7"],
     ]
-    tokens = text_tokens(service)
     assert tokens["content"] == sum(len(n) for n in names) == tokens["computed"]  # no padding
-    await stop(service, task)
 
 
 async def test_the_oldest_caption_goes_in_the_next_batch_whatever_its_length() -> None:
-    shard = FakeShard(block_first=True)
-    service, task = await started(shard, policy(text=4))
-    busy = asyncio.create_task(service.embed([request(IMAGE, "x")], b"b"))
-    await asyncio.to_thread(shard.entered.wait, 10)
     names = ["an-odd-long-caption"] + [f"s{i:02d}" for i in range(11)]
-    waiting = [asyncio.create_task(service.embed([request(TEXT, n)], b"b")) for n in names]
-    await asyncio.sleep(0.05)
-    shard.release.set()
-    await asyncio.gather(busy, *waiting)
-    assert shard.calls[1][0] == ["an-odd-long-caption", "s00", "s01", "s02"]
-    tokens = text_tokens(service)
+    batches, tokens = await captions_queued_behind_a_busy_encoder(names, 4)
+    assert batches[0] == ["an-odd-long-caption", "s00", "s01", "s02"]
     assert tokens["computed"] - tokens["content"] == 3 * (len(names[0]) - 3)  # its padding
-    await stop(service, task)
 
 
 async def test_a_failing_batch_fails_its_items_only() -> None:
