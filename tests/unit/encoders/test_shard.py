@@ -176,6 +176,12 @@ def test_a_64_kib_caption_counts_as_the_longest_input(shard: Shard) -> None:
     for padded in (" " * 4000 + words, words.replace(" ", " " * 50)):
         request = EncodeRequest(Modality.TEXT, padded, bytes(32))
         assert shard.input_length(request) == shard._backbone.max_tokens
+    # Nor does hiding the words: one 64 KiB word, words joined by punctuation, or
+    # characters the tokenizer splits one by one count as the batch will pad them.
+    for hidden in ("a" * 65536, "a," * 32768, "猫" * 21000):
+        request = EncodeRequest(Modality.TEXT, hidden, bytes(32))
+        width = shard._backbone.tokenize([hidden]).attention.shape[1]
+        assert shard.input_length(request) == width
 
 
 @settings(max_examples=150, deadline=None)
