@@ -3,7 +3,9 @@
 Outlier rule. An encoder whose embedding or loss is not finite is always
 dropped (degenerate). With three or more encoders, an encoder is also dropped
 when its cosine distance to the normalised coordinate-wise median of the
-shard's finite embeddings exceeds ``outlier_distance`` — unless that would drop
+shard's finite embeddings exceeds ``outlier_distance`` (by more than
+``ROUNDING``, so that a copy of the median direction is never dropped for
+float rounding in how its distance was summed) — unless that would drop
 every encoder, which means the shard has no consensus direction at all (as
 with untrained weights) and then all are kept. With one or two encoders a
 median cannot tell which one is wrong, so only degenerate ones are dropped.
@@ -22,6 +24,10 @@ from encoders.errors import EncodingFailedError
 
 OUTLIER_DISTANCE = 0.5
 """Default bound on the cosine distance to the shard's median embedding."""
+ROUNDING = 1e-12
+"""Slack on that bound: a float64 cosine distance of unit vectors of a few hundred
+dimensions is off by at most ~1e-13, and which way depends on the order of the sum
+(an encoder equal to the median came out at 0 or at 1.1e-16 by the array's shape)."""
 
 
 @dataclass(frozen=True)
@@ -111,6 +117,6 @@ def _inliers(
     with np.errstate(divide="ignore", invalid="ignore"):
         unit = values / np.linalg.norm(values, axis=2, keepdims=True)
         distance = 1.0 - (unit * (median / norm[:, None])).sum(axis=2)
-    inliers = finite & (distance <= bound)
+    inliers = finite & (distance <= bound + ROUNDING)
     judged = (norm > 0.0) & inliers.any(axis=0)
     return np.where(judged, inliers, finite)
