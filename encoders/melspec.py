@@ -44,7 +44,7 @@ def resample(signal: FloatArray, source_rate: int, target_rate: int) -> FloatArr
 
     Every ``q`` outputs read the same pattern of inputs shifted by ``p``, so
     for the usual rates (a small ``p`` and ``q``) one period's kernels form a
-    ``[q, p + 32]`` matrix and the whole signal is one matrix product over
+    ``[q, p + 32]`` matrix and the whole signal is a matrix product over
     windows that overlap by 32 samples; for odd rates whose period would
     make that matrix large, the taps are gathered per output instead. Both
     compute the same sums.
@@ -77,17 +77,36 @@ def _kernels(p: int, q: int) -> FloatArray:
     return kernels
 
 
+_BAND_ROWS = 32
+"""Outputs of one period computed by one product (see :func:`_period_bands`)."""
+
+
 @functools.lru_cache(maxsize=16)
-def _period_matrix(p: int, q: int) -> FloatArray:
-    """Row ``r``: output ``m * q + r``'s kernel over inputs ``m * p .. m * p + p + 31``."""
+def _period_bands(p: int, q: int) -> tuple[tuple[int, int, int, FloatArray], ...]:
+    """One period's kernel matrix, cut into bands of rows with their nonzero columns.
+
+    Row ``r`` of the ``[q, p + 32]`` matrix is output ``m * q + r``'s kernel
+    over inputs ``m * p .. m * p + p + 31``; only its 32 taps, which start at
+    column ``r * p // q + 1``, are nonzero. A band of 32 consecutive rows
+    spans about ``32 * p / q + 32`` columns, so multiplying by the bands
+    instead of the whole matrix skips the zeros: 22.05 kHz to 16 kHz reads
+    76 columns per band instead of 473, six times less work for the same
+    sums. Each band is ``(first row, end row, first column, [columns, rows])``.
+    """
     phases = np.arange(q)
     first = (phases * p) // q + 1  # where output r's taps start within its period's window
     matrix = np.zeros((q, p + _TAPS))
     matrix[phases[:, None], first[:, None] + np.arange(_TAPS)[None, :]] = _kernels(p, q)[
         (phases * p) % q
     ]
-    matrix.flags.writeable = False
-    return matrix
+    bands = []
+    for start in range(0, q, _BAND_ROWS):
+        end = min(q, start + _BAND_ROWS)
+        column = int(first[start])
+        band = np.ascontiguousarray(matrix[start:end, column : int(first[end - 1]) + _TAPS].T)
+        band.flags.writeable = False
+        bands.append((start, end, column, band))
+    return tuple(bands)
 
 
 def _resample_by_period(
@@ -97,8 +116,11 @@ def _resample_by_period(
     padded = np.zeros(periods * p + p + _TAPS)
     padded[_HALF_TAPS : _HALF_TAPS + len(signal)] = signal[: len(padded) - _HALF_TAPS]
     windows = np.lib.stride_tricks.sliding_window_view(padded, p + _TAPS)[::p][:periods]
-    out: FloatArray = (windows @ _period_matrix(p, q).T).reshape(-1)[:n_out]
-    return out
+    out = np.empty((periods, q))
+    for start, end, column, band in _period_bands(p, q):
+        out[:, start:end] = windows[:, column : column + band.shape[0]] @ band
+    flat: FloatArray = out.reshape(-1)[:n_out]
+    return flat
 
 
 def _resample_by_output(
@@ -145,7 +167,8 @@ def log_mel(signal: FloatArray, sample_rate: int, n_mels: int, n_frames: int) ->
     if len(signal) < n_fft:
         signal = np.concatenate([signal, np.zeros(n_fft - len(signal))])
     frames = np.lib.stride_tricks.sliding_window_view(signal, n_fft)[::hop] * _window(n_fft)
-    power = np.abs(np.fft.rfft(frames, axis=1)) ** 2
+    spectrum = np.fft.rfft(frames, axis=1)
+    power = spectrum.real**2 + spectrum.imag**2  # |X|^2 without a square root
     mel = _filterbank(sample_rate, n_fft, n_mels) @ power.T
     logs = np.log10(np.maximum(mel, FLOOR_POWER))
     logs = np.maximum(logs, logs.max() - _DYNAMIC_RANGE)
