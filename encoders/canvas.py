@@ -36,6 +36,7 @@ repeated, which would smear a figure that touches the edge into a bar.
 
 from __future__ import annotations
 
+import functools
 from fractions import Fraction
 
 import numpy as np
@@ -50,12 +51,14 @@ _PRIOR = 24.0
 along every short-side pixel (``window_start``)."""
 
 
+@functools.lru_cache(maxsize=256)
 def fitted_size(width: int, height: int, size: int) -> tuple[int, int]:
     """``(width, height)`` a picture is scaled to before ``fit_square``, each side at least 1.
 
     The longer side becomes ``size`` up to ``MAX_ASPECT``; past it, ``MAX_ASPECT``
     times the shorter side does (at most ``LONGEST * size`` long). Exact rational
-    arithmetic: the same sizes on every machine.
+    arithmetic: the same sizes on every machine. Remembered per shape: a clip asks
+    for every frame.
     """
     longer, shorter = max(width, height), min(width, height)
     window = max(min(Fraction(longer), MAX_ASPECT * shorter), Fraction(longer, LONGEST))

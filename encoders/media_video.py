@@ -30,10 +30,12 @@ def decode_mp4(
     The container's and stream's declared duration, frame count and
     resolution are checked before the first packet is decoded; the same limits
     are enforced again while decoding, so a lying header only costs the
-    decoding up to the limit. Every decoded frame is scaled down at once (only
-    small RGB frames are kept), as for images (``encoders.canvas``); ``n_frames``
-    are then sampled uniformly and fitted into the square, with one window for
-    the clip where a frame is more oblong than 2.5:1.
+    decoding up to the limit. ``n_frames`` are sampled uniformly, scaled down
+    as for images (``encoders.canvas``) and fitted into the square, with one
+    window for the clip where a frame is more oblong than 2.5:1. Only the
+    sampled frames are converted to RGB while the clip's decoded frames fit in
+    ``HELD_PIXELS``; past it, every frame is scaled down as it is decoded (only
+    small RGB frames are kept): the same pixels either way.
     """
     if data[4:8] != b"ftyp":
         raise UndecodableError("bytes are not an ISO BMFF (MP4) file")
@@ -48,19 +50,19 @@ def decode_mp4(
             stream.thread_type = "NONE"
             stream.codec_context.thread_count = 1
             _check_header(container, stream, max_seconds, max_frames, max_pixels)
-            frames = _decode_small_frames(
-                container, stream, max_seconds, max_frames, max_pixels, size
-            )
+            frames = _decode_frames(container, stream, max_seconds, max_frames, max_pixels, size)
+            if not frames:
+                raise UndecodableError("MP4 video stream holds no decodable frame")
+            picks = np.linspace(0, len(frames) - 1, n_frames).round().astype(np.int64)
+            small = frames.small(picks)
     except EncoderError:
         raise
     except Exception as exc:
         raise UndecodableError(f"cannot decode video/mp4: {exc}") from exc
-    if not frames:
-        raise UndecodableError("MP4 video stream holds no decodable frame")
-    picks = np.linspace(0, len(frames) - 1, n_frames).round().astype(np.int64)
-    squares = fit_squares([frames[i] for i in picks], size)
-    clip = np.stack(squares).astype(np.float32) / 127.5 - 1.0
-    return np.ascontiguousarray(clip.transpose(0, 3, 1, 2))
+    squares = np.stack(fit_squares(small, size)).transpose(0, 3, 1, 2)
+    clip = np.empty(squares.shape, dtype=np.float32)
+    np.divide(squares, np.float32(127.5), out=clip, dtype=np.float32)  # = astype, / 127.5, - 1
+    return np.subtract(clip, np.float32(1.0), out=clip)
 
 
 def _check_header(
@@ -91,19 +93,61 @@ def _check_header(
         raise MediaTooLargeError(f"video has {declared} frames, limit {max_frames}")
 
 
-def _decode_small_frames(
+HELD_PIXELS = 4_000_000
+"""Decoded pixels a clip may hold unconverted (about 6 MB of 4:2:0 frames)."""
+
+
+class _Frames:
+    """A clip's decoded frames: held as decoded while they fit in ``HELD_PIXELS``,
+    then each scaled down to small RGB at once."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        # One reformatter for the clip: it keeps its scaling context between frames
+        # (a frame's own ``reformat`` builds a new one each time: 3x the cost).
+        self._reformatter = VideoReformatter()
+        self._held: list[av.VideoFrame] = []
+        self._held_pixels = 0
+        self._small: list[npt.NDArray[np.uint8]] | None = None
+
+    def __len__(self) -> int:
+        return len(self._held) if self._small is None else len(self._small)
+
+    def add(self, frame: av.VideoFrame) -> None:
+        if self._small is not None:
+            self._small.append(self._scaled(frame))
+            return
+        self._held.append(frame)
+        self._held_pixels += frame.width * frame.height
+        if self._held_pixels > HELD_PIXELS:  # converted now, and every later frame too
+            self._small = [self._scaled(held) for held in self._held]
+            self._held = []
+
+    def small(self, picks: npt.NDArray[np.int64]) -> list[npt.NDArray[np.uint8]]:
+        """The picked frames, scaled down (each distinct frame converted once)."""
+        if self._small is not None:
+            return [self._small[i] for i in picks]
+        converted = {int(i): self._scaled(self._held[i]) for i in dict.fromkeys(picks.tolist())}
+        return [converted[int(i)] for i in picks]
+
+    def _scaled(self, frame: av.VideoFrame) -> npt.NDArray[np.uint8]:
+        width, height = fitted_size(frame.width, frame.height, self._size)
+        small = self._reformatter.reformat(
+            frame, width=width, height=height, format="rgb24", threads=1
+        )
+        return np.asarray(small.to_ndarray(), dtype=np.uint8)
+
+
+def _decode_frames(
     container: av.container.InputContainer,
     stream: av.video.stream.VideoStream,
     max_seconds: float,
     max_frames: int,
     max_pixels: int,
     size: int,
-) -> list[npt.NDArray[np.uint8]]:
-    frames: list[npt.NDArray[np.uint8]] = []
+) -> _Frames:
+    frames = _Frames(size)
     start: Fraction | None = None
-    # One reformatter for the clip: it keeps its scaling context between frames
-    # (a frame's own ``reformat`` builds a new one each time: 3x the cost).
-    reformatter = VideoReformatter()
     for frame in container.decode(stream):
         if len(frames) >= max_frames:
             raise MediaTooLargeError(f"video decodes to more than {max_frames} frames")
@@ -117,7 +161,5 @@ def _decode_small_frames(
             start = stamp if start is None else min(start, stamp)
             if float(stamp - start) > max_seconds:
                 raise MediaTooLargeError(f"video runs past {max_seconds} s")
-        width, height = fitted_size(frame.width, frame.height, size)
-        small = reformatter.reformat(frame, width=width, height=height, format="rgb24", threads=1)
-        frames.append(np.asarray(small.to_ndarray(), dtype=np.uint8))
+        frames.add(frame)
     return frames

@@ -134,3 +134,30 @@ def test_a_clip_decodes_on_the_calling_thread_alone(codec: str) -> None:
         decode(clip)
     waits = resource.getrusage(resource.RUSAGE_THREAD).ru_nvcsw - before
     assert waits < 10, f"{waits} waits for 10 clips of 12 frames"
+
+
+@pytest.mark.parametrize("codec", ["libx264", "mpeg4"])
+def test_only_the_sampled_frames_are_converted_and_the_clip_is_the_same(
+    codec: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 40-frame clip converts its 8 sampled frames, not 40; a clip past ``HELD_PIXELS``
+    converts every frame as it comes (memory stays bounded). Both give the same pixels."""
+    from encoders import media_video
+
+    converted: list[int] = []
+    scaled = media_video._Frames._scaled
+
+    def counting(self: media_video._Frames, frame: object) -> np.ndarray:
+        converted.append(1)
+        return scaled(self, frame)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(media_video._Frames, "_scaled", counting)
+    clip = mp4_bytes(codec, frames=40, size=64)
+    sampled = decode(clip)
+    assert len(converted) == SPEC.video_frames
+    converted.clear()
+    monkeypatch.setattr(media_video, "HELD_PIXELS", 5 * 64 * 64)  # overflows at the 6th frame
+    every = decode(clip)
+    assert len(converted) == 40
+    assert np.array_equal(sampled, every)
+    assert sampled.flags.c_contiguous and sampled.dtype == np.float32
