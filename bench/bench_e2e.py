@@ -11,7 +11,9 @@ One command, one run. For each kind of submission (caption + image, caption
    torch's default threads and its heap kept between batches as the node's
    encoder workers keep theirs (``node.ops.threads.reuse_heap``: without it
    page faults cost the raw rate 10-20 % on this machine, and made it swing
-   from run to run), the best of three passes;
+   from run to run), the best of three passes, measured **before and after**
+   the node runs: this machine's speed drifts by up to 10 % over minutes,
+   and the ratio is taken against the mean of the two, with both printed;
 3. starts Mosquitto and a node process (or a committee of ``--committee``
    nodes), and feeds the **same** submissions, signed by many keys, through
    the bus; the node's rate counts items from the first publish to the last
@@ -71,7 +73,7 @@ from tests.peer import Peer, ResultListener, submission_id  # noqa: E402
 from training.stream import WorldMaker, WorldSubmission, concepts  # noqa: E402
 
 PASSES = 3
-"""The raw rate is the best of this many passes (so the ratio errs against the node)."""
+"""Each raw rate is the best of this many passes (so the ratio errs against the node)."""
 KINDS = ("text+image", "text+audio", "text+video", "single")
 STAGES = (
     "verify",
@@ -92,7 +94,8 @@ STAGES = (
 class Figures:
     kind: str
     items: int
-    raw_items_s: float
+    raw_before_s: float
+    raw_after_s: float
     accepted_items_s: float
     final_items_s: float
     steady_items_s: float
@@ -117,12 +120,10 @@ def world(kind: str, count: int, seed: int) -> list[WorldSubmission]:
     return out
 
 
-def raw_rate(
-    shard: Shard, submissions: list[WorldSubmission], policy: BatchPolicy
-) -> tuple[float, float]:
-    """Items/s of the shard alone, on decoded items, in micro-batches of the node's sizes
-    taken in arrival order; and how its caption batches pad (wordpieces computed per
-    wordpiece held, 0.0 without captions)."""
+def decoded(
+    shard: Shard, submissions: list[WorldSubmission]
+) -> dict[Modality, list[EncodeRequest]]:
+    """The submissions' items decoded, by modality, in arrival order."""
     limits = media_limits(load_config(DEFAULT_CONFIG))
     by_modality: dict[Modality, list[EncodeRequest]] = {}
     for submission in submissions:
@@ -131,6 +132,14 @@ def raw_rate(
             by_modality.setdefault(item.modality, []).append(
                 EncodeRequest(item.modality, media, item.sha256)
             )
+    return by_modality
+
+
+def raw_rate(
+    shard: Shard, by_modality: dict[Modality, list[EncodeRequest]], policy: BatchPolicy
+) -> float:
+    """Items/s of the shard alone, on decoded items, in micro-batches of the node's sizes
+    taken in arrival order: the best of ``PASSES`` passes."""
     beacon = b"bench-e2e-beacon"
     for requests in by_modality.values():  # warm-up: first calls allocate
         shard.embed(requests[: policy.size(requests[0].modality)], beacon)
@@ -143,12 +152,19 @@ def raw_rate(
             for start in range(0, len(requests), size):
                 shard.embed(requests[start : start + size], beacon)
         rates.append(total / (time.perf_counter() - started))
+    return max(rates)  # the best pass: anything else on the machine only slows it
+
+
+def raw_padding(
+    shard: Shard, by_modality: dict[Modality, list[EncodeRequest]], policy: BatchPolicy
+) -> float:
+    """How the raw pass's caption batches pad: wordpieces computed per wordpiece held
+    (0.0 without captions)."""
     captions = [shard.input_length(r) for r in by_modality.get(Modality.TEXT, [])]
     size = policy.size(Modality.TEXT)
     batches = [captions[i : i + size] for i in range(0, len(captions), size)]
     computed = sum(len(batch) * max(batch) for batch in batches)
-    padding = computed / sum(captions) if captions else 0.0
-    return max(rates), padding  # the best pass: anything else on the machine only slows it
+    return computed / sum(captions) if captions else 0.0
 
 
 def samples(metrics: str, name: str, label: str) -> dict[str, float]:
@@ -295,7 +311,9 @@ def run_kind(
 ) -> Figures:
     submissions = world(kind, args.count, seed)
     items = sum(len(s.items) for s in submissions)
-    raw, raw_padding = raw_rate(shard, submissions, policy)
+    requests = decoded(shard, submissions)
+    raw_before = raw_rate(shard, requests, policy)
+    padding = raw_padding(shard, requests, policy)
     directory = Path(tempfile.mkdtemp(prefix=f"poc-e2e-{kind.replace('+', '-')}-"))
     broker = start_mosquitto(directory)
     bus = f"mqtt://127.0.0.1:{broker.port}"
@@ -361,7 +379,7 @@ def run_kind(
         + f"; {cached} items not encoded again (cache)"
         + (
             f"; captions padded to {tokens['computed'] / tokens['content']:.2f}"
-            f" wordpieces computed per wordpiece held (the raw pass: {raw_padding:.2f})"
+            f" wordpieces computed per wordpiece held (the raw pass: {padding:.2f})"
             if tokens.get("content")
             else ""
         )
@@ -398,10 +416,12 @@ def run_kind(
     if "poc-encoder" in children:  # the encoders run in worker processes
         stages["encode"] = children["poc-encoder"]
     per_submission = items / len(submissions)
+    raw_after = raw_rate(shard, requests, policy)  # the node and Mosquitto have stopped
     return Figures(
         kind,
         items,
-        raw,
+        raw_before,
+        raw_after,
         items / accepted_s,
         items / final_s,
         steady * per_submission,
@@ -455,14 +475,16 @@ def main() -> None:
     for offset, kind in enumerate(args.kinds):
         figures = run_kind(kind, shard, policy, args, args.seed + offset)
         rows.append(figures)
+        raw = (figures.raw_before_s + figures.raw_after_s) / 2
         print(
-            f"{kind:<11} {figures.items:>5} items  raw {figures.raw_items_s:7.1f}/s  "
+            f"{kind:<11} {figures.items:>5} items  raw {raw:7.1f}/s "
+            f"({figures.raw_before_s:.1f} before, {figures.raw_after_s:.1f} after)  "
             f"node {figures.accepted_items_s:7.1f}/s accepted "
-            f"(ratio {figures.accepted_items_s / figures.raw_items_s:4.2f}), "
+            f"(ratio {figures.accepted_items_s / raw:4.2f}), "
             f"{figures.final_items_s:7.1f}/s final "
-            f"(ratio {figures.final_items_s / figures.raw_items_s:4.2f}), "
+            f"(ratio {figures.final_items_s / raw:4.2f}), "
             f"{figures.steady_items_s:7.1f}/s steady "
-            f"(ratio {figures.steady_items_s / figures.raw_items_s:4.2f})  "
+            f"(ratio {figures.steady_items_s / raw:4.2f})  "
             f"peak RSS {figures.peak_rss_mib:6.0f} MiB",
             flush=True,
         )
