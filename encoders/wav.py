@@ -65,6 +65,8 @@ def read_wav(data: bytes, max_seconds: float) -> tuple[npt.NDArray[np.float64], 
     if usable == 0:
         raise UndecodableError("WAV data chunk holds no complete sample frame")
     samples = _samples(payload[:usable], header.encoding, header.bits)
+    if header.channels == 1:  # the mean of one channel is that channel, bit for bit
+        return samples, header.sample_rate
     return samples.reshape(-1, header.channels).mean(axis=1), header.sample_rate
 
 
