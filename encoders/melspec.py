@@ -54,10 +54,9 @@ def resample(signal: FloatArray, source_rate: int, target_rate: int) -> FloatArr
     step = Fraction(source_rate, target_rate)
     p, q = step.numerator, step.denominator
     n_out = max(1, (len(signal) * q) // p)
-    kernels = _kernels(p, q)
     if q * (p + _TAPS) <= _PERIOD_MATRIX_MAX:
-        return _resample_by_period(signal, p, q, n_out, kernels)
-    return _resample_by_output(signal, p, q, n_out, kernels)
+        return _resample_by_period(signal, p, q, n_out)
+    return _resample_by_output(signal, p, q, n_out, _kernels(p, q))
 
 
 _TAPS = 2 * _HALF_TAPS
@@ -109,9 +108,7 @@ def _period_bands(p: int, q: int) -> tuple[tuple[int, int, int, FloatArray], ...
     return tuple(bands)
 
 
-def _resample_by_period(
-    signal: FloatArray, p: int, q: int, n_out: int, kernels: FloatArray
-) -> FloatArray:
+def _resample_by_period(signal: FloatArray, p: int, q: int, n_out: int) -> FloatArray:
     periods = -(-n_out // q)
     padded = np.zeros(periods * p + p + _TAPS)
     padded[_HALF_TAPS : _HALF_TAPS + len(signal)] = signal[: len(padded) - _HALF_TAPS]
