@@ -254,6 +254,11 @@ class Node:
 
     def stop(self) -> None:
         """Begin a graceful drain (what SIGTERM does)."""
+        # With the encoder pool on Ray, Ray's native SIGTERM handler (abseil's failure
+        # handler) runs before this one and arms a 3-s SIGALRM that aborts the process
+        # (ray-project/ray#64830): a drain, deleting the pool and leaving the cluster
+        # take longer than that on a busy machine. The node sets no alarm of its own.
+        signal.alarm(0)
         self._stopping.set()
 
     async def run(self, install_signals: bool = True) -> None:
