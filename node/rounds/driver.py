@@ -81,6 +81,8 @@ log = logging.getLogger("poc.rounds")
 
 SUMMARY_DOMAIN = "poc/v1/round-summary"
 EXIT_STORE_FAILED = 70
+# At most this many certified submissions' bytes are remembered as wanted from peers.
+BYTES_WANTED_MAX = 4096
 """Exit status when a certified round cannot be committed (crash-only recovery)."""
 
 Publish = Callable[[str, bytes], Awaitable[None]]
@@ -169,6 +171,10 @@ class RoundDriver:
         self._background: set[asyncio.Task[None]] = set()
         self._names = {member.public_key: member.name for member in committee.members}
         self._decided_at = time.monotonic()
+        # Submissions certified here whose bytes neither peers nor the bus have given
+        # yet (rounds learned by sync): asked for again after every commit.
+        self._bytes_wanted: set[bytes] = set()
+        self._fetching_bytes = False
 
     # -- start ---------------------------------------------------------------
 
@@ -196,6 +202,10 @@ class RoundDriver:
                 log.error("event=stored_message_unreadable error=%r", str(error))
         await self._chain.advanced(first_round, beacon)
         self._metrics.finalized_round.set(first_round - 1)
+        if self._sync is not None and not self._solo:  # what a stop left unfetched
+            self._bytes_wanted = set(
+                await self._store.call(lambda db: db.finals_without_bytes(BYTES_WANTED_MAX))
+            )
         log.info(
             "event=rounds_resumed next_round=%d beacon=%s members=%d restored_messages=%d",
             first_round,
@@ -611,8 +621,11 @@ class RoundDriver:
             )
         await self._chain.advanced(commit.round + 1, commit.beacon_after)
         if self._sync is not None:
-            missing = await self._store.missing_raw(ids)
-            if missing:
+            # This round's and those still wanted: the bus may have brought some since.
+            missing = await self._store.missing_raw([*ids, *self._bytes_wanted])
+            self._bytes_wanted = set(missing[:BYTES_WANTED_MAX])
+            if missing and not self._fetching_bytes:
+                self._fetching_bytes = True
                 self._spawn(self._fetch_bytes(missing))
         self._decided_at = time.monotonic()
         self._account(commit, records, now, started)
@@ -620,14 +633,25 @@ class RoundDriver:
         self._on_outbox()
 
     async def _fetch_bytes(self, missing: list[bytes]) -> None:
-        """Fetch the bytes of submissions certified here without them (learned by sync)."""
+        """Fetch the bytes of submissions certified here without them (learned by sync).
+
+        What no peer answers in time stays wanted: it is asked for again after the
+        next commit, or kept when the bus delivers it (the intake's ``keep_raw``).
+        """
         assert self._sync is not None
-        found = await self._sync.fetch_submissions(missing, self._config.consensus.sync_timeout_s)
-        for identity, raw in found.items():  # fetch_submissions keeps only bytes hashing to ids
-            await self._store.keep_raw(identity, raw)
+        try:
+            found = await self._sync.fetch_submissions(
+                missing, self._config.consensus.sync_timeout_s
+            )
+            for identity, raw in found.items():  # only bytes hashing to their ids
+                await self._store.keep_raw(identity, raw)
+            self._bytes_wanted.difference_update(found)
+        finally:
+            self._fetching_bytes = False
         if len(found) < len(missing):
             log.info(
-                "event=certified_bytes_missing count=%d (fetched again when they arrive)",
+                "event=certified_bytes_missing count=%d (asked for again after the next "
+                "round, or kept when they arrive)",
                 len(missing) - len(found),
             )
 

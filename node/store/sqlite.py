@@ -287,6 +287,9 @@ class Store:
         """
         with self._transaction():
             if self.knows(submission_id):
+                # Finalized meanwhile by a round learned by sync (the intake found it
+                # unknown a moment ago): these bytes are the ones its peers and audits need.
+                self.keep_raw(submission_id, raw)
                 return Admission.KNOWN
             self._db.execute("DELETE FROM nonces WHERE created_ms < ?", (now_ms - 2 * window_ms,))
             conflict = self.conflict_of(submitter, nonce, item_hashes)
@@ -574,6 +577,15 @@ class Store:
             if row is not None:
                 missing.append(identity)
         return missing
+
+    def finals_without_bytes(self, limit: int) -> list[bytes]:
+        """Up to ``limit`` finalized submissions stored without their bytes (learned by sync)."""
+        rows = self._db.execute(
+            "SELECT id FROM submissions s WHERE state = ? "
+            "AND NOT EXISTS (SELECT 1 FROM submission_bytes b WHERE b.id = s.id) LIMIT ?",
+            (State.FINAL, limit),
+        )
+        return [bytes(row[0]) for row in rows]
 
     def keep_raw(self, submission_id: bytes, raw: bytes) -> bool:
         """Keep the bytes of a finalized submission stored without them (``id`` = their hash).

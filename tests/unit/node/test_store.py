@@ -153,10 +153,25 @@ def test_bytes_of_a_round_learned_by_sync_are_kept_when_they_arrive(tmp_path):
     store.commit_round(CommittedRound(0, b"v" * 32, b"b" * 32, b"c", b"s"), [outcome], [], 1)
     assert store.knows(b"a" * 32)
     assert store.missing_raw([b"a" * 32, b"z" * 32]) == [b"a" * 32]
+    assert store.finals_without_bytes(10) == [b"a" * 32]  # what a restart asks peers for
     assert store.keep_raw(b"a" * 32, b"raw")
     assert not store.keep_raw(b"a" * 32, b"other")  # kept once
     assert store.raw_submission(b"a" * 32) == b"raw"
     assert store.missing_raw([b"a" * 32]) == []
+    assert store.finals_without_bytes(10) == []
+
+
+def test_bytes_that_were_verified_while_sync_finalized_them_are_kept(tmp_path):
+    """The intake found the submission unknown, verified it, and meanwhile a round
+    learned by sync finalized it: admission answers KNOWN and keeps its bytes."""
+    store = Store(tmp_path / "s.db")
+    outcome = Finalization(b"a" * 32, b"s" * 32, State.FINAL, None, ((0, "text", b"v"),), (), 0)
+    store.commit_round(CommittedRound(0, b"v" * 32, b"b" * 32, b"c", b"s"), [outcome], [], 1)
+    assert admit(store, b"a" * 32) is Admission.KNOWN
+    assert store.raw_submission(b"a" * 32) == b"raw"
+    assert store.missing_raw([b"a" * 32]) == []
+    assert admit(store, b"a" * 32) is Admission.KNOWN  # once more: nothing changes
+    assert store.raw_submission(b"a" * 32) == b"raw"
 
 
 def test_a_round_reads_waiting_submissions_without_their_bytes(tmp_path):

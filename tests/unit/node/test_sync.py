@@ -2,14 +2,25 @@
 
 import asyncio
 from pathlib import Path
+from types import SimpleNamespace
 
+from prometheus_client import CollectorRegistry
+
+from consensus.actions import BuildProposal, Commit
 from consensus.committee import Committee, Member
+from consensus.round import RoundMachine
+from node.bus.client import Topics
 from node.intake.codec import DecodeLimits, pack, unpack
 from node.intake.keys import SigningKey
 from node.intake.signing import MessageSigner
+from node.ops.config import load_config
+from node.ops.metrics import Metrics
+from node.rounds.driver import RoundDriver
+from node.rounds.records import RoundRecord
 from node.rounds.sync import FetchedRound, SyncService
 from node.store.sqlite import CommittedRound, Store
 from node.store.thread import StoreThread
+from rewards.history import History
 
 PREFIX = "poc/v1"
 
@@ -168,3 +179,66 @@ def test_no_valid_reply_times_out_with_nothing(tmp_path: Path):
         return await service.fetch_rounds(0, 0.3, lambda fetched: True)
 
     assert asyncio.run(scenario()) == []
+
+
+class _Peers:
+    """A sync service whose peers answer nothing at first, then whatever is asked."""
+
+    def __init__(self) -> None:
+        self.asked: list[set[bytes]] = []
+
+    async def fetch_submissions(self, ids: list[bytes], timeout_s: float) -> dict[bytes, bytes]:
+        self.asked.append(set(ids))
+        if len(self.asked) == 1:
+            return {}  # every peer too slow
+        return {identity: b"bytes of " + identity for identity in ids}
+
+
+def test_bytes_no_peer_gave_are_asked_for_again_after_the_next_commit(tmp_path: Path):
+    """A member that learned rounds by sync asks peers for their submissions' bytes.
+    What no peer answers in time is asked for again after the next commit, unless the
+    bus brought it meanwhile: none stays missing (peers' sync and audits need them)."""
+    signer = MessageSigner(SigningKey.generate())
+    me = signer.key.public_key
+    committee = Committee(0, 1, 10, (Member("solo", me, 1),))
+    machine = RoundMachine(committee, me, signer, first_round=0, beacon=b"b" * 32)
+    x, y, z = b"x" * 32, b"y" * 32, b"z" * 32
+    commits = []
+    for round_number, ids in ((0, [x, z]), (1, [y])):
+        build = next(a for a in machine.round_closed(round_number) if isinstance(a, BuildProposal))
+        records = [
+            RoundRecord(i, b"s" * 32, "final", None, 0, (), None, None, 0, 0).to_bytes()
+            for i in ids
+        ]
+        actions = machine.proposal_built(round_number, build.view, records)
+        commits.append(next(a for a in actions if isinstance(a, Commit)))
+    peers = _Peers()
+
+    async def scenario() -> dict[bytes, bytes | None]:
+        store = StoreThread(Store(tmp_path / "s.db"))
+        driver = RoundDriver(
+            load_config(),
+            committee,
+            signer,
+            store,
+            History(8),
+            SimpleNamespace(),  # the rules: only proposals and checks use them
+            SimpleNamespace(advanced=lambda *args: asyncio.sleep(0)),  # type: ignore[arg-type]
+            Metrics(CollectorRegistry()),
+            Topics(PREFIX),
+            lambda: None,
+            sync=peers,  # type: ignore[arg-type]
+        )
+        await driver._commit(commits[0])
+        await asyncio.gather(*driver._background)
+        assert await store.missing_raw([x, z]) == [x, z]
+        assert await store.keep_raw(z, b"bytes of z from the bus")
+        await driver._commit(commits[1])
+        await asyncio.gather(*driver._background)
+        kept = {i: await store.raw_submission(i) for i in (x, y, z)}
+        store.close()
+        return kept
+
+    kept = asyncio.run(scenario())
+    assert peers.asked == [{x, z}, {x, y}]  # z came by the bus: not asked again
+    assert kept == {x: b"bytes of " + x, y: b"bytes of " + y, z: b"bytes of z from the bus"}
