@@ -202,7 +202,9 @@ def pooled(ray_cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> It
     config = write_node_config(
         directory / "node.yaml",
         node={"key": str(key)},
-        rounds={"genesis_ms": genesis_ms, "round_seconds": 2},
+        # One epoch for the whole module: an item's embedding depends on its epoch's
+        # beacon, and the local node compared with this one runs later.
+        rounds={"genesis_ms": genesis_ms, "round_seconds": 2, "epoch_rounds": 100_000},
         encoders={
             "threads": 1,  # torch threads per replica (what the local node compared uses)
             "backend": "ray",
@@ -299,7 +301,7 @@ def test_submissions_finalize_with_the_local_backend_s_embeddings(
     config = write_node_config(
         tmp_path / "node.yaml",
         node={"key": str(pooled.key)},
-        rounds={"genesis_ms": pooled.genesis_ms, "round_seconds": 2},
+        rounds={"genesis_ms": pooled.genesis_ms, "round_seconds": 2, "epoch_rounds": 100_000},
         encoders={"threads": 1},  # as the replicas (encoders.threads)
     )
     local = start_node(tmp_path / "node", f"mqtt://127.0.0.1:{broker.port}", config)
