@@ -128,8 +128,13 @@ def test_a_node_with_worker_processes_publishes_the_same_embeddings(tmp_path: Pa
     finals = {}
     # One committee for both: its genesis is in the committee's digest, which seeds
     # the epoch beacon, which seeds the masks that weigh the ensemble's encoders.
-    # Two geneses would be two committees whose embeddings differ by up to 1e-3.
-    rounds = {"genesis_ms": time.time_ns() // 10**6 - 60_000, "round_seconds": 2}
+    # Two geneses would be two committees whose embeddings differ by up to 1e-3. One
+    # epoch for both runs too: on a busy machine the second would start in the next.
+    rounds = {
+        "genesis_ms": time.time_ns() // 10**6 - 60_000,
+        "round_seconds": 2,
+        "epoch_rounds": 100_000,
+    }
     for workers in (0, 2):
         directory = tmp_path / f"workers-{workers}"
         directory.mkdir()
