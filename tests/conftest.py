@@ -18,6 +18,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hypothesis import HealthCheck, settings
+
+# `make test` runs three test files at once on two cores (pytest-xdist): an example
+# that takes longer than usual is the machine's load, not a failure. Tests never
+# assert timings, and hypothesis's deadline is one.
+settings.register_profile("suite", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("suite")
 
 ROOT = Path(__file__).resolve().parents[1]
 POC_NODE = Path(sys.executable).parent / "poc-node"
@@ -48,6 +55,10 @@ def mosquitto_binary() -> str:
     return found
 
 
+class PortTaken(RuntimeError):
+    """Mosquitto exited at start: its port was taken meanwhile."""
+
+
 @dataclass
 class Broker:
     port: int
@@ -65,29 +76,47 @@ class Broker:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        wait_port(self.port)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            # Exited: it could not bind (another broker answering there is not this one).
+            if self.process.poll() is not None:
+                raise PortTaken(f"mosquitto exited: port {self.port} is taken")
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", self.port)) == 0:
+                    time.sleep(0.05)  # a failed bind exits at once: make sure it did not
+                    if self.process.poll() is None:
+                        return
+            time.sleep(0.05)
+        raise TimeoutError(f"mosquitto does not listen on 127.0.0.1:{self.port}")
 
 
 def start_mosquitto(directory: Path) -> Broker:
-    port = free_port()
-    config = directory / "mosquitto.conf"
-    config.write_text(
-        f"listener {port} 127.0.0.1\n"
-        "allow_anonymous true\n"
-        # The defaults silently drop QoS 1 messages for a subscriber that
-        # falls behind (see ENVIRONMENT.md): raise them.
-        "max_queued_messages 100000\n"
-        "max_inflight_messages 1000\n"
-        "message_size_limit 0\n"
-        "persistence true\n"
-        f"persistence_location {directory}/\n"
-        # Started as root, Mosquitto drops to user `mosquitto`, which could not
-        # write its persistence file here: stay the user who runs the tests.
-        f"user {getpass.getuser()}\n"
-    )
-    broker = Broker(port, None, config)  # type: ignore[arg-type]
-    broker.start()
-    return broker
+    # Test files run in parallel (pytest-xdist): another broker may take the port
+    # between free_port() and Mosquitto's bind, and then this one exits. Try another.
+    for _ in range(3):
+        port = free_port()
+        config = directory / "mosquitto.conf"
+        config.write_text(
+            f"listener {port} 127.0.0.1\n"
+            "allow_anonymous true\n"
+            # The defaults silently drop QoS 1 messages for a subscriber that
+            # falls behind (see ENVIRONMENT.md): raise them.
+            "max_queued_messages 100000\n"
+            "max_inflight_messages 1000\n"
+            "message_size_limit 0\n"
+            "persistence true\n"
+            f"persistence_location {directory}/\n"
+            # Started as root, Mosquitto drops to user `mosquitto`, which could not
+            # write its persistence file here: stay the user who runs the tests.
+            f"user {getpass.getuser()}\n"
+        )
+        broker = Broker(port, None, config)  # type: ignore[arg-type]
+        try:
+            broker.start()
+        except PortTaken:
+            continue
+        return broker
+    raise RuntimeError("mosquitto found no free port in three tries")
 
 
 @pytest.fixture(scope="session")
