@@ -81,9 +81,9 @@ log = logging.getLogger("poc.rounds")
 
 SUMMARY_DOMAIN = "poc/v1/round-summary"
 EXIT_STORE_FAILED = 70
-# At most this many certified submissions' bytes are remembered as wanted from peers.
-BYTES_WANTED_MAX = 4096
 """Exit status when a certified round cannot be committed (crash-only recovery)."""
+BYTES_WANTED_MAX = 4096
+"""At most this many certified submissions' bytes are remembered as wanted from peers."""
 
 Publish = Callable[[str, bytes], Awaitable[None]]
 Committed = Callable[[int, list[tuple[bytes, int]], set[bytes]], None]
@@ -622,7 +622,7 @@ class RoundDriver:
         await self._chain.advanced(commit.round + 1, commit.beacon_after)
         if self._sync is not None:
             # This round's and those still wanted: the bus may have brought some since.
-            missing = await self._store.missing_raw([*ids, *self._bytes_wanted])
+            missing = await self._store.missing_raw(dict.fromkeys([*ids, *self._bytes_wanted]))
             self._bytes_wanted = set(missing[:BYTES_WANTED_MAX])
             if missing and not self._fetching_bytes:
                 self._fetching_bytes = True
