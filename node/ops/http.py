@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from node.errors import NodeError
 from node.ops.metrics import Metrics
 
 if TYPE_CHECKING:
@@ -53,7 +54,14 @@ async def http_server(
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
-    await site.start()
+    try:
+        await site.start()
+    except OSError as error:
+        await runner.cleanup()
+        raise NodeError(
+            f"cannot serve metrics and health on {host}:{port}: {error.strerror} "
+            "(another process holds the port? set http.port, or --metrics-port)"
+        ) from None
     server = site._server
     sockets = getattr(server, "sockets", None) or []
     bound = sockets[0].getsockname()[1] if sockets else port

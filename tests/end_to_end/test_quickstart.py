@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sqlite3
 import stat
 import subprocess
@@ -124,6 +125,25 @@ def test_a_bad_config_names_every_bad_key(tmp_path: Path):
     assert result.returncode == 1
     for path in ("rounds.round_seconds", "bus.topic_prefix", "nope"):
         assert path in result.stderr
+
+
+def test_a_taken_metrics_port_is_named_in_one_line(tmp_path: Path):
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        result = poc(
+            "run",
+            "--data-dir",
+            str(tmp_path),
+            "--metrics-port",
+            str(port),
+            "--bus",
+            "mqtt://127.0.0.1:1",
+        )
+    assert result.returncode == 1
+    assert f"cannot serve metrics and health on 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_every_subcommand_has_help():
