@@ -200,8 +200,26 @@ def start_node(
 ) -> NodeProcess:
     directory.mkdir(parents=True, exist_ok=True)
     config = config or write_node_config(directory / "node.yaml")
+    for _ in range(3):
+        try:
+            return _start_node_once(directory, bus, config, ready_timeout)
+        except PortTaken:  # another test file took the metrics port meanwhile
+            continue
+    raise RuntimeError("the node found no free metrics port in three tries")
+
+
+def _start_node_once(directory: Path, bus: str, config: Path, ready_timeout: float) -> NodeProcess:
     metrics_port = free_port()
     log = directory / "node.log"
+    offset = log.stat().st_size if log.exists() else 0  # a restart appends to the log
+    level = (yaml.safe_load(config.read_text()) or {}).get("node", {}).get("log_level", "INFO")
+    says_where_it_listens = level in ("DEBUG", "INFO")
+
+    def this_run() -> str:
+        with log.open("rb") as lines:
+            lines.seek(offset)
+            return lines.read().decode(errors="replace")
+
     process = subprocess.Popen(
         [
             str(POC_NODE),
@@ -223,7 +241,13 @@ def start_node(
     deadline = time.monotonic() + ready_timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
+            if "cannot serve metrics and health" in this_run():
+                raise PortTaken(f"port {metrics_port} was taken")
             raise RuntimeError(f"node exited with {process.returncode}:\n{node.log_text()}")
+        # Until it says it listens, what answers on the port may be another test's node.
+        if says_where_it_listens and "event=http_listening" not in this_run():
+            time.sleep(0.2)
+            continue
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/readyz", timeout=2):
                 return node
