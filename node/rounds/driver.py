@@ -621,25 +621,28 @@ class RoundDriver:
             )
         await self._chain.advanced(commit.round + 1, commit.beacon_after)
         if self._sync is not None:
-            # This round's and those still wanted: the bus may have brought some since.
-            missing = await self._store.missing_raw(dict.fromkeys([*ids, *self._bytes_wanted]))
-            self._bytes_wanted = set(missing[:BYTES_WANTED_MAX])
-            if missing and not self._fetching_bytes:
+            missing = await self._store.missing_raw(ids)
+            room = BYTES_WANTED_MAX - len(self._bytes_wanted)
+            self._bytes_wanted.update(missing[: max(room, 0)])
+            if self._bytes_wanted and not self._fetching_bytes:  # one request at a time
                 self._fetching_bytes = True
-                self._spawn(self._fetch_bytes(missing))
+                self._spawn(self._fetch_bytes())
         self._decided_at = time.monotonic()
         self._account(commit, records, now, started)
         self._progress.set()
         self._on_outbox()
 
-    async def _fetch_bytes(self, missing: list[bytes]) -> None:
-        """Fetch the bytes of submissions certified here without them (learned by sync).
+    async def _fetch_bytes(self) -> None:
+        """Ask peers for the bytes of submissions certified here without them.
 
         What no peer answers in time stays wanted: it is asked for again after the
-        next commit, or kept when the bus delivers it (the intake's ``keep_raw``).
+        next commit, unless the bus delivered it meanwhile (the intake's ``keep_raw``).
         """
         assert self._sync is not None
         try:
+            asked = sorted(self._bytes_wanted)
+            missing = await self._store.missing_raw(asked)
+            self._bytes_wanted.difference_update(set(asked) - set(missing))  # kept since
             found = await self._sync.fetch_submissions(
                 missing, self._config.consensus.sync_timeout_s
             )
