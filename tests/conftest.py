@@ -56,7 +56,7 @@ def mosquitto_binary() -> str:
 
 
 class PortTaken(RuntimeError):
-    """Mosquitto exited at start: its port was taken meanwhile."""
+    """A broker or node exited at start: its port was taken meanwhile."""
 
 
 @dataclass
