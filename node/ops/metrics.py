@@ -225,6 +225,11 @@ class Metrics:
             "Rounds between the clock and the last finalized round",
             registry=registry,
         )
+        self.sync_bytes_wanted = Gauge(
+            "poc_sync_bytes_wanted",
+            "Submissions certified here whose bytes this member still asks its peers for",
+            registry=registry,
+        )
         self.decoder_failures = Counter(
             "poc_decoder_failures_total",
             "Decoder processes stopped (timeout), dead (crash) or out of memory on an item",

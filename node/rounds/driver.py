@@ -206,6 +206,7 @@ class RoundDriver:
             self._bytes_wanted = set(
                 await self._store.call(lambda db: db.finals_without_bytes(BYTES_WANTED_MAX))
             )
+            self._metrics.sync_bytes_wanted.set(len(self._bytes_wanted))
         log.info(
             "event=rounds_resumed next_round=%d beacon=%s members=%d restored_messages=%d",
             first_round,
@@ -624,6 +625,7 @@ class RoundDriver:
             missing = await self._store.missing_raw(ids)
             room = BYTES_WANTED_MAX - len(self._bytes_wanted)
             self._bytes_wanted.update(missing[: max(room, 0)])
+            self._metrics.sync_bytes_wanted.set(len(self._bytes_wanted))
             if self._bytes_wanted and not self._fetching_bytes:  # one request at a time
                 self._fetching_bytes = True
                 self._spawn(self._fetch_bytes())
@@ -651,6 +653,7 @@ class RoundDriver:
             self._bytes_wanted.difference_update(found)
         finally:
             self._fetching_bytes = False
+            self._metrics.sync_bytes_wanted.set(len(self._bytes_wanted))
         if len(found) < len(missing):
             log.info(
                 "event=certified_bytes_missing count=%d (asked for again after the next "

@@ -216,6 +216,7 @@ def test_bytes_no_peer_gave_are_asked_for_again_after_the_next_commit(tmp_path: 
 
     async def scenario() -> dict[bytes, bytes | None]:
         store = StoreThread(Store(tmp_path / "s.db"))
+        metrics = Metrics(CollectorRegistry())
         driver = RoundDriver(
             load_config(),
             committee,
@@ -224,7 +225,7 @@ def test_bytes_no_peer_gave_are_asked_for_again_after_the_next_commit(tmp_path: 
             History(8),
             SimpleNamespace(),  # the rules: only proposals and checks use them
             SimpleNamespace(advanced=lambda *args: asyncio.sleep(0)),  # type: ignore[arg-type]
-            Metrics(CollectorRegistry()),
+            metrics,
             Topics(PREFIX),
             lambda: None,
             sync=peers,  # type: ignore[arg-type]
@@ -232,10 +233,12 @@ def test_bytes_no_peer_gave_are_asked_for_again_after_the_next_commit(tmp_path: 
         await driver._commit(commits[0])
         await asyncio.gather(*driver._background)
         assert await store.missing_raw([x, z]) == [x, z]
+        assert metrics.sync_bytes_wanted._value.get() == 2
         assert await store.keep_raw(z, b"bytes of z from the bus")
         await driver._commit(commits[1])
         await asyncio.gather(*driver._background)
         kept = {i: await store.raw_submission(i) for i in (x, y, z)}
+        assert metrics.sync_bytes_wanted._value.get() == 0
         store.close()
         return kept
 
