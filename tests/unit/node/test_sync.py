@@ -13,6 +13,7 @@ from node.bus.client import Topics
 from node.intake.codec import DecodeLimits, pack, unpack
 from node.intake.keys import SigningKey
 from node.intake.signing import MessageSigner
+from node.intake.wire import submission_id
 from node.ops.config import load_config
 from node.ops.metrics import Metrics
 from node.rounds.driver import RoundDriver
@@ -245,3 +246,95 @@ def test_bytes_no_peer_gave_are_asked_for_again_after_the_next_commit(tmp_path: 
     kept = asyncio.run(scenario())
     assert peers.asked == [{x, z}, {x, y}]  # z came by the bus: not asked again
     assert kept == {x: b"bytes of " + x, y: b"bytes of " + y, z: b"bytes of z from the bus"}
+
+
+def test_a_lying_member_that_answers_first_delays_the_bytes_but_never_replaces_them(
+    tmp_path: Path,
+):
+    """Peers answer a request for submissions' bytes through the real sync service. A
+    liar answers first every time: junk, then forged bytes beside the one genuine
+    submission it holds, which makes its reply the answer. Forged bytes are never kept;
+    what its answer left out is asked for again after the next commit, and the honest
+    member's answer then gives it."""
+    signer = MessageSigner(SigningKey.generate())
+    me = signer.key.public_key
+    committee = Committee(0, 1, 10, (Member("solo", me, 1),))
+    liar, honest = MessageSigner(SigningKey.generate()), MessageSigner(SigningKey.generate())
+    raws = [b"signed submission x", b"signed submission y", b"signed submission w"]
+    x, y, w = (submission_id(raw) for raw in raws)
+    genuine = dict(zip((x, y, w), raws, strict=True))
+    machine = RoundMachine(committee, me, signer, first_round=0, beacon=b"b" * 32)
+    commits = []
+    for round_number, ids in ((0, [x, y]), (1, [w])):
+        build = next(a for a in machine.round_closed(round_number) if isinstance(a, BuildProposal))
+        records = [
+            RoundRecord(i, b"s" * 32, "final", None, 0, (), None, None, 0, 0).to_bytes()
+            for i in sorted(ids)
+        ]
+        actions = machine.proposal_built(round_number, build.view, records)
+        commits.append(next(a for a in actions if isinstance(a, Commit)))
+    asked: list[set[bytes]] = []
+
+    async def scenario() -> tuple[dict[bytes, bytes | None], int]:
+        service: SyncService | None = None
+
+        def reply(rid: bytes, responder: MessageSigner, entries: list[object]) -> bytes:
+            return pack(
+                {
+                    "v": 1,
+                    "request_id": rid,
+                    "responder": responder.key.public_key,
+                    "entries": entries,
+                }
+            )
+
+        async def publish(topic: str, payload: bytes) -> None:
+            request = unpack(payload)
+            ids = set(request["ids"])
+            asked.append(ids)
+            rid = request["request_id"]
+            forged = [b"forged bytes for " + i for i in ids]
+            replies = [
+                reply(rid, liar, ["junk", 7, *forged]),  # nothing hashes to an id: passed over
+                reply(rid, liar, [*forged, *([genuine[y]] if y in ids else [])]),
+                reply(rid, honest, [genuine[i] for i in ids]),
+            ]
+
+            async def deliver() -> None:
+                assert service is not None
+                for raw in replies:
+                    await service.on_reply(raw)
+
+            asyncio.get_running_loop().call_soon(asyncio.ensure_future, deliver())
+
+        store = StoreThread(Store(tmp_path / "s.db"))
+        service = SyncService(signer, committee, PREFIX, store, publish)
+        metrics = Metrics(CollectorRegistry())
+        driver = RoundDriver(
+            load_config(),
+            committee,
+            signer,
+            store,
+            History(8),
+            SimpleNamespace(),  # the rules: only proposals and checks use them
+            SimpleNamespace(advanced=lambda *args: asyncio.sleep(0)),  # type: ignore[arg-type]
+            metrics,
+            Topics(PREFIX),
+            lambda: None,
+            sync=service,
+        )
+        await driver._commit(commits[0])
+        await asyncio.gather(*driver._background)
+        assert await store.missing_raw([x, y]) == [x]  # the liar's answer won this request
+        assert metrics.sync_bytes_wanted._value.get() == 1
+        await driver._commit(commits[1])
+        await asyncio.gather(*driver._background)
+        kept = {i: await store.raw_submission(i) for i in (x, y, w)}
+        assert metrics.sync_bytes_wanted._value.get() == 0
+        store.close()
+        return kept, service.refused_replies
+
+    kept, refused = asyncio.run(scenario())
+    assert asked == [{x, y}, {x, w}]
+    assert kept == genuine  # never a forged byte
+    assert refused == 3  # the junk reply each time, and the liar's forgeries once y was had
