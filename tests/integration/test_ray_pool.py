@@ -371,7 +371,10 @@ def test_a_replica_killed_mid_stream_loses_nothing(pooled: Setup) -> None:
 def test_a_stop_slower_than_ray_s_abort_timer_still_exits_cleanly(pooled: Setup) -> None:
     """Ray's native SIGTERM handler arms a 3-s SIGALRM that aborts the process
     (ray-project/ray#64830); a drain on a busy machine takes longer. The node is held
-    stopped for 4 s once it has begun to drain: it must still finish and exit 0."""
+    stopped for 4 s once it has begun to drain: it must still finish and exit 0.
+
+    Last in this module (files run in order, whole, on one worker): it stops the
+    module's node, whose fixture then finds it exited with 0."""
     node = pooled.node
     node.process.send_signal(signal.SIGTERM)
     deadline = time.monotonic() + 30
