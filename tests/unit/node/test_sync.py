@@ -182,6 +182,47 @@ def test_no_valid_reply_times_out_with_nothing(tmp_path: Path):
     assert asyncio.run(scenario()) == []
 
 
+def _solo_commits(
+    signer: MessageSigner, rounds: list[list[bytes]]
+) -> tuple[Committee, list[Commit]]:
+    """Certified rounds 0, 1, ... of a committee of one, each with final records of these ids."""
+    me = signer.key.public_key
+    committee = Committee(0, 1, 10, (Member("solo", me, 1),))
+    machine = RoundMachine(committee, me, signer, first_round=0, beacon=b"b" * 32)
+    commits = []
+    for round_number, ids in enumerate(rounds):
+        build = next(a for a in machine.round_closed(round_number) if isinstance(a, BuildProposal))
+        records = [
+            RoundRecord(i, b"s" * 32, "final", None, 0, (), None, None, 0, 0).to_bytes()
+            for i in sorted(ids)
+        ]
+        actions = machine.proposal_built(round_number, build.view, records)
+        commits.append(next(a for a in actions if isinstance(a, Commit)))
+    return committee, commits
+
+
+def _driver(
+    committee: Committee,
+    signer: MessageSigner,
+    store: StoreThread,
+    metrics: Metrics,
+    sync: SyncService,
+) -> RoundDriver:
+    return RoundDriver(
+        load_config(),
+        committee,
+        signer,
+        store,
+        History(8),
+        SimpleNamespace(),  # type: ignore[arg-type]  # the rules: only proposals use them
+        SimpleNamespace(advanced=lambda *args: asyncio.sleep(0)),  # type: ignore[arg-type]
+        metrics,
+        Topics(PREFIX),
+        lambda: None,
+        sync=sync,
+    )
+
+
 class _Peers:
     """A sync service whose peers answer nothing at first, then whatever is asked."""
 
@@ -200,37 +241,14 @@ def test_bytes_no_peer_gave_are_asked_for_again_after_the_next_commit(tmp_path: 
     What no peer answers in time is asked for again after the next commit, unless the
     bus brought it meanwhile: none stays missing (peers' sync and audits need them)."""
     signer = MessageSigner(SigningKey.generate())
-    me = signer.key.public_key
-    committee = Committee(0, 1, 10, (Member("solo", me, 1),))
-    machine = RoundMachine(committee, me, signer, first_round=0, beacon=b"b" * 32)
     x, y, z = b"x" * 32, b"y" * 32, b"z" * 32
-    commits = []
-    for round_number, ids in ((0, [x, z]), (1, [y])):
-        build = next(a for a in machine.round_closed(round_number) if isinstance(a, BuildProposal))
-        records = [
-            RoundRecord(i, b"s" * 32, "final", None, 0, (), None, None, 0, 0).to_bytes()
-            for i in ids
-        ]
-        actions = machine.proposal_built(round_number, build.view, records)
-        commits.append(next(a for a in actions if isinstance(a, Commit)))
+    committee, commits = _solo_commits(signer, [[x, z], [y]])
     peers = _Peers()
 
     async def scenario() -> dict[bytes, bytes | None]:
         store = StoreThread(Store(tmp_path / "s.db"))
         metrics = Metrics(CollectorRegistry())
-        driver = RoundDriver(
-            load_config(),
-            committee,
-            signer,
-            store,
-            History(8),
-            SimpleNamespace(),  # the rules: only proposals and checks use them
-            SimpleNamespace(advanced=lambda *args: asyncio.sleep(0)),  # type: ignore[arg-type]
-            metrics,
-            Topics(PREFIX),
-            lambda: None,
-            sync=peers,  # type: ignore[arg-type]
-        )
+        driver = _driver(committee, signer, store, metrics, peers)  # type: ignore[arg-type]
         await driver._commit(commits[0])
         await asyncio.gather(*driver._background)
         assert await store.missing_raw([x, z]) == [x, z]
@@ -257,22 +275,11 @@ def test_a_lying_member_that_answers_first_delays_the_bytes_but_never_replaces_t
     what its answer left out is asked for again after the next commit, and the honest
     member's answer then gives it."""
     signer = MessageSigner(SigningKey.generate())
-    me = signer.key.public_key
-    committee = Committee(0, 1, 10, (Member("solo", me, 1),))
     liar, honest = MessageSigner(SigningKey.generate()), MessageSigner(SigningKey.generate())
     raws = [b"signed submission x", b"signed submission y", b"signed submission w"]
     x, y, w = (submission_id(raw) for raw in raws)
     genuine = dict(zip((x, y, w), raws, strict=True))
-    machine = RoundMachine(committee, me, signer, first_round=0, beacon=b"b" * 32)
-    commits = []
-    for round_number, ids in ((0, [x, y]), (1, [w])):
-        build = next(a for a in machine.round_closed(round_number) if isinstance(a, BuildProposal))
-        records = [
-            RoundRecord(i, b"s" * 32, "final", None, 0, (), None, None, 0, 0).to_bytes()
-            for i in sorted(ids)
-        ]
-        actions = machine.proposal_built(round_number, build.view, records)
-        commits.append(next(a for a in actions if isinstance(a, Commit)))
+    committee, commits = _solo_commits(signer, [[x, y], [w]])
     asked: list[set[bytes]] = []
 
     async def scenario() -> tuple[dict[bytes, bytes | None], int]:
@@ -310,19 +317,7 @@ def test_a_lying_member_that_answers_first_delays_the_bytes_but_never_replaces_t
         store = StoreThread(Store(tmp_path / "s.db"))
         service = SyncService(signer, committee, PREFIX, store, publish)
         metrics = Metrics(CollectorRegistry())
-        driver = RoundDriver(
-            load_config(),
-            committee,
-            signer,
-            store,
-            History(8),
-            SimpleNamespace(),  # the rules: only proposals and checks use them
-            SimpleNamespace(advanced=lambda *args: asyncio.sleep(0)),  # type: ignore[arg-type]
-            metrics,
-            Topics(PREFIX),
-            lambda: None,
-            sync=service,
-        )
+        driver = _driver(committee, signer, store, metrics, service)
         await driver._commit(commits[0])
         await asyncio.gather(*driver._background)
         assert await store.missing_raw([x, y]) == [x]  # the liar's answer won this request
