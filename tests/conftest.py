@@ -30,10 +30,44 @@ ROOT = Path(__file__).resolve().parents[1]
 POC_NODE = Path(sys.executable).parent / "poc-node"
 
 
+def _port_slice() -> range:
+    """This pytest process's own ports, below the kernel's ephemeral range.
+
+    A port from ``bind(("127.0.0.1", 0))`` comes from the ephemeral range, which
+    every outgoing connection of the suite (MQTT clients, HTTP probes) draws its
+    source port from too: one of them could take it before the broker or node
+    that was told to listen there binds it. Below that range only listeners
+    bind, and above Ray's worker ports (10002-19999 by default). Each xdist
+    worker (``gw0``, ``gw1``, ...) gets a slice of its own.
+    """
+    try:
+        ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral = 32768
+    low, high = 20000, max(ephemeral, 20000 + 1024)
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    index = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    width = (high - low) // max(workers, 1)
+    return range(low + index * width, low + (index + 1) * width)
+
+
+_PORTS = _port_slice()
+_next_port = [_PORTS.start + os.getpid() % len(_PORTS)]
+
+
 def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+    """A loopback port nothing listens on, taken in turn from this process's slice
+    (so a port just handed out is not handed out again soon)."""
+    for _ in range(len(_PORTS)):
+        port = _next_port[0]
+        _next_port[0] = _PORTS.start + (port + 1 - _PORTS.start) % len(_PORTS)
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free loopback port in {_PORTS.start}-{_PORTS.stop - 1}")
 
 
 def wait_port(port: int, timeout: float = 10.0) -> None:
