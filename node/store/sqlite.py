@@ -28,6 +28,18 @@ import numpy.typing as npt
 
 SCHEMA_VERSION = 4
 
+
+def _int64(nonce: int) -> int:
+    """A nonce (a uint64 on the wire) as the signed 64-bit integer SQLite stores.
+
+    SQLite's INTEGER is signed: binding 2**63 or more raises ``OverflowError``.
+    The same 64 bits read as two's complement keep equal nonces equal and
+    distinct ones distinct, which is all a replay check asks; values below
+    2**63 (every nonce stored before) are unchanged.
+    """
+    return nonce - (1 << 64) if nonce >= 1 << 63 else nonce
+
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS submissions (
@@ -297,7 +309,7 @@ class Store:
                 return conflict
             self._db.execute(
                 "INSERT INTO nonces (submitter, nonce, created_ms) VALUES (?, ?, ?)",
-                (submitter, nonce, created_ms),
+                (submitter, _int64(nonce), created_ms),
             )
             self._db.executemany(
                 "INSERT OR IGNORE INTO data_claims (sha256, submission_id) VALUES (?, ?)",
@@ -306,7 +318,15 @@ class Store:
             self._db.execute(
                 "INSERT INTO submissions (id, submitter, nonce, created_ms, received_ms, state, "
                 "intake_round) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (submission_id, submitter, nonce, created_ms, now_ms, State.RECEIVED, intake_round),
+                (
+                    submission_id,
+                    submitter,
+                    _int64(nonce),
+                    created_ms,
+                    now_ms,
+                    State.RECEIVED,
+                    intake_round,
+                ),
             )
             self._db.execute(
                 "INSERT INTO submission_bytes (id, raw) VALUES (?, ?)", (submission_id, raw)
@@ -338,7 +358,7 @@ class Store:
             if nonce is not None:
                 self._db.execute(
                     "INSERT OR IGNORE INTO nonces (submitter, nonce, created_ms) VALUES (?, ?, ?)",
-                    (submitter, nonce[0], nonce[1]),
+                    (submitter, _int64(nonce[0]), nonce[1]),
                 )
             self._db.execute("DELETE FROM data_claims WHERE submission_id = ?", (submission_id,))
             self._db.execute("DELETE FROM submission_bytes WHERE id = ?", (submission_id,))
@@ -542,7 +562,7 @@ class Store:
     def replayed(self, submitter: bytes, nonce: int) -> bool:
         """Whether ``(submitter, nonce)`` was seen inside the stale window (a replay)."""
         seen = self._db.execute(
-            "SELECT 1 FROM nonces WHERE submitter = ? AND nonce = ?", (submitter, nonce)
+            "SELECT 1 FROM nonces WHERE submitter = ? AND nonce = ?", (submitter, _int64(nonce))
         ).fetchone()
         return seen is not None
 

@@ -173,6 +173,33 @@ def test_replay_and_duplicate(node: NodeProcess, mosquitto: Broker):
     assert (duplicated["status"], duplicated["reason"]) == ("rejected", "duplicate")
 
 
+def test_nonces_up_to_the_top_of_uint64_are_accepted_and_their_replays_refused(
+    node: NodeProcess, mosquitto: Broker
+):
+    """A nonce is any uint64 ("a counter or random"): one of 2**63 or more once killed
+    the node (SQLite's signed INTEGER), and the broker's redelivery killed it again on
+    every restart. Half of all random nonces are that large."""
+    peer = Peer()
+    raws = [
+        peer.submission([("text", "text/plain", f"nonce number {n}".encode())], nonce=n)
+        for n in (2**63, 2**64 - 1, 2**63 - 1)
+    ]
+    replay = peer.submission([("text", "text/plain", b"the top nonce again")], nonce=2**64 - 1)
+
+    async def scenario() -> list[dict]:
+        async with ResultListener(mosquitto.port) as listener:
+            for raw in raws:
+                await listener.publish(raw)
+            accepted = [await listener.final(submission_id(raw)) for raw in raws]
+            await listener.publish(replay)
+            return [*accepted, await listener.final(submission_id(replay))]
+
+    *finals, replayed = run(scenario())
+    assert [r["status"] for r in finals] == ["final"] * 3
+    assert (replayed["status"], replayed["reason"]) == ("rejected", "replay")
+    assert node.process.poll() is None
+
+
 def test_a_submission_on_another_keys_topic_is_wrong_topic(node: NodeProcess, mosquitto: Broker):
     """Identity is the topic's key: a message signed by A on B's topic is refused, to A."""
     alice, bob = Peer(), Peer()

@@ -33,6 +33,22 @@ def test_admission_replay_duplicate_and_redelivery(tmp_path):
     )
 
 
+@pytest.mark.parametrize("high", [2**63 - 1, 2**63, 2**64 - 1])
+def test_every_uint64_nonce_is_stored_and_its_replay_found(tmp_path, high):
+    """SQLite's INTEGER is signed: a nonce of 2**63 or more must still be stored
+    (it raised OverflowError, and killed the node), and stay distinct."""
+    store = Store(tmp_path / "s.db")
+    assert admit(store, b"a" * 32, nonce=high) is Admission.ADMITTED
+    assert store.replayed(b"s" * 32, high)
+    assert admit(store, b"b" * 32, nonce=high, hashes=[b"x" * 32]) is Admission.REPLAY
+    for other in (high - 1, (high + 1) % 2**64, high ^ 2**63):  # other nonces
+        assert not store.replayed(b"s" * 32, other)
+    assert store.reject(
+        b"c" * 32, b"s" * 32, "duplicate", 5, Outgoing("t", b"r"), nonce=(2**64 - 2, 1_000_000)
+    )
+    assert store.replayed(b"s" * 32, 2**64 - 2)
+
+
 def test_state_survives_reopening(tmp_path):
     path = tmp_path / "s.db"
     store = Store(path)
