@@ -42,7 +42,7 @@ from node.pipeline.encoding import EncoderService
 from node.pipeline.prepare import Preparer, fusion_alpha, media_limits
 from node.pipeline.sandbox import DecoderPool
 from node.rounds.chain import BeaconChain
-from node.store.sqlite import Admission, Outgoing, State, StoredSubmission
+from node.store.sqlite import Admission, Outgoing, State, StoredSubmission, store_failed
 from node.store.thread import StoreThread
 
 log = logging.getLogger("poc.intake")
@@ -232,6 +232,16 @@ class Intake:
         """
         await self._receiving.wait()
         self._metrics.messages.inc()
+        try:
+            await self._receive(raw, topic)
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:
+            if store_failed(error):
+                raise  # nothing more can be kept: stop, unacknowledged, rather than lose it
+            await self._failed_at_intake(raw, error)
+
+    async def _receive(self, raw: bytes, topic: str | None) -> None:
         started = time.perf_counter()
         try:
             # One trip off the loop: the hash (up to 8 MiB), the store's answer,
@@ -269,6 +279,40 @@ class Intake:
             )
             return
         await self._admit(submission)
+
+    async def _failed_at_intake(self, raw: bytes, error: Exception) -> None:
+        """One message met an error of the node's own: it is refused, and nothing else.
+
+        A node that died on it would die again on every restart (the broker
+        delivers the unacknowledged message again). A message whose signature
+        holds is answered ``malformed`` (the closed set has no code for the
+        node's own fault; the log and ``poc_internal_errors_total`` name it);
+        any other is only logged, like unattributable bytes.
+        """
+        self._metrics.internal_errors.labels(stage="intake").inc()
+        identity = submission_id(raw)
+        log.error(
+            "event=intake_failed submission=%s bytes=%d error=%r",
+            identity.hex()[:16],
+            len(raw),
+            error,
+            exc_info=error,
+        )
+        try:
+            submission = await asyncio.to_thread(parse_submission, raw, self._wire_limits)
+        except Exception:  # unattributable, or the parser's own fault
+            return
+        try:
+            await self._reject(
+                identity,
+                submission.submitter,
+                Reason.MALFORMED,
+                f"internal error at intake: {type(error).__name__}",
+            )
+        except Exception as again:
+            if store_failed(again):
+                raise
+            log.exception("event=intake_failed submission=%s answer=none", identity.hex()[:16])
 
     def _unknown_and_verified(self, raw: bytes) -> tuple[bytes, Submission | Rejected | None]:
         """The submission's id, and ``None`` for a submission the store knows (a copy, not
@@ -396,6 +440,7 @@ class Intake:
                 raise
             except Exception as error:  # one submission's failure never stops the node
                 log.exception("event=prepare_failed submission=%s", submission.id.hex()[:16])
+                self._metrics.internal_errors.labels(stage="prepare").inc()
                 # A check that cannot run rejects; it never passes.
                 await self._reject(
                     submission.id,

@@ -46,6 +46,15 @@ class Metrics:
             "Refused messages that name no submitter (logged, not answered)",
             registry=registry,
         )
+        self.internal_errors = Counter(
+            "poc_internal_errors_total",
+            "Submissions the node failed to handle through an error of its own, by stage "
+            "(logged as event=intake_failed or prepare_failed; rejected, never fatal)",
+            ["stage"],
+            registry=registry,
+        )
+        for stage in ("intake", "prepare"):
+            self.internal_errors.labels(stage=stage)
         self.results = Counter(
             "poc_results_total", "Results produced, by status", ["status"], registry=registry
         )

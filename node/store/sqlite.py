@@ -209,6 +209,16 @@ class StoreError(RuntimeError):
     """The store cannot be used as it is (a schema from another version)."""
 
 
+def store_failed(error: BaseException) -> bool:
+    """Whether ``error`` says the store itself cannot keep what it is given (a full or
+    failing disk, a damaged file, a locked database) rather than that one call was
+    wrong: then nothing more should be acknowledged as kept."""
+    return (
+        isinstance(error, sqlite3.OperationalError | StoreError | OSError)
+        or type(error) is sqlite3.DatabaseError  # "database disk image is malformed"
+    )
+
+
 @dataclass(frozen=True)
 class CommittedRound:
     """A finalized round: its value hash, certificate, and a signed proposal of its value."""

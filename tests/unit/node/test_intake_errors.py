@@ -1,0 +1,122 @@
+"""One message that meets an error of the node's own is refused, and the node goes on.
+
+The intake runs on a real store (SQLite on disk) with real Ed25519; the error
+is injected where a defect would surface (the store's admission, the parser).
+A node that let it escape died, and died again on every restart, since the
+broker delivers an unacknowledged message again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+from prometheus_client import CollectorRegistry
+
+from node.bus.client import Topics
+from node.daemon import committee_of_one
+from node.intake import admission
+from node.intake.admission import Intake
+from node.intake.keys import SigningKey
+from node.intake.signing import MessageSigner
+from node.ops.config import DEFAULT_CONFIG, load_config
+from node.ops.metrics import Metrics
+from node.rounds.chain import BeaconChain
+from node.store.sqlite import State, Store
+from node.store.thread import StoreThread
+from tests.peer import Peer, submission_id, submission_topic
+
+
+class _Intake:
+    def __init__(self, directory: Path) -> None:
+        config = load_config(DEFAULT_CONFIG)
+        key = SigningKey.generate()
+        committee = committee_of_one(config, key)
+        self.store = StoreThread(Store(directory / "node.db"))
+        self.metrics = Metrics(CollectorRegistry())
+        unused: Any = None  # decoding and encoding are not reached by receive()
+        self.intake = Intake(
+            config,
+            MessageSigner(key),
+            self.store,
+            unused,
+            unused,
+            BeaconChain(committee),
+            committee,
+            self.metrics,
+            Topics(config.bus.topic_prefix),
+            lambda: None,
+        )
+
+    def internal_errors(self) -> float:
+        return self.metrics.internal_errors.labels(stage="intake")._value.get()
+
+
+def _text(peer: Peer, words: bytes) -> bytes:
+    return peer.submission([("text", "text/plain", words)])
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> _Intake:
+    return _Intake(tmp_path)
+
+
+def test_an_error_in_admission_refuses_that_message_only(node, monkeypatch):
+    admit = node.store.store.admit
+    calls = []
+
+    def failing_once(*args: Any) -> Any:
+        calls.append(args)
+        if len(calls) == 1:
+            raise OverflowError("Python int too large to convert to SQLite INTEGER")
+        return admit(*args)
+
+    monkeypatch.setattr(node.store.store, "admit", failing_once)
+    peer = Peer()
+    first, second = _text(peer, b"meets a defect"), _text(peer, b"comes next")
+
+    async def scenario() -> None:
+        await node.intake.receive(first, submission_topic(first))  # does not raise
+        await node.intake.receive(second, submission_topic(second))
+
+    asyncio.run(scenario())
+    store = node.store.store
+    assert store.submission_state(submission_id(first)) == (State.REJECTED, "malformed")
+    assert store.submission_state(submission_id(second)) == (State.RECEIVED, None)
+    assert node.intake.queue.qsize() == 1  # the next one goes on to preparation
+    answer = msgpack.unpackb(store.outbox(0, 10)[0].payload)
+    assert (answer["submission_id"], answer["status"], answer["reason"]) == (
+        submission_id(first),
+        "rejected",
+        "malformed",
+    )
+    assert node.internal_errors() == 1
+    assert node.metrics.rejections.labels(reason="malformed")._value.get() == 1
+
+
+def test_a_failing_store_stops_the_intake_instead_of_losing_messages(node, monkeypatch):
+    def disk_failed(*args: Any) -> Any:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(node.store.store, "admit", disk_failed)
+    raw = _text(Peer(), b"cannot be kept")
+    with pytest.raises(sqlite3.OperationalError):
+        asyncio.run(node.intake.receive(raw, submission_topic(raw)))
+    assert node.store.store.submission_state(submission_id(raw)) is None
+    assert node.internal_errors() == 0
+
+
+def test_an_error_in_the_parser_is_counted_and_nothing_is_answered(node, monkeypatch):
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise IndexError("a parser defect")
+
+    monkeypatch.setattr(admission, "parse_submission", broken)
+    raw = _text(Peer(), b"unreadable to a broken parser")
+    asyncio.run(node.intake.receive(raw, submission_topic(raw)))
+    assert node.internal_errors() == 1
+    assert node.store.store.submission_state(submission_id(raw)) is None
+    assert node.store.store.outbox(0, 10) == []
