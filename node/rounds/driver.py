@@ -692,8 +692,8 @@ class RoundDriver:
         paid = sum(record.reward for record in records)
         for record in records:
             self._metrics.results.labels(status=record.status).inc()
-            if record.reason is Reason.PAIR_TOO_FAR:
-                self._metrics.rejections.labels(reason=str(Reason.PAIR_TOO_FAR)).inc()
+            if record.reason is not None:  # judged with its round: pair_too_far, duplicate
+                self._metrics.rejections.labels(reason=str(record.reason)).inc()
         self._metrics.rewards.inc(paid)
         self._metrics.rounds.labels(outcome="final" if records else "empty").inc()
         self._metrics.decided_view.observe(commit.certificate.view)

@@ -84,6 +84,7 @@ def test_new_data_is_paid_and_copies_are_not(tmp_path: Path):
 
     try:
         finals = asyncio.run(scenario())
+        duplicates_counted = node.metric("poc_rejections_total", 'reason="duplicate"')
     finally:
         assert node.stop() == 0, node.log_text()[-3000:]
         broker.stop()
@@ -116,6 +117,8 @@ def test_new_data_is_paid_and_copies_are_not(tmp_path: Path):
             "duplicate",
             0,
         ), result
+    # every duplicate is counted once, whether judged at intake or after its round
+    assert duplicates_counted == len(copy_ids) + len(noise_ids)
     # a caption reused with a new picture: the caption earns nothing, the picture is scored
     result = finals[reused_id]
     assert result["status"] == "final", result
