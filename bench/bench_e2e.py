@@ -348,7 +348,7 @@ def run_kind(
     sampler = threading.Thread(target=sample)
     sampler.start()
     try:
-        outside_before = cpu_seconds(broker.process.pid) + time.process_time()
+        broker_before, harness_before = cpu_seconds(broker.process.pid), time.process_time()
         cpu_before = cpu_seconds(node.process.pid)
         threads_before = threads_cpu(node.process.pid)
         children_before = by_name(node.process.pid, "cpu", root=False)
@@ -366,7 +366,8 @@ def run_kind(
         threads_after = threads_cpu(node.process.pid)
         children_after = by_name(node.process.pid, "cpu", root=False)
         cpu_total = cpu_seconds(node.process.pid) - cpu_before
-        outside = cpu_seconds(broker.process.pid) + time.process_time() - outside_before
+        broker_cpu = cpu_seconds(broker.process.pid) - broker_before
+        harness_cpu = time.process_time() - harness_before
     finally:
         done.set()
         sampler.join()
@@ -383,7 +384,7 @@ def run_kind(
             if tokens.get("content")
             else ""
         )
-        + f"; outside the node: submitters and Mosquitto {outside:.1f} CPU s"
+        + f"; outside the node: submitters {harness_cpu:.1f}, Mosquitto {broker_cpu:.1f} CPU s"
         + "; node CPU s by thread "
         + ", ".join(
             f"{name} {seconds - threads_before.get(name, 0.0):.2f}"

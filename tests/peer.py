@@ -146,6 +146,7 @@ class ResultListener:
     def __init__(self, port: int) -> None:
         self.port = port
         self.results: list[dict[str, Any]] = []
+        self._by_submission: dict[bytes, list[dict[str, Any]]] = {}
         self._changed = asyncio.Event()
         self._client: aiomqtt.Client | None = None
         self._task: asyncio.Task[None] | None = None
@@ -171,6 +172,7 @@ class ResultListener:
             result["_topic_submitter"] = submitter_hex
             result["_received_monotonic"] = time.monotonic()
             self.results.append(result)
+            self._by_submission.setdefault(result["submission_id"], []).append(result)
             self._changed.set()
 
     async def publish(self, raw: bytes, topic: str | None = None) -> None:
@@ -179,7 +181,9 @@ class ResultListener:
         await self._client.publish(topic or submission_topic(raw), raw, qos=1)
 
     def about(self, identity: bytes) -> list[dict[str, Any]]:
-        return [r for r in self.results if r["submission_id"] == identity]
+        """The Results about one submission, in arrival order (without scanning all:
+        a benchmark waits on hundreds of submissions while thousands arrive)."""
+        return list(self._by_submission.get(identity, ()))
 
     async def wait_for(
         self, identity: bytes, statuses: set[str], timeout: float = 60.0
