@@ -10,50 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import msgpack
 import pytest
-from prometheus_client import CollectorRegistry
 
-from node.bus.client import Topics
-from node.daemon import committee_of_one
 from node.intake import admission
-from node.intake.admission import Intake
-from node.intake.keys import SigningKey
-from node.intake.signing import MessageSigner
-from node.ops.config import DEFAULT_CONFIG, load_config
-from node.ops.metrics import Metrics
-from node.rounds.chain import BeaconChain
-from node.store.sqlite import State, Store
-from node.store.thread import StoreThread
+from node.store.sqlite import State
+from tests.intake import BareIntake
 from tests.peer import Peer, submission_id, submission_topic
-
-
-class _Intake:
-    def __init__(self, directory: Path) -> None:
-        config = load_config(DEFAULT_CONFIG)
-        key = SigningKey.generate()
-        committee = committee_of_one(config, key)
-        self.store = StoreThread(Store(directory / "node.db"))
-        self.metrics = Metrics(CollectorRegistry())
-        unused: Any = None  # decoding and encoding are not reached by receive()
-        self.intake = Intake(
-            config,
-            MessageSigner(key),
-            self.store,
-            unused,
-            unused,
-            BeaconChain(committee),
-            committee,
-            self.metrics,
-            Topics(config.bus.topic_prefix),
-            lambda: None,
-        )
-
-    def internal_errors(self) -> float:
-        return self.metrics.internal_errors.labels(stage="intake")._value.get()
 
 
 def _text(peer: Peer, words: bytes) -> bytes:
@@ -61,8 +28,10 @@ def _text(peer: Peer, words: bytes) -> bytes:
 
 
 @pytest.fixture
-def node(tmp_path: Path) -> _Intake:
-    return _Intake(tmp_path)
+def node(tmp_path: Path) -> Iterator[BareIntake]:
+    bare = BareIntake(tmp_path)
+    yield bare
+    bare.close()
 
 
 def test_an_error_in_admission_refuses_that_message_only(node, monkeypatch):
