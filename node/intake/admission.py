@@ -284,10 +284,12 @@ class Intake:
         """One message met an error of the node's own: it is refused, and nothing else.
 
         A node that died on it would die again on every restart (the broker
-        delivers the unacknowledged message again). A message whose signature
-        holds is answered ``malformed`` (the closed set has no code for the
-        node's own fault; the log and ``poc_internal_errors_total`` name it);
-        any other is only logged, like unattributable bytes.
+        delivers the unacknowledged message again). A new message whose
+        signature holds is answered ``malformed`` (the closed set has no code
+        for the node's own fault; the log and ``poc_internal_errors_total``
+        name it); any other is only logged, like unattributable bytes. A
+        submission the store already holds keeps its state: the error met a
+        copy of it, or came after it was kept (a restart resumes it).
         """
         self._metrics.internal_errors.labels(stage="intake").inc()
         identity = submission_id(raw)
@@ -299,8 +301,12 @@ class Intake:
             exc_info=error,
         )
         try:
+            if await asyncio.to_thread(self._known, identity):
+                return
             submission = await asyncio.to_thread(parse_submission, raw, self._wire_limits)
-        except Exception:  # unattributable, or the parser's own fault
+        except Exception as again:  # unattributable, or the parser's own fault
+            if store_failed(again):
+                raise
             return
         try:
             await self._reject(

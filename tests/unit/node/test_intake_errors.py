@@ -89,3 +89,21 @@ def test_an_error_in_the_parser_is_counted_and_nothing_is_answered(node, monkeyp
     assert node.internal_errors() == 1
     assert node.store.store.submission_state(submission_id(raw)) is None
     assert node.store.store.outbox(0, 10) == []
+
+
+def test_an_error_on_a_copy_of_a_kept_submission_leaves_it_as_it_was(node, monkeypatch):
+    """A redelivery of a submission waiting for its round meets a defect: the
+    submission stays kept, its data claims with it (rejecting it would drop
+    an accepted submission)."""
+    raw = _text(Peer(), b"kept, then delivered again")
+    asyncio.run(node.intake.receive(raw, submission_topic(raw)))
+    assert node.store.store.submission_state(submission_id(raw)) == (State.RECEIVED, None)
+
+    def broken(*args: Any) -> Any:
+        raise KeyError("a defect on the redelivery path")
+
+    monkeypatch.setattr(node.store.store, "keep_raw", broken)
+    asyncio.run(node.intake.receive(raw, submission_topic(raw)))
+    assert node.internal_errors() == 1
+    assert node.store.store.submission_state(submission_id(raw)) == (State.RECEIVED, None)
+    assert node.store.store.outbox(0, 10) == []
