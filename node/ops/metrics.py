@@ -49,11 +49,12 @@ class Metrics:
         self.internal_errors = Counter(
             "poc_internal_errors_total",
             "Submissions the node failed to handle through an error of its own, by stage "
-            "(logged as event=intake_failed or prepare_failed; rejected, never fatal)",
+            "(intake, prepare: the submission is refused; consensus: the message is dropped; "
+            "logged as event=intake_failed, prepare_failed, consensus_message_failed)",
             ["stage"],
             registry=registry,
         )
-        for stage in ("intake", "prepare"):
+        for stage in ("intake", "prepare", "consensus"):
             self.internal_errors.labels(stage=stage)
         self.results = Counter(
             "poc_results_total", "Results produced, by status", ["status"], registry=registry

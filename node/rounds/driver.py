@@ -73,7 +73,7 @@ from node.rounds.records import (
 )
 from node.rounds.sync import FetchedRound, SyncService
 from node.rounds.verify import RecordVerifier
-from node.store.sqlite import CommittedRound, Finalization, Outgoing, State
+from node.store.sqlite import CommittedRound, Finalization, Outgoing, State, store_failed
 from node.store.thread import StoreThread
 from rewards.history import History
 
@@ -294,6 +294,22 @@ class RoundDriver:
         except ConsensusWireError as error:
             self._metrics.consensus_rejected.labels(reason="malformed").inc()
             log.info("event=bad_consensus_message topic=%s error=%r", topic, str(error))
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:
+            if store_failed(error):
+                raise  # nothing more can be kept: stop, unacknowledged
+            # An error of the node's own on one message: that message is dropped (and
+            # acknowledged). Escaping, it ended the node, and the broker's redelivery of
+            # the unacknowledged message ended it again on every restart.
+            self._metrics.internal_errors.labels(stage="consensus").inc()
+            log.error(
+                "event=consensus_message_failed topic=%s bytes=%d error=%r",
+                topic,
+                len(payload),
+                error,
+                exc_info=error,
+            )
 
     def _spawn(self, work: Awaitable[None]) -> None:
         async def guarded() -> None:

@@ -31,6 +31,8 @@ log = logging.getLogger("poc.sync")
 
 REQUEST_DOMAIN = "poc/v1/sync-request"
 ROUNDS_PER_REPLY = 32
+MAX_ROUND = 2**63 - 1
+"""The largest round a consensus message may name (``consensus.messages``)."""
 SUBMISSIONS_PER_REQUEST = 64
 MAX_WAITING = 64
 _LIMITS = DecodeLimits(max_bytes=256 * 1024 * 1024, max_container_len=10_000)
@@ -146,9 +148,12 @@ class SyncService:
             return
         if not isinstance(reply, dict):
             return
-        waiting = self._waiting.get(reply.get("request_id", b""))
+        request_id = reply.get("request_id")
         entries = reply.get("entries")
-        if waiting is None or not isinstance(entries, list):
+        if not isinstance(request_id, bytes) or not isinstance(entries, list):
+            return  # (a list or map as request_id is unhashable: it once ended the node)
+        waiting = self._waiting.get(request_id)
+        if waiting is None:
             return
         future, accept = waiting
         if future.done():
@@ -183,11 +188,10 @@ class SyncService:
         ):
             return
         kind = request.get("kind")
-        if kind == "rounds" and isinstance(request.get("first"), int):
-            first = request["first"]
-            rounds = await self._store.committed_rounds(
-                first, first + ROUNDS_PER_REPLY - 1, ROUNDS_PER_REPLY
-            )
+        first = request.get("first")
+        if kind == "rounds" and isinstance(first, int) and 0 <= first <= MAX_ROUND:
+            last = min(first + ROUNDS_PER_REPLY - 1, MAX_ROUND)  # (SQLite's signed 64 bits)
+            rounds = await self._store.committed_rounds(first, last, ROUNDS_PER_REPLY)
             entries: list[Any] = []
             size = 0
             for r in rounds:

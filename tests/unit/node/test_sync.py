@@ -333,3 +333,60 @@ def test_a_lying_member_that_answers_first_delays_the_bytes_but_never_replaces_t
     assert asked == [{x, y}, {x, w}]
     assert kept == genuine  # never a forged byte
     assert refused == 3  # the junk reply each time, and the liar's forgeries once y was had
+
+
+def test_replies_and_requests_with_hostile_values_are_dropped_and_the_node_goes_on(
+    tmp_path: Path,
+):
+    """Found from the outside: an unsigned reply whose request_id was a list or a map
+    (unhashable) raised out of the driver and ended the node, and again on every
+    restart (its QoS 1 redelivery); a member's request for rounds from 2**63 - 1
+    overflowed SQLite's signed integer. Both go through the real driver's handler,
+    which also drops (and counts) any other error of its own on one message."""
+    committee, (me, other) = members(2)
+    sent: list[tuple[str, bytes]] = []
+
+    async def publish(topic: str, payload: bytes) -> None:
+        sent.append((topic, payload))
+
+    async def scenario() -> Metrics:
+        store = StoreThread(Store(tmp_path / "s.db"))
+        store.store.commit_round(
+            CommittedRound(0, b"v" * 32, b"b" * 32, pack({"round": 0}), b"summary", b"p"),
+            [],
+            [],
+            1,
+        )
+        metrics = Metrics(CollectorRegistry())
+        sync = SyncService(me, committee, PREFIX, store, publish)
+        driver = _driver(committee, me, store, metrics, sync)
+        for request_id in ([], {}, [b"x"], None, 5):
+            reply = {"v": 1, "request_id": request_id, "responder": bytes(32), "entries": []}
+            await driver.on_message(sync.reply_topic, pack(reply))
+        for first in (2**63 - 1, 2**63 - 10, 2**64 - 1, -1, 0):
+            request = other.signed_bytes(
+                "poc/v1/sync-request",
+                {
+                    "v": 1,
+                    "requester": other.key.public_key,
+                    "request_id": b"r" * 16,
+                    "kind": "rounds",
+                    "first": first,
+                },
+            )
+            await driver.on_message(sync.request_topic, request)
+        await asyncio.gather(*driver._background)
+
+        def broken(payload: bytes) -> None:
+            raise KeyError("a defect in the evidence handler")
+
+        driver._evidence_received = broken  # type: ignore[assignment,method-assign]
+        await driver.on_message(f"{PREFIX}/consensus/evidence", b"\x80")
+        store.close()
+        return metrics
+
+    metrics = asyncio.run(scenario())
+    # only the request for rounds from 0 is answered (round 0 is the one committed)
+    assert [unpack(p)["entries"][0]["round"] for _, p in sent] == [0]
+    # the injected defect, and nothing before it, was an error of the node's own
+    assert metrics.internal_errors.labels(stage="consensus")._value.get() == 1
