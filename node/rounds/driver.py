@@ -69,6 +69,7 @@ from node.rounds.records import (
     RoundRecord,
     RoundRules,
     from_float16,
+    proposal_bytes_max,
     score_round,
 )
 from node.rounds.sync import FetchedRound, SyncService
@@ -175,6 +176,7 @@ class RoundDriver:
         # yet (rounds learned by sync): asked for again after every commit.
         self._bytes_wanted: set[bytes] = set()
         self._fetching_bytes = False
+        self._proposal_bytes = proposal_bytes_max(config.rounds.max_records, history.dim)
 
     # -- start ---------------------------------------------------------------
 
@@ -274,6 +276,8 @@ class RoundDriver:
         """A consensus or sync message; returns quickly (recomputation runs in the background)."""
         prefix = self._topics.prefix
         try:
+            if self._too_large(topic, payload):
+                return
             if topic == f"{prefix}/consensus/votes":
                 vote = decode_vote(payload)
                 async with self._lock:
@@ -310,6 +314,28 @@ class RoundDriver:
                 error,
                 exc_info=error,
             )
+
+    def _too_large(self, topic: str, payload: bytes) -> bool:
+        """A proposal, or evidence (two of them), larger than an honest member's can be.
+
+        Refused before decoding: held for a future round, such proposals would
+        let one member pin gigabytes in every peer (the codec's own limit is
+        64 MiB a message), and evidence of them would fill the disk.
+        """
+        prefix = self._topics.prefix
+        if topic == f"{prefix}/consensus/proposals":
+            limit = self._proposal_bytes
+        elif topic == f"{prefix}/consensus/evidence":
+            limit = 2 * self._proposal_bytes + 4096
+        else:
+            return False
+        if len(payload) <= limit:
+            return False
+        self._metrics.consensus_rejected.labels(reason="too_large").inc()
+        log.info(
+            "event=bad_consensus_message topic=%s bytes=%d limit=%d", topic, len(payload), limit
+        )
+        return True
 
     def _spawn(self, work: Awaitable[None]) -> None:
         async def guarded() -> None:

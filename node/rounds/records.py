@@ -193,6 +193,19 @@ def prepare(
     )
 
 
+def proposal_bytes_max(max_records: int, dim: int) -> int:
+    """The most bytes an honest member's signed proposal can take: ``max_records``
+    records, each of at most two items with their D float16 values, hashes and
+    scores, with room to spare.
+
+    A member's proposal for a future round is held until that round (one per
+    round, view and member, within the machine's windows); without this bound
+    one member could pin gigabytes of 64 MiB proposals in every peer's memory.
+    """
+    item = 2 * dim + 128  # its vector, modality, fused, sha256, score
+    return 4096 + max_records * (2 * item + 512)
+
+
 @dataclass(frozen=True)
 class RoundRecord:
     """The certified outcome of one submission in one round.

@@ -209,6 +209,10 @@ class StoreError(RuntimeError):
     """The store cannot be used as it is (a schema from another version)."""
 
 
+EVIDENCE_PER_OFFENDER = 64
+"""Equivocation proofs kept against one member at most."""
+
+
 def store_failed(error: BaseException) -> bool:
     """Whether ``error`` says the store itself cannot keep what it is given (a full or
     failing disk, a damaged file, a locked database) rather than that one call was
@@ -515,7 +519,14 @@ class Store:
     def record_evidence(
         self, round_number: int, view: int, kind: str, offender: bytes, evidence: bytes, now_ms: int
     ) -> bool:
-        """Keep proof of an equivocation; False if this exact proof is already kept."""
+        """Keep proof of an equivocation; False if this exact proof is already kept, or if
+        ``EVIDENCE_PER_OFFENDER`` proofs against this member are (one proves it; a
+        member that equivocates without end must not fill the disk)."""
+        (kept,) = self._db.execute(
+            "SELECT COUNT(*) FROM evidence WHERE offender = ?", (offender,)
+        ).fetchone()
+        if kept >= EVIDENCE_PER_OFFENDER:
+            return False
         cursor = self._db.execute(
             "INSERT OR IGNORE INTO evidence (round, view, kind, offender, evidence, recorded_ms) "
             "VALUES (?, ?, ?, ?, ?, ?)",

@@ -6,6 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from node.store.sqlite import (
+    EVIDENCE_PER_OFFENDER,
     Admission,
     CommittedRound,
     Finalization,
@@ -311,3 +312,14 @@ def test_known_ids_answer_from_other_threads_read_only(tmp_path):
         db = pool.submit(lambda: (known(b"a" * 32), known._local.db)).result()[1]
         with pytest.raises(sqlite3.OperationalError, match="readonly"):
             pool.submit(db.execute, "DELETE FROM submissions").result()
+
+
+def test_evidence_against_one_member_is_kept_up_to_a_cap(tmp_path):
+    """One proof is enough; a member that equivocates without end must not fill the disk,
+    nor crowd out the proofs against another."""
+    store = Store(tmp_path / "s.db")
+    for number in range(EVIDENCE_PER_OFFENDER + 10):
+        kept = store.record_evidence(number, 0, "prevote", b"m" * 32, b"proof %d" % number, 1)
+        assert kept == (number < EVIDENCE_PER_OFFENDER)
+    assert store.record_evidence(0, 0, "prevote", b"o" * 32, b"another member's proof", 1)
+    assert len(store.evidence()) == EVIDENCE_PER_OFFENDER + 1

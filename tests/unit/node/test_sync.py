@@ -4,20 +4,24 @@ import asyncio
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 from prometheus_client import CollectorRegistry
 
-from consensus.actions import BuildProposal, Commit
+from consensus.actions import Broadcast, BuildProposal, Commit
 from consensus.committee import Committee, Member
 from consensus.round import RoundMachine
+from encoders.modality import Modality
 from node.bus.client import Topics
+from node.errors import Reason
 from node.intake.codec import DecodeLimits, pack, unpack
 from node.intake.keys import SigningKey
 from node.intake.signing import MessageSigner
-from node.intake.wire import submission_id
+from node.intake.wire import EmbeddingEntry, submission_id
 from node.ops.config import load_config
 from node.ops.metrics import Metrics
+from node.rounds.consensus_wire import encode_proposal
 from node.rounds.driver import RoundDriver
-from node.rounds.records import RoundRecord
+from node.rounds.records import RoundRecord, proposal_bytes_max
 from node.rounds.sync import FetchedRound, SyncService
 from node.store.sqlite import CommittedRound, Store
 from node.store.thread import StoreThread
@@ -390,3 +394,60 @@ def test_replies_and_requests_with_hostile_values_are_dropped_and_the_node_goes_
     assert [unpack(p)["entries"][0]["round"] for _, p in sent] == [0]
     # the injected defect, and nothing before it, was an error of the node's own
     assert metrics.internal_errors.labels(stage="consensus")._value.get() == 1
+
+
+def _widest_record(dim: int) -> bytes:
+    longest = max((reason for reason in Reason), key=lambda r: len(str(r)))
+    entry = EmbeddingEntry(Modality.VIDEO, b"\xff" * (2 * dim), False)
+    return RoundRecord(
+        b"i" * 32,
+        b"s" * 32,
+        "rejected",
+        longest,
+        2**64 - 1,
+        (entry, entry),
+        2**64 - 1,
+        (2**64 - 1, 2**64 - 1),
+        2**64 - 1,
+        2**64 - 1,
+        (b"h" * 32, b"k" * 32),
+    ).to_bytes()
+
+
+@pytest.mark.parametrize(("max_records", "dim"), [(256, 256), (16, 1024), (1, 8)])
+def test_an_honest_proposal_of_max_records_widest_records_fits_the_bound(max_records, dim):
+    signer = MessageSigner(SigningKey.generate())
+    me = signer.key.public_key
+    committee = Committee(0, 1, 10, (Member("solo", me, 1),))
+    machine = RoundMachine(committee, me, signer, first_round=0, beacon=b"b" * 32)
+    build = next(a for a in machine.round_closed(0) if isinstance(a, BuildProposal))
+    actions = machine.proposal_built(0, build.view, [_widest_record(dim)] * max_records)
+    [proposal] = [a.message for a in actions if isinstance(a, Broadcast)][:1]
+    assert len(encode_proposal(proposal)) <= proposal_bytes_max(max_records, dim)
+
+
+def test_proposals_and_evidence_larger_than_an_honest_members_are_refused_unread(
+    tmp_path: Path,
+):
+    """Found from the outside: a member's 20 MiB proposals for future rounds were held
+    until their round (up to 64 MiB each, per round, view and member)."""
+    committee, (me, _) = members(2)
+
+    async def nowhere(topic: str, payload: bytes) -> None:
+        raise AssertionError("nothing is published")
+
+    async def scenario() -> Metrics:
+        store = StoreThread(Store(tmp_path / "s.db"))
+        metrics = Metrics(CollectorRegistry())
+        sync = SyncService(me, committee, PREFIX, store, nowhere)
+        driver = _driver(committee, me, store, metrics, sync)
+        limit = proposal_bytes_max(load_config().rounds.max_records, 8)
+        await driver.on_message(f"{PREFIX}/consensus/proposals", b"\x00" * (limit + 1))
+        await driver.on_message(f"{PREFIX}/consensus/evidence", b"\x00" * (2 * limit + 4097))
+        await driver.on_message(f"{PREFIX}/consensus/proposals", b"\x00" * limit)  # malformed
+        store.close()
+        return metrics
+
+    metrics = asyncio.run(scenario())
+    assert metrics.consensus_rejected.labels(reason="too_large")._value.get() == 2
+    assert metrics.consensus_rejected.labels(reason="malformed")._value.get() == 1
