@@ -238,7 +238,10 @@ class Intake:
             raise
         except Exception as error:
             if store_failed(error):
-                raise  # nothing more can be kept: stop, unacknowledged, rather than lose it
+                # Nothing more can be kept: stop, the message unacknowledged (the broker
+                # keeps it for the restart), rather than lose it.
+                log.critical("event=store_failed stage=intake error=%r; exiting to recover", error)
+                raise
             await self._failed_at_intake(raw, error)
 
     async def _receive(self, raw: bytes, topic: str | None) -> None:

@@ -198,6 +198,8 @@ def _keygen(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from node.daemon import Node
     from node.ops.config import load_config
+    from node.rounds.driver import EXIT_STORE_FAILED
+    from node.store.sqlite import store_failed
 
     overrides: dict[str, Any] = {}
     if args.bus is not None:
@@ -218,7 +220,14 @@ def _run(args: argparse.Namespace) -> int:
     async def main() -> None:
         await Node(config).run()
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except ExceptionGroup as group:
+        # A store that cannot write (a full or failing disk) ends the node, as a
+        # refused commit does: the same exit status for systemd and the operator.
+        if group.subgroup(store_failed) is None:
+            raise
+        return EXIT_STORE_FAILED
     return 0
 
 

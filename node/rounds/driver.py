@@ -82,7 +82,8 @@ log = logging.getLogger("poc.rounds")
 
 SUMMARY_DOMAIN = "poc/v1/round-summary"
 EXIT_STORE_FAILED = 70
-"""Exit status when a certified round cannot be committed (crash-only recovery)."""
+"""Exit status when the store cannot write: a certified round it cannot commit, or a
+submission it cannot keep (crash-only recovery)."""
 BYTES_WANTED_MAX = 4096
 """At most this many certified submissions' bytes are remembered as wanted from peers."""
 

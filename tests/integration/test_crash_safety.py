@@ -260,3 +260,56 @@ def test_a_commit_the_store_refuses_stops_the_node_and_a_restart_recovers(tmp_pa
     finally:
         node.stop(signal.SIGKILL)
         broker.stop()
+
+
+def test_a_submission_the_store_cannot_keep_stops_the_node_unacknowledged_and_is_not_lost(
+    tmp_path: Path,
+):
+    """The disk refuses the write of an arriving submission (a trigger that fails like
+    a full disk: an OperationalError). The node must not acknowledge a message it
+    could not keep, nor answer it: it exits 70 (as for a refused commit, no
+    traceback), the broker keeps the message, and once the store is repaired the
+    restarted node receives it again and finalizes it once."""
+    broker = start_mosquitto(tmp_path)
+    bus = f"mqtt://127.0.0.1:{broker.port}"
+    config = write_node_config(tmp_path / "node.yaml", rounds={"round_seconds": 1})
+    node = start_node(tmp_path / "node", bus, config)
+    database = node.data_dir / "node.sqlite3"
+    raw = Peer().submission([("text", "text/plain", b"arrives while the disk refuses")])
+    try:
+        db = sqlite3.connect(database, timeout=30)
+        db.execute(
+            "CREATE TRIGGER disk_full BEFORE INSERT ON submissions "
+            "BEGIN SELECT disk_refused_the_write(); END"
+        )
+        db.commit()
+        db.close()
+
+        async def publish() -> list[dict]:
+            async with ResultListener(broker.port) as listener:
+                await listener.publish(raw)
+                await asyncio.to_thread(node.process.wait, 60)
+                return listener.results
+
+        answered = asyncio.run(publish())
+        assert node.process.returncode == 70, node.log_text()[-3000:]
+        assert answered == []
+        assert "event=store_failed stage=intake" in node.log_text()
+        assert "Traceback" not in node.log_text()
+        db = sqlite3.connect(database, timeout=30)
+        db.execute("DROP TRIGGER disk_full")
+        db.commit()
+        assert db.execute("SELECT COUNT(*) FROM submissions").fetchone()[0] == 0
+        db.close()
+
+        async def restart_and_finalize() -> tuple[NodeProcess, dict]:
+            async with ResultListener(broker.port) as listener:
+                restarted = await asyncio.to_thread(start_node, tmp_path / "node", bus, config)
+                return restarted, await listener.final(submission_id(raw), timeout=60)
+
+        node, outcome = asyncio.run(restart_and_finalize())
+        assert outcome["status"] == "final"
+        assert node.stop() == 0, node.log_text()[-3000:]
+    finally:
+        node.stop(signal.SIGKILL)
+        broker.stop()
