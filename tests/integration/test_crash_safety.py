@@ -200,6 +200,28 @@ def test_a_killed_node_leaves_no_decoder_processes_behind(tmp_path: Path):
         broker.stop()
 
 
+def _restart_and_finalize_once(directory: Path, port: int, config: Path, raw: bytes) -> NodeProcess:
+    """Start the node again on its store; ``raw`` reaches ``final``, and is final once
+    in the store. Returns the stopped node."""
+
+    async def restart_and_finalize() -> tuple[NodeProcess, dict]:
+        # Listen before the node is back: it may finalize the waiting submission
+        # before a listener that subscribed after readiness could hear it.
+        async with ResultListener(port) as listener:
+            bus = f"mqtt://127.0.0.1:{port}"
+            restarted = await asyncio.to_thread(start_node, directory, bus, config)
+            return restarted, await listener.final(submission_id(raw), timeout=60)
+
+    node, outcome = asyncio.run(restart_and_finalize())
+    assert outcome["status"] == "final"
+    assert node.stop() == 0, node.log_text()[-3000:]
+    db = sqlite3.connect(node.data_dir / "node.sqlite3")
+    finals = db.execute("SELECT COUNT(*) FROM submissions WHERE state = 'final'").fetchone()
+    db.close()
+    assert finals[0] == 1
+    return node
+
+
 def test_a_commit_the_store_refuses_stops_the_node_and_a_restart_recovers(tmp_path: Path):
     """Crash-only: a store that cannot commit a certified round never lets the machine run on.
 
@@ -243,20 +265,7 @@ def test_a_commit_the_store_refuses_stops_the_node_and_a_restart_recovers(tmp_pa
         )
         db.close()
 
-        async def restart_and_finalize() -> tuple[NodeProcess, dict]:
-            # Listen before the node is back: it may finalize the waiting submission
-            # before a listener that subscribed after readiness could hear it.
-            async with ResultListener(broker.port) as listener:
-                restarted = await asyncio.to_thread(start_node, tmp_path / "node", bus, config)
-                return restarted, await listener.final(submission_id(raw), timeout=60)
-
-        node, outcome = asyncio.run(restart_and_finalize())
-        assert outcome["status"] == "final"
-        assert node.stop() == 0, node.log_text()[-3000:]
-        db = sqlite3.connect(database)
-        finals = db.execute("SELECT COUNT(*) FROM submissions WHERE state = 'final'").fetchone()
-        db.close()
-        assert finals[0] == 1
+        node = _restart_and_finalize_once(tmp_path / "node", broker.port, config, raw)
     finally:
         node.stop(signal.SIGKILL)
         broker.stop()
@@ -302,14 +311,7 @@ def test_a_submission_the_store_cannot_keep_stops_the_node_unacknowledged_and_is
         assert db.execute("SELECT COUNT(*) FROM submissions").fetchone()[0] == 0
         db.close()
 
-        async def restart_and_finalize() -> tuple[NodeProcess, dict]:
-            async with ResultListener(broker.port) as listener:
-                restarted = await asyncio.to_thread(start_node, tmp_path / "node", bus, config)
-                return restarted, await listener.final(submission_id(raw), timeout=60)
-
-        node, outcome = asyncio.run(restart_and_finalize())
-        assert outcome["status"] == "final"
-        assert node.stop() == 0, node.log_text()[-3000:]
+        node = _restart_and_finalize_once(tmp_path / "node", broker.port, config, raw)
     finally:
         node.stop(signal.SIGKILL)
         broker.stop()
