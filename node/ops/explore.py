@@ -32,6 +32,7 @@ from urllib.parse import parse_qs
 import numpy as np
 import numpy.typing as npt
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from consensus.committee import Committee
 from encoders.errors import EncoderError
@@ -557,6 +558,35 @@ class ExploreSite:
         return web.json_response(self.explorer.points())
 
     async def _form(self, request: web.Request) -> tuple[str | None, bytes | None]:
+        """(caption, picture) of a what-if request; a body that cannot be read is bad input.
+
+        aiohttp's readers raise their own errors for a malformed body (a
+        multipart without or with a wrong boundary, an overlong part header, a
+        Content-Encoding the bytes do not match): each is the client's fault,
+        answered 400, never a 500 with a traceback.
+        """
+        try:
+            caption, picture = await self._read_form(request)
+        except BadInput:
+            raise
+        except (
+            ValueError,
+            AssertionError,
+            RecursionError,
+            HttpProcessingError,
+            web.RequestPayloadError,
+        ) as error:
+            kind = request.content_type
+            what = "multipart/form-data" if kind == "multipart/form-data" else "request body"
+            raise BadInput(f"malformed {what}: {type(error).__name__}") from None
+        if caption is not None:
+            try:
+                caption.encode("utf-8")
+            except UnicodeEncodeError:  # a lone surrogate, escaped in JSON
+                raise BadInput("caption is not valid Unicode text") from None
+        return caption, picture
+
+    async def _read_form(self, request: web.Request) -> tuple[str | None, bytes | None]:
         """(caption, picture) of a what-if request, read within ``body_limit``."""
         limit = self.body_limit()
         if request.content_length is not None and request.content_length > limit:
@@ -568,7 +598,7 @@ class ExploreSite:
                 raise BadInput(f"request is too large: more than {limit} bytes")
             try:
                 body = json.loads(raw)
-            except ValueError:
+            except (ValueError, RecursionError):  # (deep nesting: RecursionError)
                 raise BadInput("request body is not JSON") from None
             if not isinstance(body, dict) or set(body) - {"caption"}:
                 raise BadInput('expected a JSON object {"caption": "..."}')

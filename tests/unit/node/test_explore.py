@@ -144,6 +144,11 @@ async def get(url: str) -> tuple[int, Any]:
         return response.status, await response.text()
 
 
+def _raw(body: bytes, content_type: str, headers: dict[str, str] | None = None) -> dict[str, Any]:
+    """A request body sent as is, under these headers."""
+    return {"data": body, "headers": {"Content-Type": content_type, **(headers or {})}}
+
+
 def form(**fields: tuple[bytes, str] | str) -> aiohttp.FormData:
     data = aiohttp.FormData()
     for name, value in fields.items():
@@ -216,6 +221,32 @@ async def test_explorer_is_503_until_the_history_is_mapped() -> None:
         ({"data": form(caption=b"\xff\xfe".decode("latin-1"), other="x")}, "unknown field"),
         ({"json": {"caption": "x" * 70_000}}, "caption is too large"),
         ({"json": {"caption": "not known to the stand-in"}}, "undecodable"),
+        # Found from the outside: each of these was a 500 with a traceback.
+        (_raw(b'{"caption": "\\ud800"}', "application/json"), "not valid Unicode"),
+        (_raw(b"[" * 100_000, "application/json"), "not JSON"),
+        (_raw(b'{"caption":' * 50_000, "application/json"), "not JSON"),
+        (_raw(b"caption", "multipart/form-data"), "malformed multipart"),
+        (_raw(b"caption", 'multipart/form-data; boundary=""'), "malformed multipart"),
+        (_raw(b"garbage, no boundary in sight", "multipart/form-data; boundary=b"), "malformed"),
+        (
+            _raw(
+                b"--b\r\nX-Long: " + b"a" * 100_000 + b"\r\n\r\nx\r\n--b--\r\n",
+                "multipart/form-data; boundary=b",
+            ),
+            "malformed multipart",
+        ),
+        (
+            _raw(b'{"caption": "x"}', "application/json", {"Content-Encoding": "gzip"}),
+            "malformed request body",
+        ),
+        (
+            _raw(
+                b"--b\r\ncontent\r\n--b--\r\n",
+                "multipart/form-data; boundary=b",
+                {"Content-Encoding": "gzip"},
+            ),
+            "malformed",
+        ),
     ],
 )
 async def test_bad_whatifs_get_a_400_naming_the_problem(
