@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from node.errors import NodeError
@@ -17,6 +18,24 @@ if TYPE_CHECKING:
     from node.ops.explore import ExploreSite
 
 log = logging.getLogger("poc.http")
+
+
+class _ClientFaults(logging.Filter):
+    """aiohttp answers a malformed request (a bad request line, an overlong URL or
+    header, a bad chunk) 400, and logs it at ERROR with a traceback: anyone who can
+    reach the port could fill the log with tracebacks and page the operator. Those
+    become one line at DEBUG; a handler's own error stays an ERROR."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, HttpProcessingError):
+            what = (error.message or type(error).__name__).strip().splitlines()[0]
+            log.debug("event=http_bad_request error=%r", what[:200])
+            return False
+        return True
+
+
+logging.getLogger("aiohttp.server").addFilter(_ClientFaults())
 
 
 @asynccontextmanager
