@@ -30,6 +30,8 @@ NIL_WIRE = b""
 NO_VIEW = -1
 """``valid_view`` of a proposal that carries no value from an earlier view."""
 MAX_VIEW = 2**32 - 1
+MAX_ROUND = 2**63 - 1
+"""The largest round a message may name (a store's signed 64-bit integer holds it)."""
 
 
 class MalformedMessage(ValueError):
@@ -43,7 +45,7 @@ class VoteKind(StrEnum):
     PRECOMMIT = "precommit"
 
 
-def _check_uint(value: object, what: str, maximum: int = 2**63 - 1) -> int:
+def _check_uint(value: object, what: str, maximum: int = MAX_ROUND) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= maximum:
         raise MalformedMessage(f"{what} must be an int in 0..{maximum}, got {value!r}")
     return value

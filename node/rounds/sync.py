@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from consensus.committee import Committee
+from consensus.messages import MAX_ROUND
 from node.intake.codec import CodecError, DecodeLimits, pack, unpack
 from node.intake.signing import MessageSigner
 from node.intake.wire import submission_id
@@ -31,8 +32,6 @@ log = logging.getLogger("poc.sync")
 
 REQUEST_DOMAIN = "poc/v1/sync-request"
 ROUNDS_PER_REPLY = 32
-MAX_ROUND = 2**63 - 1
-"""The largest round a consensus message may name (``consensus.messages``)."""
 SUBMISSIONS_PER_REQUEST = 64
 MAX_WAITING = 64
 _LIMITS = DecodeLimits(max_bytes=256 * 1024 * 1024, max_container_len=10_000)
