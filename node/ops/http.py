@@ -29,8 +29,8 @@ class _ClientFaults(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
         if isinstance(error, HttpProcessingError):
-            what = (error.message or type(error).__name__).strip().splitlines()[0]
-            log.debug("event=http_bad_request error=%r", what[:200])
+            lines = str(error.message or "").strip().splitlines()
+            log.debug("event=http_bad_request error=%r", (lines or [type(error).__name__])[0][:200])
             return False
         return True
 

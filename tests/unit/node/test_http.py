@@ -43,3 +43,20 @@ async def test_malformed_requests_are_400_without_an_error_traceback_in_the_log(
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert errors == [], [r.getMessage() for r in errors]
     assert sum("event=http_bad_request" in r.getMessage() for r in caplog.records) == len(MALFORMED)
+
+
+def test_the_log_filter_turns_a_client_fault_without_a_message_into_one_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A filter that raised would break aiohttp's own error handling."""
+    from aiohttp.http_exceptions import BadHttpMessage
+
+    caplog.set_level(logging.DEBUG)
+    server_log = logging.getLogger("aiohttp.server")
+    for message in ("", "   ", "first line\nsecond"):
+        try:
+            raise BadHttpMessage(message)
+        except BadHttpMessage:
+            server_log.exception("Error handling request")
+    assert [r.levelno for r in caplog.records if r.name == "aiohttp.server"] == []
+    assert sum("event=http_bad_request" in r.getMessage() for r in caplog.records) == 3
