@@ -66,6 +66,29 @@ STORE_STAGES = {
 """The stage a store call's CPU time counts for (any other: ``store``)."""
 
 
+async def cancel_all(tasks: list[asyncio.Task[Any]], every_s: float = 2.0) -> None:
+    """Cancel ``tasks`` and wait until each has ended, cancelling again those still running.
+
+    One cancellation can be lost: on Python 3.11 ``asyncio.wait_for`` (which
+    aiomqtt awaits a PUBACK with) returns the result of a future that completed
+    in the same turn of the loop as the cancellation, and the task goes on. A
+    stop that cancelled once then waited for ever, the sync loop still asking
+    every few seconds on a closed session (seen after a node resumed from
+    SIGSTOP, when every timer fires at once). A later cancellation meets the
+    task at another await. The first wait is long enough for a task's own
+    cleanup (a bus session's graceful disconnect) not to be cut short.
+    """
+    pending = {task for task in tasks if not task.done()}
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=every_s)
+        if pending:
+            log.warning(
+                "event=task_cancel_again tasks=%s", ",".join(sorted(t.get_name() for t in pending))
+            )
+
+
 def validator_key(config: Config) -> SigningKey:
     """The configured key, or ``<data_dir>/validator.key``, created on first start."""
     path = config.node.key or config.node.data_dir / "validator.key"
@@ -518,6 +541,4 @@ class Node:
                 intake.queue.qsize(),
                 unpublished,
             )
-        bus_task.cancel()
-        for task in workers:
-            task.cancel()
+        await cancel_all([bus_task, *workers])
