@@ -55,6 +55,10 @@ def decode_image(
         raise MediaTooLargeError(f"image rejected as a decompression bomb: {exc}") from exc
     except EncoderError:
         raise
+    except Image.UnidentifiedImageError as exc:
+        # Pillow's own message names the BytesIO object by its address: no use to the
+        # submitter who reads it in a Result, and a pointer handed to anyone.
+        raise UndecodableError(f"cannot decode {mime}: not a {_FORMATS[mime]} image") from exc
     except Exception as exc:
         raise UndecodableError(f"cannot decode {mime}: {exc}") from exc
     square = fit_square(np.asarray(resized, dtype=np.uint8), size)
