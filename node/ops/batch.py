@@ -498,7 +498,10 @@ class BatchRun:
         while not self.finished():
             self._changed.clear()
             try:
-                await asyncio.wait_for(self._changed.wait(), idle_s)
+                # Not wait_for: on Python 3.11 it can lose a cancellation (Ctrl-C)
+                # that arrives with the event (python/cpython#86296).
+                async with asyncio.timeout(idle_s):
+                    await self._changed.wait()
             except TimeoutError:
                 return
 
