@@ -7,7 +7,7 @@ import warnings
 
 import numpy as np
 import numpy.typing as npt
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from encoders.canvas import fit_square, fitted_size
 from encoders.errors import EncoderError, MediaTooLargeError, UndecodableError
@@ -55,7 +55,7 @@ def decode_image(
         raise MediaTooLargeError(f"image rejected as a decompression bomb: {exc}") from exc
     except EncoderError:
         raise
-    except Image.UnidentifiedImageError as exc:
+    except UnidentifiedImageError as exc:
         # Pillow's own message names the BytesIO object by its address: no use to the
         # submitter who reads it in a Result, and a pointer handed to anyone.
         raise UndecodableError(f"cannot decode {mime}: not a {_FORMATS[mime]} image") from exc
