@@ -271,6 +271,20 @@ class RoundMachine:
             actions += self._start_view(view + 1)
         return actions + self._process()
 
+    def evidence_out_of_window(self, round_number: int) -> str | None:
+        """Why evidence about ``round_number`` is not kept, or None.
+
+        The window of every other message: the last ``retained_rounds`` decided
+        rounds (older: ``too_old``) to ``future_rounds`` ahead (``too_far_ahead``).
+        A member can sign conflicting messages for any round it likes; proofs
+        about rounds nobody is deciding prove nothing anyone needs.
+        """
+        if round_number >= self._round + self._future_rounds:
+            return "too_far_ahead"
+        if round_number < self._round - self._retained_rounds:
+            return "too_old"
+        return None
+
     def proposal_received(self, signed: SignedProposal) -> list[Action]:
         """A signed proposal from the bus."""
         rejected = self._screen("proposal", signed)
@@ -356,6 +370,11 @@ class RoundMachine:
             return [Rejected("certificate", r, "hash_mismatch")]
         if not proposal.verify(self._crypto) or self._committee.member(proposal.signer) is None:
             return [Rejected("certificate", r, "bad_proposal")]
+        if proposal.signer != self.proposer(proposal.view).public_key:
+            # The value is what the certificate certifies, but the round keeps the
+            # proposal it came in as its provenance (``poc-node audit`` checks it):
+            # only its view's proposer's.
+            return [Rejected("certificate", r, "not_proposer")]
         actions: list[Action] = [self._commit(proposal, certificate.value_hash, certificate)]
         return actions + self._process()
 
@@ -711,4 +730,10 @@ class RoundMachine:
             for view, signer in list(upcoming.proposals):
                 if signer != self.proposer(view).public_key:
                     del upcoming.proposals[(view, signer)]
+            # The values too: one member's proposal of a value (an empty one is easy to
+            # guess) sent ahead would otherwise be the signed proposal this round
+            # commits, stores and relays, for a view it did not propose.
+            upcoming.values = {}
+            for kept, kept_hash in upcoming.proposals.values():
+                upcoming.values.setdefault(kept_hash, kept)
         return Commit(r, proposal.proposal.value, value_hash, certificate, proposal, beacon_after)

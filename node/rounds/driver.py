@@ -407,7 +407,9 @@ class RoundDriver:
 
     async def _evidence_received(self, payload: bytes) -> None:
         evidence = decode_evidence(payload)
-        why = evidence.why_invalid(self._committee, self._signer)
+        why = self.machine.evidence_out_of_window(evidence.round) or evidence.why_invalid(
+            self._committee, self._signer
+        )
         if why is not None:
             self._metrics.consensus_rejected.labels(reason=f"evidence_{why}").inc()
             log.info("event=evidence_refused why=%s", why)

@@ -281,6 +281,52 @@ def test_messages_are_screened_with_reasons() -> None:
     ]
 
 
+def test_a_proposal_sent_ahead_by_another_member_is_never_the_one_committed() -> None:
+    """A member that is not a later round's proposer sends that round's (guessable,
+    empty) value ahead, before the round's beacon names its proposer: the round
+    commits, stores and relays its proposer's proposal, never the impostor's."""
+    t = Harness(avoid=[0])
+    t.machine.round_closed(0)
+    records = next(  # round 0's value such that round 1's first proposer is another member
+        [bytes([i])]
+        for i in range(64)
+        if RoundMachine(
+            t.committee,
+            t.me.public_key,
+            t.me,
+            first_round=1,
+            beacon=next_beacon(t.machine.beacon, t.value_hash([bytes([i])])),
+        )
+        .proposer(0)
+        .public_key
+        != t.me.public_key
+    )
+    beacon_1 = next_beacon(t.machine.beacon, t.value_hash(records))
+    probe = RoundMachine(t.committee, t.me.public_key, t.me, first_round=1, beacon=beacon_1)
+    impostor = next(
+        c for c in t.others if c.public_key not in {probe.proposer(v).public_key for v in (0, 1)}
+    )
+    for view in (0, 1):  # held for round 1: its proposer is not known yet
+        assert t.machine.proposal_received(sign_proposal(impostor, 1, view, [])) == []
+    actions, value = t.propose(0, records)
+    t.verify(actions)
+    t.vote(t.others, PREVOTE, 0, value)
+    (commit_0,) = only(t.vote(t.others, PRECOMMIT, 0, value), Commit)
+    assert commit_0.round == 0 and t.machine.beacon == beacon_1
+    # Round 1: its proposer proposes the same empty value.
+    t.machine.round_closed(1)
+    actions, empty = t.propose(0, [], round_number=1)
+    actions += t.verify(actions)
+    t.vote(t.others, PREVOTE, 0, empty, round_number=1)
+    assert t.machine.locked == (empty, 0)  # what backs the lock is relayed: the proposer's
+    assert [m.signer for m in t.machine.relay_messages() if isinstance(m, SignedProposal)] == [
+        t.proposer(0).public_key
+    ]
+    (commit_1,) = only(t.vote(t.others, PRECOMMIT, 0, empty, round_number=1), Commit)
+    assert commit_1.proposal is not None
+    assert commit_1.proposal.signer == t.proposer(0).public_key != impostor.public_key
+
+
 def test_a_member_locked_on_a_value_prevotes_nil_for_another_without_a_newer_quorum() -> None:
     t = Harness(avoid=[0])
     t.machine.round_closed(0)
@@ -564,6 +610,10 @@ def test_a_valid_certificate_commits_and_invalid_ones_are_rejected() -> None:
     assert fresh.certificate_received(certificate_of(cryptos[:3], 1, 0, h), proposal) == [
         Rejected("certificate", 1, "not_next")
     ]
+    # The certified value, in a proposal signed by a member that did not propose its view.
+    impostor = next(c for c in cryptos if c.public_key != proposal.signer)
+    borrowed = sign_proposal(impostor, 0, proposal.view, proposal.proposal.records)
+    assert fresh.certificate_received(qc, borrowed) == [Rejected("certificate", 0, "not_proposer")]
     (done,) = fresh.certificate_received(qc, proposal)
     assert isinstance(done, Commit) and done.beacon_after == commit.beacon_after
     assert done.value_hash == h and fresh.next_round == 1

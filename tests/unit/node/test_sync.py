@@ -9,6 +9,7 @@ from prometheus_client import CollectorRegistry
 
 from consensus.actions import Broadcast, BuildProposal, Commit
 from consensus.committee import Committee, Member
+from consensus.messages import NO_VIEW, Evidence, Proposal, SignedProposal
 from consensus.round import RoundMachine
 from encoders.modality import Modality
 from node.bus.client import Topics
@@ -19,7 +20,7 @@ from node.intake.signing import MessageSigner
 from node.intake.wire import EmbeddingEntry, submission_id
 from node.ops.config import load_config
 from node.ops.metrics import Metrics
-from node.rounds.consensus_wire import encode_proposal
+from node.rounds.consensus_wire import encode_evidence, encode_proposal
 from node.rounds.driver import RoundDriver
 from node.rounds.records import RoundRecord, proposal_bytes_max
 from node.rounds.sync import FetchedRound, SyncService
@@ -451,3 +452,37 @@ def test_proposals_and_evidence_larger_than_an_honest_members_are_refused_unread
     metrics = asyncio.run(scenario())
     assert metrics.consensus_rejected.labels(reason="too_large")._value.get() == 2
     assert metrics.consensus_rejected.labels(reason="malformed")._value.get() == 1
+
+
+def test_evidence_about_rounds_nobody_decides_is_refused(tmp_path: Path):
+    """Found from the outside: a member's proof of its own equivocation at round
+    2**63 - 1 was kept, counted and listed by the audit. Evidence is held to the
+    window of every other consensus message."""
+    committee, (me, other) = members(2)
+
+    async def nowhere(topic: str, payload: bytes) -> None:
+        raise AssertionError("nothing is published")
+
+    def equivocation(round_number: int) -> bytes:
+        signed = []
+        for records in ((b"a",), (b"b",)):
+            proposal = Proposal(round_number, 0, other.key.public_key, records, NO_VIEW)
+            signed.append(SignedProposal(proposal, other.sign(Proposal.DOMAIN, proposal.body())))
+        return encode_evidence(Evidence(signed[0], signed[1]))
+
+    async def scenario() -> tuple[Metrics, int]:
+        store = StoreThread(Store(tmp_path / "s.db"))
+        metrics = Metrics(CollectorRegistry())
+        sync = SyncService(me, committee, PREFIX, store, nowhere)
+        driver = _driver(committee, me, store, metrics, sync)
+        driver._machine = RoundMachine(committee, me.key.public_key, me)  # at round 0
+        for round_number in (2**63 - 1, 8, 0):
+            await driver.on_message(f"{PREFIX}/consensus/evidence", equivocation(round_number))
+        kept = len(store.store.evidence())
+        store.close()
+        return metrics, kept
+
+    metrics, kept = asyncio.run(scenario())
+    assert metrics.consensus_rejected.labels(reason="evidence_too_far_ahead")._value.get() == 2
+    assert kept == 1  # round 0, the round being decided
+    assert metrics.equivocations.labels(member="v1")._value.get() == 1
