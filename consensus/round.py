@@ -91,6 +91,8 @@ class _RoundState:
     votes: dict[tuple[VoteKind, int], dict[bytes, SignedVote]] = field(default_factory=dict)
     values: dict[bytes, SignedProposal] = field(default_factory=dict)
     verdicts: dict[bytes, bool] = field(default_factory=dict)
+    unsettled: set[bytes] = field(default_factory=set)
+    """Values judged invalid for the view only (``value_verified(..., lasting=False)``)."""
     verifying: set[bytes] = field(default_factory=set)
     built: set[int] = field(default_factory=set)
     fired: set[tuple[str, int]] = field(default_factory=set)
@@ -336,13 +338,28 @@ class RoundMachine:
             return self._propose(signed_valid.proposal.records, valid_view) + self._process()
         return self._propose(tuple(records), NO_VIEW) + self._process()
 
-    def value_verified(self, round_number: int, value_hash: bytes, ok: bool) -> list[Action]:
-        """The verdict asked for by ``VerifyProposal``."""
+    def value_verified(
+        self, round_number: int, value_hash: bytes, ok: bool, *, lasting: bool = True
+    ) -> list[Action]:
+        """The verdict asked for by ``VerifyProposal``.
+
+        valid() must be a function of the value for Tendermint to be live, and
+        a refusal only because something the value needs could not be had (a
+        submission's bytes no peer sent in time) is not one: one member can send
+        them to some members and not to others, and once those lock on the value
+        the rest would refuse it for ever. Such a verdict (``lasting=False``)
+        counts for the current view only; the value is judged again when it is
+        proposed in a later view.
+        """
         if round_number != self._round:
             return []
         state = self._state(round_number)
         state.verifying.discard(value_hash)
         state.verdicts[value_hash] = ok
+        if ok or lasting:
+            state.unsettled.discard(value_hash)
+        else:
+            state.unsettled.add(value_hash)
         return self._process()
 
     def certificate_received(
@@ -512,6 +529,9 @@ class RoundMachine:
         state = self._state(self._round)
         self._view = view
         self._step = Step.PROPOSE
+        for value_hash in state.unsettled:  # judged again if proposed in this view
+            state.verdicts.pop(value_hash, None)
+        state.unsettled.clear()
         actions: list[Action] = []
         if (VoteKind.PRECOMMIT.value, self._round, view) in self._mine:
             self._step = Step.PRECOMMIT  # restored: never sign another
@@ -709,6 +729,7 @@ class RoundMachine:
         state = self._state(r)
         state.decided_view = certificate.view
         state.verdicts.clear()
+        state.unsettled.clear()
         state.verifying.clear()
         beacon_after = next_beacon(self._beacon, value_hash)
         self._round = r + 1

@@ -68,6 +68,7 @@ from node.rounds.records import (
     Prepared,
     RoundRecord,
     RoundRules,
+    Unavailable,
     from_float16,
     proposal_bytes_max,
     score_round,
@@ -506,11 +507,13 @@ class RoundDriver:
 
     async def _verify(self, action: VerifyProposal) -> None:
         ok = self._verifier is None
+        lasting = True
         if self._verifier is not None:
             try:
-                await self._verifier.check(action.records)
+                await self._verifier.check(action.records, round_number=action.round)
                 ok = True
             except Mismatch as mismatch:
+                lasting = not isinstance(mismatch, Unavailable)
                 if action.round < self.machine.next_round:
                     return  # decided meanwhile (certified by the others): moot
                 self._metrics.record_mismatches.inc()
@@ -524,7 +527,9 @@ class RoundDriver:
                     str(mismatch),
                 )
         async with self._lock:
-            await self._perform(self.machine.value_verified(action.round, action.value_hash, ok))
+            await self._perform(
+                self.machine.value_verified(action.round, action.value_hash, ok, lasting=lasting)
+            )
 
     async def _record_evidence(self, evidence: Any, *, publish: bool) -> None:
         payload = encode_evidence(evidence)

@@ -50,6 +50,15 @@ class Mismatch(Exception):
     """A proposer's record this member does not accept; the message says which and why."""
 
 
+class Unavailable(Mismatch):
+    """A record's submission neither held here nor sent by any peer in time.
+
+    Not a judgement of the value: the bytes may reach this member later (a peer
+    that fetched them to verify keeps and serves them), so the verdict holds for
+    the view it was asked in only.
+    """
+
+
 @dataclass(frozen=True)
 class Tolerances:
     """How far a proposer's numbers may be from this member's own (DESIGN.md §7)."""

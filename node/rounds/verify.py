@@ -34,6 +34,7 @@ from node.rounds.records import (
     RoundRecord,
     RoundRules,
     Tolerances,
+    Unavailable,
     check_round_scores,
     compare_record,
 )
@@ -87,11 +88,20 @@ class RecordVerifier:
         self._tolerances = tolerances
         self._wire_limits = wire_limits
 
-    async def check(self, records: Sequence[bytes], before_round: int | None = None) -> None:
+    async def check(
+        self,
+        records: Sequence[bytes],
+        before_round: int | None = None,
+        *,
+        round_number: int | None = None,
+    ) -> None:
         """Return when every record is acceptable; raise :class:`Mismatch` otherwise.
 
         ``before_round`` (an audit replaying history) counts as accepted only
         the item bytes of rounds before it; live, every committed round is.
+        ``round_number`` (live: the proposal's round) keeps the bytes fetched
+        from peers for it, so that this member serves them in turn. A record
+        whose submission no peer sent raises :class:`Unavailable`.
         """
         if self._max_records is not None and len(records) > self._max_records:
             raise Mismatch(f"{len(records)} records, more than rounds.max_records")
@@ -103,14 +113,14 @@ class RecordVerifier:
         if ids != sorted(ids) or len(set(ids)) != len(ids):
             raise Mismatch("records are not sorted by distinct submission id")
         for record in decoded:
-            await self._check_record(record)
+            await self._check_record(record, round_number)
         certified = await self._store.accepted_hashes(
             [digest for record in decoded for digest in record.item_sha256], before_round
         )
         async with self._history_lock:
             await asyncio.to_thread(self._check_scores, decoded, certified)
 
-    async def _mine(self, record: RoundRecord) -> Prepared:
+    async def _mine(self, record: RoundRecord, round_number: int | None) -> Prepared:
         """This node's own computation of the record's submission.
 
         ``recompute_always`` (an audit of committed rounds) ignores what was
@@ -129,16 +139,19 @@ class RecordVerifier:
             if prepared is not None:
                 return Prepared.from_bytes(prepared)
         raw = await self._store.raw_submission(record.submission_id)
+        fetched = raw is None
         if raw is None:
             raw = (await self._fetch([record.submission_id])).get(record.submission_id)
         if raw is None:
-            raise Mismatch(f"{record.submission_id.hex()[:16]} is unknown here and to peers")
+            raise Unavailable(f"{record.submission_id.hex()[:16]} is unknown here and to peers")
         try:
             submission = parse_submission(raw, self._wire_limits)
         except Rejected as rejected:
             raise Mismatch(f"{record.submission_id.hex()[:16]} is {rejected.reason}") from None
         if submission.submitter != record.submitter:
             raise Mismatch(f"{name} names another submitter")
+        if fetched and round_number is not None:
+            await self._store.keep_fetched(record.submission_id, raw, round_number)
         # Never seen here: its nonce must be new by this member's records too. (Its
         # data may repeat data held here: the round's scoring judges that per item.)
         if (
@@ -152,8 +165,8 @@ class RecordVerifier:
         except EncoderError as error:
             raise Mismatch(f"{record.submission_id.hex()[:16]}: {error}") from None
 
-    async def _check_record(self, record: RoundRecord) -> None:
-        mine = await self._mine(record)
+    async def _check_record(self, record: RoundRecord, round_number: int | None) -> None:
+        mine = await self._mine(record, round_number)
         compare_record(mine, record, self._delta, self._tolerances)
 
     def _check_scores(self, records: list[RoundRecord], certified: set[bytes]) -> None:

@@ -59,6 +59,11 @@ CREATE TABLE IF NOT EXISTS submission_bytes (
     id BLOB PRIMARY KEY,
     raw BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS fetched_bytes (
+    id BLOB PRIMARY KEY,
+    raw BLOB NOT NULL,
+    round INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS nonces (
     submitter BLOB NOT NULL,
     nonce INTEGER NOT NULL,
@@ -545,10 +550,27 @@ class Store:
         ]
 
     def raw_submission(self, submission_id: bytes) -> bytes | None:
+        """The signed bytes of a submission held here: stored, or fetched to verify a round."""
         row = self._db.execute(
-            "SELECT raw FROM submission_bytes WHERE id = ?", (submission_id,)
+            "SELECT raw FROM submission_bytes WHERE id = ? "
+            "UNION ALL SELECT raw FROM fetched_bytes WHERE id = ? LIMIT 1",
+            (submission_id, submission_id),
         ).fetchone()
         return None if row is None else bytes(row[0])
+
+    def keep_fetched(self, submission_id: bytes, raw: bytes, round_number: int) -> None:
+        """Keep the bytes of a submission fetched from a peer to verify a proposal of a round.
+
+        Served to peers by sync like stored bytes, until the round is decided:
+        members that verified a value with bytes one member sent them alone can
+        then hand them on to the others, whose verdict would otherwise depend
+        on whether that member answers them (and one member could split the
+        committee for good). A certified one's bytes stay (``commit_round``).
+        """
+        self._db.execute(
+            "INSERT OR IGNORE INTO fetched_bytes (id, raw, round) VALUES (?, ?, ?)",
+            (submission_id, raw, round_number),
+        )
 
     def prepared_of(
         self, submission_id: bytes
@@ -745,6 +767,15 @@ class Store:
                     ).rowcount
                     if credited:
                         changed_balances.add(outcome.submitter)
+            # Bytes fetched to verify this round's proposals: a finalized submission's
+            # are its own from now on; the others were for values not decided.
+            self._db.execute(
+                "INSERT OR IGNORE INTO submission_bytes (id, raw) SELECT f.id, f.raw "
+                "FROM fetched_bytes f JOIN submissions s ON s.id = f.id "
+                "WHERE f.round <= ? AND s.state = ?",
+                (committed.round, State.FINAL),
+            )
+            self._db.execute("DELETE FROM fetched_bytes WHERE round <= ?", (committed.round,))
             if balance_messages is not None and changed_balances:
                 outgoing = [*outgoing, *balance_messages(self._balances_of(changed_balances))]
             if prune_signed_before is not None:

@@ -126,6 +126,9 @@ class StoreThread:
     async def raw_submission(self, submission_id: bytes) -> bytes | None:
         return await self._run(self.store.raw_submission, submission_id)
 
+    async def keep_fetched(self, submission_id: bytes, raw: bytes, round_number: int) -> None:
+        await self._run(self.store.keep_fetched, submission_id, raw, round_number)
+
     async def prepared_of(
         self, submission_id: bytes
     ) -> tuple[State, str | None, bytes, bytes | None] | None:

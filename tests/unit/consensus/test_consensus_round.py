@@ -327,6 +327,41 @@ def test_a_proposal_sent_ahead_by_another_member_is_never_the_one_committed() ->
     assert commit_1.proposal.signer == t.proposer(0).public_key != impostor.public_key
 
 
+@pytest.mark.parametrize("lasting", [False, True])
+def test_a_value_refused_for_want_of_its_data_is_judged_again_in_a_later_view(
+    lasting: bool,
+) -> None:
+    """Found from the outside: a proposer sent a submission's bytes to two members
+    only and went silent; those two locked on its value, the third refused it for
+    ever (a verdict is kept per value), and three honest members of four never
+    decided again. A verdict given for want of data holds for its view only."""
+    t = Harness()
+    t.machine.round_closed(0)
+    v0 = t.views_not_mine(1)[0]
+    withholder = t.proposer(v0)
+    v1 = next(v for v in t.views_not_mine(64) if v > v0 and t.proposer(v) is not withholder)
+    locked = [c for c in t.others if c is not withholder]
+    t.to_view(v0)
+    actions, value = t.propose(v0, [b"X"])
+    actions = t.machine.value_verified(0, value, False, lasting=lasting)
+    assert [v.vote.value_hash for v in votes(actions, PREVOTE)] == [None]
+    t.vote([withholder, *locked], PREVOTE, v0, value)  # the others saw the bytes
+    t.vote(locked, PRECOMMIT, v0, value)  # the withholder falls silent: no decision
+    t.to_view(v1)
+    actions, _ = t.propose(v1, [b"X"], valid_view=v0)  # re-proposed by a locked member
+    if lasting:  # a judgement of the value: it stands
+        assert only(actions, VerifyProposal) == []
+        assert [v.vote.value_hash for v in votes(actions, PREVOTE)] == [None]
+        return
+    (again,) = only(actions, VerifyProposal)
+    assert again.value_hash == value and again.view == v1
+    actions = t.machine.value_verified(0, value, True)  # a locked member served the bytes
+    assert [v.vote.value_hash for v in votes(actions, PREVOTE)] == [value]
+    t.vote(locked, PREVOTE, v1, value)
+    (commit,) = only(t.vote(locked, PRECOMMIT, v1, value), Commit)
+    assert commit.value_hash == value
+
+
 def test_a_member_locked_on_a_value_prevotes_nil_for_another_without_a_newer_quorum() -> None:
     t = Harness(avoid=[0])
     t.machine.round_closed(0)

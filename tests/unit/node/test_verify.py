@@ -282,3 +282,110 @@ def test_an_unknown_submission_is_refused_for_a_seen_nonce_but_not_for_repeated_
     seen.admit(b"\x77" * 32, peer.public, peer.nonce, now, [b"q" * 32], b"r", now, 0, 600_000)
     with pytest.raises(Mismatch, match="nonce was seen"):
         check(verifier_over(seen), records)
+
+
+def test_bytes_fetched_to_verify_are_kept_served_and_then_kept_or_dropped(tmp_path: Path):
+    """Found from the outside: a proposer sent a submission to some members only; they
+    verified its value with the bytes and kept nothing, so the others could never get
+    them from anyone but the proposer. Fetched bytes are now served by sync like
+    stored ones, until the round is decided; a certified submission keeps them."""
+    import time
+
+    from consensus.committee import Committee, Member
+    from node.intake.codec import pack, unpack
+    from node.intake.keys import SigningKey
+    from node.intake.signing import MessageSigner
+    from node.rounds.records import Unavailable
+    from node.rounds.sync import SyncService
+    from node.store.sqlite import CommittedRound, Finalization, State
+    from tests.peer import Peer, submission_id
+
+    peer = Peer()
+    raws = [peer.submission([("text", "text/plain", f"caption {i}".encode())]) for i in range(2)]
+    ids = [submission_id(raw) for raw in raws]
+    here = {identity: prepared(40 + i, pair=False) for i, identity in enumerate(ids)}
+    here = {  # recomputed with the bytes' own item hashes
+        identity: dataclasses.replace(
+            prep,
+            items=(dataclasses.replace(prep.items[0], sha256=_item_hash(raw)),),
+        )
+        for (identity, prep), raw in zip(here.items(), raws, strict=True)
+    }
+    sent_by_proposer: dict[bytes, bytes] = dict(zip(ids, raws, strict=True))
+
+    async def recompute(submission, epoch):
+        return here[submission.id]
+
+    async def fetch(wanted):
+        return {i: sent_by_proposer[i] for i in wanted if i in sent_by_proposer}
+
+    store = Store(tmp_path / "s.db")
+    verifier = RecordVerifier(
+        StoreThread(store),
+        recompute,
+        fetch,
+        lambda a, b: DELTA,
+        cluster_history(),
+        RULES,
+        Tolerances(0.02, 20_000, 1_000),
+        WireLimits(),
+        asyncio.Lock(),
+    )
+    records = score_round(
+        [Candidate(i, peer.public, p) for i, p in sorted(here.items())],
+        cluster_history(),
+        RULES,
+        set(),
+    )
+    asyncio.run(verifier.check([r.to_bytes() for r in records], round_number=3))
+    assert [store.raw_submission(i) for i in ids] == raws  # kept while round 3 is undecided
+
+    # Another member asks: this one answers with the bytes it fetched.
+    me, asker = MessageSigner(SigningKey.generate()), MessageSigner(SigningKey.generate())
+    committee = Committee(
+        0, 2, 60, (Member("a", me.key.public_key, 1), Member("b", asker.key.public_key, 1))
+    )
+    replies: list[bytes] = []
+
+    async def publish(topic: str, payload: bytes) -> None:
+        replies.append(payload)
+
+    request = asker.signed_bytes(
+        "poc/v1/sync-request",
+        {
+            "v": 1,
+            "requester": asker.key.public_key,
+            "request_id": b"r" * 16,
+            "kind": "submissions",
+            "ids": ids,
+        },
+    )
+    asyncio.run(SyncService(me, committee, "poc", StoreThread(store), publish).on_request(request))
+    assert unpack(replies[0])["entries"] == raws
+
+    # The proposer withholds them from a member that has not got them: unavailable,
+    # a verdict for the view only (the driver tells the machine so).
+    sent_by_proposer.clear()
+    verifier._store = StoreThread(Store(tmp_path / "elsewhere.db"))  # another member's
+    with pytest.raises(Unavailable):
+        asyncio.run(verifier.check([r.to_bytes() for r in records], round_number=3))
+    verifier._store = StoreThread(store)
+
+    # Round 3 decided with the first submission final: its bytes stay, the other's go.
+    now = time.time_ns() // 10**6
+    store.commit_round(
+        CommittedRound(3, b"v" * 32, b"b" * 32, pack({"round": 3}), b"summary", b"p"),
+        [Finalization(ids[0], peer.public, State.FINAL, None, (), (), 0)],
+        [],
+        now,
+    )
+    assert store.raw_submission(ids[0]) == raws[0]
+    assert store.raw_submission(ids[1]) is None
+    assert store.missing_raw(ids) == []
+
+
+def _item_hash(raw: bytes) -> bytes:
+    from node.intake.wire import WireLimits as Limits
+    from node.intake.wire import parse_submission
+
+    return parse_submission(raw, Limits()).items[0].sha256
