@@ -378,6 +378,8 @@ class RoundDriver:
             and certificate.why_invalid(self._committee, self._signer) is None
             and signed.proposal.value.digest(self._signer) == certificate.value_hash
             and signed.verify(self._signer)
+            # a reply is checked for the next round only, whose beacon names proposers
+            and signed.signer == self.machine.proposer(signed.view).public_key
         )
 
     async def _sync_from(self, first: int) -> bool:

@@ -486,3 +486,37 @@ def test_evidence_about_rounds_nobody_decides_is_refused(tmp_path: Path):
     assert metrics.consensus_rejected.labels(reason="evidence_too_far_ahead")._value.get() == 2
     assert kept == 1  # round 0, the round being decided
     assert metrics.equivocations.labels(member="v1")._value.get() == 1
+
+
+def test_a_fetched_round_is_taken_only_with_its_view_proposers_proposal(tmp_path: Path):
+    """A member answering sync could send a certified value in a proposal it signed
+    itself: the round would be refused (not_proposer) after the reply was chosen, and
+    a liar answering first would hold the requester back. Such a reply is passed over."""
+    from consensus.messages import QuorumCertificate, Value, Vote, VoteKind
+    from node.rounds.consensus_wire import encode_certificate, encode_signed
+
+    committee, signers = members(3)
+    me = signers[0]
+    store = StoreThread(Store(tmp_path / "s.db"))
+    driver = _driver(committee, me, store, Metrics(CollectorRegistry()), None)  # type: ignore[arg-type]
+    driver._machine = RoundMachine(committee, me.key.public_key, me)  # at round 0
+    by_key = {s.key.public_key: s for s in signers}
+    proposer = by_key[driver.machine.proposer(0).public_key]
+    other = next(s for s in signers if s is not proposer)
+    records = (b"r",)
+    value_hash = Value(0, records).digest(me)
+    votes = []
+    for voter in signers:
+        vote = Vote(VoteKind.PRECOMMIT, 0, 0, voter.key.public_key, value_hash)
+        votes.append((voter.key.public_key, voter.sign(Vote.DOMAIN, vote.body())))
+    certificate = encode_certificate(QuorumCertificate(0, 0, value_hash, tuple(votes)))
+
+    def proposal_by(signer: MessageSigner) -> bytes:
+        proposal = Proposal(0, 0, signer.key.public_key, records, NO_VIEW)
+        return encode_signed(
+            SignedProposal(proposal, signer.sign(Proposal.DOMAIN, proposal.body()))
+        )
+
+    assert driver._valid_round(FetchedRound(0, certificate, proposal_by(proposer)))
+    assert not driver._valid_round(FetchedRound(0, certificate, proposal_by(other)))
+    store.close()
