@@ -448,6 +448,18 @@ class Intake:
             except asyncio.CancelledError:
                 raise
             except Exception as error:  # one submission's failure never stops the node
+                if store_failed(error):
+                    # ... but a store that cannot keep its outcome does: rejecting it
+                    # for that (found from the outside: a valid submission refused
+                    # `undecodable` for good) loses it. Left `received`, it is prepared
+                    # again after the restart.
+                    log.critical(
+                        "event=store_failed stage=prepare submission=%s error=%r; "
+                        "exiting to recover",
+                        submission.id.hex()[:16],
+                        error,
+                    )
+                    raise
                 log.exception("event=prepare_failed submission=%s", submission.id.hex()[:16])
                 self._metrics.internal_errors.labels(stage="prepare").inc()
                 # A check that cannot run rejects; it never passes.

@@ -222,6 +222,53 @@ def _restart_and_finalize_once(directory: Path, port: int, config: Path, raw: by
     return node
 
 
+def test_an_outcome_the_store_cannot_keep_stops_the_node_and_the_submission_is_not_lost(
+    tmp_path: Path,
+):
+    """Found from the outside: the disk refused the write that marks a prepared
+    submission accepted; the preparer's guard took it for a defect of its own and
+    rejected the valid submission `undecodable`, for good. The node must stop (70)
+    with the submission still `received`, and prepare and finalize it after the
+    restart."""
+    broker = start_mosquitto(tmp_path)
+    bus = f"mqtt://127.0.0.1:{broker.port}"
+    config = write_node_config(tmp_path / "node.yaml", rounds={"round_seconds": 1})
+    node = start_node(tmp_path / "node", bus, config)
+    database = node.data_dir / "node.sqlite3"
+    raw = Peer().submission([("text", "text/plain", b"prepared while the disk refuses")])
+    try:
+        db = sqlite3.connect(database, timeout=30)
+        db.execute(
+            "CREATE TRIGGER accept_refused BEFORE UPDATE OF prepared ON submissions "
+            "WHEN NEW.state = 'accepted' BEGIN SELECT disk_refused_the_write(); END"
+        )
+        db.commit()
+        db.close()
+
+        async def publish() -> list[dict]:
+            async with ResultListener(broker.port) as listener:
+                await listener.publish(raw)
+                await asyncio.to_thread(node.process.wait, 60)
+                await asyncio.sleep(0.5)
+                return listener.about(submission_id(raw))
+
+        answered = asyncio.run(publish())
+        assert node.process.returncode == 70, node.log_text()[-3000:]
+        assert answered == []  # no Result: neither accepted nor rejected
+        assert "event=store_failed stage=prepare" in node.log_text()
+        db = sqlite3.connect(database, timeout=30)
+        db.execute("DROP TRIGGER accept_refused")
+        db.commit()
+        (state,) = db.execute("SELECT state FROM submissions").fetchone()
+        db.close()
+        assert state == "received"
+
+        node = _restart_and_finalize_once(tmp_path / "node", broker.port, config, raw)
+    finally:
+        node.stop(signal.SIGKILL)
+        broker.stop()
+
+
 def test_a_commit_the_store_refuses_stops_the_node_and_a_restart_recovers(tmp_path: Path):
     """Crash-only: a store that cannot commit a certified round never lets the machine run on.
 
