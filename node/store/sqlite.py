@@ -59,6 +59,10 @@ CREATE TABLE IF NOT EXISTS submission_bytes (
     id BLOB PRIMARY KEY,
     raw BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS certified (
+    id BLOB PRIMARY KEY,
+    round INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS fetched_bytes (
     id BLOB PRIMARY KEY,
     raw BLOB NOT NULL,
@@ -226,6 +230,14 @@ def store_failed(error: BaseException) -> bool:
         isinstance(error, sqlite3.OperationalError | StoreError | OSError)
         or type(error) is sqlite3.DatabaseError  # "database disk image is malformed"
     )
+
+
+_WANTS_BYTES = (
+    "(EXISTS (SELECT 1 FROM certified WHERE id = :id) "
+    "OR EXISTS (SELECT 1 FROM submissions WHERE id = :id AND state = :final))"
+)
+"""Whether a submission's bytes are kept: a certified round holds it (stores older than
+the ``certified`` table know it as ``final`` only)."""
 
 
 @dataclass(frozen=True)
@@ -629,37 +641,42 @@ class Store:
         return None
 
     def missing_raw(self, submission_ids: Iterable[bytes]) -> list[bytes]:
-        """Those of ``submission_ids`` finalized here without their bytes (known by sync)."""
+        """Those of ``submission_ids`` a certified round holds, stored here without bytes."""
         missing = []
         for identity in submission_ids:
             row = self._db.execute(
-                "SELECT 1 FROM submissions s WHERE id = ? AND state = ? "
-                "AND NOT EXISTS (SELECT 1 FROM submission_bytes b WHERE b.id = s.id)",
-                (identity, State.FINAL),
+                f"SELECT 1 WHERE {_WANTS_BYTES} "
+                "AND NOT EXISTS (SELECT 1 FROM submission_bytes b WHERE b.id = :id)",
+                {"id": identity, "final": State.FINAL},
             ).fetchone()
             if row is not None:
                 missing.append(identity)
         return missing
 
     def finals_without_bytes(self, limit: int) -> list[bytes]:
-        """Up to ``limit`` finalized submissions stored without their bytes (learned by sync)."""
+        """Up to ``limit`` submissions certified rounds hold, stored here without bytes."""
         rows = self._db.execute(
-            "SELECT id FROM submissions s WHERE state = ? "
-            "AND NOT EXISTS (SELECT 1 FROM submission_bytes b WHERE b.id = s.id) LIMIT ?",
+            "SELECT id FROM ("
+            "SELECT id FROM submissions WHERE state = ? UNION SELECT id FROM certified"
+            ") c WHERE NOT EXISTS (SELECT 1 FROM submission_bytes b WHERE b.id = c.id) LIMIT ?",
             (State.FINAL, limit),
         )
         return [bytes(row[0]) for row in rows]
 
     def keep_raw(self, submission_id: bytes, raw: bytes) -> bool:
-        """Keep the bytes of a finalized submission stored without them (``id`` = their hash).
+        """Keep the bytes of a certified submission stored without them (``id`` = their hash).
 
         A member that learned a round by sync has the certified records but not
-        the submissions' bytes, which peers' sync and ``poc-node audit`` need.
+        the submissions' bytes, which peers' sync and ``poc-node audit`` need;
+        nor has one whose own intake refused a submission the committee
+        certified (its rate limit met the message, say). Bytes of a submission no
+        certified round holds are not kept: a flood of refused messages stays
+        off the disk.
         """
         cursor = self._db.execute(
             "INSERT OR IGNORE INTO submission_bytes (id, raw) "
-            "SELECT id, ? FROM submissions WHERE id = ? AND state = ?",
-            (raw, submission_id, State.FINAL),
+            f"SELECT :id, :raw WHERE {_WANTS_BYTES}",
+            {"id": submission_id, "raw": raw, "final": State.FINAL},
         )
         return cursor.rowcount == 1
 
@@ -743,6 +760,13 @@ class Store:
                     self._db.execute(
                         "DELETE FROM submission_bytes WHERE id = ?", (outcome.submission_id,)
                     )
+                elif outcome.reason != "expired":
+                    # Whatever this member's own row says (its intake may have refused
+                    # it): the round holds it, so its bytes are kept when they come.
+                    self._db.execute(
+                        "INSERT OR IGNORE INTO certified (id, round) VALUES (?, ?)",
+                        (outcome.submission_id, committed.round),
+                    )
                 if outcome.state is State.REJECTED:
                     self._db.execute(
                         "DELETE FROM data_claims WHERE submission_id = ?", (outcome.submission_id,)
@@ -767,13 +791,12 @@ class Store:
                     ).rowcount
                     if credited:
                         changed_balances.add(outcome.submitter)
-            # Bytes fetched to verify this round's proposals: a finalized submission's
+            # Bytes fetched to verify this round's proposals: a certified submission's
             # are its own from now on; the others were for values not decided.
             self._db.execute(
                 "INSERT OR IGNORE INTO submission_bytes (id, raw) SELECT f.id, f.raw "
-                "FROM fetched_bytes f JOIN submissions s ON s.id = f.id "
-                "WHERE f.round <= ? AND s.state = ?",
-                (committed.round, State.FINAL),
+                "FROM fetched_bytes f JOIN certified c ON c.id = f.id WHERE f.round <= ?",
+                (committed.round,),
             )
             self._db.execute("DELETE FROM fetched_bytes WHERE round <= ?", (committed.round,))
             if balance_messages is not None and changed_balances:

@@ -178,6 +178,46 @@ def test_bytes_of_a_round_learned_by_sync_are_kept_when_they_arrive(tmp_path):
     assert store.finals_without_bytes(10) == []
 
 
+def test_bytes_of_a_submission_this_members_intake_refused_but_a_round_certified_are_kept(
+    tmp_path,
+):
+    """Found from the outside: a member that lagged refused a burst `rate_limited`; the
+    committee certified those submissions `final`. Its row rightly stays `rejected`
+    (its one Result), but it never fetched their bytes, could not serve them, and
+    `poc-node audit` failed on its store. A certified round's submissions are wanted
+    whatever the member's own row says; a refused one no round holds is not kept."""
+    store = Store(tmp_path / "s.db")
+    refused, never = b"r" * 32, b"n" * 32
+    for identity in (refused, never):
+        store.reject(identity, b"s" * 32, "rate_limited", 1, Outgoing("t", b"x"))
+    final = Finalization(refused, b"s" * 32, State.FINAL, None, ((0, "text", b"v"),), (), 5)
+    expired = Finalization(b"e" * 32, b"s" * 32, State.REJECTED, "expired", (), (), 0)
+    assert store.commit_round(
+        CommittedRound(0, b"v" * 32, b"b" * 32, b"c", b"s"), [final, expired], [], 2
+    )
+    assert store.decided_states([refused]) == {refused: State.REJECTED}  # its own row stays
+    assert store.missing_raw([refused, never, b"e" * 32]) == [refused]
+    assert store.finals_without_bytes(10) == [refused]
+    assert not store.keep_raw(never, b"flood")  # no round holds it: not kept
+    assert not store.keep_raw(b"e" * 32, b"expired")
+    assert store.keep_raw(refused, b"raw")
+    assert store.raw_submission(refused) == b"raw"
+    assert store.missing_raw([refused]) == [] and store.finals_without_bytes(10) == []
+    assert store.raw_submission(never) is None
+
+
+def test_bytes_fetched_to_verify_stay_for_a_certified_submission_only(tmp_path):
+    store = Store(tmp_path / "s.db")
+    store.reject(b"r" * 32, b"s" * 32, "rate_limited", 1, Outgoing("t", b"x"))
+    for identity in (b"r" * 32, b"o" * 32):  # both fetched to verify round 3's proposals
+        store.keep_fetched(identity, b"raw " + identity[:1], 3)
+    assert store.raw_submission(b"o" * 32) == b"raw o"  # served to peers meanwhile
+    final = Finalization(b"r" * 32, b"s" * 32, State.FINAL, None, (), (), 0)
+    store.commit_round(CommittedRound(3, b"v" * 32, b"b" * 32, b"c", b"s"), [final], [], 2)
+    assert store.raw_submission(b"r" * 32) == b"raw r"
+    assert store.raw_submission(b"o" * 32) is None  # in a value that was not decided
+
+
 def test_bytes_that_were_verified_while_sync_finalized_them_are_kept(tmp_path):
     """The intake found the submission unknown, verified it, and meanwhile a round
     learned by sync finalized it: admission answers KNOWN and keeps its bytes."""
