@@ -7,6 +7,7 @@ anybody can impersonate.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 from pathlib import Path
@@ -60,16 +61,34 @@ def verify_signature(public_key: bytes, message: bytes, signature: bytes) -> boo
 
 
 def write_key(key: SigningKey, path: Path) -> None:
-    """Write ``key`` to a new file readable by its owner only; never overwrite."""
+    """Write ``key`` to a new file readable by its owner only; never overwrite.
+
+    The key is written whole to a temporary file beside ``path``, flushed to
+    disk, then linked to ``path``: a full disk or a crash mid-write leaves no
+    file there (an empty ``validator.key`` made the next start fail until the
+    operator deleted it), and an existing key is never replaced.
+    """
+    if path.exists():
+        raise KeyFileError(f"{path} already exists; refusing to overwrite a key")
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.fchmod(fd, 0o600)
+            pem = memoryview(key.to_pem())
+            while pem:  # a short write (a file size limit) is followed by the error
+                pem = pem[os.write(fd, pem) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.link(temporary, path)  # fails if a key appeared meanwhile: never overwritten
     except FileExistsError:
         raise KeyFileError(f"{path} already exists; refusing to overwrite a key") from None
     except OSError as error:
-        raise KeyFileError(f"cannot create {path}: {error.strerror}") from None
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(key.to_pem())
-    os.chmod(path, 0o600)
+        raise KeyFileError(f"cannot write {path}: {error.strerror}") from None
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
 
 
 def load_key(path: Path) -> SigningKey:
