@@ -225,8 +225,19 @@ def _run(args: argparse.Namespace) -> int:
     except ExceptionGroup as group:
         # A store that cannot write (a full or failing disk) ends the node, as a
         # refused commit does: the same exit status for systemd and the operator.
-        if group.subgroup(store_failed) is None:
+        failed = group.subgroup(store_failed)
+        if failed is None:
             raise
+        # Named here whichever task met it (the intake and the preparers name their
+        # stage first; the outbox publisher, the store's other callers do not).
+        first: BaseException = failed
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        logging.getLogger("poc.node").critical(
+            "event=store_failed error=%r; exiting with status %d to recover",
+            first,
+            EXIT_STORE_FAILED,
+        )
         return EXIT_STORE_FAILED
     return 0
 

@@ -269,6 +269,39 @@ def test_an_outcome_the_store_cannot_keep_stops_the_node_and_the_submission_is_n
         broker.stop()
 
 
+def test_a_store_failure_in_any_task_is_named_in_the_log_before_the_node_exits_70(
+    tmp_path: Path,
+):
+    """Found from the outside: when the disk refused the outbox's deletion of what the
+    broker had acknowledged, the node exited 70 with nothing in its log."""
+    broker = start_mosquitto(tmp_path)
+    bus = f"mqtt://127.0.0.1:{broker.port}"
+    config = write_node_config(tmp_path / "node.yaml", rounds={"round_seconds": 1})
+    node = start_node(tmp_path / "node", bus, config)
+    database = node.data_dir / "node.sqlite3"
+    raw = Peer().submission([("text", "text/plain", b"published while the disk refuses")])
+    try:
+        db = sqlite3.connect(database, timeout=30)
+        db.execute(
+            "CREATE TRIGGER outbox_refused BEFORE DELETE ON outbox "
+            "BEGIN SELECT disk_refused_the_write(); END"
+        )
+        db.commit()
+        db.close()
+
+        async def publish() -> None:
+            async with ResultListener(broker.port) as listener:
+                await listener.publish(raw)
+                await asyncio.to_thread(node.process.wait, 60)
+
+        asyncio.run(publish())
+        assert node.process.returncode == 70, node.log_text()[-3000:]
+        assert "event=store_failed error=OperationalError" in node.log_text()
+    finally:
+        node.stop(signal.SIGKILL)
+        broker.stop()
+
+
 def test_a_commit_the_store_refuses_stops_the_node_and_a_restart_recovers(tmp_path: Path):
     """Crash-only: a store that cannot commit a certified round never lets the machine run on.
 
