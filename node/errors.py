@@ -53,3 +53,9 @@ class Rejected(NodeError):
         self.reason = reason
         self.detail = detail
         self.submitter = submitter
+
+
+class EncoderUnavailable(NodeError):
+    """The encoders could not encode a batch: their worker processes or replicas died
+    on it or did not answer. Not the items' fault: their submissions are prepared
+    again, never rejected for it at once."""

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from consensus.committee import Committee
 from encoders.errors import EncoderError
 from node.bus.client import Topics
-from node.errors import Reason, Rejected
+from node.errors import EncoderUnavailable, Reason, Rejected
 from node.intake.signing import MessageSigner
 from node.intake.wire import (
     RESULT_DOMAIN,
@@ -46,6 +46,11 @@ from node.store.sqlite import Admission, Outgoing, State, StoredSubmission, stor
 from node.store.thread import StoreThread
 
 log = logging.getLogger("poc.intake")
+
+PREPARE_ATTEMPTS = 3
+"""Times a submission is prepared while the encoders fail under it, before it is refused."""
+PREPARE_PAUSE_S = 1.0
+"""Pause before preparing again, times the attempt (workers are replaced meanwhile)."""
 
 
 @dataclass(frozen=True)
@@ -477,12 +482,36 @@ class Intake:
     async def _prepare(self, pending: Pending) -> None:
         submission = pending.submission
         epoch = self._committee.epoch_of(pending.intake_round)
-        try:
-            prepared = await self.preparer.prepare(submission, epoch)
-        except EncoderError as error:
-            reason = Reason(error.reason) if error.reason in set(Reason) else Reason.UNDECODABLE
-            await self._reject(submission.id, submission.submitter, reason, str(error))
-            return
+        attempt = 1
+        while True:
+            try:
+                prepared = await self.preparer.prepare(submission, epoch)
+                break
+            except EncoderError as error:
+                reason = Reason(error.reason) if error.reason in set(Reason) else Reason.UNDECODABLE
+                await self._reject(submission.id, submission.submitter, reason, str(error))
+                return
+            except EncoderUnavailable as error:
+                # Workers killed (out of memory, say) while they held it: not the
+                # submission's fault, so it is prepared again. Only one that has
+                # every time ended the encoders under it is refused.
+                if attempt == PREPARE_ATTEMPTS:
+                    await self._reject(
+                        submission.id,
+                        submission.submitter,
+                        Reason.UNDECODABLE,
+                        f"the encoders failed {attempt} times on it: {error}",
+                    )
+                    return
+                log.warning(
+                    "event=prepare_again submission=%s attempt=%d error=%r",
+                    submission.id.hex()[:16],
+                    attempt,
+                    str(error),
+                )
+                self._metrics.prepare_retries.inc()
+                await asyncio.sleep(PREPARE_PAUSE_S * attempt)
+                attempt += 1
         result = Result(
             submission.id,
             self._signer.key.public_key,

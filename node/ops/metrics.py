@@ -56,6 +56,12 @@ class Metrics:
         )
         for stage in ("intake", "prepare", "consensus"):
             self.internal_errors.labels(stage=stage)
+        self.prepare_retries = Counter(
+            "poc_prepare_retries_total",
+            "Submissions prepared again because the encoders failed under them (workers or "
+            "replicas died twice on a batch); logged as event=prepare_again",
+            registry=registry,
+        )
         self.results = Counter(
             "poc_results_total", "Results produced, by status", ["status"], registry=registry
         )

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Protocol
 
 from encoders.shard import EncodeRequest, ItemEmbedding, Shard
-from node.errors import NodeError
+from node.errors import EncoderUnavailable, NodeError
 from node.ops.threads import name_thread, reuse_heap, threads_cpu_seconds, trim_heap
 from node.pipeline.sandbox import forkserver
 
@@ -249,7 +249,7 @@ class WorkerProcesses:
                 if self._workers[slot] is worker:  # not replaced yet for the batch beside
                     kill_executor(worker)
                     self._workers[slot] = self._new_worker()
-        raise RuntimeError("encoder workers died twice on this batch")
+        raise EncoderUnavailable("encoder workers died twice on this batch")
 
     def close(self) -> None:
         for worker in self._workers:

@@ -34,7 +34,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from encoders.shard import EncodeRequest
-from node.errors import NodeError
+from node.errors import EncoderUnavailable, NodeError
 from node.ops.metrics import Metrics
 from node.pipeline.engines import Embedded
 
@@ -253,7 +253,10 @@ class RayServe:
                         answer = await self._handle.embed.remote(batch, beacon)
                 except (*LOST, RayActorError, ActorUnavailableError) as error:
                     if attempt == settings.retries:
-                        raise
+                        raise EncoderUnavailable(
+                            f"encoder replicas failed {attempt + 1} times on this batch: "
+                            f"{type(error).__name__}"
+                        ) from error
                     self._metrics.encoder_pool_retries.inc()
                     log.warning(
                         "event=encoder_replica_lost items=%d attempt=%d error=%s",

@@ -107,3 +107,61 @@ def test_an_error_on_a_copy_of_a_kept_submission_leaves_it_as_it_was(node, monke
     assert node.internal_errors() == 1
     assert node.store.store.submission_state(submission_id(raw)) == (State.RECEIVED, None)
     assert node.store.store.outbox(0, 10) == []
+
+
+class _FailingEncoders:
+    """A preparer whose encoders fail ``failures`` times under a submission, then answer."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.calls = 0
+
+    async def prepare(self, submission: Any, epoch: int) -> Any:
+        from encoders.modality import Modality
+        from node.errors import EncoderUnavailable
+        from node.rounds.records import Prepared, PreparedItem
+
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise EncoderUnavailable("encoder workers died twice on this batch")
+        item = submission.items[0]
+        return Prepared(
+            0, (PreparedItem(Modality.TEXT, b"\0" * 16, False, 0, item.sha256),), None, False
+        )
+
+
+@pytest.mark.parametrize(("failures", "outcome"), [(2, (State.ACCEPTED, None)), (3, None)])
+def test_a_submission_the_encoders_fail_under_is_prepared_again_not_refused(
+    node, monkeypatch, caplog, failures, outcome
+):
+    """Found from the outside: killing the encoder worker and then its replacement
+    while they held a batch (as repeated out-of-memory kills do) refused its valid
+    submissions `undecodable` for good. They are prepared again; only one under
+    which the encoders failed every time (PREPARE_ATTEMPTS) is refused."""
+    monkeypatch.setattr(admission, "PREPARE_PAUSE_S", 0.0)
+    caplog.set_level("INFO", logger="poc.intake")
+    encoders = _FailingEncoders(failures)
+    node.intake.preparer = encoders  # type: ignore[assignment]
+    raw = _text(Peer(), b"encoded while the workers die")
+
+    async def scenario() -> None:
+        await node.intake.receive(raw, submission_topic(raw))
+        preparing = asyncio.create_task(node.intake.run_preparers(1))
+        async with asyncio.timeout(10):
+            await node.intake.queue.join()
+        preparing.cancel()
+
+    asyncio.run(scenario())
+    state = node.store.store.submission_state(submission_id(raw))
+    assert encoders.calls == min(failures + 1, admission.PREPARE_ATTEMPTS)
+    assert node.metrics.prepare_retries._value.get() == min(
+        failures, admission.PREPARE_ATTEMPTS - 1
+    )
+    if outcome is not None:
+        assert state == outcome
+    else:
+        assert state == (State.REJECTED, "undecodable")
+        answer = msgpack.unpackb(node.store.store.outbox(0, 10)[-1].payload)
+        assert answer["status"] == "rejected" and answer["reason"] == "undecodable"
+        assert "the encoders failed 3 times on it" in caplog.text
+    assert node.internal_errors() == 0

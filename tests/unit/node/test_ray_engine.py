@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry
 
 from encoders.embedding import EncodeRequest, ItemEmbedding
 from encoders.modality import Modality
-from node.errors import ConfigError, NodeError
+from node.errors import ConfigError, EncoderUnavailable, NodeError
 from node.ops.config import load_config
 from node.ops.metrics import Metrics
 from node.pipeline.ray_engine import RayServe, check_weights
@@ -205,8 +205,9 @@ async def test_retries_are_bounded(tmp_path: Path) -> None:
     pytest.importorskip("ray")
     handle = FakeHandle([MINE], failures=10)
     pool = engine(tmp_path, handle, retries=1)
-    with pytest.raises(ConnectionError):
+    with pytest.raises(EncoderUnavailable, match="failed 2 times") as caught:
         await pool.embed(0, requests(1), b"beacon")
+    assert isinstance(caught.value.__cause__, ConnectionError)
     assert handle.calls == 2
 
 
