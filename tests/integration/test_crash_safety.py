@@ -11,6 +11,7 @@ full audit.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import signal
@@ -18,7 +19,10 @@ import sqlite3
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -222,6 +226,54 @@ def _restart_and_finalize_once(directory: Path, port: int, config: Path, raw: by
     return node
 
 
+@dataclass
+class _Refusing:
+    """A node on a real Mosquitto whose SQLite file holds a trigger that fails some
+    write the way a full disk does (an OperationalError)."""
+
+    broker: Any
+    config: Path
+    node: NodeProcess
+    database: Path
+
+
+def _sql(database: Path, *statements: str) -> None:
+    db = sqlite3.connect(database, timeout=30)
+    for statement in statements:
+        db.execute(statement)
+    db.commit()
+    db.close()
+
+
+@contextlib.contextmanager
+def _disk_refusing(tmp_path: Path, trigger: str) -> Iterator[_Refusing]:
+    broker = start_mosquitto(tmp_path)
+    config = write_node_config(tmp_path / "node.yaml", rounds={"round_seconds": 1})
+    node = start_node(tmp_path / "node", f"mqtt://127.0.0.1:{broker.port}", config)
+    setup = _Refusing(broker, config, node, node.data_dir / "node.sqlite3")
+    try:
+        _sql(setup.database, trigger)
+        yield setup
+    finally:
+        setup.node.stop(signal.SIGKILL)
+        broker.stop()
+
+
+def _publish_until_it_exits_70(setup: _Refusing, raw: bytes) -> list[dict]:
+    """Publish ``raw``; the node must exit 70. Returns the Results heard about it."""
+
+    async def publish() -> list[dict]:
+        async with ResultListener(setup.broker.port) as listener:
+            await listener.publish(raw)
+            await asyncio.to_thread(setup.node.process.wait, 60)
+            await asyncio.sleep(0.5)
+            return listener.about(submission_id(raw))
+
+    answered = asyncio.run(publish())
+    assert setup.node.process.returncode == 70, setup.node.log_text()[-3000:]
+    return answered
+
+
 def test_an_outcome_the_store_cannot_keep_stops_the_node_and_the_submission_is_not_lost(
     tmp_path: Path,
 ):
@@ -230,43 +282,22 @@ def test_an_outcome_the_store_cannot_keep_stops_the_node_and_the_submission_is_n
     rejected the valid submission `undecodable`, for good. The node must stop (70)
     with the submission still `received`, and prepare and finalize it after the
     restart."""
-    broker = start_mosquitto(tmp_path)
-    bus = f"mqtt://127.0.0.1:{broker.port}"
-    config = write_node_config(tmp_path / "node.yaml", rounds={"round_seconds": 1})
-    node = start_node(tmp_path / "node", bus, config)
-    database = node.data_dir / "node.sqlite3"
     raw = Peer().submission([("text", "text/plain", b"prepared while the disk refuses")])
-    try:
-        db = sqlite3.connect(database, timeout=30)
-        db.execute(
-            "CREATE TRIGGER accept_refused BEFORE UPDATE OF prepared ON submissions "
-            "WHEN NEW.state = 'accepted' BEGIN SELECT disk_refused_the_write(); END"
-        )
-        db.commit()
-        db.close()
-
-        async def publish() -> list[dict]:
-            async with ResultListener(broker.port) as listener:
-                await listener.publish(raw)
-                await asyncio.to_thread(node.process.wait, 60)
-                await asyncio.sleep(0.5)
-                return listener.about(submission_id(raw))
-
-        answered = asyncio.run(publish())
-        assert node.process.returncode == 70, node.log_text()[-3000:]
-        assert answered == []  # no Result: neither accepted nor rejected
-        assert "event=store_failed stage=prepare" in node.log_text()
-        db = sqlite3.connect(database, timeout=30)
-        db.execute("DROP TRIGGER accept_refused")
-        db.commit()
+    trigger = (
+        "CREATE TRIGGER accept_refused BEFORE UPDATE OF prepared ON submissions "
+        "WHEN NEW.state = 'accepted' BEGIN SELECT disk_refused_the_write(); END"
+    )
+    with _disk_refusing(tmp_path, trigger) as setup:
+        assert _publish_until_it_exits_70(setup, raw) == []  # neither accepted nor rejected
+        assert "event=store_failed stage=prepare" in setup.node.log_text()
+        _sql(setup.database, "DROP TRIGGER accept_refused")
+        db = sqlite3.connect(setup.database)
         (state,) = db.execute("SELECT state FROM submissions").fetchone()
         db.close()
         assert state == "received"
-
-        node = _restart_and_finalize_once(tmp_path / "node", broker.port, config, raw)
-    finally:
-        node.stop(signal.SIGKILL)
-        broker.stop()
+        setup.node = _restart_and_finalize_once(
+            tmp_path / "node", setup.broker.port, setup.config, raw
+        )
 
 
 def test_a_store_failure_in_any_task_is_named_in_the_log_before_the_node_exits_70(
@@ -274,32 +305,14 @@ def test_a_store_failure_in_any_task_is_named_in_the_log_before_the_node_exits_7
 ):
     """Found from the outside: when the disk refused the outbox's deletion of what the
     broker had acknowledged, the node exited 70 with nothing in its log."""
-    broker = start_mosquitto(tmp_path)
-    bus = f"mqtt://127.0.0.1:{broker.port}"
-    config = write_node_config(tmp_path / "node.yaml", rounds={"round_seconds": 1})
-    node = start_node(tmp_path / "node", bus, config)
-    database = node.data_dir / "node.sqlite3"
     raw = Peer().submission([("text", "text/plain", b"published while the disk refuses")])
-    try:
-        db = sqlite3.connect(database, timeout=30)
-        db.execute(
-            "CREATE TRIGGER outbox_refused BEFORE DELETE ON outbox "
-            "BEGIN SELECT disk_refused_the_write(); END"
-        )
-        db.commit()
-        db.close()
-
-        async def publish() -> None:
-            async with ResultListener(broker.port) as listener:
-                await listener.publish(raw)
-                await asyncio.to_thread(node.process.wait, 60)
-
-        asyncio.run(publish())
-        assert node.process.returncode == 70, node.log_text()[-3000:]
-        assert "event=store_failed error=OperationalError" in node.log_text()
-    finally:
-        node.stop(signal.SIGKILL)
-        broker.stop()
+    trigger = (
+        "CREATE TRIGGER outbox_refused BEFORE DELETE ON outbox "
+        "BEGIN SELECT disk_refused_the_write(); END"
+    )
+    with _disk_refusing(tmp_path, trigger) as setup:
+        _publish_until_it_exits_70(setup, raw)
+        assert "event=store_failed error=OperationalError" in setup.node.log_text()
 
 
 def test_a_commit_the_store_refuses_stops_the_node_and_a_restart_recovers(tmp_path: Path):
@@ -359,39 +372,19 @@ def test_a_submission_the_store_cannot_keep_stops_the_node_unacknowledged_and_is
     could not keep, nor answer it: it exits 70 (as for a refused commit, no
     traceback), the broker keeps the message, and once the store is repaired the
     restarted node receives it again and finalizes it once."""
-    broker = start_mosquitto(tmp_path)
-    bus = f"mqtt://127.0.0.1:{broker.port}"
-    config = write_node_config(tmp_path / "node.yaml", rounds={"round_seconds": 1})
-    node = start_node(tmp_path / "node", bus, config)
-    database = node.data_dir / "node.sqlite3"
     raw = Peer().submission([("text", "text/plain", b"arrives while the disk refuses")])
-    try:
-        db = sqlite3.connect(database, timeout=30)
-        db.execute(
-            "CREATE TRIGGER disk_full BEFORE INSERT ON submissions "
-            "BEGIN SELECT disk_refused_the_write(); END"
-        )
-        db.commit()
-        db.close()
-
-        async def publish() -> list[dict]:
-            async with ResultListener(broker.port) as listener:
-                await listener.publish(raw)
-                await asyncio.to_thread(node.process.wait, 60)
-                return listener.results
-
-        answered = asyncio.run(publish())
-        assert node.process.returncode == 70, node.log_text()[-3000:]
-        assert answered == []
-        assert "event=store_failed stage=intake" in node.log_text()
-        assert "Traceback" not in node.log_text()
-        db = sqlite3.connect(database, timeout=30)
-        db.execute("DROP TRIGGER disk_full")
-        db.commit()
+    trigger = (
+        "CREATE TRIGGER disk_full BEFORE INSERT ON submissions "
+        "BEGIN SELECT disk_refused_the_write(); END"
+    )
+    with _disk_refusing(tmp_path, trigger) as setup:
+        assert _publish_until_it_exits_70(setup, raw) == []
+        assert "event=store_failed stage=intake" in setup.node.log_text()
+        assert "Traceback" not in setup.node.log_text()
+        _sql(setup.database, "DROP TRIGGER disk_full")
+        db = sqlite3.connect(setup.database)
         assert db.execute("SELECT COUNT(*) FROM submissions").fetchone()[0] == 0
         db.close()
-
-        node = _restart_and_finalize_once(tmp_path / "node", broker.port, config, raw)
-    finally:
-        node.stop(signal.SIGKILL)
-        broker.stop()
+        setup.node = _restart_and_finalize_once(
+            tmp_path / "node", setup.broker.port, setup.config, raw
+        )

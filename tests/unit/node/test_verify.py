@@ -83,10 +83,17 @@ def make(tmp_path: Path, mine: dict[bytes, Prepared], history_size: int = 80):
     async def no_fetch(ids):
         return {}
 
-    verifier = RecordVerifier(
+    verifier = verifier_over(store, no_recompute, no_fetch, history)
+    candidates = [Candidate(i, b"s" * 32, p) for i, p in mine.items()]
+    records = score_round(candidates, history, RULES, set())
+    return verifier, records
+
+
+def verifier_over(store: Store, recompute, fetch, history: History) -> RecordVerifier:
+    return RecordVerifier(
         StoreThread(store),
-        no_recompute,
-        no_fetch,
+        recompute,
+        fetch,
         lambda a, b: DELTA,
         history,
         RULES,
@@ -94,9 +101,6 @@ def make(tmp_path: Path, mine: dict[bytes, Prepared], history_size: int = 80):
         WireLimits(),
         asyncio.Lock(),
     )
-    candidates = [Candidate(i, b"s" * 32, p) for i, p in mine.items()]
-    records = score_round(candidates, history, RULES, set())
-    return verifier, records
 
 
 def cluster_history(size: int = 80) -> History:
@@ -254,18 +258,8 @@ def test_an_unknown_submission_is_refused_for_a_seen_nonce_but_not_for_repeated_
     async def fetch(ids):
         return {identity: raw}
 
-    def verifier_over(store: Store) -> RecordVerifier:
-        return RecordVerifier(
-            StoreThread(store),
-            recompute,
-            fetch,
-            lambda a, b: DELTA,
-            cluster_history(),
-            RULES,
-            Tolerances(0.02, 20_000, 1_000),
-            WireLimits(),
-            asyncio.Lock(),
-        )
+    def over(store: Store) -> RecordVerifier:
+        return verifier_over(store, recompute, fetch, cluster_history())
 
     records = score_round(
         [Candidate(identity, peer.public, prepared_here)], cluster_history(), RULES, set()
@@ -276,12 +270,12 @@ def test_an_unknown_submission_is_refused_for_a_seen_nonce_but_not_for_repeated_
     held.admit(
         b"\x66" * 32, b"o" * 32, 1, now, [hashlib.sha256(data).digest()], b"r", now, 0, 600_000
     )
-    check(verifier_over(held), records)
+    check(over(held), records)
     # the same key and nonce were seen here: a replay, refused
     seen = Store(tmp_path / "seen.db")
     seen.admit(b"\x77" * 32, peer.public, peer.nonce, now, [b"q" * 32], b"r", now, 0, 600_000)
     with pytest.raises(Mismatch, match="nonce was seen"):
-        check(verifier_over(seen), records)
+        check(over(seen), records)
 
 
 def test_bytes_fetched_to_verify_are_kept_served_and_then_kept_or_dropped(tmp_path: Path):
@@ -320,17 +314,7 @@ def test_bytes_fetched_to_verify_are_kept_served_and_then_kept_or_dropped(tmp_pa
         return {i: sent_by_proposer[i] for i in wanted if i in sent_by_proposer}
 
     store = Store(tmp_path / "s.db")
-    verifier = RecordVerifier(
-        StoreThread(store),
-        recompute,
-        fetch,
-        lambda a, b: DELTA,
-        cluster_history(),
-        RULES,
-        Tolerances(0.02, 20_000, 1_000),
-        WireLimits(),
-        asyncio.Lock(),
-    )
+    verifier = verifier_over(store, recompute, fetch, cluster_history())
     records = score_round(
         [Candidate(i, peer.public, p) for i, p in sorted(here.items())],
         cluster_history(),
