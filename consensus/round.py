@@ -226,7 +226,7 @@ class RoundMachine:
         if self._valid is not None:
             backed.append((self._valid[1], self._valid[2]))
         for value_hash, view in backed:
-            proposal = state.values.get(value_hash)
+            proposal = self._proposal_of(state, value_hash, view)
             if proposal is not None:
                 relay[("proposal", proposal.view, proposal.signer)] = proposal
             for signed in state.votes.get((VoteKind.PREVOTE, view), {}).values():
@@ -460,7 +460,7 @@ class RoundMachine:
         if decided is not None:
             decided_view, value_hash = decided
             certificate = self._certificate(state, decided_view, value_hash)
-            proposal = state.values.get(value_hash)
+            proposal = self._proposal_of(state, value_hash, decided_view)
             if proposal is None:
                 if value_hash in state.fetching:
                     return []
@@ -523,6 +523,22 @@ class RoundMachine:
             state.fired.add(("precommit_timer", view))
             actions.append(self._schedule(Step.PRECOMMIT, view))
         return actions
+
+    def _proposal_of(
+        self, state: _RoundState, value_hash: bytes, view: int
+    ) -> SignedProposal | None:
+        """A signed proposal of ``value_hash``: ``view``'s own when it is here.
+
+        An equal value can come in several proposals (an empty one, re-proposals,
+        one sent ahead for a later view by that view's proposer). What a lock or a
+        decision in ``view`` rests on is that view's proposal: relayed, a member
+        missing it can act on the lock's prevotes (line 36); committed, it names
+        the view that decided.
+        """
+        entry = state.proposals.get((view, self.proposer(view).public_key))
+        if entry is not None and entry[1] == value_hash:
+            return entry[0]
+        return state.values.get(value_hash)
 
     def _start_view(self, view: int) -> list[Action]:
         """Line 11: enter ``view`` of the current round; propose if it is ours."""

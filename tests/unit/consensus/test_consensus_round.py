@@ -287,27 +287,29 @@ def test_a_proposal_sent_ahead_by_another_member_is_never_the_one_committed() ->
     commits, stores and relays its proposer's proposal, never the impostor's."""
     t = Harness(avoid=[0])
     t.machine.round_closed(0)
-    records = next(  # round 0's value such that round 1's first proposer is another member
+
+    def round_1(records: list[bytes]) -> RoundMachine:
+        beacon = next_beacon(t.machine.beacon, t.value_hash(records))
+        return RoundMachine(t.committee, t.me.public_key, t.me, first_round=1, beacon=beacon)
+
+    records = next(  # round 0's value such that round 1's first two proposers are others
         [bytes([i])]
-        for i in range(64)
-        if RoundMachine(
-            t.committee,
-            t.me.public_key,
-            t.me,
-            first_round=1,
-            beacon=next_beacon(t.machine.beacon, t.value_hash([bytes([i])])),
-        )
-        .proposer(0)
-        .public_key
-        != t.me.public_key
+        for i in range(256)
+        if len({round_1([bytes([i])]).proposer(v).public_key for v in (0, 1)} - {t.me.public_key})
+        == 2
     )
-    beacon_1 = next_beacon(t.machine.beacon, t.value_hash(records))
-    probe = RoundMachine(t.committee, t.me.public_key, t.me, first_round=1, beacon=beacon_1)
+    probe = round_1(records)
+    beacon_1 = probe.beacon
+    second = next(c for c in t.others if c.public_key == probe.proposer(1).public_key)
     impostor = next(
         c for c in t.others if c.public_key not in {probe.proposer(v).public_key for v in (0, 1)}
     )
-    for view in (0, 1):  # held for round 1: its proposer is not known yet
-        assert t.machine.proposal_received(sign_proposal(impostor, 1, view, [])) == []
+    # Held for round 1 (its proposers are not known yet): view 1's own proposer sends
+    # the same empty value ahead, and a member that proposes neither view does too.
+    ahead = t.machine.proposal_received(sign_proposal(second, 1, 1, []))
+    for view in (0, 1):
+        ahead += t.machine.proposal_received(sign_proposal(impostor, 1, view, []))
+    assert only(ahead, Rejected) == []  # kept (two members ahead: a CatchUp, no more)
     actions, value = t.propose(0, records)
     t.verify(actions)
     t.vote(t.others, PREVOTE, 0, value)
@@ -322,9 +324,11 @@ def test_a_proposal_sent_ahead_by_another_member_is_never_the_one_committed() ->
     assert [m.signer for m in t.machine.relay_messages() if isinstance(m, SignedProposal)] == [
         t.proposer(0).public_key
     ]
+    proposer_1 = t.proposer(0).public_key  # (the machine names round 2's once it commits)
     (commit_1,) = only(t.vote(t.others, PRECOMMIT, 0, empty, round_number=1), Commit)
     assert commit_1.proposal is not None
-    assert commit_1.proposal.signer == t.proposer(0).public_key != impostor.public_key
+    assert commit_1.proposal.signer == proposer_1 != impostor.public_key
+    assert commit_1.proposal.view == 0  # the decided view's, not view 1's sent ahead
 
 
 @pytest.mark.parametrize("lasting", [False, True])
