@@ -49,8 +49,9 @@ log = logging.getLogger("poc.intake")
 
 PREPARE_ATTEMPTS = 3
 """Times a submission is prepared while the encoders fail under it, before it is refused."""
-PREPARE_PAUSE_S = 1.0
-"""Pause before preparing again, times the attempt (workers are replaced meanwhile)."""
+PREPARE_PAUSE_S = 5.0
+"""Pause before preparing again, times the attempt (workers are replaced meanwhile): a
+submission is refused only after the encoders failed under it through 15 s of kills."""
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ from typing import Any
 
 from encoders.modality import Modality
 from encoders.shard import EncodeRequest, ItemEmbedding, Shard
+from node.errors import EncoderUnavailable
 from node.ops.metrics import Metrics
 from node.pipeline.batching import LOOKAHEAD, BatchPolicy, companions
 from node.pipeline.engines import Engine, InProcess
@@ -250,7 +251,10 @@ class EncoderService:
                 slot, [job.request for job in group], group[0].beacon
             )
         except Exception as error:  # a failing batch fails its items, never the node
-            log.exception("event=encode_failed items=%d", len(group))
+            if isinstance(error, EncoderUnavailable):  # handled: the items are prepared again
+                log.warning("event=encode_failed items=%d error=%r", len(group), str(error))
+            else:
+                log.exception("event=encode_failed items=%d", len(group))
             for job in group:
                 if not job.future.done():
                     job.future.set_exception(error)
