@@ -44,8 +44,10 @@ class BuildProposal:
 class VerifyProposal:
     """Recompute the records of the view proposer's value; answer ``value_verified``.
 
-    Asked at most once per value of a round, only for the proposal of the
-    current view's proposer, after its signature was checked.
+    Asked at most once per value of a round (once more in a later view after a
+    verdict that was not a judgement of the value, ``value_verified(...,
+    lasting=False)``), only for the proposal of the current view's proposer,
+    after its signature was checked.
     """
 
     round: int

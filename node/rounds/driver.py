@@ -43,7 +43,7 @@ from consensus.committee import Committee
 from consensus.messages import SignedProposal, SignedVote
 from consensus.round import RoundMachine, Timeouts
 from node.bus.client import Topics
-from node.errors import Reason
+from node.errors import EncoderUnavailable, Reason
 from node.intake.admission import SYSTEM_CLOCK, Clock
 from node.intake.signing import MessageSigner
 from node.intake.wire import BALANCE_DOMAIN, RESULT_DOMAIN, Balance, Result, Status
@@ -528,6 +528,22 @@ class RoundDriver:
                     else "?",
                     str(mismatch),
                 )
+            except Exception as error:
+                # Not a judgement of the value (the encoders died under it, the store
+                # failed, a defect of the node's own): unanswered, the value stayed
+                # "being verified" for the rest of the round and was never asked again.
+                # (A store that cannot write ends the node at its next commit.)
+                lasting = False
+                if isinstance(error, EncoderUnavailable):
+                    log.warning(
+                        "event=verify_unavailable round=%d view=%d error=%r",
+                        action.round,
+                        action.view,
+                        str(error),
+                    )
+                else:
+                    self._metrics.internal_errors.labels(stage="consensus").inc()
+                    log.exception("event=verify_failed round=%d view=%d", action.round, action.view)
         async with self._lock:
             await self._perform(
                 self.machine.value_verified(action.round, action.value_hash, ok, lasting=lasting)

@@ -13,7 +13,7 @@ from consensus.messages import NO_VIEW, Evidence, Proposal, SignedProposal
 from consensus.round import RoundMachine
 from encoders.modality import Modality
 from node.bus.client import Topics
-from node.errors import Reason
+from node.errors import EncoderUnavailable, Reason
 from node.intake.codec import DecodeLimits, pack, unpack
 from node.intake.keys import SigningKey
 from node.intake.signing import MessageSigner
@@ -520,3 +520,40 @@ def test_a_fetched_round_is_taken_only_with_its_view_proposers_proposal(tmp_path
     assert driver._valid_round(FetchedRound(0, certificate, proposal_by(proposer)))
     assert not driver._valid_round(FetchedRound(0, certificate, proposal_by(other)))
     store.close()
+
+
+@pytest.mark.parametrize(
+    "failure", [EncoderUnavailable("encoder workers died twice"), KeyError("a defect")]
+)
+def test_a_verification_that_fails_for_want_of_encoders_is_a_verdict_for_the_view_only(
+    tmp_path: Path, failure: Exception
+):
+    """A check that raised anything but Mismatch was never answered: the value stayed
+    'being verified' for the rest of the round, and this member never prevoted it,
+    in any view. Now the machine hears 'no, for this view'."""
+    from consensus.actions import VerifyProposal
+
+    committee, (me, _) = members(2)
+    store = StoreThread(Store(tmp_path / "s.db"))
+    metrics = Metrics(CollectorRegistry())
+    driver = _driver(committee, me, store, metrics, None)  # type: ignore[arg-type]
+    heard: list[tuple[int, bytes, bool, bool]] = []
+
+    class Machine:
+        next_round = 0
+
+        def value_verified(self, round_number, value_hash, ok, *, lasting=True):
+            heard.append((round_number, value_hash, ok, lasting))
+            return []
+
+    class Verifier:
+        async def check(self, records, before_round=None, *, round_number=None):
+            raise failure
+
+    driver._machine = Machine()  # type: ignore[assignment]
+    driver._verifier = Verifier()  # type: ignore[assignment]
+    asyncio.run(driver._verify(VerifyProposal(0, 1, b"h" * 32, (b"r",))))
+    store.close()
+    assert heard == [(0, b"h" * 32, False, False)]
+    expected = 0 if isinstance(failure, EncoderUnavailable) else 1
+    assert metrics.internal_errors.labels(stage="consensus")._value.get() == expected
