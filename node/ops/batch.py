@@ -27,6 +27,9 @@ FILE and output reads the journal and:
   ``expired``: those reasons mean the data was never judged;
 - treats a line whose text changed since the journal as a new line.
 
+Within a run, halfway through the idle timeout, the lines still without an
+outcome are published once more with the same bytes (:meth:`BatchRun.ask_again`).
+
 So nothing is sent twice once it has a result. Publishing follows a token
 bucket sized like the node's ``intake.rate_limit`` (120 a minute, 30 at once
 by default); every ``rate_limited`` answer halves the rate.
@@ -363,6 +366,7 @@ class BatchRun:
         self._open: set[tuple[int, str]] = set()
         """Lines still without an outcome: kept as outcomes arrive, not recounted per message."""
         self._changed = asyncio.Event()
+        self._asked_again = False
         for line in lines:
             state = journal.state(line)
             if state.done:
@@ -493,17 +497,38 @@ class BatchRun:
             self.tally.sent += 1
             self._changed.set()
 
+    def ask_again(self) -> int:
+        """Send once more the same bytes of every line still without an outcome.
+
+        A validator answers a submission it knows again, but only within the
+        submitter's rate: an answer to a resend that met the rate limit (a line
+        in doubt after an interruption, resent in a burst) never comes. Returns
+        how many lines were queued.
+        """
+        self._asked_again = True
+        queued = {line.key for line, _ in self.queue}
+        again = [self.lines[key] for key in sorted(self._open - queued) if key in self.lines]
+        self.queue.extend((line, False) for line in again)
+        if again:
+            self._changed.set()
+        return len(again)
+
     async def wait_idle(self, idle_s: float) -> None:
-        """Returns when every line has an outcome, or nothing was heard for ``idle_s``."""
+        """Returns when every line has an outcome, or nothing was heard for ``idle_s``.
+
+        Halfway, lines still without an outcome are asked about once more
+        (:meth:`ask_again`).
+        """
         while not self.finished():
             self._changed.clear()
             try:
                 # Not wait_for: on Python 3.11 it can lose a cancellation (Ctrl-C)
                 # that arrives with the event (python/cpython#86296).
-                async with asyncio.timeout(idle_s):
+                async with asyncio.timeout(idle_s if self._asked_again else idle_s / 2):
                     await self._changed.wait()
             except TimeoutError:
-                return
+                if self._asked_again or not self.ask_again():
+                    return
 
 
 async def _until_idle_or_lost(
