@@ -756,11 +756,12 @@ class Store:
                         State.ACCEPTED,
                     ),
                 ).rowcount
-                if changed and outcome.reason == "expired":
-                    self._db.execute(
-                        "DELETE FROM submission_bytes WHERE id = ?", (outcome.submission_id,)
-                    )
-                elif outcome.reason != "expired":
+                if outcome.reason == "expired":
+                    if changed:
+                        self._db.execute(
+                            "DELETE FROM submission_bytes WHERE id = ?", (outcome.submission_id,)
+                        )
+                else:
                     # Whatever this member's own row says (its intake may have refused
                     # it): the round holds it, so its bytes are kept when they come.
                     self._db.execute(
