@@ -21,6 +21,17 @@ class UndecodableError(EncoderError):
     reason = "undecodable"
 
 
+class DecodingStoppedError(UndecodableError):
+    """Decoding was stopped before it judged the bytes: past its time or memory
+    limit, or its process died under it.
+
+    Reported as ``undecodable`` like any undecodable item, but it depends on the
+    machine and its load as much as on the bytes: another node, or this one
+    later, may decode them. A committee member that meets it while verifying a
+    proposal refuses the value for that view only.
+    """
+
+
 class MediaTooLargeError(EncoderError):
     """The media exceeds a configured limit, detected before full decoding."""
 

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from encoders.errors import EncoderError, UndecodableError
+from encoders.errors import DecodingStoppedError, EncoderError, UndecodableError
 from encoders.media import DecodedMedia, MediaLimits, PreprocessSpec, decode_media
 from encoders.modality import Modality
 
@@ -102,10 +102,10 @@ def _decode(
         return media, usage.ru_utime + usage.ru_stime - spent
     except EncoderError as error:
         if _caused_by_memory(error):  # a decoder that wrapped the allocation failure
-            raise UndecodableError(_OUT_OF_MEMORY) from None
+            raise DecodingStoppedError(_OUT_OF_MEMORY) from None
         raise
     except MemoryError:
-        raise UndecodableError(_OUT_OF_MEMORY) from None
+        raise DecodingStoppedError(_OUT_OF_MEMORY) from None
     except Exception as error:  # a decoder bug must cost this item only
         raise UndecodableError(f"{type(error).__name__}: {error}") from None
 
@@ -366,13 +366,13 @@ class DecoderPool:
         except TimeoutError:
             healthy = False
             self._failed("timeout")
-            raise UndecodableError(
+            raise DecodingStoppedError(
                 f"decoding took longer than {self._timeout_s:g} s and was stopped"
             ) from None
         except _DecoderDied:
             healthy = False
             self._failed("crash")
-            raise UndecodableError("the decoder process died on this item") from None
+            raise DecodingStoppedError("the decoder process died on this item") from None
         except UndecodableError as error:
             if str(error) == _OUT_OF_MEMORY:
                 self._failed("memory")

@@ -68,7 +68,7 @@ from node.rounds.records import (
     Prepared,
     RoundRecord,
     RoundRules,
-    Unavailable,
+    Transient,
     from_float16,
     proposal_bytes_max,
     score_round,
@@ -515,7 +515,7 @@ class RoundDriver:
                 await self._verifier.check(action.records, round_number=action.round)
                 ok = True
             except Mismatch as mismatch:
-                lasting = not isinstance(mismatch, Unavailable)
+                lasting = not isinstance(mismatch, Transient)
                 if action.round < self.machine.next_round:
                     return  # decided meanwhile (certified by the others): moot
                 self._metrics.record_mismatches.inc()

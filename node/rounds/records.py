@@ -50,13 +50,27 @@ class Mismatch(Exception):
     """A proposer's record this member does not accept; the message says which and why."""
 
 
-class Unavailable(Mismatch):
+class Transient(Mismatch):
+    """A refusal for the view it was asked in only: this member could not judge the
+    record now, which is not a judgement of the value.
+
+    The member asks again when the value is proposed in a later view. Kept for
+    the round, such a verdict could split a committee for good: members that
+    judged the value lock on it, and one that could not never prevotes it.
+    """
+
+
+class Unavailable(Transient):
     """A record's submission neither held here nor sent by any peer in time.
 
-    Not a judgement of the value: the bytes may reach this member later (a peer
-    that fetched them to verify keeps and serves them), so the verdict holds for
-    the view it was asked in only.
+    The bytes may reach this member later: a peer that fetched them to verify
+    keeps and serves them.
     """
+
+
+class Undecided(Transient):
+    """A record's item whose decoding was stopped here (time or memory limit, or
+    the decoder process died): under less load, this member may decode it."""
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 
-from encoders.errors import EncoderError
+from encoders.errors import DecodingStoppedError, EncoderError
 from node.errors import Reason, Rejected
 from node.intake.codec import CodecError
 from node.intake.wire import Submission, WireLimits, parse_submission
@@ -35,6 +35,7 @@ from node.rounds.records import (
     RoundRules,
     Tolerances,
     Unavailable,
+    Undecided,
     check_round_scores,
     compare_record,
 )
@@ -101,7 +102,9 @@ class RecordVerifier:
         the item bytes of rounds before it; live, every committed round is.
         ``round_number`` (live: the proposal's round) keeps the bytes fetched
         from peers for it, so that this member serves them in turn. A record
-        whose submission no peer sent raises :class:`Unavailable`.
+        whose submission no peer sent raises :class:`Unavailable`, one whose
+        decoding was stopped here :class:`Undecided`: both refuse the value for
+        its view only (:class:`Transient`).
         """
         if self._max_records is not None and len(records) > self._max_records:
             raise Mismatch(f"{len(records)} records, more than rounds.max_records")
@@ -162,6 +165,8 @@ class RecordVerifier:
             raise Mismatch(f"{name} is not new here: its nonce was seen (replay)")
         try:
             return await self._recompute(submission, record.epoch)
+        except DecodingStoppedError as error:
+            raise Undecided(f"{record.submission_id.hex()[:16]}: {error}") from None
         except EncoderError as error:
             raise Mismatch(f"{record.submission_id.hex()[:16]}: {error}") from None
 

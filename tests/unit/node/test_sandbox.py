@@ -4,7 +4,12 @@ import asyncio
 
 import pytest
 
-from encoders.errors import MediaTooLargeError, UndecodableError, UnsupportedModalityError
+from encoders.errors import (
+    DecodingStoppedError,
+    MediaTooLargeError,
+    UndecodableError,
+    UnsupportedModalityError,
+)
 from encoders.media import MediaLimits
 from encoders.modality import Modality
 from encoders.weights import DEFAULT_PREPROCESS
@@ -38,8 +43,9 @@ def test_decodes_and_reports_reasons_from_the_worker():
             assert len(submit_cpu) == 1 and submit_cpu[0] >= 0.0
             with pytest.raises(MediaTooLargeError):
                 await decode(pool, Modality.IMAGE, "image/png", png_header_only(100_000, 100_000))
-            with pytest.raises(UndecodableError):
+            with pytest.raises(UndecodableError) as bad:
                 await decode(pool, Modality.IMAGE, "image/png", b"\x89PNG nope")
+            assert not isinstance(bad.value, DecodingStoppedError)  # a judgement of the bytes
             assert len(submit_cpu) == 3
         finally:
             pool.close()
@@ -52,7 +58,8 @@ def test_a_hung_or_killed_decoder_costs_one_item_and_the_slot_is_replaced():
         failures: list[str] = []
         pool = DecoderPool(workers=1, timeout_s=0.001, memory_mb=350, on_failure=failures.append)
         try:
-            with pytest.raises(UndecodableError, match="longer than"):
+            # Stopped, not judged: a committee member refuses for one view only.
+            with pytest.raises(DecodingStoppedError, match="longer than"):
                 await decode(pool, Modality.VIDEO, "video/mp4", mp4_bytes(frames=40))
             pool._timeout_s = 30
             slot = await pool._free.get()
@@ -63,7 +70,7 @@ def test_a_hung_or_killed_decoder_costs_one_item_and_the_slot_is_replaced():
             while not pool.busy:
                 await asyncio.sleep(0.001)
             slot.process.kill()
-            with pytest.raises(UndecodableError, match="died"):
+            with pytest.raises(DecodingStoppedError, match="died"):
                 await task
             image = await decode(pool, Modality.IMAGE, "image/png", image_bytes("L"))
             assert image.shape[0] == 3
@@ -80,7 +87,7 @@ def test_memory_cap_turns_an_allocation_failure_into_undecodable():
         pool = DecoderPool(workers=1, timeout_s=60, memory_mb=350, on_failure=failures.append)
         try:
             big = image_bytes("RGB", size=(3900, 3900))
-            with pytest.raises(UndecodableError):
+            with pytest.raises(DecodingStoppedError):
                 await decode(pool, Modality.IMAGE, "image/png", big)
             small = await decode(pool, Modality.IMAGE, "image/png", image_bytes("RGB"))
             assert small.shape[0] == 3

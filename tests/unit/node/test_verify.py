@@ -373,3 +373,44 @@ def _item_hash(raw: bytes) -> bytes:
     from node.intake.wire import parse_submission
 
     return parse_submission(raw, Limits()).items[0].sha256
+
+
+@pytest.mark.parametrize(
+    ("failure", "transient"),
+    [
+        ("decoding took longer than 8 s and was stopped", True),
+        ("not a PNG image", False),
+    ],
+)
+def test_a_decoding_stopped_here_refuses_for_the_view_only(
+    tmp_path: Path, failure: str, transient: bool
+):
+    """A decoder timeout (or a decoder killed, or its memory cap) while verifying a
+    fetched submission is this member's load, not the bytes: the others may have
+    decoded them. It was a lasting mismatch, so under load one member could stay out
+    of every later view's quorum of a value the others locked on."""
+    from encoders.errors import DecodingStoppedError, UndecodableError
+    from node.rounds.records import Transient, Undecided
+    from tests.peer import Peer, submission_id
+
+    peer = Peer()
+    raw = peer.submission([("text", "text/plain", b"caption")])
+    identity = submission_id(raw)
+    prep = prepared(40, pair=False)
+    prep = dataclasses.replace(
+        prep, items=(dataclasses.replace(prep.items[0], sha256=_item_hash(raw)),)
+    )
+    error = (DecodingStoppedError if transient else UndecodableError)(failure)
+
+    async def recompute(submission, epoch):
+        raise error
+
+    async def fetch(wanted):
+        return {identity: raw}
+
+    records = score_round([Candidate(identity, peer.public, prep)], cluster_history(), RULES, set())
+    verifier = verifier_over(Store(tmp_path / "s.db"), recompute, fetch, cluster_history())
+    with pytest.raises(Mismatch, match=failure) as refused:
+        asyncio.run(verifier.check([r.to_bytes() for r in records], round_number=3))
+    assert isinstance(refused.value, Undecided) is transient
+    assert isinstance(refused.value, Transient) is transient
