@@ -13,7 +13,7 @@ reordering, build and verify delays, byzantine splits) comes from one
 ``random.Random(seed)`` consumed in event order, so a seed replays a schedule
 exactly. Faulty members follow a ``Behaviour``: some run a machine whose
 output the simulator bends (twins, an equivocating proposer, a replayer, a
-member that never votes), the others are scripts that sign with their key
+member that never votes, a proposer that withholds its data), the others are scripts that sign with their key
 (silent, early proposer, votes for everything). ``Simulation.safety_violations``
 and ``Simulation.done`` are what the tests assert on.
 """
@@ -211,6 +211,12 @@ class Behaviour(StrEnum):
     """Prevotes and precommits nil and every value it sees, conflicting or not."""
     NEVER_VOTES = "never_votes"
     """Runs a machine that proposes, but never sends a vote."""
+    WITHHOLDER = "withholder"
+    """As proposer, proposes records whose data it gives only to enough honest members
+    for a prevote quorum with its own prevote, then falls silent from its first
+    precommit after it. A member that verifies gets the data if the withholder gave
+    it, or from any member that verified the value before (the node keeps and serves
+    the bytes it fetched); otherwise it refuses the value for that view only."""
 
 
 FAULTY_BEHAVIOURS = tuple(b for b in Behaviour if b is not Behaviour.HONEST)
@@ -221,8 +227,12 @@ MACHINE_BEHAVIOURS = frozenset(
         Behaviour.TWINS,
         Behaviour.REPLAYER,
         Behaviour.NEVER_VOTES,
+        Behaviour.WITHHOLDER,
     }
 )
+FAULTY_BEHAVIOURS_DRAWN = tuple(b for b in FAULTY_BEHAVIOURS if b is not Behaviour.WITHHOLDER)
+"""What ``run_schedule`` draws from unless asked for a withholder: the draws of the
+seeds kept as examples stay the schedules they were kept for."""
 
 
 @dataclass(frozen=True)
@@ -272,14 +282,19 @@ class Node:
     rejected: list[Rejected] = field(default_factory=list)
     sent: list[Signed] = field(default_factory=list)
     verify_requests: list[VerifyProposal] = field(default_factory=list)
+    refused_for_view: list[VerifyProposal] = field(default_factory=list)
+    """Verifications answered 'no, for this view' (the data was out of reach)."""
     catch_ups: list[int] = field(default_factory=list)
-    progress: tuple[int, int, str, int] | None = None
+    progress: tuple[int, int] | None = None
     voted: set[tuple[VoteKind, int, int, bytes | None]] = field(default_factory=set)
     ticks: int = 0
     generation: int = 0
     down: bool = False
     back_at: int = 0
     restarts: int = 0
+    withheld: bool = False
+    """A withholder that proposed withheld data: it falls silent at its next precommit."""
+    silent: bool = False
 
     @property
     def honest(self) -> bool:
@@ -306,8 +321,8 @@ class Simulation:
     committed ``rounds`` rounds or the clock passes ``until_ms``.
 
     A node answers ``BuildProposal`` with ``honest_records`` and
-    ``VerifyProposal`` with ``verifier`` after ``work_ms``; when it made no
-    progress for ``resend_ms`` it resends ``relay_messages()`` if honest and
+    ``VerifyProposal`` with ``verifier`` after ``work_ms``; when it decided no
+    round for ``resend_ms`` it resends ``relay_messages()`` if honest and
     ``relay_resend`` (relayed messages may be signed by other members), else
     only ``current_messages()`` (its own of its current view), and
     syncs finalized rounds from an honest member on ``FetchValue``,
@@ -356,6 +371,10 @@ class Simulation:
         self.first_committed: dict[bytes, int] = {}
         self.queue: list[tuple[int, int, str, int, object, int]] = []
         self.reached: dict[bytes, set[int]] = {}
+        self.given: dict[bytes, set[int]] = {}
+        """A withheld record → the nodes its withholder gave the data to."""
+        self.holders: dict[bytes, set[int]] = {}
+        """A withheld record → the nodes that hold its data and serve it."""
         self._seq = itertools.count()
         self.events = 0
         self.nodes: list[Node] = []
@@ -481,6 +500,12 @@ class Simulation:
         elif kind == "verified":
             assert m is not None and isinstance(payload, VerifyProposal)
             verdict = self.verifier(self, node, payload)
+            if verdict and not self.data_reaches(node, payload.records):
+                node.refused_for_view.append(payload)
+                self.perform(
+                    node, m.value_verified(payload.round, payload.value_hash, False, lasting=False)
+                )
+                return
             self.perform(node, m.value_verified(payload.round, payload.value_hash, verdict))
         elif kind == "synced":
             assert m is not None and isinstance(payload, list)
@@ -555,7 +580,39 @@ class Simulation:
         node.progress = None
         self.at(self.now + self.resend_ms, "tick", node, None)
 
+    def data_reaches(self, node: Node, records: Iterable[bytes]) -> bool:
+        """Whether ``node`` gets every withheld record's data: from its withholder, or
+        from a member that got it before; it then holds and serves it too."""
+        for record in records:
+            if record not in self.given:
+                continue
+            holders = self.holders.setdefault(record, set())
+            if node.index not in self.given[record] and not any(
+                not self.nodes[i].down for i in holders
+            ):
+                return False
+            holders.add(node.index)
+        return True
+
+    def withheld_records(self, node: Node, round_number: int) -> tuple[bytes, ...]:
+        """Records whose data only enough honest members for a prevote quorum get."""
+        record = f"r{round_number}/withheld/n{node.index}".encode()
+        honest = [n for n in self.honest if n.member != node.member]
+        self.rng.shuffle(honest)
+        stake = self.committee.members[node.member].stake
+        given: set[int] = set()
+        for n in honest:
+            if self.committee.has_quorum(stake):
+                break
+            given.add(n.index)
+            stake += self.committee.members[n.member].stake
+        self.given[record] = given
+        node.withheld = True
+        return (record,)
+
     def records_for(self, node: Node, round_number: int) -> tuple[bytes, ...]:
+        if node.behaviour is Behaviour.WITHHOLDER:
+            return self.withheld_records(node, round_number)
         if node.behaviour is Behaviour.REPLAYER:
             earlier = [
                 n.commits[r].value.records
@@ -574,6 +631,15 @@ class Simulation:
         targets = [n for n in self.nodes if n is not sender]
         if sender.behaviour is Behaviour.NEVER_VOTES and isinstance(message, SignedVote):
             return
+        if sender.behaviour is Behaviour.WITHHOLDER:
+            if (
+                sender.withheld
+                and isinstance(message, SignedVote)
+                and message.vote.kind is VoteKind.PRECOMMIT
+            ):
+                sender.silent = True
+            if sender.silent:
+                return
         if (
             sender.behaviour is Behaviour.EQUIVOCATING_PROPOSER
             and isinstance(message, SignedProposal)
@@ -654,7 +720,10 @@ class Simulation:
             return
         m = node.machine
         assert m is not None
-        progress = (m.next_round, m.view, str(m.step), len(node.commits))
+        # As the node's driver (``rebroadcast_loop``): every period in which no round
+        # was decided. Resending only when the view and step had not moved left a
+        # member locked on a quorum others lacked silent while views timed out.
+        progress = (m.next_round, len(node.commits))
         if progress == node.progress:
             relay = node.honest and self.relay_resend
             resend = m.relay_messages() if relay else m.current_messages()
