@@ -31,7 +31,7 @@ from urllib.parse import parse_qs
 
 import numpy as np
 import numpy.typing as npt
-from aiohttp import BodyPartReader, web
+from aiohttp import BodyPartReader, hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from consensus.committee import Committee
@@ -561,9 +561,9 @@ class ExploreSite:
         """(caption, picture) of a what-if request; a body that cannot be read is bad input.
 
         aiohttp's readers raise their own errors for a malformed body (a
-        multipart without or with a wrong boundary, an overlong part header, a
-        Content-Encoding the bytes do not match): each is the client's fault,
-        answered 400, never a 500 with a traceback.
+        multipart without or with a wrong boundary, an overlong part header):
+        each is the client's fault, answered 400, never a 500 with a traceback.
+        (A coded body never gets here: ``api_whatif`` answers it 415.)
         """
         try:
             caption, picture = await self._read_form(request)
@@ -660,6 +660,9 @@ class ExploreSite:
             return limited
         if self.explorer.busy:
             return _error(429, "busy: the node judges one what-if at a time; try again shortly")
+        coding = request.headers.get(hdrs.CONTENT_ENCODING, "").strip().lower()
+        if coding not in ("", "identity"):
+            return _error(415, f"Content-Encoding {coding!r} is not accepted: send the body as is")
         explorer = self.explorer
 
         async def answer() -> dict[str, Any]:
