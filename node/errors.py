@@ -45,14 +45,19 @@ class Rejected(NodeError):
     """A submission is refused with a reason code.
 
     ``submitter`` is the claimed submitter key when the bytes name one, so the
-    rejection can be published to that submitter's results topic.
+    rejection can be published to that submitter's results topic. ``signed``:
+    the bytes carry that key's valid signature; a rejection raised before it
+    was checked names a key anyone can write.
     """
 
-    def __init__(self, reason: Reason, detail: str, submitter: bytes | None = None) -> None:
+    def __init__(
+        self, reason: Reason, detail: str, submitter: bytes | None = None, *, signed: bool = False
+    ) -> None:
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
         self.submitter = submitter
+        self.signed = signed
 
 
 class EncoderUnavailable(NodeError):

@@ -234,7 +234,9 @@ class Intake:
 
         ``topic`` is where it was published: a submission on another key's
         topic is ``wrong_topic`` (checked after its signature, so only its
-        signer ever hears of it). ``None`` skips the check (tests, tools).
+        signer ever hears of it); one refused before its signature was checked
+        is answered only on its claimed submitter's own topic (else it is
+        unattributed). ``None`` skips both checks (tests, tools).
         """
         await self._receiving.wait()
         self._metrics.messages.inc()
@@ -261,16 +263,29 @@ class Intake:
                 time.perf_counter() - started
             )
         if isinstance(submission, Rejected):
-            if submission.submitter is None:
+            claimed = submission.submitter
+            if (
+                claimed is not None
+                and not submission.signed
+                and topic is not None
+                and topic != self._topics.submission(claimed)
+            ):
+                # Unsigned bytes naming a key other than their topic's: anyone can write
+                # them, and a Result would land on that key's results topic (spam on a
+                # victim's topic, signed by this validator). On its own topic, only the
+                # key's broker account (ACL) can have sent them.
+                claimed = None
+            if claimed is None:
                 self._metrics.unattributed.inc()
                 log.warning(
-                    "event=unattributed_message bytes=%d reason=%s detail=%r",
+                    "event=unattributed_message bytes=%d reason=%s detail=%r topic=%s",
                     len(raw),
                     submission.reason,
                     submission.detail,
+                    topic,
                 )
                 return
-            await self._reject(identity, submission.submitter, submission.reason, submission.detail)
+            await self._reject(identity, claimed, submission.reason, submission.detail)
             return
         if submission is None:
             self._metrics.redeliveries.inc()

@@ -200,7 +200,10 @@ def parse_submission(
     for index, entry in enumerate(raw_items):
         if hashlib.sha256(entry["data"]).digest() != entry["sha256"]:
             raise Rejected(
-                Reason.BAD_COMMITMENT, f"items[{index}].sha256 does not match its data", named
+                Reason.BAD_COMMITMENT,
+                f"items[{index}].sha256 does not match its data",
+                named,
+                signed=True,
             )
 
     items: list[Item] = []
@@ -212,16 +215,20 @@ def parse_submission(
                 Reason.UNSUPPORTED_MODALITY,
                 f"items[{index}]: unknown modality {entry['modality']!r}",
                 named,
+                signed=True,
             ) from None
         if MEDIA_TYPES.get(entry["mime"]) is not modality:
             raise Rejected(
                 Reason.UNSUPPORTED_MODALITY,
                 f"items[{index}]: media type {entry['mime']!r} is not supported for {modality}",
                 named,
+                signed=True,
             )
         items.append(Item(modality, entry["mime"], entry["data"], entry["sha256"]))
     if len(items) == 2 and items[0].modality == items[1].modality:
-        raise Rejected(Reason.SAME_MODALITY, f"both items are {items[0].modality}", named)
+        raise Rejected(
+            Reason.SAME_MODALITY, f"both items are {items[0].modality}", named, signed=True
+        )
 
     submission = Submission(
         submitter=named,

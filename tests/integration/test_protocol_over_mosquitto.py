@@ -221,6 +221,48 @@ def test_a_submission_on_another_keys_topic_is_wrong_topic(node: NodeProcess, mo
     assert node.metric("poc_rejections_total", 'reason="wrong_topic"') >= 1
 
 
+def test_unsigned_bytes_naming_another_key_are_never_answered_on_its_topic(
+    node: NodeProcess, mosquitto: Broker
+):
+    """Found from the outside: a forgery naming a victim, published on the forger's
+    own topic (the only one its broker account may write), was answered
+    bad_signature on the victim's results topic, signed by this validator: anyone
+    could fill any key's topic. Bytes refused before their signature is checked
+    are answered only on the topic of the key they name."""
+    victim, forger = Peer(), Peer()
+    forged = forger.sign(victim.body([("text", "text/plain", b"not from the victim")]))
+    broken = victim.body([TEXT])
+    broken["v"] = 7
+    unversioned = forger.sign(broken)
+    huge = victim.body([("text", "text/plain", b"x" * 70_000)])
+    oversized = forger.sign(huge)
+    own_topic = f"{PREFIX}/submissions/{forger.public.hex()}"
+    before = node.metric("poc_unattributed_messages_total")
+
+    async def scenario() -> tuple[list[dict], dict]:
+        async with ResultListener(mosquitto.port) as listener:
+            for raw in (forged, unversioned, oversized):
+                await listener.publish(raw, own_topic)
+            deadline = time.monotonic() + 20
+            while node.metric("poc_unattributed_messages_total") < before + 3:
+                assert time.monotonic() < deadline, "the forgeries were not all seen"
+                await asyncio.sleep(0.1)
+            # On the victim's own topic (no ACL here) the same bytes are answered.
+            await listener.publish(forged)
+            answered = await listener.final(submission_id(forged))
+            return [
+                r for r in listener.results if r["submission_id"] != answered["submission_id"]
+            ], answered
+
+    elsewhere, answered = run(scenario())
+    assert elsewhere == []
+    assert (answered["reason"], answered["_topic_submitter"]) == (
+        "bad_signature",
+        victim.public.hex(),
+    )
+    assert node.metric("poc_unattributed_messages_total") == before + 3
+
+
 def test_the_same_bytes_again_are_not_answered_twice(node: NodeProcess, mosquitto: Broker):
     """Copies of a known submission are recognised by their id before anything else:
     twenty of them, four times the node's rate-limit burst, are neither answered nor

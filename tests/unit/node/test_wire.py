@@ -131,6 +131,26 @@ def test_limits_are_checked_before_anything_is_decoded():
     assert reason_of(big, limits) == (Reason.TOO_LARGE, peer.public)
 
 
+def test_a_rejection_says_whether_its_submitter_signed_the_bytes():
+    """Only a signed submitter may hear of a refusal on a topic other than its own."""
+    peer, other = Peer(), Peer()
+    lying = peer.body([TEXT])
+    lying["items"][0]["sha256"] = hashlib.sha256(b"something else").digest()
+    cases = {
+        other.sign(peer.body([TEXT])): False,  # bad_signature
+        peer.sign({**peer.body([TEXT]), "v": 7}): False,  # malformed
+        peer.submission([("text", "text/plain", b"x" * 70_000)]): False,  # too_large, unread
+        peer.sign(lying): True,  # bad_commitment
+        peer.submission([("smell", "text/plain", b"x")]): True,
+        peer.submission([TEXT, ("text", "text/plain", b"another")]): True,
+    }
+    for raw, signed in cases.items():
+        with pytest.raises(Rejected) as caught:
+            parse_submission(raw)
+        assert caught.value.submitter == peer.public
+        assert caught.value.signed is signed, caught.value.reason
+
+
 def test_claimed_submitter_of_a_truncated_message():
     peer = Peer()
     raw = peer.submission([TEXT])
