@@ -13,9 +13,10 @@ reordering, build and verify delays, byzantine splits) comes from one
 ``random.Random(seed)`` consumed in event order, so a seed replays a schedule
 exactly. Faulty members follow a ``Behaviour``: some run a machine whose
 output the simulator bends (twins, an equivocating proposer, a replayer, a
-member that never votes, a proposer that withholds its data), the others are scripts that sign with their key
-(silent, early proposer, votes for everything). ``Simulation.safety_violations``
-and ``Simulation.done`` are what the tests assert on.
+member that never votes, a proposer that withholds its data), the others are
+scripts that sign with their key (silent, early proposer, votes for
+everything). ``Simulation.safety_violations`` and ``Simulation.done`` are
+what the tests assert on.
 """
 
 from __future__ import annotations
