@@ -201,13 +201,15 @@ def stage_cpu(metrics: str) -> dict[str, float]:
 
 async def feed(
     port: int, submissions: list[WorldSubmission], submitters: int, validator: bytes | None
-) -> tuple[float, float, float, list[str]]:
+) -> tuple[float, float, float, list[str], tuple[float, float]]:
     """Publish every submission (signed by ``submitters`` keys).
 
     Returns the seconds from the first publish to the last ``accepted`` and to
     the last ``final`` Result, the steady accepted rate (submissions/s between
-    the 10th and the 90th percentile of accepted Results), and the reasons of
-    the rejected ones.
+    the 10th and the 90th percentile of accepted Results), the reasons of
+    the rejected ones, and where the time outside the steady rate went: the
+    seconds from the first publish to the first ``accepted`` Result, and from
+    the last publish to the last ``accepted`` one.
     """
     peers = [Peer() for _ in range(submitters)]
     raws = [
@@ -221,6 +223,7 @@ async def feed(
         started = time.monotonic()
         for raw in raws:
             await listener.publish(raw)
+        published = time.monotonic()
         for identity in ids:
             await listener.final(identity, 900)
         if validator is not None:  # wait for the measured member's own Results
@@ -251,7 +254,8 @@ async def feed(
         times = sorted(accepted.values())
         low, high = times[len(times) // 10], times[(len(times) * 9) // 10]
         steady = (len(times) * 8 // 10) / (high - low) if high > low else float("nan")
-        return max(times) - started, max(final.values()) - started, steady, reasons
+        edges = (times[0] - started, max(times) - published)
+        return max(times) - started, max(final.values()) - started, steady, reasons, edges
 
 
 def committee_files(directory: Path, count: int) -> tuple[Path, list[Path]]:
@@ -354,7 +358,7 @@ def run_kind(
         children_before = by_name(node.process.pid, "cpu", root=False)
         metrics_before = node.metrics()
         stages_before = stage_cpu(metrics_before)
-        accepted_s, final_s, steady, reasons = asyncio.run(
+        accepted_s, final_s, steady, reasons, edges = asyncio.run(
             feed(broker.port, submissions, args.submitters, validator)
         )
         after = node.metrics()
@@ -384,6 +388,8 @@ def run_kind(
             if tokens.get("content")
             else ""
         )
+        + f"; first accepted {edges[0]:.2f} s after the first publish, last {edges[1]:.2f} s"
+        " after the last publish"
         + f"; outside the node: submitters {harness_cpu:.1f}, Mosquitto {broker_cpu:.1f} CPU s"
         + "; node CPU s by thread "
         + ", ".join(
