@@ -13,6 +13,26 @@ from encoders.modality import Modality
 
 Vector = npt.NDArray[np.float32]
 
+PPM = 1_000_000
+"""A pair's distance travels in parts per million (DESIGN §3 ``pair_distance_ppm``)."""
+
+
+def distance_ppm(distance: float) -> int:
+    """``distance`` as the protocol carries it."""
+    return round(distance * PPM)
+
+
+def too_far_ppm(pair_distance_ppm: int, delta: float) -> bool:
+    """The pair decision on the published figure: further than δ, both in ppm.
+
+    Decided at the resolution a record carries, so that anyone holding the
+    record can check it. On the exact distance, a pair within half a ppm
+    above δ was too far for its proposer while its record said δ: every other
+    member refused the record, and a submitter could craft one (found from
+    the outside: a committee stalled for good on one such pair).
+    """
+    return pair_distance_ppm > distance_ppm(delta)
+
 
 @dataclass(frozen=True)
 class PairOutcome:
@@ -41,7 +61,8 @@ def fuse_pair(
     alpha: Mapping[Modality, float],
     delta: float,
 ) -> PairOutcome:
-    """Fuse both items of a pair together, or declare the pair too far apart.
+    """Fuse both items of a pair together, or declare the pair too far apart
+    (:func:`too_far_ppm`).
 
     ``fused_a = normalize(alpha_a·q_a·e_a + (1-alpha_a)·q_b·e_b)`` and symmetrically
     for b. If a combination cancels out (possible only when δ admits
@@ -51,7 +72,7 @@ def fuse_pair(
         if not 0.0 <= alpha[modality] <= 1.0:
             raise ValueError(f"alpha[{modality}]={alpha[modality]} is not in [0, 1]")
     distance = cosine_distance(a.vector, b.vector)
-    if distance > delta:
+    if too_far_ppm(distance_ppm(distance), delta):
         return PairOutcome(distance=distance, too_far=True, fused=None)
     fused_a = _mix(a, b, alpha[modality_a])
     fused_b = _mix(b, a, alpha[modality_b])

@@ -23,7 +23,7 @@ import numpy as np
 import numpy.typing as npt
 
 from encoders.embedding import ItemEmbedding
-from encoders.fusion import PairOutcome, cosine_distance
+from encoders.fusion import PairOutcome, cosine_distance, distance_ppm, too_far_ppm
 from encoders.modality import Modality
 from encoders.weights import ScoringCalibration
 from node.errors import Reason
@@ -211,7 +211,7 @@ def prepare(
     return Prepared(
         epoch=epoch,
         items=items,
-        pair_distance_ppm=None if pair is None else round(pair.distance * PPM),
+        pair_distance_ppm=None if pair is None else distance_ppm(pair.distance),
         too_far=pair is not None and pair.too_far,
     )
 
@@ -455,9 +455,11 @@ def compare_record(
         mine_ppm = mine.pair_distance_ppm or 0
         if abs(mine_ppm - record.pair_distance_ppm) > tolerances.distance_ppm:
             raise Mismatch(f"{name}: pair distance {record.pair_distance_ppm} vs {mine_ppm}")
-        delta_ppm = round(delta(mine.items[0].modality, mine.items[1].modality) * PPM)
-        leader_too_far = record.pair_distance_ppm > delta_ppm
-        near_threshold = abs(record.pair_distance_ppm - delta_ppm) <= tolerances.distance_ppm
+        pair_delta = delta(mine.items[0].modality, mine.items[1].modality)
+        leader_too_far = too_far_ppm(record.pair_distance_ppm, pair_delta)
+        near_threshold = (
+            abs(record.pair_distance_ppm - distance_ppm(pair_delta)) <= tolerances.distance_ppm
+        )
         if leader_too_far != mine.too_far and not near_threshold:
             raise Mismatch(f"{name}: pair decision differs")
         if leader_too_far != (record.reason is Reason.PAIR_TOO_FAR):

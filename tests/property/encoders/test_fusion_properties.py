@@ -45,7 +45,7 @@ def test_fusion_invariants(
     out = fuse_pair(a, b, ma, mb, alpha, delta)
     assert 0.0 <= out.distance <= 2.0
     assert out.distance == cosine_distance(a.vector, b.vector)
-    assert out.too_far == (out.distance > delta)
+    assert out.too_far == (round(out.distance * 1e6) > round(delta * 1e6))  # the record's ppm
     assert (out.fused is None) == out.too_far
     swapped = fuse_pair(b, a, mb, ma, alpha, delta)
     assert swapped.distance == out.distance
