@@ -491,16 +491,31 @@ class RoundDriver:
         certified = await self._store.accepted_hashes(
             [item.sha256 for candidate in candidates for item in candidate.prepared.items]
         )
-        async with self._history_lock:
-            records = await asyncio.to_thread(
-                thread_cpu_timed,
-                score_cpu,
-                score_round,
-                candidates,
-                self._history,
-                self._rules,
-                certified,
-            )
+
+        async def scored(candidates: list[Candidate]) -> list[RoundRecord]:
+            async with self._history_lock:
+                return await asyncio.to_thread(
+                    thread_cpu_timed,
+                    score_cpu,
+                    score_round,
+                    candidates,
+                    self._history,
+                    self._rules,
+                    certified,
+                )
+
+        records = await scored(candidates)
+        refused = {} if self._verifier is None else self._verifier.own_refusals(candidates, records)
+        if refused:  # never propose what this member would refuse: left out, they expire
+            for identity, why in refused.items():
+                self._metrics.internal_errors.labels(stage="consensus").inc()
+                log.error(
+                    "event=proposal_self_check_failed round=%d submission=%s why=%r",
+                    round_number,
+                    identity.hex()[:16],
+                    why,
+                )
+            records = await scored([c for c in candidates if c.submission_id not in refused])
         self._metrics.stage_seconds.labels(stage="score").observe(time.perf_counter() - started)
         cpu_started = time.thread_time()
         encoded = [record.to_bytes() for record in records]

@@ -28,6 +28,7 @@ from node.errors import Reason, Rejected
 from node.intake.codec import CodecError
 from node.intake.wire import Submission, WireLimits, parse_submission
 from node.rounds.records import (
+    Candidate,
     Delta,
     Mismatch,
     Prepared,
@@ -169,6 +170,23 @@ class RecordVerifier:
             raise Undecided(f"{record.submission_id.hex()[:16]}: {error}") from None
         except EncoderError as error:
             raise Mismatch(f"{record.submission_id.hex()[:16]}: {error}") from None
+
+    def own_refusals(
+        self, candidates: Sequence[Candidate], records: Sequence[RoundRecord]
+    ) -> dict[bytes, str]:
+        """The records of this member's own proposal it would refuse from another
+        proposer, by submission id, with why: none, unless building and checking a
+        record have come apart (a defect, or a submission prepared by an older
+        release). Proposed anyway, such a record is refused by every other member
+        in every view, and the committee stalls."""
+        mine = {candidate.submission_id: candidate.prepared for candidate in candidates}
+        refused: dict[bytes, str] = {}
+        for record in records:
+            try:
+                compare_record(mine[record.submission_id], record, self._delta, self._tolerances)
+            except Mismatch as mismatch:
+                refused[record.submission_id] = str(mismatch)
+        return refused
 
     async def _check_record(self, record: RoundRecord, round_number: int | None) -> None:
         mine = await self._mine(record, round_number)

@@ -414,3 +414,47 @@ def test_a_decoding_stopped_here_refuses_for_the_view_only(
         asyncio.run(verifier.check([r.to_bytes() for r in records], round_number=3))
     assert isinstance(refused.value, Undecided) is transient
     assert isinstance(refused.value, Transient) is transient
+
+
+def test_a_proposer_leaves_out_a_record_it_would_refuse_itself(tmp_path: Path):
+    """A submission prepared by the release that decided pairs on the exact distance
+    (a pair half a ppm above δ, too far at δ's own ppm) would be refused by every
+    member in every proposal that held it, and stall the committee: a proposer now
+    checks its own records as it checks others' and leaves such a one out."""
+    from types import SimpleNamespace
+
+    from prometheus_client import CollectorRegistry
+
+    from consensus.committee import Committee, Member
+    from node.bus.client import Topics
+    from node.intake.keys import SigningKey
+    from node.intake.signing import MessageSigner
+    from node.ops.metrics import Metrics
+    from node.rounds.driver import RoundDriver
+
+    knife = bytes([9]) * 32
+    stale = prepared(90, pair=True, distance=DELTA + 2e-7)
+    assert stale.too_far and stale.pair_distance_ppm == round(DELTA * 1e6)
+    verifier, _ = make(tmp_path, {**MINE, knife: stale})
+    signers = [MessageSigner(SigningKey.generate()) for _ in range(2)]
+    committee = Committee(
+        0, 2, 60, tuple(Member(f"v{i}", s.key.public_key, 1) for i, s in enumerate(signers))
+    )
+    metrics = Metrics(CollectorRegistry())
+    driver = RoundDriver(
+        CONFIG,
+        committee,
+        signers[0],
+        verifier._store,
+        verifier._history,
+        RULES,
+        SimpleNamespace(),  # type: ignore[arg-type]  # the beacon chain: not used to build
+        metrics,
+        Topics("poc"),
+        lambda: None,
+        verifier=verifier,
+    )
+    records = [RoundRecord.from_bytes(r) for r in asyncio.run(driver._proposal_records(0))]
+    assert sorted(r.submission_id for r in records) == sorted(MINE)
+    assert metrics.internal_errors.labels(stage="consensus")._value.get() == 1
+    check(verifier, records)  # what it proposes, every member accepts
