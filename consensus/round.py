@@ -580,7 +580,12 @@ class RoundMachine:
         state = self._state(self._round)
         state.proposals[(self._view, self._me)] = (signed, value_hash)
         state.values.setdefault(value_hash, signed)
-        state.verdicts[value_hash] = True
+        # Its own value is valid to it, unless it judged that very value invalid
+        # before: then it prevotes nil on its own proposal. Otherwise members that
+        # had all refused a value, each proposing it in turn, would certify it.
+        if state.verdicts.get(value_hash) is not False or value_hash in state.unsettled:
+            state.verdicts[value_hash] = True
+            state.unsettled.discard(value_hash)
         self._mine[("proposal", self._round, self._view)] = signed
         return [Broadcast(signed)]
 

@@ -389,6 +389,29 @@ def test_a_proposer_that_withholds_its_data_then_falls_silent_cannot_stop_the_co
     assert rescued >= 2, "the attack never left a member without the data"
 
 
+def test_a_proposer_keeps_its_refusal_of_a_value_it_builds_again() -> None:
+    """Found from the outside: members that had refused a value (its record failed
+    their check) each built the same value when their turn came, took it as valid
+    because it was their own, and so certified it in a later view; audit then failed
+    that round on every member. A lasting refusal stands; a refusal for want of data
+    does not (the member builds from data it holds)."""
+    for lasting in (True, False):
+        t = Harness()
+        t.machine.round_closed(0)
+        v0 = t.views_not_mine(1)[0]
+        mine = next(v for v in range(v0 + 1, 64) if t.proposer(v) is t.me)
+        t.to_view(v0)
+        actions, value = t.propose(v0, [b"X"])
+        assert [r.value_hash for r in only(actions, VerifyProposal)] == [value]
+        t.machine.value_verified(0, value, False, lasting=lasting)
+        t.to_view(mine)
+        built = t.machine.proposal_built(0, mine, [b"X"])
+        (proposal,) = [m for m in sent(built) if isinstance(m, SignedProposal)]
+        assert proposal.proposal.value.digest(t.me) == value
+        expected = None if lasting else value
+        assert [v.vote.value_hash for v in votes(built, PREVOTE)] == [expected]
+
+
 def test_a_member_locked_on_a_value_prevotes_nil_for_another_without_a_newer_quorum() -> None:
     t = Harness(avoid=[0])
     t.machine.round_closed(0)
