@@ -505,8 +505,11 @@ class RoundDriver:
                 )
 
         records = await scored(candidates)
-        refused = {} if self._verifier is None else self._verifier.own_refusals(candidates, records)
-        if refused:  # never propose what this member would refuse: left out, they expire
+        # Never propose what this member would refuse: left out, they expire. (A
+        # committee of one has no other member to refuse, and nothing expires there.)
+        checker = None if self._solo else self._verifier
+        refused = {} if checker is None else checker.own_refusals(candidates, records)
+        if refused:
             for identity, why in refused.items():
                 self._metrics.internal_errors.labels(stage="consensus").inc()
                 log.error(
