@@ -421,7 +421,10 @@ class RoundMachine:
                 value_hash = signed.proposal.value.digest(self._crypto)
                 state.proposals[(view, self._me)] = (signed, value_hash)
                 state.values.setdefault(value_hash, signed)
-                state.verdicts[value_hash] = True
+                # No verdict: whether it held this value valid was not stored (it may
+                # have refused it and prevoted nil on its own proposal), so it judges
+                # the value again if it needs to. Marked valid here, a restart undid
+                # a lasting refusal.
             else:
                 state.votes.setdefault((signed.vote.kind, view), {})[self._me] = signed
                 voted = signed.vote.value_hash

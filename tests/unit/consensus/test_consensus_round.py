@@ -410,6 +410,19 @@ def test_a_proposer_keeps_its_refusal_of_a_value_it_builds_again() -> None:
         assert proposal.proposal.value.digest(t.me) == value
         expected = None if lasting else value
         assert [v.vote.value_hash for v in votes(built, PREVOTE)] == [expected]
+        if not lasting:
+            continue
+        # Restarted (found in review): the refusal was not stored, so the value is
+        # judged again when another member proposes it, never taken as valid.
+        t.machine = RoundMachine(t.committee, t.me.public_key, t.me)
+        t.machine.restore(list(sent(built)))
+        t.machine.round_closed(0)
+        later = next(v for v in range(mine + 1, 64) if t.proposer(v) is not t.me)
+        actions = t.to_view(later) + t.propose(later, [b"X"])[0]
+        assert [r.value_hash for r in only(actions, VerifyProposal)] == [value]
+        assert value not in [v.vote.value_hash for v in votes(actions, PREVOTE)]
+        actions = t.machine.value_verified(0, value, False)
+        assert [v.vote.value_hash for v in votes(actions, PREVOTE)] == [None]
 
 
 def test_a_member_locked_on_a_value_prevotes_nil_for_another_without_a_newer_quorum() -> None:
