@@ -508,7 +508,11 @@ class RoundDriver:
         # Never propose what this member would refuse: left out, they expire. (A
         # committee of one has no other member to refuse, and nothing expires there.)
         checker = None if self._solo else self._verifier
-        refused = {} if checker is None else checker.own_refusals(candidates, records)
+        refused = (  # a few ms for a full round: off the loop, like scoring
+            {}
+            if checker is None
+            else await asyncio.to_thread(checker.own_refusals, candidates, records)
+        )
         if refused:
             for identity, why in refused.items():
                 self._metrics.internal_errors.labels(stage="consensus").inc()
