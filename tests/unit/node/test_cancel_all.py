@@ -66,7 +66,9 @@ async def test_a_single_cancel_would_wait_for_ever_on_this_python() -> None:
     task.cancel()
     done, _ = await asyncio.wait([task], timeout=0.5)
     lost = not done
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    # One more cancel() can be lost the same way (the task spends a turn in
+    # wait_for on a future already done each time round): end it as the node does.
+    async with asyncio.timeout(10):
+        await cancel_all([task], every_s=0.05)
+    assert task.cancelled()
     assert lost == LOSES_CANCELLATION
