@@ -331,7 +331,13 @@ def _parse(raw: dict[str, Any], manifest_path: Path, sha: str) -> Manifest:
         raise WeightsError(f"manifest {manifest_path} lists no encoder")
     pair_delta = {}
     for a, b in itertools.combinations(list(Modality), 2):
-        pair_delta[frozenset((a, b))] = float(raw["pair_delta"][pair_key(a, b)])
+        delta = float(raw["pair_delta"][pair_key(a, b)])
+        if not 0.0 <= delta <= 2.0:  # NaN too: every pair would fail to compare
+            raise WeightsError(
+                f"manifest {manifest_path} has pair_delta {pair_key(a, b)} = {delta}: "
+                "a cosine distance from 0 to 2"
+            )
+        pair_delta[frozenset((a, b))] = delta
     return Manifest(
         sha256=sha,
         dim=dim,

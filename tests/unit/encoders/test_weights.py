@@ -113,6 +113,22 @@ def test_a_manifest_of_another_format_is_refused_naming_the_format(
         read_manifest(manifest, sha256_file(manifest))
 
 
+@pytest.mark.parametrize("delta", ["NaN", "Infinity", -0.1, 2.5])
+def test_a_pair_delta_out_of_range_is_refused_naming_the_pair(
+    shard_manifest: Path, tmp_path: Path, delta: float | str
+) -> None:
+    """A δ no distance compares with would refuse (or raise on) every pair at run time."""
+    manifest = _copy(shard_manifest, tmp_path)
+    text = manifest.read_text()
+    raw = json.loads(text)
+    raw["pair_delta"]["audio-text"] = "@delta@"
+    manifest.write_text(json.dumps(raw).replace('"@delta@"', str(delta)))
+    with pytest.raises(
+        WeightsError, match=r"pair_delta audio-text = .*cosine distance from 0 to 2"
+    ):
+        read_manifest(manifest, sha256_file(manifest))
+
+
 def test_scoring_calibration_and_genesis_round_trip(shard_manifest: Path, tmp_path: Path) -> None:
     """What `poc-node calibrate` writes is what a node reads: constants, history and junk."""
     import numpy as np
