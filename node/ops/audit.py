@@ -8,12 +8,15 @@ recomputed from the submission's stored bytes (decode, encode, fuse, gap
 scores against the history replayed up to that round, payout) within the
 consensus tolerances; then that the stored history and ledger of the round
 are exactly the certified records. The first bad round is named and the
-command exits non-zero.
+command exits non-zero. A round whose decoding was stopped here (the
+decoders' time or memory limit) is tried again, then named as unchecked:
+that says nothing about the round, only that this machine could not judge it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,12 +45,22 @@ from node.rounds.consensus_wire import (
     decode_proposal,
 )
 from node.rounds.history import load_history
-from node.rounds.records import Mismatch, RoundRecord, RoundRules, Tolerances, from_float16
+from node.rounds.records import (
+    Mismatch,
+    RoundRecord,
+    RoundRules,
+    Tolerances,
+    Undecided,
+    from_float16,
+)
 from node.rounds.verify import RecordVerifier
 from node.store.sqlite import CommittedRound, EvidenceRow, Store
 from node.store.thread import StoreThread
 
 log = logging.getLogger("poc.audit")
+
+UNDECIDED_TRIES = 3
+"""Times a round is checked again when its decoding was stopped (a loaded machine)."""
 
 
 class _StoredBeacons:
@@ -80,6 +93,8 @@ class AuditReport:
     bad_round: int | None
     reason: str | None
     evidence: tuple[EvidenceFinding, ...] = ()
+    undecided: bool = False
+    """``bad_round`` could not be checked here (decoding stopped), not found bad."""
 
 
 def _check_evidence(rows: list[EvidenceRow], committee: Committee) -> tuple[EvidenceFinding, ...]:
@@ -152,7 +167,7 @@ async def run_audit(
         report = await _audit(config, store, committee, first, last)
         chosen = committee
         evidence = _check_evidence(await store.evidence(), chosen)
-        return AuditReport(report.checked, report.bad_round, report.reason, evidence)
+        return dataclasses.replace(report, evidence=evidence)
     finally:
         store.close()
 
@@ -215,7 +230,16 @@ async def _audit(
             try:
                 proposal = _check_certificate(committed, committee, crypto, previous)
                 records = list(proposal.records)
-                await verifier.check(records, before_round=committed.round)
+                for tries_left in reversed(range(UNDECIDED_TRIES)):
+                    try:
+                        await verifier.check(records, before_round=committed.round)
+                        break
+                    except Undecided as error:
+                        log.warning(
+                            "event=audit_undecided round=%d error=%s", committed.round, error
+                        )
+                        if not tries_left:
+                            return AuditReport(checked, committed.round, str(error), undecided=True)
                 decoded = [RoundRecord.from_bytes(raw) for raw in records]
                 _check_stored(committed.round, decoded, rows, ledger)
             except (Mismatch, ConsensusWireError) as error:

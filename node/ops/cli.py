@@ -288,7 +288,7 @@ def _init_weights(args: argparse.Namespace) -> int:
 
 
 def _audit(args: argparse.Namespace) -> int:
-    from node.ops.audit import parse_range, run_audit
+    from node.ops.audit import UNDECIDED_TRIES, parse_range, run_audit
     from node.ops.committee_file import load_committee
     from node.ops.config import load_config
 
@@ -306,6 +306,14 @@ def _audit(args: argparse.Namespace) -> int:
     if any(found.problem is not None for found in report.evidence):
         print("kept evidence does not verify")
         return 1
+    if report.undecided:
+        print(
+            f"round {report.bad_round}: could not be checked here, its decoding was stopped "
+            f"{UNDECIDED_TRIES} times ({report.reason}); raise decode.timeout_s or "
+            f"decode.memory_mb, or audit on a quieter machine "
+            f"({report.checked} rounds before it verified)"
+        )
+        return 2
     if report.bad_round is not None:
         print(
             f"round {report.bad_round}: {report.reason} "

@@ -11,6 +11,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 from PIL import Image, ImageDraw
 
 from tests.conftest import POC_NODE, ROOT, free_port, start_node, write_node_config
@@ -85,6 +86,17 @@ def test_keygen_submit_through_the_embedded_broker(tmp_path: Path):
     audit = poc("audit", "--data-dir", str(node.data_dir), "--config", str(config))
     assert audit.returncode == 0, audit.stdout + audit.stderr
     assert audit.stdout.strip().endswith("rounds verified")
+
+    # Decoding stopped by its time limit judges nothing: the round is named as
+    # unchecked (exit 2), not as bad.
+    hurried = yaml.safe_load(config.read_text())
+    hurried["decode"] = {"timeout_s": 1e-6}
+    (tmp_path / "hurried.yaml").write_text(yaml.safe_dump(hurried))
+    unchecked = poc(
+        "audit", "--data-dir", str(node.data_dir), "--config", str(tmp_path / "hurried.yaml")
+    )
+    assert unchecked.returncode == 2, unchecked.stdout + unchecked.stderr
+    assert "could not be checked here, its decoding was stopped 3 times" in unchecked.stdout
 
     database = sqlite3.connect(node.data_dir / "node.sqlite3")
     round_number, vector = database.execute(
