@@ -425,6 +425,23 @@ def test_a_proposer_keeps_its_refusal_of_a_value_it_builds_again() -> None:
         assert [v.vote.value_hash for v in votes(actions, PREVOTE)] == [None]
 
 
+def test_a_refusal_for_want_of_data_landing_before_the_build_does_not_stand() -> None:
+    """A view-only verdict from an earlier view, arriving after this member entered
+    its own view but before its value is built, is no judgement of the value: the
+    member builds from data it holds and prevotes its own proposal."""
+    t = Harness()
+    t.machine.round_closed(0)
+    v0 = t.views_not_mine(1)[0]
+    mine = next(v for v in range(v0 + 1, 64) if t.proposer(v) is t.me)
+    t.to_view(v0)
+    actions, value = t.propose(v0, [b"X"])
+    assert [r.value_hash for r in only(actions, VerifyProposal)] == [value]
+    t.to_view(mine)  # the verdict on v0's value is still out
+    t.machine.value_verified(0, value, False, lasting=False)
+    built = t.machine.proposal_built(0, mine, [b"X"])
+    assert [v.vote.value_hash for v in votes(built, PREVOTE)] == [value]
+
+
 def test_a_member_locked_on_a_value_prevotes_nil_for_another_without_a_newer_quorum() -> None:
     t = Harness(avoid=[0])
     t.machine.round_closed(0)
