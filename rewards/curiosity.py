@@ -24,7 +24,7 @@ neighbours in id order.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -302,6 +302,8 @@ class RoundItem:
     vector: npt.NDArray[Any]
     byte_duplicate: bool = False
     """Its bytes were accepted before (an earlier round, or an earlier item of this one)."""
+    own: npt.NDArray[Any] | None = None
+    """A fused pair item's own embedding (``vector`` is the fused one); None otherwise."""
 
 
 @dataclass(frozen=True)
@@ -345,7 +347,12 @@ def score_in_order(
     when its bytes were accepted before, when it lies within the
     near-duplicate radius of its modality of a context item of the same
     modality, or when it lies within the junk radius of its modality of the
-    known junk beside H (``History.junk``); otherwise it gets the gap score
+    known junk beside H (``History.junk``). Near-duplicates are judged on the
+    embeddings as scored (fused for a pair) and also on the items' own
+    embeddings (``RoundItem.own``, ``History.own``): fusion moves an item
+    by more than the radius, so a copy of a datum paid in a pair, sent
+    alone or beside another partner, is near its own embedding only
+    (docs/DESIGN-NOTES.md, *Scoring*). Otherwise an item gets the gap score
     against the context (nothing scores while the context holds fewer than k
     embeddings). The two items of one submission share one context. History
     searches are batched; the kNN is exact over H and the round's earlier
@@ -367,7 +374,21 @@ def score_in_order(
     gap_candidates, near = history.search(
         queries, max(candidate_count(k, size), 1), modalities, NEAREST_CANDIDATES
     )
-    junk_distance = _junk_distances(history, rules, modalities, queries, exact)
+    junk_distance = _nearest_distances(
+        history.junk, modalities, queries, exact, set(rules.junk_radius)
+    )
+    own_queries = quantize(
+        np.stack([np.asarray(item.vector if item.own is None else item.own) for item in flat]),
+        history.dim,
+    )
+    own_exact = own_queries.astype(np.float64)
+    paired = [item.own is not None for item in flat]
+    # An item's own embedding against H's own embeddings of pair items, and (where it
+    # differs from the scored one) against H itself, whose single items are their own.
+    own_distance = np.minimum(
+        _nearest_distances(history.own, modalities, own_queries, own_exact),
+        _nearest_distances(history, modalities, own_queries, own_exact, only=paired),
+    )
     rows = _HistoryRows(history, gap_candidates if size else None, near)
 
     context = _Context(exact.shape)  # the round's non-duplicate items so far, in order
@@ -379,6 +400,11 @@ def score_in_order(
             query = exact[position]
             pool = np.concatenate([rows.near(position), context.of(item.modality)])
             nearest = float(cosine_distances(pool, query).min()) if len(pool) else 2.0
+            own_pool = np.concatenate([context.of(item.modality), context.own_of(item.modality)])
+            if len(own_pool):
+                own_near = float(cosine_distances(own_pool, own_exact[position]).min())
+                nearest = min(nearest, own_near)
+            nearest = min(nearest, float(own_distance[position]))
             radius = rules.duplicate_radius.get(item.modality, 0.0)
             to_junk = float(junk_distance[position])
             if (
@@ -404,32 +430,39 @@ def score_in_order(
         for offset, verdict in enumerate(own):
             if not verdict.duplicate:
                 context.add(items[offset].modality, exact[start + offset])
+                if items[offset].own is not None:
+                    context.add_own(items[offset].modality, own_exact[start + offset])
         verdicts.append(own)
     return verdicts
 
 
-def _junk_distances(
-    history: History,
-    rules: ScoringRules,
+def _nearest_distances(
+    index: History | None,
     modalities: Sequence[str],
     queries: npt.NDArray[np.float16],
     exact: npt.NDArray[np.float64],
+    wanted: Collection[str] | None = None,
+    only: Sequence[bool] | None = None,
 ) -> npt.NDArray[np.float64]:
-    """Per query: cosine distance to the nearest known junk of its modality (2.0 if none)."""
+    """Per query: cosine distance to the nearest embedding of its modality in ``index``.
+
+    2.0 where there is none, where ``index`` is None, for modalities not in
+    ``wanted`` (every one when None) and for queries that ``only`` leaves out.
+    """
     distances = np.full(len(queries), 2.0)
-    known_junk = history.junk
-    if known_junk is None:
+    if index is None:
         return distances
     by_modality: dict[str, list[int]] = {}
     for position, modality in enumerate(modalities):
-        by_modality.setdefault(modality, []).append(position)
+        if only is None or only[position]:
+            by_modality.setdefault(modality, []).append(position)
     for modality, positions in by_modality.items():
-        if modality not in rules.junk_radius:
+        if wanted is not None and modality not in wanted:
             continue
-        found = known_junk.nearest_of(modality, queries[positions], NEAREST_CANDIDATES)
+        found = index.nearest_of(modality, queries[positions], NEAREST_CANDIDATES)
         for position, row in zip(positions, found, strict=True):
             if (row >= 0).any():
-                points = known_junk.vectors(row[row >= 0])
+                points = index.vectors(row[row >= 0])
                 distances[position] = float(cosine_distances(points, exact[position]).min())
     return distances
 
@@ -505,6 +538,8 @@ class _Context:
         self._size = 0
         self._of: dict[str, npt.NDArray[np.float64]] = {}
         self._count: dict[str, int] = {}
+        self._own: dict[str, npt.NDArray[np.float64]] = {}
+        self._own_count: dict[str, int] = {}
 
     def __len__(self) -> int:
         return self._size
@@ -528,3 +563,17 @@ class _Context:
             self._count[modality] = 0
         self._of[modality][self._count[modality]] = row
         self._count[modality] += 1
+
+    def own_of(self, modality: str) -> npt.NDArray[np.float64]:
+        """The own embeddings of the modality's pair items so far (float64)."""
+        rows = self._own.get(modality)
+        if rows is None:
+            return np.empty((0, self._capacity[1]), dtype=np.float64)
+        return rows[: self._own_count[modality]]
+
+    def add_own(self, modality: str, row: npt.NDArray[np.float64]) -> None:
+        if modality not in self._own:
+            self._own[modality] = np.empty(self._capacity, dtype=np.float64)
+            self._own_count[modality] = 0
+        self._own[modality][self._own_count[modality]] = row
+        self._own_count[modality] += 1

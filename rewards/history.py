@@ -223,6 +223,7 @@ class History:
         self._local = _Ids()
         self._names: list[str] = []
         self._junk: History | None = None
+        self._own: History | None = None
 
     @property
     def junk(self) -> History | None:
@@ -234,6 +235,23 @@ class History:
         if self._junk is None:
             self._junk = History(self._dim, self._new_index)
         self._junk.add(modalities, vectors)
+
+    @property
+    def own(self) -> History | None:
+        """The own (unfused) embeddings of H's pair items, for near-duplicates only.
+
+        A pair item is in H as its fused embedding, which its partner moves
+        by more than the near-duplicate radius; its own embedding is what a
+        copy of the datum lies near, whatever the copy is paired with
+        (``rewards.curiosity.score_in_order``). Never a gap, never scored.
+        """
+        return self._own
+
+    def add_own(self, modalities: Sequence[str], vectors: npt.NDArray[Any]) -> None:
+        """Remember the own embeddings of pair items joining H (``len`` ignores them)."""
+        if self._own is None:
+            self._own = History(self._dim, self._new_index)
+        self._own.add(modalities, vectors)
 
     @property
     def dim(self) -> int:

@@ -132,3 +132,70 @@ def test_an_item_near_known_junk_repeats_it_and_junk_is_not_in_the_history() -> 
     # without a junk radius the same noise is scored like new data
     (plain,) = score_in_order(history, [[RoundItem("image", noise)]], ScoringRules(16, 2.0))
     assert not plain[0].duplicate and plain[0].gap.score_ppm > 0
+
+
+def _fused(own: np.ndarray, partner: np.ndarray) -> np.ndarray:
+    mixed = 0.75 * own + 0.25 * partner
+    return np.asarray(mixed / np.linalg.norm(mixed))
+
+
+def _near(rng: np.random.Generator, vector: np.ndarray, distance: float) -> np.ndarray:
+    """A unit vector ``distance`` (cosine) from ``vector``: a copy of the datum."""
+    noise = rng.standard_normal(DIM)
+    noise -= (noise @ vector) * vector
+    noise /= np.linalg.norm(noise)
+    angle = np.arccos(1.0 - distance)
+    return np.asarray(np.cos(angle) * vector + np.sin(angle) * noise)
+
+
+@pytest.mark.parametrize("how", ["alone", "paired_again", "original_alone"])
+def test_a_copy_is_a_duplicate_whatever_it_is_paired_with(how: str) -> None:
+    """Found from the outside: fusion moves a pair item by more than the radius, so a
+    copy of a datum paid in a pair, re-sent alone or beside another partner (or a
+    datum paid alone, re-sent in a pair), was judged against the wrong point and
+    paid again. Its own embedding is what the copy lies near."""
+    rng = np.random.default_rng(11)
+    history, _, _ = filled(rng, 200)
+    datum, caption, other = unit_rows(rng, 3)
+    fused = _fused(datum, caption)
+    radius = 0.01
+    assert 1 - fused @ datum > 2 * radius  # the pair moved the datum past the radius
+    rules = ScoringRules(
+        k=16, qualify_ratio=2.0, duplicate_radius=dict.fromkeys(MODALITIES, radius)
+    )
+    if how == "original_alone":
+        history.add(["image"], datum[None])
+    else:
+        history.add(["image"], fused[None])
+        history.add_own(["image"], datum[None])
+    copy = _near(rng, datum, radius / 4)
+    if how == "alone":
+        item = RoundItem("image", copy)
+    else:
+        item = RoundItem("image", _fused(copy, other), own=copy)
+    [[verdict]] = score_in_order(history, [[item]], rules)
+    assert verdict.duplicate and verdict.nearest <= radius
+    # A new datum is not one, alone or paired: the check fires on copies only.
+    fresh = unit_rows(rng, 1)[0]
+    [[alone], [paired]] = score_in_order(
+        history,
+        [[RoundItem("image", fresh)], [RoundItem("image", _fused(fresh, other), own=fresh)]],
+        rules,
+    )
+    assert not alone.duplicate and alone.gap.qualified
+    assert paired.duplicate  # the same datum, after the first in the round
+
+
+def test_a_copy_of_a_pair_item_earlier_in_the_round_is_a_duplicate() -> None:
+    rng = np.random.default_rng(12)
+    history, _, _ = filled(rng, 200)
+    datum, caption = unit_rows(rng, 2)
+    rules = ScoringRules(k=16, qualify_ratio=2.0, duplicate_radius=dict.fromkeys(MODALITIES, 0.01))
+    pair = [
+        RoundItem("image", _fused(datum, caption), own=datum),
+        RoundItem("text", _fused(caption, datum), own=caption),
+    ]
+    copy = RoundItem("image", _near(rng, datum, 0.002))
+    [[first, second], [again]] = score_in_order(history, [pair, [copy]], rules)
+    assert not first.duplicate and not second.duplicate
+    assert again.duplicate
