@@ -324,7 +324,12 @@ class Node:
             # while a large history is read.
             index = history_index(config.scoring.device, config.scoring.index)
             history = await store.call(
-                lambda db: load_history(shard, db.history_chunks(shard.dim), index)
+                lambda db: load_history(
+                    shard,
+                    db.history_chunks(shard.dim),
+                    index,
+                    db.history_chunks(shard.dim, table="own_vectors"),
+                )
             )
             self.metrics.history_size.set(len(history))
             log.info(

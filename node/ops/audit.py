@@ -179,8 +179,13 @@ async def _audit(
     shard = await asyncio.to_thread(load_shard, config)
     metrics = Metrics(CollectorRegistry())
     rows = await store.history_rows()
+    own_rows = await store.history_rows("own_vectors")
     history = await store.call(
-        lambda db: load_history(shard, db.history_chunks(shard.dim, before_round=first))
+        lambda db: load_history(
+            shard,
+            db.history_chunks(shard.dim, before_round=first),
+            own_chunks=db.history_chunks(shard.dim, before_round=first, table="own_vectors"),
+        )
     )
     decoders = DecoderPool(
         config.decode.workers,
@@ -241,7 +246,7 @@ async def _audit(
                         if not tries_left:
                             return AuditReport(checked, committed.round, str(error), undecided=True)
                 decoded = [RoundRecord.from_bytes(raw) for raw in records]
-                _check_stored(committed.round, decoded, rows, ledger)
+                _check_stored(committed.round, decoded, rows, own_rows, ledger)
             except (Mismatch, ConsensusWireError) as error:
                 return AuditReport(checked, committed.round, str(error))
             joined = [item for record in decoded for item in record.history_items]
@@ -249,6 +254,12 @@ async def _audit(
                 history.add(
                     [modality for _, modality, _ in joined],
                     np.stack([from_float16(vector) for _, _, vector in joined]),
+                )
+            own = [item for record in decoded for item in record.own_items]
+            if own:
+                history.add_own(
+                    [modality for _, modality, _ in own],
+                    np.stack([from_float16(vector) for _, _, vector in own]),
                 )
             checked += 1
             previous = committed
@@ -264,20 +275,29 @@ def _check_stored(
     round_number: int,
     records: list[RoundRecord],
     rows: list[tuple[int, bytes, int, str, bytes]],
+    own_rows: list[tuple[int, bytes, int, str, bytes]],
     ledger: list[tuple[int, bytes, bytes, int]],
 ) -> None:
-    expected_history = [
-        (record.submission_id, index, modality, vector)
-        for record in records
-        for index, modality, vector in record.history_items
-    ]
-    stored_history = [
-        (sid, index, modality, vector)
-        for number, sid, index, modality, vector in rows
-        if number == round_number
-    ]
-    if sorted(expected_history) != sorted(stored_history):
-        raise Mismatch("stored history differs from the certified records")
+    expected = {
+        "history": [
+            (record.submission_id, index, modality, vector)
+            for record in records
+            for index, modality, vector in record.history_items
+        ],
+        "own embeddings beside the history": [
+            (record.submission_id, index, modality, vector)
+            for record in records
+            for index, modality, vector in record.own_items
+        ],
+    }
+    for (what, wanted), stored_rows in zip(expected.items(), (rows, own_rows), strict=True):
+        stored = [
+            (sid, index, modality, vector)
+            for number, sid, index, modality, vector in stored_rows
+            if number == round_number
+        ]
+        if sorted(wanted) != sorted(stored):
+            raise Mismatch(f"stored {what} differs from the certified records")
     expected_ledger = sorted(
         (r.submitter, r.submission_id, r.reward) for r in records if r.reward > 0
     )

@@ -626,6 +626,7 @@ class RoundDriver:
                     record.history_items,
                     record.accepted_hashes,
                     record.reward,
+                    record.own_items,
                 )
             )
             if record.submission_id in decided:
@@ -698,12 +699,23 @@ class RoundDriver:
             for item in record.history_items
         ]
         joined = [item for _, item in joining]
+        own = [
+            item
+            for record in records
+            if decided.get(record.submission_id) is not State.FINAL
+            for item in record.own_items
+        ]
         if joined:
             async with self._history_lock:
                 self._history.add(
                     [modality for _, modality, _ in joined],
                     np.stack([from_float16(vector) for _, _, vector in joined]),
                 )
+                if own:
+                    self._history.add_own(
+                        [modality for _, modality, _ in own],
+                        np.stack([from_float16(vector) for _, _, vector in own]),
+                    )
         if self._on_committed is not None:  # no await since the add: still in step with H
             self._on_committed(
                 commit.round,

@@ -39,6 +39,7 @@ def load_history(
     shard: Shard,
     chunks: Iterable[tuple[Sequence[str], npt.NDArray[Any]]],
     index: IndexFactory = HistoryIndex,
+    own_chunks: Iterable[tuple[Sequence[str], npt.NDArray[Any]]] = (),
 ) -> History:
     """H from the shard's genesis history and the certified items, in chunks.
 
@@ -46,7 +47,9 @@ def load_history(
     ``Store.history_chunks`` reads them; each is added before the next is
     read, so loading a history of a million items holds the index and one
     chunk, not a second copy of the history. ``index`` makes each modality's
-    exact index (:func:`history_index`).
+    exact index (:func:`history_index`). ``own_chunks`` are the own
+    embeddings of H's pair items, kept beside it for near-duplicates
+    (``History.own``), read the same way.
     """
     history = History(shard.dim, index)
     if shard.genesis is not None:
@@ -57,4 +60,6 @@ def load_history(
             history.add_junk(genesis.junk_modalities, genesis.junk_vectors)
     for modalities, vectors in chunks:
         history.add(modalities, vectors)
+    for modalities, vectors in own_chunks:
+        history.add_own(modalities, vectors)
     return history

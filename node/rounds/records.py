@@ -131,6 +131,8 @@ class PreparedItem:
     fused: bool
     quality_ppm: int
     sha256: bytes  # of the item's data: a byte duplicate is judged on it
+    own: bytes | None = None
+    """A fused item's own embedding (near-duplicates are judged on it too); else None."""
 
 
 @dataclass(frozen=True)
@@ -149,6 +151,17 @@ class Prepared:
     def entries(self) -> tuple[EmbeddingEntry, ...]:
         return tuple(EmbeddingEntry(item.modality, item.vector, item.fused) for item in self.items)
 
+    def own_vectors(self) -> tuple[bytes, ...]:
+        """The items' own embeddings when they are fused (a valid pair), else empty."""
+        if not all(item.fused and item.own is not None for item in self.items):
+            return ()
+        return tuple(item.own for item in self.items if item.own is not None)
+
+    @property
+    def stale(self) -> bool:
+        """Prepared by a release that kept no own embeddings beside the fused ones."""
+        return any(item.fused and item.own is None for item in self.items)
+
     def to_bytes(self) -> bytes:
         return pack(
             {
@@ -160,6 +173,7 @@ class Prepared:
                         "fused": item.fused,
                         "quality_ppm": item.quality_ppm,
                         "sha256": item.sha256,
+                        **({} if item.own is None else {"own": item.own}),
                     }
                     for item in self.items
                 ],
@@ -180,6 +194,7 @@ class Prepared:
                     item["fused"],
                     item["quality_ppm"],
                     item["sha256"],
+                    item.get("own"),
                 )
                 for item in body["items"]
             ),
@@ -203,7 +218,14 @@ def prepare(
         vectors = list(pair.fused)
         fused = True
     items = tuple(
-        PreparedItem(modality, to_float16(vector), fused, round(embedding.quality * PPM), digest)
+        PreparedItem(
+            modality,
+            to_float16(vector),
+            fused,
+            round(embedding.quality * PPM),
+            digest,
+            to_float16(embedding.vector) if fused else None,
+        )
         for modality, vector, embedding, digest in zip(
             modalities, vectors, embeddings, hashes, strict=True
         )
@@ -225,7 +247,7 @@ def proposal_bytes_max(max_records: int, dim: int) -> int:
     round, view and member, within the machine's windows); without this bound
     one member could pin gigabytes of 64 MiB proposals in every peer's memory.
     """
-    item = 2 * dim + 128  # its vector, modality, fused, sha256, score
+    item = 4 * dim + 160  # its vector and own vector, modality, fused, sha256, score
     return 4096 + max_records * (2 * item + 512)
 
 
@@ -249,9 +271,16 @@ class RoundRecord:
     score: int
     reward: int
     item_sha256: tuple[bytes, ...] = ()
+    own_vectors: tuple[bytes, ...] = ()
+    """A valid pair's own (unfused) float16 embeddings, item by item; empty otherwise.
+
+    Certified like the fused ones: near-duplicates are judged on both, and
+    every member must judge from the same floats."""
 
     def body(self) -> dict[str, Any]:
+        own = {"own_vectors": list(self.own_vectors)} if self.own_vectors else {}
         return {
+            **own,
             "submission_id": self.submission_id,
             "submitter": self.submitter,
             "status": self.status,
@@ -283,6 +312,7 @@ class RoundRecord:
             score=body["score"],
             reward=body["reward"],
             item_sha256=tuple(body["item_sha256"]),
+            own_vectors=tuple(body.get("own_vectors", ())),
         )
 
     @property
@@ -296,6 +326,19 @@ class RoundRecord:
                 zip(self.embeddings, self.scores_ppm, strict=True)
             )
             if score is not None
+        )
+
+    @property
+    def own_items(self) -> tuple[tuple[int, str, bytes], ...]:
+        """The own embeddings of the pair items that join the history (beside H, for
+        near-duplicates): (item, modality, vector)."""
+        joining = {index for index, _, _ in self.history_items}
+        return tuple(
+            (index, str(entry.modality), own)
+            for index, (entry, own) in enumerate(
+                zip(self.embeddings, self.own_vectors, strict=False)
+            )
+            if index in joining
         )
 
     @property
@@ -313,13 +356,20 @@ class Candidate:
 
 def _round_items(
     items: Sequence[tuple[Modality, bytes, bytes]],
+    own_vectors: Sequence[bytes],
     certified: Collection[bytes],
     earlier: set[bytes],
 ) -> list[RoundItem]:
     """Scoring's view of one submission's items; records its hashes in ``earlier``."""
+    owns: Sequence[bytes | None] = own_vectors or [None] * len(items)
     out = [
-        RoundItem(str(modality), from_float16(vector), digest in certified or digest in earlier)
-        for modality, vector, digest in items
+        RoundItem(
+            str(modality),
+            from_float16(vector),
+            digest in certified or digest in earlier,
+            None if own is None else from_float16(own),
+        )
+        for (modality, vector, digest), own in zip(items, owns, strict=True)
     ]
     earlier.update(digest for _, _, digest in items)
     return out
@@ -354,6 +404,7 @@ def score_round(
     batches = [
         _round_items(
             [(i.modality, i.vector, i.sha256) for i in candidate.prepared.items],
+            candidate.prepared.own_vectors(),
             certified,
             earlier,
         )
@@ -392,6 +443,7 @@ def score_round(
                     0,
                     0,
                     hashes,
+                    prepared.own_vectors(),
                 )
             )
             continue
@@ -408,6 +460,7 @@ def score_round(
                 totals[candidate.submission_id],
                 rewards.get(candidate.submission_id, 0),
                 hashes,
+                prepared.own_vectors(),
             )
         )
     return records
@@ -424,7 +477,10 @@ def judge_alone(
     if prepared.too_far:
         return []
     items = _round_items(
-        [(i.modality, i.vector, i.sha256) for i in prepared.items], certified, set()
+        [(i.modality, i.vector, i.sha256) for i in prepared.items],
+        prepared.own_vectors(),
+        certified,
+        set(),
     )
     return score_in_order(history, [items], rules.scoring)[0]
 
@@ -486,6 +542,31 @@ def compare_record(
         )
         if distance > tolerances.embedding:
             raise Mismatch(f"{name}: embedding differs by {distance:.4f}")
+    _compare_own(mine, record, fused, tolerances)
+
+
+def _compare_own(mine: Prepared, record: RoundRecord, fused: bool, tolerances: Tolerances) -> None:
+    """A fused pair's own embeddings: both there, unit length, within the tolerance of
+    this member's (its own, or its unfused ones where a decision near δ differed)."""
+    name = record.submission_id.hex()[:16]
+    if not fused:
+        if record.own_vectors:
+            raise Mismatch(f"{name}: own embeddings without a fused pair")
+        return
+    if len(record.own_vectors) != len(mine.items):
+        raise Mismatch(f"{name}: own embeddings missing")
+    for item, own in zip(mine.items, record.own_vectors, strict=True):
+        mine_own = item.own if item.fused else item.vector
+        if mine_own is None:
+            raise Mismatch(f"{name}: prepared by an older release, with no own embeddings")
+        if not isinstance(own, bytes) or len(own) != len(mine_own):
+            raise Mismatch(f"{name}: own embedding of the wrong shape")
+        theirs = from_float16(own).astype(np.float64)
+        if not np.isfinite(theirs).all() or abs(np.linalg.norm(theirs) - 1.0) > 0.01:
+            raise Mismatch(f"{name}: own embedding is not unit length")
+        distance = cosine_distance(from_float16(mine_own).astype(np.float64), theirs)
+        if distance > tolerances.embedding:
+            raise Mismatch(f"{name}: own embedding differs by {distance:.4f}")
 
 
 def check_round_scores(
@@ -512,12 +593,15 @@ def check_round_scores(
     for record in eligible:
         if len(record.item_sha256) != len(record.embeddings):
             raise Mismatch(f"{record.submission_id.hex()[:16]}: item hashes missing")
+        if record.own_vectors and len(record.own_vectors) != len(record.embeddings):
+            raise Mismatch(f"{record.submission_id.hex()[:16]}: own embeddings missing")
         batches.append(
             _round_items(
                 [
                     (entry.modality, entry.vector, digest)
                     for entry, digest in zip(record.embeddings, record.item_sha256, strict=True)
                 ],
+                record.own_vectors,
                 certified,
                 earlier,
             )

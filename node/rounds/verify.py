@@ -141,7 +141,9 @@ class RecordVerifier:
             if submitter != record.submitter:
                 raise Mismatch(f"{record.submission_id.hex()[:16]} names another submitter")
             if prepared is not None:
-                return Prepared.from_bytes(prepared)
+                stored = Prepared.from_bytes(prepared)
+                if not stored.stale:  # else prepared by an older release: recomputed below
+                    return stored
         raw = await self._store.raw_submission(record.submission_id)
         fetched = raw is None
         if raw is None:

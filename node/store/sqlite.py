@@ -113,6 +113,15 @@ CREATE TABLE IF NOT EXISTS history (
     vector BLOB NOT NULL,
     UNIQUE (submission_id, item)
 );
+CREATE TABLE IF NOT EXISTS own_vectors (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    round INTEGER NOT NULL,
+    submission_id BLOB NOT NULL,
+    item INTEGER NOT NULL,
+    modality TEXT NOT NULL,
+    vector BLOB NOT NULL,
+    UNIQUE (submission_id, item)
+);
 CREATE TABLE IF NOT EXISTS accepted_items (
     sha256 BLOB PRIMARY KEY,
     round INTEGER NOT NULL
@@ -200,6 +209,8 @@ class Finalization:
     history: tuple[tuple[int, str, bytes], ...]  # (item, modality, float16 vector) joining H
     accepted: tuple[bytes, ...]  # item hashes this outcome makes accepted (byte duplicates)
     reward: int
+    own: tuple[tuple[int, str, bytes], ...] = ()
+    """Own (unfused) embeddings of the pair items joining H, kept beside it."""
 
 
 @dataclass(frozen=True)
@@ -608,9 +619,13 @@ class Store:
         )
         return [(int(r[0]), bytes(r[1]), bytes(r[2]), int(r[3])) for r in rows]
 
-    def history_rows(self) -> list[tuple[int, bytes, int, str, bytes]]:
+    def history_rows(self, table: str = "history") -> list[tuple[int, bytes, int, str, bytes]]:
+        """Every row of the history (or, ``table="own_vectors"``, of the own embeddings
+        kept beside it): (round, submission id, item, modality, vector), in commit order."""
+        if table not in ("history", "own_vectors"):
+            raise ValueError(f"no history table {table!r}")
         rows = self._db.execute(
-            "SELECT round, submission_id, item, modality, vector FROM history ORDER BY seq"
+            f"SELECT round, submission_id, item, modality, vector FROM {table} ORDER BY seq"
         )
         return [(int(r[0]), bytes(r[1]), int(r[2]), str(r[3]), bytes(r[4])) for r in rows]
 
@@ -781,6 +796,14 @@ class Store:
                     ],
                 )
                 self._db.executemany(
+                    "INSERT OR IGNORE INTO own_vectors "
+                    "(round, submission_id, item, modality, vector) VALUES (?, ?, ?, ?, ?)",
+                    [
+                        (committed.round, outcome.submission_id, index, modality, vector)
+                        for index, modality, vector in outcome.own
+                    ],
+                )
+                self._db.executemany(
                     "INSERT OR IGNORE INTO accepted_items (sha256, round) VALUES (?, ?)",
                     [(digest, committed.round) for digest in outcome.accepted],
                 )
@@ -835,7 +858,12 @@ class Store:
         return [(int(r[0]), bytes(r[1])) for r in rows]
 
     def history_chunks(
-        self, dim: int, *, before_round: int | None = None, chunk_rows: int = 50_000
+        self,
+        dim: int,
+        *,
+        before_round: int | None = None,
+        chunk_rows: int = 50_000,
+        table: str = "history",
     ) -> Iterator[tuple[list[str], npt.NDArray[np.float16]]]:
         """The history in commit order: (modalities, float16 ``[n, dim]``) of ``chunk_rows`` items.
 
@@ -843,12 +871,15 @@ class Store:
         each chunk's vectors are one array over the joined bytes, and the
         caller adds it to the index before the next chunk is read.
         ``before_round`` yields only rounds before it (an audit's replay).
-        The generator reads the database while it is consumed: consume it on
-        the store's thread (``StoreThread.call``).
+        ``table="own_vectors"`` reads the own embeddings of pair items kept
+        beside H instead. The generator reads the database while it is
+        consumed: consume it on the store's thread (``StoreThread.call``).
         """
+        if table not in ("history", "own_vectors"):
+            raise ValueError(f"no history table {table!r}")
         limit = 2**62 if before_round is None else before_round
         cursor = self._db.execute(
-            "SELECT modality, vector FROM history WHERE round < ? ORDER BY seq", (limit,)
+            f"SELECT modality, vector FROM {table} WHERE round < ? ORDER BY seq", (limit,)
         )
         try:
             while batch := cursor.fetchmany(chunk_rows):

@@ -199,8 +199,10 @@ class StoreThread:
     async def evidence(self) -> list[EvidenceRow]:
         return await self._run(self.store.evidence)
 
-    async def history_rows(self) -> list[tuple[int, bytes, int, str, bytes]]:
-        return await self._run(self.store.history_rows)
+    async def history_rows(
+        self, table: str = "history"
+    ) -> list[tuple[int, bytes, int, str, bytes]]:
+        return await self._run(self.store.history_rows, table)
 
     async def accepted_hashes(
         self, hashes: list[bytes], before_round: int | None = None

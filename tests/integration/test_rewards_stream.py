@@ -12,17 +12,20 @@ pays for the picture alone.
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
 from encoders.modality import Modality
 from tests.conftest import POC_NODE, ROOT, start_mosquitto, start_node, write_node_config
 from tests.peer import Peer, ResultListener, submission_id
-from training.stream import WorldMaker, WorldSubmission, concepts
+from training.stream import WorldItem, WorldMaker, WorldSubmission, concepts
 
 pytestmark = pytest.mark.integration
 
@@ -135,3 +138,107 @@ def test_new_data_is_paid_and_copies_are_not(tmp_path: Path):
     )
     assert sum(json.loads(ledger.stdout).values()) == total > 0
     assert total % EMISSION == 0  # each round that paid paid its whole emission
+
+
+def _same_pixels(item: WorldItem) -> WorldItem:
+    """New bytes, the very same pixels: the cheapest copy (a metadata chunk added)."""
+    from PIL import Image, PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Comment", "mine now")
+    out = io.BytesIO()
+    Image.open(io.BytesIO(item.data)).convert("RGB").save(out, format="PNG", pnginfo=info)
+    return replace(item, mime="image/png", data=out.getvalue())
+
+
+def _vector(result: dict, index: int) -> np.ndarray:
+    entry = result["embeddings"][index]
+    return np.frombuffer(entry["vector"], dtype="<f2").astype(np.float64)
+
+
+def _distance(a: np.ndarray, b: np.ndarray) -> float:
+    return float(1 - np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def test_a_copy_is_not_paid_again_by_changing_its_pairing(tmp_path: Path):
+    """Found from the outside: a pair's items join H fused, a quarter of the partner
+    mixed in, which moves them past the near-duplicate radius. A copy of a paid
+    picture sent alone, or beside another caption, or a picture paid alone copied
+    into a pair, was judged against the wrong point and paid again."""
+    broker = start_mosquitto(tmp_path)
+    config = write_node_config(
+        tmp_path / "node.yaml",
+        rounds={"round_seconds": 2},
+        encoders=shipped_weights(),
+        scoring={"emission": EMISSION, "top_k": 8},
+    )
+    manifest = json.loads(Path(shipped_weights()["manifest"]).read_text())
+    radius = manifest["scoring"]["duplicate_radius"]["image"]
+    node = start_node(tmp_path / "node", f"mqtt://127.0.0.1:{broker.port}", config)
+    maker = WorldMaker(12)
+    novel = concepts(novel=True)
+    pairs = [maker.pair("novel", concept, Modality.IMAGE) for concept in novel[:6]]
+    alone = WorldSubmission("novel", (maker.item(Modality.IMAGE, novel[6]),))
+
+    def caption_other_than(pair: WorldSubmission) -> WorldItem:
+        """Another partner that still makes a valid pair: a caption of the same concept."""
+        concept = pair.items[1].concept
+        assert concept is not None
+        return next(
+            caption
+            for caption in (maker.item(Modality.TEXT, concept) for _ in range(50))
+            if caption.data != pair.items[0].data
+        )
+
+    async def scenario() -> tuple[list[dict[str, object]], list[dict[str, object]]]:
+        async with ResultListener(broker.port) as listener:
+            originals = [*pairs, alone]
+            raws = [Peer().submission(wire(s)) for s in originals]  # a new key each
+            for raw in raws:
+                await listener.publish(raw)
+            first = [await listener.final(submission_id(raw), timeout=90) for raw in raws]
+            copies = [
+                *(WorldSubmission("copy", (_same_pixels(pair.items[1]),)) for pair in pairs),
+                WorldSubmission(
+                    "copy", (caption_other_than(pairs[0]), _same_pixels(pairs[0].items[1]))
+                ),
+                WorldSubmission(
+                    "copy",
+                    (maker.item(Modality.TEXT, novel[6]), _same_pixels(alone.items[0])),
+                ),
+            ]
+            raws = [Peer().submission(wire(s)) for s in copies]
+            for raw in raws:
+                await listener.publish(raw)
+            later = [await listener.final(submission_id(raw), timeout=90) for raw in raws]
+            return first, later
+
+    try:
+        first, later = asyncio.run(scenario())
+    finally:
+        assert node.stop() == 0, node.log_text()[-3000:]
+        broker.stop()
+    # the originals are paid, their pictures scored: the mechanism fires
+    for result, picture in [*((r, 1) for r in first[:-1]), (first[-1], 0)]:
+        assert result["status"] == "final", result
+        assert result["scores_ppm"][picture] is not None, result  # type: ignore[index]
+    assert sum(int(r["reward"]) for r in first) > 0  # type: ignore[call-overload]
+    *copies_alone, copy_repaired, copy_paired = later
+    for result in copies_alone:
+        assert (result["status"], result["reason"], result["reward"]) == (
+            "rejected",
+            "duplicate",
+            0,
+        ), result
+    # Some of those pictures lie in H beyond the radius of their copies, as fusion
+    # moved them: the old rule (fused against fused) could not see those copies.
+    moved = [
+        _distance(_vector(copy, 0), _vector(original, 1))
+        for copy, original in zip(copies_alone, first, strict=False)
+    ]
+    assert max(moved) > radius, (moved, radius)
+    for result in (copy_repaired, copy_paired):  # the picture earns nothing
+        if result["status"] == "final":
+            assert result["scores_ppm"][1] is None, result  # type: ignore[index]
+        else:
+            assert (result["reason"], result["reward"]) == ("duplicate", 0), result

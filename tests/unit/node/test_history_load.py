@@ -81,6 +81,43 @@ async def test_the_node_loads_its_history_on_the_store_thread(tmp_path: Path) ->
     assert len(history) == 1 and (history.vectors(np.array([0])) == 0.25).all()
 
 
+def test_a_restart_keeps_the_own_embeddings_of_pair_items_beside_the_history(
+    tmp_path: Path,
+) -> None:
+    """The near-duplicate check reads pair items' own embeddings (``History.own``): a
+    node that lost them at a restart would pay copies of paired data again."""
+    store = Store(tmp_path / "s.db")
+    rng = np.random.default_rng(3)
+    fused, own = rng.standard_normal((2, 2, DIM))
+    outcome = Finalization(
+        b"p" * 32,
+        b"s" * 32,
+        State.FINAL,
+        None,
+        tuple((i, m, to_float16(fused[i])) for i, m in enumerate(("text", "image"))),
+        (),
+        0,
+        tuple((i, m, to_float16(own[i])) for i, m in enumerate(("text", "image"))),
+    )
+    store.commit_round(CommittedRound(4, b"v" * 32, b"b" * 32, b"c", b"s"), [outcome], [], 1)
+    shard = SimpleNamespace(dim=DIM, genesis=None)
+    history = load_history(
+        shard,
+        store.history_chunks(DIM),
+        own_chunks=store.history_chunks(DIM, table="own_vectors"),
+    )
+    assert len(history) == 2 and history.own is not None and len(history.own) == 2
+    assert (history.own.vectors(np.array([1])) == own[1].astype(np.float16)).all()
+    assert history.own.modality_of(np.array([0, 1])) == ["text", "image"]
+    assert [row[:4] for row in store.history_rows("own_vectors")] == [
+        (4, b"p" * 32, 0, "text"),
+        (4, b"p" * 32, 1, "image"),
+    ]
+    assert list(store.history_chunks(DIM, before_round=4, table="own_vectors")) == []  # audit
+    with pytest.raises(ValueError, match="no history table"):
+        store.history_rows("ledger")
+
+
 def test_the_configured_index_answers_as_faiss_does_torch_on_the_cpu_included(tmp_path: Path):
     """``scoring.index: torch`` is the GPU's index, tested here on the CPU through the node's path."""
     import torch

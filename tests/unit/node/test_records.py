@@ -81,6 +81,15 @@ def test_prepare_keeps_fused_vectors_for_a_valid_pair_and_own_ones_otherwise():
     assert far.too_far and not far.valid_pair and not any(i.fused for i in far.items)
     assert far.pair_distance_ppm == 1_500_000
     assert Prepared.from_bytes(far.to_bytes()) == far
+    # a valid pair keeps each item's own embedding beside the fused one (near-duplicates)
+    assert np.allclose(from_float16(valid.own_vectors()[1]), unit(np.arange(8.0) + 1), atol=1e-3)
+    assert Prepared.from_bytes(valid.to_bytes()) == valid and not valid.stale
+    assert far.own_vectors() == () and not far.stale
+    older = dataclasses.replace(  # prepared by a release that kept no own embeddings
+        valid, items=tuple(dataclasses.replace(i, own=None) for i in valid.items)
+    )
+    assert older.stale and older.own_vectors() == ()
+    assert Prepared.from_bytes(older.to_bytes()) == older
 
 
 def test_nothing_scores_while_the_history_is_short():

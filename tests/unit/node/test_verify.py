@@ -54,6 +54,7 @@ def prepared(seed: int, pair: bool, distance: float = 0.3) -> Prepared:
             pair and not too_far,
             900_000,
             bytes([seed % 256, i]) * 16,
+            to_float16(unit(seed + 50 + i)) if pair and not too_far else None,
         )
         for i, m in enumerate(modalities)
     )
@@ -131,6 +132,27 @@ def test_the_leaders_honest_records_are_accepted(tmp_path: Path):
 @pytest.mark.parametrize(
     "tamper",
     [
+        lambda r: dataclasses.replace(r, own_vectors=()),
+        lambda r: dataclasses.replace(r, own_vectors=r.own_vectors[:1]),
+        lambda r: dataclasses.replace(r, own_vectors=(to_float16(-unit(999)), r.own_vectors[1])),
+        lambda r: dataclasses.replace(r, own_vectors=(b"\x00" * 31, r.own_vectors[1])),
+    ],
+)
+def test_a_pair_record_without_its_own_embeddings_is_refused(tmp_path: Path, tamper):
+    """Near-duplicates are judged on a pair's own embeddings too: a proposer that
+    leaves them out, or puts others, would let copies of paid data through."""
+    verifier, records = make(tmp_path, MINE)
+    paired = next(i for i, r in enumerate(records) if r.own_vectors)
+    assert len(records[paired].own_vectors) == 2
+    check(verifier, records)
+    records[paired] = tamper(records[paired])
+    with pytest.raises(Mismatch, match="own embedding"):
+        check(verifier, records)
+
+
+@pytest.mark.parametrize(
+    "tamper",
+    [
         lambda r: dataclasses.replace(r, reward=r.reward + 1),
         lambda r: dataclasses.replace(r, score=r.score + 5),
         lambda r: dataclasses.replace(r, scores_ppm=tuple(s + 5000 for s in r.scores_ppm)),
@@ -173,7 +195,7 @@ def test_a_decision_near_delta_follows_the_leader(tmp_path: Path):
         near,
         too_far=False,
         pair_distance_ppm=round((DELTA - 0.005) * 1e6),
-        items=tuple(dataclasses.replace(i, fused=True) for i in near.items),
+        items=tuple(dataclasses.replace(i, fused=True, own=i.vector) for i in near.items),
     )
     history = cluster_history()
     records = score_round([Candidate(identity, b"s" * 32, leader_view)], history, RULES, set())
