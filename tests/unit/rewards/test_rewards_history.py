@@ -23,7 +23,7 @@ from rewards import (
     score_in_order,
     submission_score,
 )
-from rewards.history import IndexFactory
+from rewards.history import HalfHistoryIndex, IndexFactory
 from rewards.history_torch import TorchHistoryIndex
 
 DIM = 32
@@ -31,7 +31,9 @@ DIM = 32
 SmallTorchIndex = partial(TorchHistoryIndex, chunk_rows=300, query_block=7)
 
 
-@pytest.fixture(params=[HistoryIndex, SmallTorchIndex], ids=["faiss", "torch"])
+@pytest.fixture(
+    params=[HistoryIndex, HalfHistoryIndex, SmallTorchIndex], ids=["faiss", "faiss-fp16", "torch"]
+)
 def make_index(request: pytest.FixtureRequest) -> IndexFactory:
     factory: IndexFactory = request.param
     return factory
