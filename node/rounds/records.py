@@ -486,13 +486,21 @@ def judge_alone(
 
 
 def compare_record(
-    mine: Prepared, record: RoundRecord, delta: Delta, tolerances: Tolerances
+    mine: Prepared,
+    record: RoundRecord,
+    delta: Delta,
+    tolerances: Tolerances,
+    *,
+    own_required: bool = True,
 ) -> None:
     """Raise :class:`Mismatch` unless ``record`` agrees with this member's ``mine``.
 
     Embeddings within the cosine tolerance, the pair distance within its
     tolerance, the pair decision equal (a distance within the tolerance of δ
-    follows the proposer), status and fused flags as the decision implies.
+    follows the proposer), status and fused flags as the decision implies;
+    a fused pair's own embeddings within the cosine tolerance too (without
+    ``own_required``, an audit of rounds certified before records carried
+    them, a record with none is judged as it was then).
     """
     name = record.submission_id.hex()[:16]
     if [item.modality for item in mine.items] != [e.modality for e in record.embeddings]:
@@ -542,7 +550,8 @@ def compare_record(
         )
         if distance > tolerances.embedding:
             raise Mismatch(f"{name}: embedding differs by {distance:.4f}")
-    _compare_own(mine, record, fused, tolerances)
+    if own_required or record.own_vectors:
+        _compare_own(mine, record, fused, tolerances)
 
 
 def _compare_own(mine: Prepared, record: RoundRecord, fused: bool, tolerances: Tolerances) -> None:

@@ -192,7 +192,9 @@ class RecordVerifier:
 
     async def _check_record(self, record: RoundRecord, round_number: int | None) -> None:
         mine = await self._mine(record, round_number)
-        compare_record(mine, record, self._delta, self._tolerances)
+        compare_record(
+            mine, record, self._delta, self._tolerances, own_required=not self._recompute_always
+        )
 
     def _check_scores(self, records: list[RoundRecord], certified: set[bytes]) -> None:
         check_round_scores(records, self._history, self._rules, self._tolerances, certified)

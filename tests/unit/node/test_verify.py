@@ -129,6 +129,20 @@ def test_the_leaders_honest_records_are_accepted(tmp_path: Path):
     check(verifier, records)
 
 
+def test_an_audit_judges_a_record_certified_before_own_embeddings_as_it_was(tmp_path: Path):
+    """Rounds certified by a release whose records carried no own embeddings: live
+    members refuse such a record, an audit of the old round does not."""
+    from node.rounds.records import compare_record
+
+    _, records = make(tmp_path, MINE)
+    identity, record = next((r.submission_id, r) for r in records if r.own_vectors)
+    older = dataclasses.replace(record, own_vectors=())
+    tolerances = Tolerances(0.02, 20_000, 1_000)
+    with pytest.raises(Mismatch, match="own embeddings missing"):
+        compare_record(MINE[identity], older, lambda a, b: DELTA, tolerances)
+    compare_record(MINE[identity], older, lambda a, b: DELTA, tolerances, own_required=False)
+
+
 @pytest.mark.parametrize(
     "tamper",
     [
