@@ -494,3 +494,48 @@ def test_a_proposer_leaves_out_a_record_it_would_refuse_itself(tmp_path: Path):
     assert sorted(r.submission_id for r in records) == sorted(MINE)
     assert metrics.internal_errors.labels(stage="consensus")._value.get() == 1
     check(verifier, records)  # what it proposes, every member accepts
+
+
+def test_a_pair_prepared_before_own_embeddings_is_prepared_again(tmp_path: Path):
+    """A member upgraded with a pair in its store, prepared with no own embeddings:
+    it recomputes that pair from its bytes instead of refusing the proposer's record."""
+    import hashlib
+    import time
+
+    from tests.media import image_bytes
+    from tests.peer import Peer, submission_id
+
+    peer = Peer()
+    data = [b"a red star", image_bytes("RGB")]
+    raw = peer.submission([("text", "text/plain", data[0]), ("image", "image/png", data[1])])
+    identity = submission_id(raw)
+    hashes = [hashlib.sha256(d).digest() for d in data]
+    fresh = prepared(80, pair=True)
+    fresh = dataclasses.replace(
+        fresh,
+        items=tuple(
+            dataclasses.replace(i, sha256=h) for i, h in zip(fresh.items, hashes, strict=True)
+        ),
+    )
+    older = dataclasses.replace(
+        fresh, items=tuple(dataclasses.replace(i, own=None) for i in fresh.items)
+    )
+    assert older.stale
+    store = Store(tmp_path / "s.db")
+    now = time.time_ns() // 10**6
+    store.admit(identity, peer.public, peer.nonce, now, hashes, raw, now, 0, 600_000)
+    store.accept(identity, older.to_bytes(), _outgoing())
+    recomputed = []
+
+    async def recompute(submission, epoch):
+        recomputed.append(submission.submitter)
+        return fresh
+
+    async def no_fetch(ids):
+        return {}
+
+    records = score_round(
+        [Candidate(identity, peer.public, fresh)], cluster_history(), RULES, set()
+    )
+    check(verifier_over(store, recompute, no_fetch, cluster_history()), records)
+    assert recomputed == [peer.public]
