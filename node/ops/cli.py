@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import os
+import sqlite3
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -220,6 +221,7 @@ def _run(args: argparse.Namespace) -> int:
     async def main() -> None:
         await Node(config).run()
 
+    first: BaseException
     try:
         asyncio.run(main())
     except ExceptionGroup as group:
@@ -230,16 +232,23 @@ def _run(args: argparse.Namespace) -> int:
             raise
         # Named here whichever task met it (the intake and the preparers name their
         # stage first; the outbox publisher, the store's other callers do not).
-        first: BaseException = failed
+        first = failed
         while isinstance(first, BaseExceptionGroup):
             first = first.exceptions[0]
-        logging.getLogger("poc.node").critical(
-            "event=store_failed error=%r; exiting with status %d to recover",
-            first,
-            EXIT_STORE_FAILED,
-        )
-        return EXIT_STORE_FAILED
-    return 0
+    except sqlite3.Error as error:
+        # Met while starting, before any task runs (found from the outside: every
+        # restart on a still-full disk ended in a traceback and status 1).
+        if not store_failed(error):
+            raise
+        first = error
+    else:
+        return 0
+    logging.getLogger("poc.node").critical(
+        "event=store_failed error=%r; exiting with status %d to recover",
+        first,
+        EXIT_STORE_FAILED,
+    )
+    return EXIT_STORE_FAILED
 
 
 def _submit(args: argparse.Namespace) -> int:

@@ -388,3 +388,41 @@ def test_a_submission_the_store_cannot_keep_stops_the_node_unacknowledged_and_is
         setup.node = _restart_and_finalize_once(
             tmp_path / "node", setup.broker.port, setup.config, raw
         )
+
+
+def test_a_start_on_a_store_that_cannot_write_exits_70_in_one_line(tmp_path: Path):
+    """Found from the outside: the first write a full disk refused ended the node with
+    status 70 and `event=store_failed`, as documented, but every restart while the
+    disk stayed full died while starting, with a traceback and status 1 (the unit's
+    restart policy and the troubleshooting table key on 70)."""
+    from node.store.sqlite import Store
+
+    data = tmp_path / "data"
+    data.mkdir()
+    Store(data / "node.sqlite3").close()
+    _sql(
+        data / "node.sqlite3",
+        "CREATE TRIGGER meta_refused BEFORE INSERT ON meta "
+        "BEGIN SELECT disk_refused_the_write(); END",
+    )
+    started = subprocess.run(
+        [
+            str(POC_NODE),
+            "run",
+            "--config",
+            str(write_node_config(tmp_path / "node.yaml")),
+            "--data-dir",
+            str(data),
+            "--bus",
+            "mqtt://127.0.0.1:9",
+            "--metrics-port",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert started.returncode == 70, started.stderr[-3000:]
+    assert "event=store_failed error=OperationalError" in started.stderr
+    assert "Traceback" not in started.stderr
