@@ -28,6 +28,7 @@ import multiprocessing
 import os
 import pickle
 import resource
+import signal
 import socket
 import struct
 import time
@@ -139,6 +140,14 @@ def _serve(requests: Connection, memory_bytes: int) -> None:
 
 class _DecoderDied(Exception):
     """The decoder process ended while it held an item, or answered out of protocol."""
+
+
+class _RetryOnce(Exception):
+    """The decoder died holding the item, not of the item's CPU cap: decode it again."""
+
+
+_REAP_S = 0.5
+"""How long a dead decoder is waited for, to read how it ended."""
 
 
 _HEADER_BYTES = 4096
@@ -347,6 +356,26 @@ class DecoderPool:
             finally:
                 if self._on_text_cpu is not None:
                     self._on_text_cpu(time.thread_time() - started)
+        try:
+            return await self._decode_once(modality, mime, data, limits, spec)
+        except _RetryOnce:
+            # The decoder died holding the item, and not of its CPU cap: killed from
+            # outside (the kernel's OOM killer, an operator) as often as by the item.
+            # A valid item must not be refused for that; a second death is final.
+            pass
+        try:
+            return await self._decode_once(modality, mime, data, limits, spec)
+        except _RetryOnce:
+            raise DecodingStoppedError("the decoder process died on this item, twice") from None
+
+    async def _decode_once(
+        self,
+        modality: Modality,
+        mime: str,
+        data: bytes,
+        limits: MediaLimits,
+        spec: PreprocessSpec,
+    ) -> DecodedMedia:
         slot = await self._free.get()
         healthy = True
         started = time.thread_time()
@@ -372,7 +401,12 @@ class DecoderPool:
         except _DecoderDied:
             healthy = False
             self._failed("crash")
-            raise DecodingStoppedError("the decoder process died on this item") from None
+            await asyncio.to_thread(slot.process.join, _REAP_S)
+            if slot.process.exitcode == -signal.SIGXCPU:  # the item spun past its CPU cap
+                raise DecodingStoppedError(
+                    "decoding used more CPU time than the decoder is allowed"
+                ) from None
+            raise _RetryOnce() from None
         except UndecodableError as error:
             if str(error) == _OUT_OF_MEMORY:
                 self._failed("memory")

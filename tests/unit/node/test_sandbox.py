@@ -70,11 +70,36 @@ def test_a_hung_or_killed_decoder_costs_one_item_and_the_slot_is_replaced():
             while not pool.busy:
                 await asyncio.sleep(0.001)
             slot.process.kill()
-            with pytest.raises(DecodingStoppedError, match="died"):
+            # Killed from outside (found from the outside: an OOM kill of a decoder
+            # refused a valid clip for good): decoded again on a fresh decoder.
+            clip = await task
+            assert clip.shape[0] > 0
+            assert failures == ["timeout", "crash"]  # poc_decoder_failures_total{kind}
+            # Killed twice, holding the same item: stopped.
+            created = []
+            make_slot = pool._new_slot
+
+            def tracked():  # type: ignore[no-untyped-def]
+                created.append(make_slot())
+                return created[-1]
+
+            pool._new_slot = tracked  # type: ignore[method-assign]
+            slot = await pool._free.get()
+            pool._free.put_nowait(slot)
+            task = asyncio.create_task(
+                decode(pool, Modality.VIDEO, "video/mp4", mp4_bytes(frames=60, size=128))
+            )
+            while not pool.busy:
+                await asyncio.sleep(0.001)
+            slot.process.kill()
+            while not (created and pool.busy):  # the item, on the slot that replaced it
+                await asyncio.sleep(0.001)
+            created[0].process.kill()
+            with pytest.raises(DecodingStoppedError, match="died on this item, twice"):
                 await task
             image = await decode(pool, Modality.IMAGE, "image/png", image_bytes("L"))
             assert image.shape[0] == 3
-            assert failures == ["timeout", "crash"]  # poc_decoder_failures_total{kind}
+            assert failures == ["timeout", "crash", "crash", "crash"]
         finally:
             pool.close()
 
