@@ -524,22 +524,42 @@ class _HistoryRows:
         return found, self._stored[np.searchsorted(self._ids, found)]
 
 
+class _ByModality:
+    """Float64 rows per modality, appended in place (room for every item of the round)."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        self._capacity = shape
+        self._rows: dict[str, npt.NDArray[np.float64]] = {}
+        self._count: dict[str, int] = {}
+
+    def of(self, modality: str) -> npt.NDArray[np.float64]:
+        rows = self._rows.get(modality)
+        if rows is None:
+            return np.empty((0, self._capacity[1]), dtype=np.float64)
+        return rows[: self._count[modality]]
+
+    def add(self, modality: str, row: npt.NDArray[np.float64]) -> None:
+        if modality not in self._rows:
+            self._rows[modality] = np.empty(self._capacity, dtype=np.float64)
+            self._count[modality] = 0
+        self._rows[modality][self._count[modality]] = row
+        self._count[modality] += 1
+
+
 class _Context:
     """The round's non-duplicate items so far: ids after H's, in the order they joined.
 
     Kept in place, as float32 (exactly their float16 values) for the gap
-    search and as float64 per modality for the near-duplicate check, so
-    that no item copies the whole context.
+    search and as float64 per modality for the near-duplicate check (the
+    scored embeddings, and apart the own embeddings of pair items), so that
+    no item copies the whole context.
     """
 
     def __init__(self, shape: tuple[int, ...]) -> None:
-        self._capacity = shape
         self._rows32 = np.empty(shape, dtype=np.float32)
         self._size = 0
-        self._of: dict[str, npt.NDArray[np.float64]] = {}
-        self._count: dict[str, int] = {}
-        self._own: dict[str, npt.NDArray[np.float64]] = {}
-        self._own_count: dict[str, int] = {}
+        self._scored = _ByModality(shape)
+        self._own = _ByModality(shape)
 
     def __len__(self) -> int:
         return self._size
@@ -549,31 +569,17 @@ class _Context:
         return first_id + np.arange(self._size, dtype=np.int64), self._rows32[: self._size]
 
     def of(self, modality: str) -> npt.NDArray[np.float64]:
-        """The rows of one modality (float64)."""
-        rows = self._of.get(modality)
-        if rows is None:
-            return np.empty((0, self._capacity[1]), dtype=np.float64)
-        return rows[: self._count[modality]]
+        """The scored rows of one modality (float64)."""
+        return self._scored.of(modality)
 
     def add(self, modality: str, row: npt.NDArray[np.float64]) -> None:
         self._rows32[self._size] = row
         self._size += 1
-        if modality not in self._of:
-            self._of[modality] = np.empty(self._capacity, dtype=np.float64)
-            self._count[modality] = 0
-        self._of[modality][self._count[modality]] = row
-        self._count[modality] += 1
+        self._scored.add(modality, row)
 
     def own_of(self, modality: str) -> npt.NDArray[np.float64]:
         """The own embeddings of the modality's pair items so far (float64)."""
-        rows = self._own.get(modality)
-        if rows is None:
-            return np.empty((0, self._capacity[1]), dtype=np.float64)
-        return rows[: self._own_count[modality]]
+        return self._own.of(modality)
 
     def add_own(self, modality: str, row: npt.NDArray[np.float64]) -> None:
-        if modality not in self._own:
-            self._own[modality] = np.empty(self._capacity, dtype=np.float64)
-            self._own_count[modality] = 0
-        self._own[modality][self._own_count[modality]] = row
-        self._own_count[modality] += 1
+        self._own.add(modality, row)

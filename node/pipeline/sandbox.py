@@ -356,26 +356,20 @@ class DecoderPool:
             finally:
                 if self._on_text_cpu is not None:
                     self._on_text_cpu(time.thread_time() - started)
+        request = (modality, mime, limits, spec, self._cpu_seconds)
         try:
-            return await self._decode_once(modality, mime, data, limits, spec)
+            return await self._decode_once(request, data)
         except _RetryOnce:
             # The decoder died holding the item, and not of its CPU cap: killed from
             # outside (the kernel's OOM killer, an operator) as often as by the item.
             # A valid item must not be refused for that; a second death is final.
             pass
         try:
-            return await self._decode_once(modality, mime, data, limits, spec)
+            return await self._decode_once(request, data)
         except _RetryOnce:
             raise DecodingStoppedError("the decoder process died on this item, twice") from None
 
-    async def _decode_once(
-        self,
-        modality: Modality,
-        mime: str,
-        data: bytes,
-        limits: MediaLimits,
-        spec: PreprocessSpec,
-    ) -> DecodedMedia:
+    async def _decode_once(self, request: tuple[Any, ...], data: bytes) -> DecodedMedia:
         slot = await self._free.get()
         healthy = True
         started = time.thread_time()
@@ -386,9 +380,7 @@ class DecoderPool:
 
         try:
             async with asyncio.timeout(self._timeout_s):
-                media, cpu = await slot.decode(
-                    (modality, mime, limits, spec, self._cpu_seconds), data, sent
-                )
+                media, cpu = await slot.decode(request, data, sent)
             if self._on_cpu is not None:
                 self._on_cpu(cpu)
             return media
