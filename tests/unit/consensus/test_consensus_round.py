@@ -389,6 +389,19 @@ def test_a_proposer_that_withholds_its_data_then_falls_silent_cannot_stop_the_co
     assert rescued >= 2, "the attack never left a member without the data"
 
 
+def _asked_to_verify_x_before_its_own_view() -> tuple[Harness, int, bytes]:
+    """Another member proposes X in a view before this member's own: returns the
+    harness, this member's view and X's hash, with X's verification asked for."""
+    t = Harness()
+    t.machine.round_closed(0)
+    v0 = t.views_not_mine(1)[0]
+    mine = next(v for v in range(v0 + 1, 64) if t.proposer(v) is t.me)
+    t.to_view(v0)
+    actions, value = t.propose(v0, [b"X"])
+    assert [r.value_hash for r in only(actions, VerifyProposal)] == [value]
+    return t, mine, value
+
+
 def test_a_proposer_keeps_its_refusal_of_a_value_it_builds_again() -> None:
     """Found from the outside: members that had refused a value (its record failed
     their check) each built the same value when their turn came, took it as valid
@@ -396,13 +409,7 @@ def test_a_proposer_keeps_its_refusal_of_a_value_it_builds_again() -> None:
     that round on every member. A lasting refusal stands; a refusal for want of data
     does not (the member builds from data it holds)."""
     for lasting in (True, False):
-        t = Harness()
-        t.machine.round_closed(0)
-        v0 = t.views_not_mine(1)[0]
-        mine = next(v for v in range(v0 + 1, 64) if t.proposer(v) is t.me)
-        t.to_view(v0)
-        actions, value = t.propose(v0, [b"X"])
-        assert [r.value_hash for r in only(actions, VerifyProposal)] == [value]
+        t, mine, value = _asked_to_verify_x_before_its_own_view()
         t.machine.value_verified(0, value, False, lasting=lasting)
         t.to_view(mine)
         built = t.machine.proposal_built(0, mine, [b"X"])
@@ -429,14 +436,8 @@ def test_a_refusal_for_want_of_data_landing_before_the_build_does_not_stand() ->
     """A view-only verdict from an earlier view, arriving after this member entered
     its own view but before its value is built, is no judgement of the value: the
     member builds from data it holds and prevotes its own proposal."""
-    t = Harness()
-    t.machine.round_closed(0)
-    v0 = t.views_not_mine(1)[0]
-    mine = next(v for v in range(v0 + 1, 64) if t.proposer(v) is t.me)
-    t.to_view(v0)
-    actions, value = t.propose(v0, [b"X"])
-    assert [r.value_hash for r in only(actions, VerifyProposal)] == [value]
-    t.to_view(mine)  # the verdict on v0's value is still out
+    t, mine, value = _asked_to_verify_x_before_its_own_view()
+    t.to_view(mine)  # the verdict on the earlier view's value is still out
     t.machine.value_verified(0, value, False, lasting=False)
     built = t.machine.proposal_built(0, mine, [b"X"])
     assert [v.vote.value_hash for v in votes(built, PREVOTE)] == [value]
