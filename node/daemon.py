@@ -23,7 +23,7 @@ from prometheus_client import CollectorRegistry
 from consensus.committee import Committee, Member
 from encoders.errors import WeightsError
 from encoders.shard import Shard
-from node.bus.broker import embedded_broker
+from node.bus.broker import EmbeddedBroker, embedded_broker
 from node.bus.client import Bus, OutboxPublisher, Topics
 from node.errors import NodeError
 from node.intake.admission import Clock, Intake
@@ -244,6 +244,7 @@ class Node:
         self.http_port: int | None = None
         self._stopping = asyncio.Event()
         self._encoders_loaded = False
+        self._embedded: EmbeddedBroker | None = None
         self._engine: Engine | None = None
         self.metrics.ready.set_function(lambda: float(all(self.ready().values())))
         self._explorer: Explorer | None = None
@@ -341,7 +342,13 @@ class Node:
             )
 
             if config.bus.embedded:
-                await stack.enter_async_context(embedded_broker(config.bus.host, config.bus.port))
+                self._embedded = await stack.enter_async_context(
+                    embedded_broker(
+                        config.bus.host,
+                        config.bus.port,
+                        first=(self.bus.client_id, self.consensus_bus.client_id),
+                    )
+                )
             decoders = DecoderPool(
                 config.decode.workers,
                 config.decode.timeout_s,
@@ -503,8 +510,16 @@ class Node:
                     self._drain_on_stop(bus_task, workers, intake, store), name="drain"
                 )
                 group.create_task(self._notify_ready(), name="notify-ready")
+                if self._embedded is not None:
+                    group.create_task(self._open_when_subscribed(), name="open-broker")
         except* asyncio.CancelledError:
             pass
+
+    async def _open_when_subscribed(self) -> None:
+        """Admit submitters to the embedded broker once the node has subscribed."""
+        await self.bus.connected.wait()
+        if self._embedded is not None:
+            self._embedded.open()
 
     async def _notify_ready(self) -> None:
         """Tell systemd (``Type=notify``) once every readiness condition holds."""

@@ -365,6 +365,10 @@ class Bus:
         self.connected = asyncio.Event()
         self._connections = 0
 
+    @property
+    def client_id(self) -> str:
+        return self._client_id
+
     def _deferred(self, qos: int) -> None:
         self._metrics.bus_deferred.labels(session=self._role, qos=str(qos)).inc()
 

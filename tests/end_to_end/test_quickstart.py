@@ -191,3 +191,63 @@ def test_a_key_outside_the_committee_refuses_to_start(tmp_path: Path):
     assert result.returncode == 1
     assert "is not a member of the committee" in result.stderr
     assert keygen.stdout.strip() in result.stderr
+
+
+def test_a_submission_sent_while_the_embedded_broker_starts_is_refused_or_answered(
+    tmp_path: Path,
+):
+    """Found from the outside: the embedded broker took clients seconds before the node
+    subscribed to submissions (its encoder workers were starting), acknowledged what
+    they published and delivered it to no one. Until the node has subscribed, other
+    clients are now refused at connect, and the first one admitted is answered."""
+    import asyncio
+    import signal
+    import time
+
+    import aiomqtt
+
+    from tests.peer import Peer, ResultListener, submission_id
+
+    port = free_port()
+    config = write_node_config(tmp_path / "node.yaml", encoders={"workers": 1})
+    log = (tmp_path / "node.log").open("wb")
+    node = subprocess.Popen(
+        [
+            str(POC_NODE),
+            "run",
+            "--config",
+            str(config),
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--bus",
+            f"embedded://127.0.0.1:{port}",
+            "--metrics-port",
+            "0",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    raw = Peer().submission([("text", "text/plain", b"sent as soon as the port opens")])
+
+    async def as_soon_as_admitted() -> tuple[int, dict]:
+        refused = 0
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                async with ResultListener(port) as listener:
+                    await listener.publish(raw)
+                    return refused, await listener.final(submission_id(raw), timeout=60)
+            except aiomqtt.MqttError as error:  # not listening yet, or not admitted yet
+                refused += "authoriz" in str(error).lower() or "code:5" in str(error)
+                await asyncio.sleep(0.02)
+        raise AssertionError("the embedded broker never admitted a client")
+
+    try:
+        refused, final = asyncio.run(as_soon_as_admitted())
+    finally:
+        node.send_signal(signal.SIGINT)
+        node.wait(60)
+        log.close()
+    text = (tmp_path / "node.log").read_text(errors="replace")
+    assert final["status"] == "final", text[-3000:]
+    assert refused >= 1 and "event=broker_not_open_yet" in text  # the gate fired
