@@ -242,6 +242,22 @@ def start_node(
     raise RuntimeError("the node found no free metrics port in three tries")
 
 
+def run_command(config: Path, data_dir: Path, bus: str, metrics_port: int = 0) -> list[str]:
+    """``poc-node run`` with a config, a data dir, a bus and a metrics port (0: none)."""
+    return [
+        str(POC_NODE),
+        "run",
+        "--config",
+        str(config),
+        "--bus",
+        bus,
+        "--data-dir",
+        str(data_dir),
+        "--metrics-port",
+        str(metrics_port),
+    ]
+
+
 def _start_node_once(directory: Path, bus: str, config: Path, ready_timeout: float) -> NodeProcess:
     metrics_port = free_port()
     log = directory / "node.log"
@@ -255,18 +271,7 @@ def _start_node_once(directory: Path, bus: str, config: Path, ready_timeout: flo
             return lines.read().decode(errors="replace")
 
     process = subprocess.Popen(
-        [
-            str(POC_NODE),
-            "run",
-            "--config",
-            str(config),
-            "--bus",
-            bus,
-            "--data-dir",
-            str(directory / "data"),
-            "--metrics-port",
-            str(metrics_port),
-        ],
+        run_command(config, directory / "data", bus, metrics_port),
         stdout=log.open("ab"),
         stderr=subprocess.STDOUT,
         cwd=ROOT,

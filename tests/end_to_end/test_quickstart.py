@@ -14,7 +14,14 @@ import pytest
 import yaml
 from PIL import Image, ImageDraw
 
-from tests.conftest import POC_NODE, ROOT, free_port, start_node, write_node_config
+from tests.conftest import (
+    POC_NODE,
+    ROOT,
+    free_port,
+    run_command,
+    start_node,
+    write_node_config,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -212,18 +219,7 @@ def test_a_submission_sent_while_the_embedded_broker_starts_is_refused_or_answer
     config = write_node_config(tmp_path / "node.yaml", encoders={"workers": 1})
     log = (tmp_path / "node.log").open("wb")
     node = subprocess.Popen(
-        [
-            str(POC_NODE),
-            "run",
-            "--config",
-            str(config),
-            "--data-dir",
-            str(tmp_path / "data"),
-            "--bus",
-            f"embedded://127.0.0.1:{port}",
-            "--metrics-port",
-            "0",
-        ],
+        run_command(config, tmp_path / "data", f"embedded://127.0.0.1:{port}"),
         stdout=log,
         stderr=subprocess.STDOUT,
     )

@@ -26,7 +26,14 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import POC_NODE, NodeProcess, start_mosquitto, start_node, write_node_config
+from tests.conftest import (
+    POC_NODE,
+    NodeProcess,
+    run_command,
+    start_mosquitto,
+    start_node,
+    write_node_config,
+)
 from tests.media import image_bytes
 from tests.peer import Peer, ResultListener, submission_id
 
@@ -406,18 +413,7 @@ def test_a_start_on_a_store_that_cannot_write_exits_70_in_one_line(tmp_path: Pat
         "BEGIN SELECT disk_refused_the_write(); END",
     )
     started = subprocess.run(
-        [
-            str(POC_NODE),
-            "run",
-            "--config",
-            str(write_node_config(tmp_path / "node.yaml")),
-            "--data-dir",
-            str(data),
-            "--bus",
-            "mqtt://127.0.0.1:9",
-            "--metrics-port",
-            "0",
-        ],
+        run_command(write_node_config(tmp_path / "node.yaml"), data, "mqtt://127.0.0.1:9"),
         capture_output=True,
         text=True,
         timeout=180,

@@ -15,7 +15,7 @@ import pytest
 
 from encoders.weights import sha256_file
 from tests.conftest import (
-    POC_NODE,
+    run_command,
     session_weights,
     start_mosquitto,
     start_node,
@@ -127,18 +127,7 @@ def test_the_node_refuses_to_start_on_weights_that_do_not_match(tmp_path: Path):
         },
     )
     result = subprocess.run(
-        [
-            str(POC_NODE),
-            "run",
-            "--config",
-            str(config),
-            "--data-dir",
-            str(tmp_path / "data"),
-            "--bus",
-            "mqtt://127.0.0.1:9",
-            "--metrics-port",
-            "0",
-        ],
+        run_command(config, tmp_path / "data", "mqtt://127.0.0.1:9"),
         capture_output=True,
         text=True,
         timeout=120,
