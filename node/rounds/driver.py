@@ -339,6 +339,10 @@ class RoundDriver:
         )
         return True
 
+    def background_tasks(self) -> list[asyncio.Task[None]]:
+        """The tasks the driver runs beside its loops (builds and checks of values)."""
+        return list(self._background)
+
     def _spawn(self, work: Awaitable[None]) -> None:
         async def guarded() -> None:
             try:
