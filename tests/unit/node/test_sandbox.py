@@ -53,6 +53,18 @@ def test_decodes_and_reports_reasons_from_the_worker():
     asyncio.run(scenario())
 
 
+async def _a_clip_held(pool: DecoderPool):  # type: ignore[no-untyped-def]
+    """The pool's one decoder, and a task whose clip that decoder now holds."""
+    slot = await pool._free.get()
+    pool._free.put_nowait(slot)
+    task = asyncio.create_task(
+        decode(pool, Modality.VIDEO, "video/mp4", mp4_bytes(frames=60, size=128))
+    )
+    while not pool.busy:
+        await asyncio.sleep(0.001)
+    return slot, task
+
+
 def test_a_hung_or_killed_decoder_costs_one_item_and_the_slot_is_replaced():
     async def scenario() -> None:
         failures: list[str] = []
@@ -62,13 +74,7 @@ def test_a_hung_or_killed_decoder_costs_one_item_and_the_slot_is_replaced():
             with pytest.raises(DecodingStoppedError, match="longer than"):
                 await decode(pool, Modality.VIDEO, "video/mp4", mp4_bytes(frames=40))
             pool._timeout_s = 30
-            slot = await pool._free.get()
-            pool._free.put_nowait(slot)
-            task = asyncio.create_task(
-                decode(pool, Modality.VIDEO, "video/mp4", mp4_bytes(frames=60, size=128))
-            )
-            while not pool.busy:
-                await asyncio.sleep(0.001)
+            slot, task = await _a_clip_held(pool)
             slot.process.kill()
             # Killed from outside (found from the outside: an OOM kill of a decoder
             # refused a valid clip for good): decoded again on a fresh decoder.
@@ -84,13 +90,7 @@ def test_a_hung_or_killed_decoder_costs_one_item_and_the_slot_is_replaced():
                 return created[-1]
 
             pool._new_slot = tracked  # type: ignore[method-assign]
-            slot = await pool._free.get()
-            pool._free.put_nowait(slot)
-            task = asyncio.create_task(
-                decode(pool, Modality.VIDEO, "video/mp4", mp4_bytes(frames=60, size=128))
-            )
-            while not pool.busy:
-                await asyncio.sleep(0.001)
+            slot, task = await _a_clip_held(pool)
             slot.process.kill()
             while not (created and pool.busy):  # the item, on the slot that replaced it
                 await asyncio.sleep(0.001)
