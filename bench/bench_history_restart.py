@@ -2,13 +2,17 @@
 
 Builds a store (a real SQLite file whose schema the ``Store`` class creates)
 holding N history rows (default 1M) of d = 256 float16 unit vectors over
-four modalities, then loads the history in a fresh subprocess as the node
-does at start (``load_history`` over ``Store.history_chunks``, on the
-store's thread) and prints the seconds, the peak resident memory (VmHWM),
+four modalities, with the own (unfused) embedding of every item that came
+in a pair (``--pair-share``, default 1: all of them, the most memory a
+history of N items can take), then loads the history in a fresh subprocess
+as the node does at start (``load_history`` over ``Store.history_chunks``
+of both tables, on the store's thread) and prints the seconds, the peak
+resident memory (VmHWM),
 the share of it the history adds over the interpreter with its imports
 (torch, faiss), and their ratios to the targets: 30 s and 1.5 GB.
 
-The rows are inserted with SQL straight into the store's ``history`` table,
+The rows are inserted with SQL straight into the store's ``history`` and
+``own_vectors`` tables,
 64 items a round, not through ``Store.commit_round``: a million rounds of
 full commits (FULL fsync each) would take hours and measure nothing that
 the restart reads. The database lives in a temporary directory, deleted at
@@ -39,8 +43,12 @@ TARGET_BYTES = 1.5e9
 CHUNK = 50_000
 
 
-def build(path: Path, rows: int, dim: int) -> None:
-    """A store with ``rows`` history items, written in chunks to keep memory low."""
+def build(path: Path, rows: int, dim: int, pair_share: float) -> None:
+    """A store with ``rows`` history items, written in chunks to keep memory low.
+
+    The first ``pair_share`` of every chunk came in pairs: their own
+    embeddings (other unit vectors) go to ``own_vectors`` too.
+    """
     from node.store.sqlite import Store
 
     Store(path).close()
@@ -60,6 +68,19 @@ def build(path: Path, rows: int, dim: int) -> None:
             (
                 ((start + i) // 64, (start + i).to_bytes(32, "big"), MODALITIES[m], v.tobytes())
                 for i, (m, v) in enumerate(zip(labels.tolist(), half, strict=True))
+            ),
+        )
+        paired = round(count * pair_share)
+        own = rng.standard_normal((paired, dim), dtype=np.float32)
+        own /= np.linalg.norm(own, axis=1, keepdims=True)
+        db.executemany(
+            "INSERT INTO own_vectors (round, submission_id, item, modality, vector) "
+            "VALUES (?, ?, 0, ?, ?)",
+            (
+                ((start + i) // 64, (start + i).to_bytes(32, "big"), MODALITIES[m], v.tobytes())
+                for i, (m, v) in enumerate(
+                    zip(labels[:paired].tolist(), own.astype("<f2"), strict=True)
+                )
             ),
         )
         db.execute("COMMIT")
@@ -84,12 +105,20 @@ def load(path: Path, dim: int) -> None:
     start = time.perf_counter()
     store = StoreThread(Store(path))
     history = asyncio.run(
-        store.call(lambda db: load_history(shard, db.history_chunks(shard.dim)))  # type: ignore[arg-type]
+        store.call(
+            lambda db: load_history(
+                shard,  # type: ignore[arg-type]
+                db.history_chunks(shard.dim),
+                own_chunks=db.history_chunks(shard.dim, table="own_vectors"),
+            )
+        )
     )
+    own = history.own
     seconds = time.perf_counter() - start
     store.close()
     figures = {
         "items": len(history),
+        "own": 0 if own is None else len(own),
         "seconds": seconds,
         "baseline": baseline,
         "peak": _status_kib("VmHWM") * 1024,
@@ -102,6 +131,7 @@ def report(figures: dict[str, float]) -> None:
     mib = 2**20
     share = figures["peak"] - figures["baseline"]
     print(f"items loaded            {figures['items']:>10,.0f}")
+    print(f"own embeddings loaded   {figures['own']:>10,.0f}")
     print(
         f"seconds                 {figures['seconds']:>10.1f}"
         f"   {figures['seconds'] / TARGET_S:.2f} of the 30 s target"
@@ -119,6 +149,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--dim", type=int, default=256)
+    parser.add_argument(
+        "--pair-share", type=float, default=1.0, help="share of the items that came in pairs"
+    )
     parser.add_argument("--db", type=Path, help="keep the database here (reused if it exists)")
     parser.add_argument("--load", type=Path, help=argparse.SUPPRESS)  # the child's side
     args = parser.parse_args()
@@ -129,7 +162,7 @@ def main() -> None:
         path = args.db if args.db is not None else Path(scratch) / "node.sqlite3"
         if not path.exists():
             start = time.perf_counter()
-            build(path, args.rows, args.dim)
+            build(path, args.rows, args.dim, args.pair_share)
             size = path.stat().st_size / 2**20
             print(
                 f"built {args.rows:,} rows, {size:.0f} MiB, in {time.perf_counter() - start:.0f} s"

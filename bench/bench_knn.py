@@ -12,8 +12,8 @@ and milliseconds per query (amortized over the batch) at batch sizes 1 and
 and the memory each holds. ``--index faiss`` is ``HistoryIndex`` (CPU);
 ``--index torch`` is ``TorchHistoryIndex`` on ``--device cpu`` or ``cuda``.
 For the raw search it also prints the scan rate, bytes of the history read
-per second (float32 for faiss, float16 for torch, once per query block;
-torch's float32 copy of each chunk is further traffic, not counted),
+per second (float16, once per query block; the float32 copy of each block
+that both make is further traffic, not counted),
 against ``--bandwidth-gbs`` (default 4800 GB/s, an H200's HBM3e).
 
 The vectors are generated and added in chunks of 50k, so a 1M run holds
@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from rewards import History, HistoryIndex, RoundItem, ScoringRules, gap_scores, score_in_order
-from rewards.history import IndexFactory
+from rewards.history import IndexFactory, set_search_threads
 
 DIM = 256
 K = 16
@@ -63,6 +63,12 @@ def options() -> argparse.Namespace:
     parser.add_argument("--seconds", type=float, default=1.0, help="time per timed pass")
     parser.add_argument("--bandwidth-gbs", type=float, default=4800.0)
     parser.add_argument("--no-history", action="store_true", help="only the single index")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="faiss threads of one search, as the node's scoring.threads (0: one per core)",
+    )
     args = parser.parse_args()
     if args.index == "faiss" and args.device != "cpu":
         parser.error("faiss's HistoryIndex runs on the CPU: use --index torch for cuda")
@@ -72,7 +78,7 @@ def options() -> argparse.Namespace:
 def factory(args: argparse.Namespace) -> tuple[IndexFactory, int, int]:
     """The index factory, the bytes per stored value, and the queries per pass over H."""
     if args.index == "faiss":
-        return HistoryIndex, 4, 2**62
+        return HistoryIndex, 2, 2**62
     from rewards.history_torch import CHUNK_ROWS, QUERY_BLOCK, TorchHistoryIndex
 
     block = args.query_block or QUERY_BLOCK
@@ -200,8 +206,9 @@ def bench_history(args: argparse.Namespace, size: int, queries: np.ndarray) -> N
 
 def main() -> None:
     args = options()
+    set_search_threads(args.threads)
     queries = Clusters(2).draw(max(args.queries, *args.batches, ROUND_ITEMS))
-    where = f"{args.index} on {args.device}"
+    where = f"{args.index} on {args.device}, {args.threads or 'one per core'} search thread(s)"
     print(f"d={DIM} k={K} exact {where}, float16 history; ms/query amortized over the batch;")
     print(f"scan: bytes of H read per second, as a share of {args.bandwidth_gbs:.0f} GB/s")
     print(f"{'|H|':>9} {'what':<8} {'batch':>5} {'path':<14} {'queries/s':>10} {'ms/query':>10}")

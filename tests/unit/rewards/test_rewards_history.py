@@ -1,6 +1,7 @@
 """The exact history indexes and gap scores against a brute-force numpy reference.
 
-Every index test runs on faiss's ``HistoryIndex`` and on ``TorchHistoryIndex``
+Every index test runs on faiss's ``HistoryIndex`` (in one block, and in
+blocks small enough that a search spans several) and on ``TorchHistoryIndex``
 (on the CPU, with chunks and query blocks small enough that a search spans
 several of each).
 """
@@ -23,16 +24,17 @@ from rewards import (
     score_in_order,
     submission_score,
 )
-from rewards.history import HalfHistoryIndex, IndexFactory
+from rewards.history import IndexFactory
 from rewards.history_torch import TorchHistoryIndex
 
 DIM = 32
 
 SmallTorchIndex = partial(TorchHistoryIndex, chunk_rows=300, query_block=7)
+SmallBlockIndex = partial(HistoryIndex, block_rows=300)
 
 
 @pytest.fixture(
-    params=[HistoryIndex, HalfHistoryIndex, SmallTorchIndex], ids=["faiss", "faiss-fp16", "torch"]
+    params=[HistoryIndex, SmallBlockIndex, SmallTorchIndex], ids=["faiss", "faiss-blocks", "torch"]
 )
 def make_index(request: pytest.FixtureRequest) -> IndexFactory:
     factory: IndexFactory = request.param
@@ -200,12 +202,17 @@ def test_torch_index_gives_the_same_gap_scores_as_faiss() -> None:
         assert singles == want  # whatever the batch
 
 
-def test_torch_index_breaks_exact_ties_by_id_across_chunks() -> None:
+@pytest.mark.parametrize(
+    "tiny_blocks",
+    [partial(TorchHistoryIndex, chunk_rows=7, query_block=2), partial(HistoryIndex, block_rows=7)],
+    ids=["torch", "faiss"],
+)
+def test_exact_ties_break_by_id_across_blocks(tiny_blocks: IndexFactory) -> None:
     """Rows whose distances are exact in float32 in any order of summation: ties by id."""
     basis = np.eye(DIM)[:4]
     order = np.random.default_rng(11).integers(0, 4, 50)
     history = basis[order]
-    index = TorchHistoryIndex(DIM, chunk_rows=7, query_block=2)
+    index = tiny_blocks(DIM)
     index.add(history)
     queries = np.concatenate([basis, 0.5 * basis[:1] + 0.5 * basis[1:2]])
     for k in (1, 5, 20, 50):
@@ -214,6 +221,24 @@ def test_torch_index_breaks_exact_ties_by_id_across_chunks() -> None:
     copies = np.flatnonzero(order == 0)
     others = np.flatnonzero(order != 0)
     assert index.neighbours(basis[:1], 50)[0].tolist() == [*copies, *others]
+
+
+def test_faiss_index_fills_blocks_in_turn_and_keeps_every_value() -> None:
+    rng = np.random.default_rng(13)
+    rows = unit_rows(rng, 1500)
+    index = HistoryIndex(DIM, block_rows=64)
+    for row in rows[:100]:
+        index.add(row[None])
+    read_only = rows[100:].astype(np.float16)
+    read_only.flags.writeable = False
+    index.add(read_only)  # a chunk read from the store is a read-only view
+    assert len(index) == 1500 and index.nbytes == 24 * 64 * (DIM * 2 + 4)  # ceil(1500 / 64)
+    assert (index.vectors(np.arange(1500)) == rows.astype(np.float16).astype(np.float64)).all()
+    assert (index.neighbours(rows[[0, 63, 64, 1499]], 1)[:, 0] == [0, 63, 64, 1499]).all()
+    assert index.neighbours(np.empty((0, DIM)), 3).shape == (0, 3)
+    assert (HistoryIndex(DIM).neighbours(rows[:2], 3) == -1).all()
+    with pytest.raises(ValueError):
+        HistoryIndex(DIM, block_rows=0)
 
 
 def test_torch_index_grows_by_doubling_and_keeps_every_value() -> None:
