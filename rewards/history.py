@@ -29,7 +29,7 @@ import numpy.typing as npt
 from rewards.faiss_blas import faiss
 
 BLOCK_ROWS = 1 << 15
-"""Rows of a ``HistoryIndex`` block: 16 MiB of float16 at d = 256, widened to 32 MiB per search."""
+"""Rows of a ``HistoryIndex`` block: 16 MiB of float16 at d = 256, widened in one 32 MiB buffer."""
 
 BLAS_THRESHOLD = 20
 """Batches of at least this many queries go through BLAS in faiss.
@@ -124,9 +124,10 @@ class HistoryIndex:
     without ever being copied), with each row's squared norm beside it in
     float32: 0.5 GiB per million embeddings at d = 256, half of a float32
     index. A search widens one block at a time to float32 (every float16 is a
-    float32, so nothing is rounded) and ranks its rows with faiss's exact
-    ``knn_L2sqr``, the kernel of ``IndexFlatL2``, then merges each block's
-    nearest by (distance, id). ``vectors`` gives back exactly what was added.
+    float32, so nothing is rounded), in one buffer shared by the process,
+    ranks its rows with faiss's exact ``knn_L2sqr``, the kernel of
+    ``IndexFlatL2``, and merges each block's nearest by (distance, id).
+    ``vectors`` gives back exactly what was added.
     """
 
     def __init__(self, dim: int, *, block_rows: int = BLOCK_ROWS) -> None:
@@ -189,22 +190,22 @@ class HistoryIndex:
             return found
         wanted = min(k, self._size)
         wide_queries = np.ascontiguousarray(half, dtype=np.float32)
-        scratch = _scratch(min(self._block_rows, self._size) * self._dim)
         best_distances = np.empty((len(half), 0), dtype=np.float32)
         best_ids = np.empty((len(half), 0), dtype=np.int64)
-        for number, block in enumerate(self._blocks):
-            start = number * self._block_rows
-            count = min(self._block_rows, self._size - start)
-            if count <= 0:
-                break
-            rows = scratch[: count * self._dim].reshape(count, self._dim)
-            _widen(block[:count], rows)
-            distances, ids = _knn(wide_queries, rows, self._norms[number][:count], wanted)
-            best_distances = np.concatenate([best_distances, distances], axis=1)
-            best_ids = np.concatenate([best_ids, np.where(ids >= 0, ids + start, -1)], axis=1)
-            order = np.lexsort((best_ids, best_distances), axis=1)[:, :wanted]
-            best_distances = np.take_along_axis(best_distances, order, axis=1)
-            best_ids = np.take_along_axis(best_ids, order, axis=1)
+        with _scratch.lock:
+            for number, block in enumerate(self._blocks):
+                start = number * self._block_rows
+                count = min(self._block_rows, self._size - start)
+                if count <= 0:
+                    break
+                rows = _scratch.rows(count, self._dim)
+                _widen(block[:count], rows)
+                distances, ids = _knn(wide_queries, rows, self._norms[number][:count], wanted)
+                best_distances = np.concatenate([best_distances, distances], axis=1)
+                best_ids = np.concatenate([best_ids, np.where(ids >= 0, ids + start, -1)], axis=1)
+                order = np.lexsort((best_ids, best_distances), axis=1)[:, :wanted]
+                best_distances = np.take_along_axis(best_distances, order, axis=1)
+                best_ids = np.take_along_axis(best_ids, order, axis=1)
         found[:, :wanted] = best_ids
         return found
 
@@ -258,20 +259,28 @@ def _knn(
 _SLICE_ELEMENTS = 32_767
 """torch converts a tensor of fewer elements than its grain size (32768) on the calling thread."""
 
-_scratch_of_thread = threading.local()
 
-
-def _scratch(elements: int) -> npt.NDArray[np.float32]:
-    """This thread's float32 buffer of at least ``elements``, kept between searches.
+class _Scratch:
+    """One float32 buffer for widening blocks, shared by every index of the process.
 
     A fresh 32 MiB buffer for every search would cost its page faults every
-    time; one buffer per searching thread, shared by every index, costs them
-    once.
+    time, and one per searching thread would be kept by every thread of the
+    node's work pool. Searches of H are serialised already (the node holds
+    its history lock), so one buffer under a lock costs no waiting.
     """
-    buffer: npt.NDArray[np.float32] | None = getattr(_scratch_of_thread, "buffer", None)
-    if buffer is None or len(buffer) < elements:
-        buffer = _scratch_of_thread.buffer = np.empty(elements, dtype=np.float32)
-    return buffer
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self._buffer = np.empty(0, dtype=np.float32)
+
+    def rows(self, count: int, dim: int) -> npt.NDArray[np.float32]:
+        """A ``[count, dim]`` view of the buffer, grown if needed; hold ``lock`` while using it."""
+        if len(self._buffer) < count * dim:
+            self._buffer = np.empty(count * dim, dtype=np.float32)
+        return self._buffer[: count * dim].reshape(count, dim)
+
+
+_scratch = _Scratch()
 
 
 def _widen(half: npt.NDArray[np.float16], out: npt.NDArray[np.float32]) -> None:
@@ -282,18 +291,14 @@ def _widen(half: npt.NDArray[np.float16], out: npt.NDArray[np.float32]) -> None:
     torch for its encoders. It is imported here, so that importing the
     rewards does not import torch.
 
-    While faiss searches on one thread, torch converts on its own threads.
-    Where faiss has threads of its own, the two OpenMP pools wait for each
-    other on the same cores (a search of 1M rows took three times as long on
-    2 cores), so the rows are converted in slices small enough that torch
-    keeps them on the calling thread.
+    The rows are converted in slices small enough that torch keeps them on
+    the calling thread: its thread pool, woken for every block, took cores
+    from the encoders and from faiss's own threads (three to five times the
+    CPU of a serial copy on a busy machine).
     """
     import torch
 
     source, target = torch.from_numpy(half), torch.from_numpy(out)
-    if faiss.omp_get_max_threads() == 1:
-        target.copy_(source)
-        return
     step = max(1, _SLICE_ELEMENTS // half.shape[1])
     for start in range(0, len(half), step):
         target[start : start + step].copy_(source[start : start + step])

@@ -8,6 +8,7 @@ several of each).
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
 import numpy as np
@@ -239,6 +240,21 @@ def test_faiss_index_fills_blocks_in_turn_and_keeps_every_value() -> None:
     assert (HistoryIndex(DIM).neighbours(rows[:2], 3) == -1).all()
     with pytest.raises(ValueError):
         HistoryIndex(DIM, block_rows=0)
+
+
+def test_searches_from_many_threads_share_the_widening_buffer_safely() -> None:
+    """Indexes of different sizes and dimensions, searched at once: each answer as alone."""
+    rng = np.random.default_rng(14)
+    indexes = [HistoryIndex(dim, block_rows=50) for dim in (DIM, DIM, 2 * DIM, 8)]
+    queries = []
+    for number, index in enumerate(indexes):
+        index.add(unit_rows(rng, 400 + 100 * number, index.dim))
+        queries.append(unit_rows(rng, 25, index.dim))
+    alone = [index.neighbours(q, 8) for index, q in zip(indexes, queries, strict=True)]
+    with ThreadPoolExecutor(len(indexes)) as pool:
+        for _ in range(20):
+            answers = pool.map(lambda index, q: index.neighbours(q, 8), indexes, queries)
+            assert all((got == want).all() for got, want in zip(answers, alone, strict=True))
 
 
 def test_torch_index_grows_by_doubling_and_keeps_every_value() -> None:
