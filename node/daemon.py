@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 import signal
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack
@@ -233,6 +234,13 @@ class Node:
         self.topics = Topics(config.bus.topic_prefix)
         # Built here so that a bad TLS file is refused before the encoders load.
         client_id = config.bus.client_id or f"poc-node-{self.key.public_hex[:16]}"
+        if config.bus.embedded and config.bus.client_id is None:
+            # MQTT gives a session to whoever connects with its client id, and the
+            # embedded broker (amqtt) drops the old one before it authenticates anyone:
+            # a client using the node's public id cut the node off and the submissions
+            # published meanwhile were never answered. The broker lives and dies with
+            # this process, so nothing needs the id to outlast it: an unguessable one.
+            client_id += f"-{secrets.token_hex(16)}"
         self.bus = Bus(config.bus, client_id, self.metrics)
         # A second session carries everything the node publishes, and a committee's
         # consensus and sync: votes never wait behind submissions, and the submissions

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import sqlite3
 import stat
@@ -247,3 +248,54 @@ def test_a_submission_sent_while_the_embedded_broker_starts_is_refused_or_answer
     text = (tmp_path / "node.log").read_text(errors="replace")
     assert final["status"] == "final", text[-3000:]
     assert refused >= 1 and "event=broker_not_open_yet" in text  # the gate fired
+
+
+def test_a_client_using_the_nodes_public_client_id_cannot_take_its_session(tmp_path: Path):
+    """Found in review: MQTT gives a session to whoever connects with its client id, and
+    the node's was public (``poc-node-`` and its key). A local client that connected with
+    it cut the node off the embedded broker (amqtt drops the old session before it even
+    authenticates the new client), and the submissions published meanwhile were never
+    answered. On its own broker the node's client ids are now unguessable."""
+    import asyncio
+
+    import aiomqtt
+
+    from tests.peer import Peer, ResultListener, submission_id
+
+    port = free_port()
+    config = write_node_config(tmp_path / "node.yaml", encoders={"workers": 1})
+    node = start_node(tmp_path / "node", f"embedded://127.0.0.1:{port}", config)
+    public = re.search(r"event=starting validator=([0-9a-f]{16})", node.log_text())
+    assert public is not None, node.log_text()
+    raws = [
+        Peer().submission([("text", "text/plain", b"sent while an impostor held the session")]),
+        Peer().submission([("text", "text/plain", b"sent after the impostors left")]),
+    ]
+
+    async def impostors() -> list[str]:
+        async with ResultListener(port) as listener:
+            for suffix in ("", "-consensus"):
+                for clean in (True, False):
+                    impostor = aiomqtt.Client(
+                        "127.0.0.1",
+                        port,
+                        identifier=f"poc-node-{public[1]}{suffix}",
+                        clean_session=clean,
+                        timeout=10,
+                    )
+                    async with impostor:
+                        await impostor.subscribe("#", qos=1)
+                        if (suffix, clean) == ("", False):  # while it holds the session
+                            await listener.publish(raws[0])
+                        await asyncio.sleep(0.5)
+            await listener.publish(raws[1])
+            return [
+                (await listener.final(submission_id(raw), timeout=60))["status"] for raw in raws
+            ]
+
+    try:
+        statuses = asyncio.run(impostors())
+    finally:
+        assert node.stop() == 0, node.log_text()
+    assert statuses == ["final", "final"], node.log_text()[-3000:]
+    assert "event=bus_disconnected" not in node.log_text()
