@@ -19,6 +19,7 @@ import numpy.typing as npt
 from encoders.shard import Shard
 from encoders.weights import read_genesis
 from node.errors import NodeError
+from node.ops.threads import trim_heap
 from rewards.history import History, HistoryIndex, IndexFactory
 
 
@@ -62,4 +63,7 @@ def load_history(
         history.add(modalities, vectors)
     for modalities, vectors in own_chunks:
         history.add_own(modalities, vectors)
+    # The chunks' rows were many small objects: glibc keeps their freed heap
+    # (about 150 MiB after a million rows) unless asked to give it back.
+    trim_heap()
     return history
