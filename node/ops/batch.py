@@ -53,6 +53,7 @@ from typing import Any, TextIO
 import aiomqtt
 from tqdm import tqdm  # type: ignore[import-untyped]
 
+from consensus.committee import Committee
 from encoders.errors import EncoderError
 from encoders.media import media_type_of
 from encoders.modality import MEDIA_TYPES, Modality
@@ -351,8 +352,10 @@ class BatchRun:
         bucket: TokenBucket,
         *,
         max_attempts: int = 4,
+        committee: Committee | None = None,
     ) -> None:
         self._key = key
+        self._committee = committee
         self._signer = MessageSigner(key)
         self._journal = journal
         self._bucket = bucket
@@ -408,12 +411,20 @@ class BatchRun:
         }
         return raw, record
 
+    def _trusted(self, validator: bytes) -> bool:
+        """Whether an answer signed by ``validator`` counts: any, or a committee member."""
+        return self._committee is None or self._committee.member(validator) is not None
+
     def hear_result(self, result: Result) -> None:
+        if not self._trusted(result.validator):
+            return
         identity = result.submission_id.hex()
         self._hear(identity, describe(result))
 
     def hear_summary(self, raw: bytes) -> None:
         for identity, record in _summary_records(raw):
+            if not self._trusted(bytes.fromhex(record["validator"])):
+                continue
             key = self._journal.line_of(identity)
             if key is None:
                 continue
@@ -564,15 +575,20 @@ async def run_batch(
     burst: int,
     idle_timeout_s: float,
     access: Access | None = None,
+    committee: Committee | None = None,
 ) -> int:
-    """Submit every line of ``batch``; 0 when each good line has an outcome and none was bad."""
+    """Submit every line of ``batch``; 0 when each good line has an outcome and none was bad.
+
+    With ``committee``, only Results and round summaries signed by its
+    members count.
+    """
     lines, bad = parse_batch(batch)
     output = output or default_output(batch)
     for number, problem in bad:
         print(f"{batch}:{number}: skipped: {problem}", file=sys.stderr, flush=True)
     key = load_key(key_path)
     journal = Journal(output)
-    run = BatchRun(key, lines, journal, TokenBucket(per_minute, burst))
+    run = BatchRun(key, lines, journal, TokenBucket(per_minute, burst), committee=committee)
     for number, problem in bad:
         journal.write({"event": "bad_line", "line": number, "error": problem})
     print(

@@ -67,6 +67,12 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     submit.add_argument("--json", action="store_true", help="print results as JSON lines")
     submit.add_argument(
+        "--committee",
+        type=Path,
+        help="committee file: only Results (and round summaries) signed by its members count "
+        "(default: any validator's; each line names the one that signed it)",
+    )
+    submit.add_argument(
         "--batch",
         type=Path,
         metavar="FILE",
@@ -252,9 +258,11 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _submit(args: argparse.Namespace) -> int:
+    from node.ops.committee_file import load_committee
     from node.ops.submitter import Access, BusTarget, parse_item, run_submit
 
     access = Access(args.tls_ca, args.tls_cert, args.tls_key, args.username, args.password)
+    committee = None if args.committee is None else load_committee(args.committee)
     if args.batch is not None:
         from node.ops.batch import run_batch
 
@@ -270,6 +278,7 @@ def _submit(args: argparse.Namespace) -> int:
                 burst=args.burst,
                 idle_timeout_s=args.timeout,
                 access=access,
+                committee=committee,
             )
         )
     if not args.items:
@@ -284,6 +293,7 @@ def _submit(args: argparse.Namespace) -> int:
             args.timeout,
             as_json=args.json,
             access=access,
+            committee=committee,
         )
     )
 

@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 import aiomqtt
 import numpy as np
 
+from consensus.committee import Committee
 from encoders.errors import EncoderError
 from encoders.media import read_item
 from encoders.modality import Modality
@@ -151,6 +152,7 @@ def _print(result: Result, as_json: bool) -> None:
     )
     if items:
         line += f" embeddings=[{items}]"
+    line += f" validator={info['validator'][:16]}"
     print(line, flush=True)
 
 
@@ -163,8 +165,14 @@ async def run_submit(
     *,
     as_json: bool = False,
     access: Access | None = None,
+    committee: Committee | None = None,
 ) -> int:
-    """Publish one submission and print its Results; 0 once final, 1 if rejected."""
+    """Publish one submission and print its Results; 0 once final, 1 if rejected.
+
+    With ``committee``, a Result signed by a key outside it is ignored (and
+    said so on stderr); without, any validator's Result counts, and each
+    line names the validator that signed it.
+    """
     if not 1 <= len(items) <= 2:
         raise NodeError("a submission has one or two items")
     target = BusTarget(bus_url, prefix)
@@ -193,6 +201,13 @@ async def run_submit(
                         )
                         continue
                     if result.submission_id != identity:
+                        continue
+                    if committee is not None and committee.member(result.validator) is None:
+                        print(
+                            f"ignoring a Result signed by {result.validator.hex()}, "
+                            "not a member of the committee",
+                            file=sys.stderr,
+                        )
                         continue
                     _print(result, as_json)
                     if result.status is Status.FINAL:

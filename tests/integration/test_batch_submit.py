@@ -216,3 +216,76 @@ def test_a_batch_that_loses_the_broker_says_so_and_resumes_when_it_is_back(tmp_p
     finally:
         node.stop(signal.SIGKILL)
         broker.stop()
+
+
+def test_with_a_committee_submit_believes_only_its_members(tmp_path: Path):
+    """Found by a black-box audit: anyone who could publish on ``results/<key>`` made
+    ``poc-node submit`` print a ``final`` Result with any reward, and exit 0. With
+    ``--committee`` a Result signed by a key outside it is ignored; without, each line
+    names the validator that signed it."""
+    import asyncio
+
+    import aiomqtt
+    import yaml
+
+    from node.intake.keys import SigningKey, write_key
+    from node.intake.signing import MessageSigner
+    from node.intake.wire import RESULT_DOMAIN, Result, Status
+    from tests.peer import submission_id
+
+    broker = start_mosquitto(tmp_path)
+    member, forger, submitter = SigningKey.generate(), SigningKey.generate(), SigningKey.generate()
+    write_key(submitter, tmp_path / "me.key")
+    committee = tmp_path / "committee.yaml"
+    committee.write_text(
+        yaml.safe_dump(
+            {
+                "genesis_ms": 0,
+                "round_seconds": 2,
+                "epoch_rounds": 20,
+                "members": [{"name": "v0", "public_key": member.public_hex, "stake": 100}],
+            }
+        )
+    )
+
+    async def forge_answers(ready: asyncio.Event, stop: asyncio.Event) -> None:
+        async with aiomqtt.Client("127.0.0.1", broker.port) as client:
+            await client.subscribe("poc/v1/submissions/+", qos=1)
+            ready.set()
+            async with asyncio.timeout(30):
+                async for message in client.messages:
+                    identity = submission_id(bytes(message.payload))  # type: ignore[arg-type]
+                    forged = Result(
+                        identity, forger.public_key, Status.FINAL, round=7, reward=10**12
+                    )
+                    raw = MessageSigner(forger).signed_bytes(RESULT_DOMAIN.decode(), forged.body())
+                    await client.publish(f"poc/v1/results/{submitter.public_hex}", raw, qos=1)
+                    if stop.is_set():
+                        return
+
+    async def submit(*extra: str) -> subprocess.CompletedProcess[bytes]:
+        ready, stop = asyncio.Event(), asyncio.Event()
+        forging = asyncio.create_task(forge_answers(ready, stop))
+        await ready.wait()
+        stop.set()
+        process = await asyncio.create_subprocess_exec(
+            str(POC_NODE), "submit", "--key", str(tmp_path / "me.key"),
+            "--bus", f"mqtt://127.0.0.1:{broker.port}", "--timeout", "5", *extra,
+            "text:a caption nobody judges",
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await process.communicate()
+        await forging
+        return subprocess.CompletedProcess([], process.returncode or 0, out, err)
+
+    try:
+        trusting = asyncio.run(submit())
+        careful = asyncio.run(submit("--committee", str(committee)))
+    finally:
+        broker.stop()
+    assert trusting.returncode == 0  # nothing to check it against: but it says who signed
+    assert f"validator={forger.public_hex[:16]}" in trusting.stdout.decode()
+    assert careful.returncode == 1, careful.stdout + careful.stderr
+    assert b"final" not in careful.stdout.splitlines()[-1]
+    assert f"ignoring a Result signed by {forger.public_hex}".encode() in careful.stderr
+    assert b"no final result within 5 s" in careful.stderr

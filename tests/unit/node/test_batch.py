@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from consensus.committee import Committee, Member
 from node.errors import Reason
 from node.intake.keys import SigningKey
 from node.intake.signing import MessageSigner
@@ -145,6 +146,28 @@ def test_round_summaries_settle_lines_in_doubt_and_forgeries_do_not(tmp_path: Pa
     assert states[0].outcome["source"] == "round_summary" and states[0].outcome["reward"] == 40
     assert not states[1].done
     assert run.tally.final == 1
+
+
+def test_with_a_committee_only_its_members_answers_settle_a_line(tmp_path: Path):
+    key, outsider = SigningKey.generate(), SigningKey.generate()
+    _batch(tmp_path, {"text": "one"}, {"text": "two"})
+    journal = Journal(tmp_path / "out.jsonl")
+    lines, _ = parse_batch(tmp_path / "batch.jsonl")
+    committee = Committee(0, 2, 20, (Member("v0", VALIDATOR.public_key, 100),))
+    run = BatchRun(key, lines, journal, TokenBucket(600, 10), committee=committee)
+    ids = []
+    for line, fresh in list(run.queue):
+        _, record = run.build(line, fresh)
+        journal.write(record)
+        ids.append(bytes.fromhex(record["submission_id"]))
+    record = {"submitter": key.public_key, "status": "final", "reason": None, "reward": 40}
+    run.hear_summary(_summary(outsider, 9, [{**record, "submission_id": ids[0]}]))
+    run.hear_result(Result(ids[1], outsider.public_key, Status.FINAL, None, 3))
+    assert not any(journal.state(line).done for line in run.lines.values())
+    run.hear_summary(_summary(VALIDATOR, 9, [{**record, "submission_id": ids[0]}]))
+    run.hear_result(_result(ids[1], Status.FINAL))
+    assert all(journal.state(line).done for line in run.lines.values())
+    assert run.tally.final == 2
 
 
 def test_another_members_result_is_recorded_not_counted_and_a_stale_attempt_ignored(
