@@ -62,9 +62,21 @@ def test_lines_are_parsed_relative_to_the_file_and_bad_ones_named(tmp_path: Path
     assert default_output(path) == tmp_path / "batch.results.jsonl"
 
 
-def _run(tmp_path: Path, key: SigningKey, journal: Journal) -> BatchRun:
+def _run(
+    tmp_path: Path, key: SigningKey, journal: Journal, committee: Committee | None = None
+) -> BatchRun:
     lines, _ = parse_batch(tmp_path / "batch.jsonl")
-    return BatchRun(key, lines, journal, TokenBucket(600, 10))
+    return BatchRun(key, lines, journal, TokenBucket(600, 10), committee=committee)
+
+
+def _send_all(run: BatchRun, journal: Journal) -> list[bytes]:
+    """Build every queued line's submission and journal it; their ids, in order."""
+    ids = []
+    for line, fresh in list(run.queue):
+        _, record = run.build(line, fresh)
+        journal.write(record)
+        ids.append(bytes.fromhex(record["submission_id"]))
+    return ids
 
 
 def _result(identity: bytes, status: Status, reason: Reason | None = None) -> Result:
@@ -131,11 +143,7 @@ def test_round_summaries_settle_lines_in_doubt_and_forgeries_do_not(tmp_path: Pa
     _batch(tmp_path, {"text": "one"}, {"text": "two"})
     journal = Journal(tmp_path / "out.jsonl")
     run = _run(tmp_path, key, journal)
-    ids = []
-    for line, fresh in list(run.queue):
-        _, record = run.build(line, fresh)
-        journal.write(record)
-        ids.append(bytes.fromhex(record["submission_id"]))
+    ids = _send_all(run, journal)
     record = {"submitter": key.public_key, "status": "final", "reason": None, "reward": 40}
     forged = bytearray(_summary(VALIDATOR, 9, [{**record, "submission_id": ids[1]}]))
     forged[-1] ^= 1
@@ -152,14 +160,9 @@ def test_with_a_committee_only_its_members_answers_settle_a_line(tmp_path: Path)
     key, outsider = SigningKey.generate(), SigningKey.generate()
     _batch(tmp_path, {"text": "one"}, {"text": "two"})
     journal = Journal(tmp_path / "out.jsonl")
-    lines, _ = parse_batch(tmp_path / "batch.jsonl")
     committee = Committee(0, 2, 20, (Member("v0", VALIDATOR.public_key, 100),))
-    run = BatchRun(key, lines, journal, TokenBucket(600, 10), committee=committee)
-    ids = []
-    for line, fresh in list(run.queue):
-        _, record = run.build(line, fresh)
-        journal.write(record)
-        ids.append(bytes.fromhex(record["submission_id"]))
+    run = _run(tmp_path, key, journal, committee)
+    ids = _send_all(run, journal)
     record = {"submitter": key.public_key, "status": "final", "reason": None, "reward": 40}
     run.hear_summary(_summary(outsider, 9, [{**record, "submission_id": ids[0]}]))
     run.hear_result(Result(ids[1], outsider.public_key, Status.FINAL, None, 3))
