@@ -355,6 +355,7 @@ class Node:
                         config.bus.host,
                         config.bus.port,
                         first=(self.bus.client_id, self.consensus_bus.client_id),
+                        prefix=config.bus.topic_prefix,
                     )
                 )
             decoders = DecoderPool(

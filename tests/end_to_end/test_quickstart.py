@@ -299,3 +299,31 @@ def test_a_client_using_the_nodes_public_client_id_cannot_take_its_session(tmp_p
         assert node.stop() == 0, node.log_text()
     assert statuses == ["final", "final"], node.log_text()[-3000:]
     assert "event=bus_disconnected" not in node.log_text()
+
+
+def test_the_embedded_broker_applies_its_rules_under_the_configured_topic_prefix(tmp_path: Path):
+    """The broker lets submitters publish submissions and read results under the node's
+    own prefix: under another one a submitter could neither send nor hear an answer."""
+    port = free_port()
+    config = write_node_config(
+        tmp_path / "node.yaml", bus={"topic_prefix": "elsewhere/v1"}, encoders={"workers": 1}
+    )
+    node = start_node(tmp_path / "node", f"embedded://127.0.0.1:{port}", config)
+    try:
+        assert poc("keygen", "--out", str(tmp_path / "me.key")).returncode == 0
+        submitted = poc(
+            "submit",
+            "--key",
+            str(tmp_path / "me.key"),
+            "--bus",
+            f"mqtt://127.0.0.1:{port}",
+            "--topic-prefix",
+            "elsewhere/v1",
+            "--timeout",
+            "60",
+            "text:a caption under another prefix",
+        )
+    finally:
+        assert node.stop() == 0, node.log_text()
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    assert submitted.stdout.splitlines()[-1].startswith("final")
