@@ -112,7 +112,8 @@ class _Broker(Broker):  # type: ignore[misc]
     amqtt holds a connection slot while it waits, for ever, for a CONNECT,
     and keeps it for good when closing a reset connection raises ``OSError``.
     Both now end as a failed connection (``NoDataError``), after which amqtt
-    gives the slot back. Only the node's own messages are retained.
+    gives the slot back. Only the node's own messages are retained, and a
+    client is sent those its own subscriptions match, not everyone's.
     """
 
     def __init__(self, config: dict[str, Any], gate: str) -> None:
@@ -150,6 +151,17 @@ class _Broker(Broker):  # type: ignore[misc]
             log.info("event=broker_refused_publish client_id=%s topic=%s", client_id, topic)
             return
         await super()._broadcast_message(session, topic, *args, **kw)
+
+    async def _publish_retained_messages_for_subscription(
+        self, subscription: tuple[str, int], session: Session
+    ) -> None:
+        # amqtt 0.12.1 calls this, as a client connects, for every filter anyone has
+        # subscribed, so a client got retained round summaries and balances it never
+        # asked for (and the node's submissions session got round summaries): only
+        # the client's own subscriptions, as MQTT says.
+        mine = self._subscriptions.get(subscription[0], ())
+        if any(subscriber.client_id == session.client_id for subscriber, _ in mine):
+            await super()._publish_retained_messages_for_subscription(subscription, session)
 
     async def retain_message(self, source_session: Session | None, *args: Any, **kw: Any) -> None:
         gate = _GATES[self._gate_name]

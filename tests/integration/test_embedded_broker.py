@@ -78,19 +78,26 @@ def test_others_publish_only_submissions_and_subscribe_only_to_answers():
     )  # never a submission, whatever the filter
 
 
-def test_only_the_nodes_messages_are_retained():
-    async def scenario() -> list[str]:
+def test_only_the_nodes_messages_are_retained_and_only_for_those_who_ask():
+    async def scenario() -> tuple[list[str], list[str]]:
         port = free_port()
         async with running(port):
             async with client(port, NODE) as node:
                 await node.publish(f"{PREFIX}/balances/{'ab' * 32}/x", b"kept", qos=1, retain=True)
             async with client(port) as other:
                 await other.publish(f"{PREFIX}/submissions/{'ef' * 32}", b"x" * 1000, retain=True)
+            async with client(port) as reader:
+                await reader.subscribe(f"{PREFIX}/balances/#", qos=1)  # any client may
+                async with client(port) as unasked:  # amqtt sent it everyone's retained
+                    await unasked.subscribe(f"{PREFIX}/results/{'cd' * 32}", qos=1)
+                    elsewhere = await collect(unasked, 1.0)
             async with client(port, NODE) as later:
                 await later.subscribe("#", qos=1)
-                return await collect(later, 1.0)
+                return await collect(later, 1.0), elsewhere
 
-    assert asyncio.run(scenario()) == [f"{PREFIX}/balances/{'ab' * 32}/x"]
+    kept, elsewhere = asyncio.run(scenario())
+    assert kept == [f"{PREFIX}/balances/{'ab' * 32}/x"]
+    assert elsewhere == []
 
 
 def _connect_packet(level: int) -> bytes:
