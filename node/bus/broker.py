@@ -28,16 +28,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 from collections.abc import AsyncIterator, Collection
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from amqtt.broker import Broker
 from amqtt.errors import NoDataError
-from amqtt.plugins.base import BaseAuthPlugin
 from amqtt.session import Session
 
 log = logging.getLogger("poc.broker")
@@ -59,12 +57,23 @@ class _Gate:
     open: bool = False
     refused: int = 0
 
+    def is_node(self, client_id: str | None) -> bool:
+        """Whether the rules below spare this client: the node's, or every one without a node."""
+        return not self.first or client_id in self.first
+
+    def _kind(self, topic: str) -> tuple[str, str] | None:
+        """``(kind, rest)`` of a topic or filter under the prefix, or None outside it."""
+        if not topic.startswith(self.prefix + "/"):
+            return None
+        kind, _, rest = topic.removeprefix(self.prefix + "/").partition("/")
+        return kind, rest
+
     def published(self, client_id: str | None, topic: str) -> bool:
         """Whether this client may publish on ``topic``: the node anything, others submissions."""
-        if not self.first or client_id in self.first:
-            return True
-        kind, _, rest = topic.removeprefix(self.prefix + "/").partition("/")
-        return topic.startswith(self.prefix + "/") and kind == "submissions" and "/" not in rest
+        parts = self._kind(topic)
+        return self.is_node(client_id) or (
+            parts is not None and parts[0] == "submissions" and "/" not in parts[1]
+        )
 
     def subscribable(self, client_id: str | None, topic_filter: str) -> bool:
         """Whether this client may subscribe ``topic_filter``: to results, rounds or balances.
@@ -72,34 +81,10 @@ class _Gate:
         The prefix and the kind must be spelled out, so that no wildcard
         (``#``, ``poc/#``, ``poc/v1/+/…``) can match a submission.
         """
-        if not self.first or client_id in self.first:
-            return True
-        kind = topic_filter.removeprefix(self.prefix + "/").partition("/")[0]
-        return topic_filter.startswith(self.prefix + "/") and kind in (
-            "results",
-            "rounds",
-            "balances",
+        parts = self._kind(topic_filter)
+        return self.is_node(client_id) or (
+            parts is not None and parts[0] in ("results", "rounds", "balances")
         )
-
-
-_GATES: dict[str, _Gate] = {}
-_NAMES = itertools.count()
-
-
-class NodeFirst(BaseAuthPlugin):  # type: ignore[misc]
-    """amqtt authentication: only the node's own sessions until its gate opens."""
-
-    async def authenticate(self, *, session: Session) -> bool:
-        gate = _GATES[self.context.config.gate]
-        if gate.open or session.client_id in gate.first:
-            return True
-        gate.refused += 1
-        log.info("event=broker_not_open_yet client_id=%s", session.client_id)
-        return False
-
-    @dataclass
-    class Config:
-        gate: str = field(default="")
 
 
 class _Broker(Broker):  # type: ignore[misc]
@@ -116,9 +101,19 @@ class _Broker(Broker):  # type: ignore[misc]
     client is sent those its own subscriptions match, not everyone's.
     """
 
-    def __init__(self, config: dict[str, Any], gate: str) -> None:
+    def __init__(self, config: dict[str, Any], gate: _Gate) -> None:
         super().__init__(config)
-        self._gate_name = gate
+        self._gate = gate
+
+    async def _authenticate(self, session: Session, *args: Any) -> bool:
+        """Only the node's own sessions until the gate opens; then amqtt's anonymous plugin."""
+        gate = self._gate
+        if not (gate.open or session.client_id in gate.first):
+            gate.refused += 1
+            log.info("event=broker_not_open_yet client_id=%s", session.client_id)
+            return False
+        admitted: bool = await super()._authenticate(session, *args)
+        return admitted
 
     async def _initialize_client_session(self, reader: Any, writer: Any, *args: Any) -> Any:
         try:
@@ -131,8 +126,7 @@ class _Broker(Broker):  # type: ignore[misc]
             raise NoDataError(f"no valid CONNECT: {exc!r}") from exc
 
     async def add_subscription(self, subscription: tuple[str, int], session: Session) -> int:
-        gate = _GATES[self._gate_name]
-        if not gate.subscribable(session.client_id, subscription[0]):
+        if not self._gate.subscribable(session.client_id, subscription[0]):
             log.info(
                 "event=broker_refused_subscription client_id=%s filter=%s",
                 session.client_id,
@@ -145,9 +139,8 @@ class _Broker(Broker):  # type: ignore[misc]
     async def _broadcast_message(
         self, session: Session | None, topic: str | None, *args: Any, **kw: Any
     ) -> None:
-        gate = _GATES[self._gate_name]
         client_id = None if session is None else session.client_id
-        if session is not None and not gate.published(client_id, topic or ""):
+        if session is not None and not self._gate.published(client_id, topic or ""):
             log.info("event=broker_refused_publish client_id=%s topic=%s", client_id, topic)
             return
         await super()._broadcast_message(session, topic, *args, **kw)
@@ -164,8 +157,7 @@ class _Broker(Broker):  # type: ignore[misc]
             await super()._publish_retained_messages_for_subscription(subscription, session)
 
     async def retain_message(self, source_session: Session | None, *args: Any, **kw: Any) -> None:
-        gate = _GATES[self._gate_name]
-        if source_session is None or not gate.first or source_session.client_id in gate.first:
+        if source_session is None or self._gate.is_node(source_session.client_id):
             await super().retain_message(source_session, *args, **kw)
 
 
@@ -194,27 +186,22 @@ async def embedded_broker(
     other than those may publish only on ``prefix``'s submissions topics and
     subscribe only to its results, round summaries and balances.
     """
-    name = f"gate-{next(_NAMES)}"
-    gate = _GATES[name] = _Gate(frozenset(first), prefix, open=not first)
+    gate = _Gate(frozenset(first), prefix, open=not first)
     config = {
         "listeners": {
             "default": {"type": "tcp", "bind": f"{host}:{port}", "max_connections": MAX_CONNECTIONS}
         },
         "plugins": {
             "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True},
-            f"{__name__}.NodeFirst": {"gate": name},
         },
     }
     for logger in ("amqtt", "transitions"):
         logging.getLogger(logger).setLevel(logging.WARNING)
-    broker = _Broker(config, name)
+    broker = _Broker(config, gate)
+    await broker.start()
+    log.info("event=embedded_broker_started host=%s port=%d", host, port)
     try:
-        await broker.start()
-        log.info("event=embedded_broker_started host=%s port=%d", host, port)
-        try:
-            yield EmbeddedBroker(broker, gate)
-        finally:
-            await broker.shutdown()
-            log.info("event=embedded_broker_stopped")
+        yield EmbeddedBroker(broker, gate)
     finally:
-        del _GATES[name]
+        await broker.shutdown()
+        log.info("event=embedded_broker_stopped")
