@@ -8,6 +8,7 @@ normalisation, reproduces the sentence-transformers output.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,19 +51,26 @@ class TextBackbone:
         # Loading a packaged file needs no progress bar on stderr (it is noise in logs).
         transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+        # The fast tokenizer keeps its padding and truncation settings in one Rust
+        # object that every call sets anew: ``length`` (no padding) on the intake's
+        # thread beside ``tokenize`` (padding) on the encoder's left a batch unpadded,
+        # and every caption of it failed ``ValueError`` (seen in CI, encoders in the
+        # node's process). One call at a time.
+        self._tokenizer_lock = threading.Lock()
         self.model = AutoModel.from_pretrained(str(model_dir), local_files_only=True)
         self.model.requires_grad_(False)
         self.model.eval()
         self.model.to(device)
 
     def tokenize(self, texts: list[str]) -> TextTokens:
-        batch = self.tokenizer(
-            texts,
-            padding=True,
-            truncation=True,
-            max_length=self.max_tokens,
-            return_tensors="pt",
-        )
+        with self._tokenizer_lock:
+            batch = self.tokenizer(
+                texts,
+                padding=True,
+                truncation=True,
+                max_length=self.max_tokens,
+                return_tensors="pt",
+            )
         attention = batch["attention_mask"].to(torch.bool)
         counts = tuple(int(c) - 2 for c in attention.sum(dim=1))
         return TextTokens(batch["input_ids"], attention, counts)
@@ -80,7 +88,8 @@ class TextBackbone:
         """
         words = text.split(maxsplit=self.max_tokens)[: self.max_tokens]
         prefix = " ".join(words)[: PREFIX_CHARS_PER_TOKEN * self.max_tokens]
-        ids = self.tokenizer.encode(prefix, truncation=True, max_length=self.max_tokens)
+        with self._tokenizer_lock:
+            ids = self.tokenizer.encode(prefix, truncation=True, max_length=self.max_tokens)
         return len(ids)
 
     def keep_variants(self, tokens: TextTokens, masks: torch.Tensor) -> torch.Tensor:
