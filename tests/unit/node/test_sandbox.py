@@ -133,6 +133,38 @@ def test_a_spinning_decoder_is_killed_by_its_cpu_cap():
     assert result.returncode == -signal.SIGXCPU
 
 
+def test_a_decoder_ended_by_its_cpu_cap_stops_the_item_without_a_second_try():
+    """SIGXCPU is the item's own doing (it spun past its CPU cap): decoding it again
+    would spend the cap twice, so the item is stopped at once and the slot replaced."""
+    import os
+    import signal
+
+    async def scenario() -> None:
+        failures: list[str] = []
+        pool = DecoderPool(workers=1, timeout_s=30, memory_mb=350, on_failure=failures.append)
+        created = []
+        make_slot = pool._new_slot
+
+        def tracked():  # type: ignore[no-untyped-def]
+            created.append(make_slot())
+            return created[-1]
+
+        pool._new_slot = tracked  # type: ignore[method-assign]
+        try:
+            slot, task = await _a_clip_held(pool)
+            os.kill(slot.process.pid, signal.SIGXCPU)  # what the kernel sends at the cap
+            with pytest.raises(DecodingStoppedError, match="more CPU time"):
+                await task
+            assert failures == ["crash"]  # one death, no retry on a fresh decoder
+            assert len(created) == 1 and created[0].process.is_alive()
+            image = await decode(pool, Modality.IMAGE, "image/png", image_bytes("L"))
+            assert image.shape[0] == 3
+        finally:
+            pool.close()
+
+    asyncio.run(scenario())
+
+
 def test_text_is_decoded_in_the_node_even_while_every_slot_is_busy():
     async def scenario() -> None:
         costs: list[float] = []
