@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from encoders.caption import read_caption
 from encoders.errors import MediaTooLargeError, UndecodableError
 from encoders.media_audio import decode_wav
 from encoders.media_image import decode_image
@@ -108,7 +109,8 @@ def decode_media(
 
 
 def decode_text(data: bytes, limits: MediaLimits) -> str:
-    """Strict UTF-8: a submitter must not get two readings of the same bytes."""
+    """Strict UTF-8 (a submitter must not get two readings of the same bytes), read as
+    the encoders read a caption (``encoders.caption``: marks a copy could change go)."""
     if len(data) > limits.text_bytes:
         raise MediaTooLargeError(f"text is {len(data)} bytes, limit {limits.text_bytes}")
     try:
@@ -117,7 +119,10 @@ def decode_text(data: bytes, limits: MediaLimits) -> str:
         raise UndecodableError(f"text is not valid UTF-8 at byte {exc.start}") from exc
     if not text.strip():
         raise UndecodableError("text holds only whitespace")
-    return text
+    caption = read_caption(text)
+    if not caption:
+        raise UndecodableError("text holds no letter or digit")
+    return caption
 
 
 _SNIFF_BYTES = 1 << 20

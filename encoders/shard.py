@@ -19,6 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from encoders.caption import read_caption
 from encoders.channels import Memo
 from encoders.embedding import EncodeRequest, ItemEmbedding
 from encoders.ensemble import EnsembleRule, combine_batch
@@ -184,9 +185,11 @@ class Shard:
         if modality is Modality.TEXT:
             texts = tuple(_text(r) for r in batch)
             tokens = self._backbone.tokenize(list(texts))
-            masks = batch_token_masks(
-                tokens.n_tokens, share, epoch_beacon, _hashes(batch), self._mask_count
-            )
+            # A caption's masks are seeded by the caption as read (``encoders.caption``),
+            # not by its bytes: copies that differ only in marks the reading drops get
+            # the same masks, so the same embedding (DESIGN.md §4's data_sha256, for text).
+            seeds = [hashlib.sha256(text.encode()).digest() for text in texts]
+            masks = batch_token_masks(tokens.n_tokens, share, epoch_beacon, seeds, self._mask_count)
             keep = self._backbone.keep_variants(tokens, torch.from_numpy(masks))
             variants = TextVariants(
                 texts,
@@ -280,9 +283,12 @@ def _hashes(batch: Sequence[EncodeRequest]) -> list[bytes]:
 
 
 def _text(request: EncodeRequest) -> str:
+    """The caption as the encoders read it (``encoders.caption``). A submission's text
+    is read so when decoded; reading it again is the identity, and makes every caller
+    (training, evaluation, tools) encode what the node encodes."""
     if not isinstance(request.media, str):
         raise ValueError(f"text request holds {type(request.media).__name__}, not str")
-    return request.media
+    return read_caption(request.media)
 
 
 def _array(request: EncodeRequest) -> npt.NDArray[np.float32]:

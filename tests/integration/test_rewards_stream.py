@@ -5,8 +5,9 @@ genesis history) receives captioned pictures of the closed world through
 Mosquitto. New data is paid: the ledger holds exactly the rewards of the
 final Results, and they are not zero. Then the cheapest attacks on the
 reward: near-copies of a paid pair from other keys (new bytes, same datum)
-and noise pictures earn nothing, and a caption reused with a new picture
-pays for the picture alone.
+and noise pictures earn nothing, and a caption reused with a new picture (as it was, or
+with marks added: punctuation, case, quotes, look-alike letters, markup, an
+emoji) pays for the picture alone.
 """
 
 from __future__ import annotations
@@ -65,6 +66,27 @@ def test_new_data_is_paid_and_copies_are_not(tmp_path: Path):
     fresh_picture = maker.item(Modality.IMAGE, other.items[1].concept)  # type: ignore[arg-type]
     reused = WorldSubmission("reused", (other.items[0], fresh_picture))
     noise = [maker.noise(Modality.IMAGE) for _ in range(3)]  # random pixels, each its own key
+    # Captions of paid pairs copied with marks a copier adds for free (each alone beyond
+    # text's radius as the bytes read: 0.015-0.48), each beside a fresh picture.
+    marked = [
+        WorldSubmission(
+            "marked",
+            (
+                replace(caption, data=mark(caption.data.decode()).encode()),
+                maker.item(Modality.IMAGE, caption.concept),  # type: ignore[arg-type]
+            ),
+        )
+        for caption, mark in zip(
+            [pair.items[0] for pair in novel[2:6]],
+            [
+                lambda text: f"{text}!!!",
+                lambda text: f'"{text.upper()}"',
+                lambda text: text.replace("e", "\u0435").replace("a", "\u0430"),  # Cyrillic
+                lambda text: f"<b>{text}</b> \U0001f534",
+            ],
+            strict=True,
+        )
+    ]
 
     async def scenario() -> dict[bytes, dict[str, object]]:
         async with ResultListener(broker.port) as listener:
@@ -73,7 +95,7 @@ def test_new_data_is_paid_and_copies_are_not(tmp_path: Path):
                 await listener.publish(raw)
             for raw in first:
                 await listener.final(submission_id(raw), timeout=90)
-            later = [Peer().submission(wire(s)) for s in [*copies, reused, *noise]]
+            later = [Peer().submission(wire(s)) for s in [*copies, reused, *noise, *marked]]
             for raw in later:
                 await listener.publish(raw)
             for raw in later:
@@ -94,7 +116,8 @@ def test_new_data_is_paid_and_copies_are_not(tmp_path: Path):
         broker.stop()
 
     ids = list(finals)
-    first_ids, copy_ids, reused_id, noise_ids = ids[:16], ids[16:19], ids[19], ids[20:]
+    first_ids, copy_ids, reused_id, noise_ids = ids[:16], ids[16:19], ids[19], ids[20:23]
+    marked_ids = ids[23:]
     # new data is paid: the mechanism fires
     paid = [finals[i]["reward"] for i in first_ids]
     assert sum(paid) > 0 and sum(1 for r in paid if r) >= 2, paid  # type: ignore[operator]
@@ -128,6 +151,13 @@ def test_new_data_is_paid_and_copies_are_not(tmp_path: Path):
     assert result["status"] == "final", result
     caption_score, picture_score = result["scores_ppm"]  # type: ignore[misc]
     assert caption_score is None and picture_score is not None
+    # the same for a paid caption copied with marks: read as its original, a duplicate
+    assert len(marked_ids) == 4
+    for identity in marked_ids:
+        result = finals[identity]
+        assert result["status"] == "final", result
+        caption_score, picture_score = result["scores_ppm"]  # type: ignore[misc]
+        assert caption_score is None and picture_score is not None, result
     # the ledger holds exactly the final rewards, and they are not zero
     total = sum(int(r["reward"]) for r in finals.values())  # type: ignore[call-overload]
     ledger = subprocess.run(

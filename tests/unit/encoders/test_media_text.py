@@ -14,8 +14,15 @@ def decode(data: bytes, limits: MediaLimits = LIMITS) -> object:
     return decode_media(Modality.TEXT, "text/plain", data, limits, DEFAULT_PREPROCESS)
 
 
-def test_utf8_text_is_returned_as_str() -> None:
-    assert decode("héllo wörld ✓".encode()) == "héllo wörld ✓"
+def test_utf8_text_is_returned_as_the_caption_the_encoders_read() -> None:
+    assert decode("Héllo,  wörld ✓".encode()) == "hello world"
+    assert decode("赤い丸".encode()) == "赤い丸"
+
+
+@pytest.mark.parametrize("data", [b"!!!", "\u200b \U0001f534 --".encode()])
+def test_text_without_a_letter_or_digit_is_undecodable(data: bytes) -> None:
+    with pytest.raises(UndecodableError, match="no letter or digit"):
+        decode(data)
 
 
 def test_invalid_utf8_is_undecodable_with_offset() -> None:

@@ -36,7 +36,9 @@ def requests() -> list[EncodeRequest]:
         request(Modality.TEXT, "text/plain", "une phrase en français, assez longue".encode()),
         request(Modality.IMAGE, "image/jpeg", image_bytes("L", "JPEG", size=(90, 120))),
         request(Modality.TEXT, "text/plain", b"x"),
-        request(Modality.TEXT, "text/plain", "\u200b".encode()),
+        # No content token (read from a submission, it would be refused: no letter or
+        # digit; the shard still embeds it, as it does the blank caption it warms up on).
+        EncodeRequest(Modality.TEXT, "\u200b", hashlib.sha256("\u200b".encode()).digest()),
     ]
 
 
@@ -114,7 +116,8 @@ def test_warm_up_embeds_every_modality_and_changes_nothing(
 
 
 def test_text_without_content_tokens_still_embeds(shard: Shard) -> None:
-    (item,) = shard.embed([request(Modality.TEXT, "text/plain", "\u200b".encode())], BEACON)
+    blank = EncodeRequest(Modality.TEXT, "\u200b", hashlib.sha256(b"zwsp").digest())
+    (item,) = shard.embed([blank], BEACON)
     assert np.linalg.norm(item.vector) == pytest.approx(1.0, abs=1e-5)
     assert item.diff_loss == pytest.approx(1.0, abs=1e-5)
 

@@ -1,0 +1,117 @@
+"""A caption as the encoders read it: copies that only add marks read as the original."""
+
+from __future__ import annotations
+
+import hashlib
+import unicodedata
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from encoders import caption
+from encoders.caption import CaptionDataError, read_caption
+from encoders.embedding import EncodeRequest
+from encoders.media import MediaLimits, decode_media
+from encoders.modality import Modality
+from encoders.shard import Shard
+from encoders.weights import DEFAULT_PREPROCESS
+
+ORIGINAL = "a red circle"
+COPIES = [
+    "a red circle!!!",
+    "a red circle.",
+    "A Red Circle",
+    "A  RED\tCIRCLE\n",
+    '"a red circle"',
+    "«a red circle»",
+    "**a red circle**",
+    "<b>a red circle</b>",
+    '<span class="x">a red</span> circle<br/>',
+    "a red circle \U0001f534",
+    "a r\u200bed\u200d circle\u202e",  # zero-width joiners, a bidi override
+    "a r\u0435d circl\u0435",  # Cyrillic ie (U+0435)
+    "\u0430 red circle",  # Cyrillic a (U+0430)
+    "a red \u03f2ircle",  # Greek lunate sigma for c
+    "".join(chr(ord(c) + 0xFEE0) if c != " " else c for c in "a red circle"),  # full-width
+    "".join(chr(ord(c) + 0x1D3B9) if c != " " else c for c in "a red circle"),  # math bold
+    "a re\u0301d circle",  # a combining accent
+    "á réd círclé",
+    "a red circle ¡¿…—",
+]
+
+
+@pytest.mark.parametrize("copy", COPIES)
+def test_a_copy_with_marks_reads_as_its_original(copy: str) -> None:
+    assert read_caption(copy) == ORIGINAL
+
+
+@pytest.mark.parametrize(
+    "text, read",
+    [
+        ("a blue circle", "a blue circle"),  # other words stay other
+        ("10 red circles", "10 red circles"),  # digits are words
+        ("x<y and y>z", "x y and y z"),  # comparison signs are not markup
+        ("it's a green circle", "it s a green circle"),
+        ("赤い丸", "赤い丸"),  # letters of other scripts stay
+        ("हिन्दी", "हिनदी"),  # with their vowel signs; combining marks go, as accents do
+        ("circle No. 2", "circle no 2"),
+        ("a red circIe", "a red circie"),  # ASCII look-alikes are words of their own
+    ],
+)
+def test_what_the_reading_keeps(text: str, read: str) -> None:
+    assert read_caption(text) == read
+
+
+@pytest.mark.parametrize("text", ["", "   ", "!!!", "\u200b", "\U0001f534 --", "<b></b>"])
+def test_marks_alone_read_as_nothing(text: str) -> None:
+    assert read_caption(text) == ""
+
+
+@given(st.text(max_size=200))
+def test_the_reading_is_a_fixed_point_of_words_and_single_blanks(text: str) -> None:
+    read = read_caption(text)
+    assert read_caption(read) == read
+    assert read == read.strip() and "  " not in read
+    assert all(char == " " or char.isalnum() or unicodedata.category(char) == "Mc" for char in read)
+
+
+def test_the_confusables_data_is_the_pinned_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every member must read captions alike: another table would fold other letters."""
+    monkeypatch.setattr(caption, "CONFUSABLES_SHA256", "0" * 64)
+    caption._built.cache_clear()
+    try:
+        with pytest.raises(CaptionDataError, match="expected 0000"):
+            read_caption("\u0430 red circle")
+    finally:
+        monkeypatch.undo()
+        caption._built.cache_clear()
+    assert read_caption("\u0430 red circle") == ORIGINAL
+
+
+def test_the_package_data_override_is_ignored(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "confusables.json").write_text("{}")
+    monkeypatch.setenv("CONFUSABLE_DATA", str(tmp_path))
+    caption._built.cache_clear()
+    try:
+        assert read_caption("\u0430 red circle") == ORIGINAL
+    finally:
+        caption._built.cache_clear()
+
+
+def test_copies_embed_exactly_as_the_original(shard: Shard) -> None:
+    """Same reading, same tokens, same masks (seeded by the reading): distance 0, so a
+    copy is within text's near-duplicate radius of its original however small it is."""
+
+    def embedded(text: str) -> np.ndarray:
+        data = text.encode()
+        media = decode_media(Modality.TEXT, "text/plain", data, MediaLimits(), DEFAULT_PREPROCESS)
+        request = EncodeRequest(Modality.TEXT, media, hashlib.sha256(data).digest())
+        (item,) = shard.embed([request], b"beacon")
+        return np.asarray(item.vector)
+
+    original = embedded(ORIGINAL)
+    for copy in COPIES[:3] + COPIES[7:13]:
+        assert np.array_equal(embedded(copy), original), copy
+    assert not np.array_equal(embedded("a blue circle"), original)
