@@ -5,19 +5,23 @@ is tiny: two distinct captions of the closed world can lie 0.004 apart, so ε
 for text is 0.0057. A caption copied with a mark added lands far beyond it
 (measured on the shipped weights: ``!`` 0.021, ``!!!`` 0.042, quotes 0.015,
 an emoji 0.016, ``<b>…</b>`` 0.085, ``**…**`` 0.039, one Cyrillic ``e``
-(U+0435) for the Latin one 0.48) and was paid as new text. So the encoders read each caption in a
-canonical form that such copies share with their original:
+(U+0435) for the Latin one 0.48) and was paid as new text. So the encoders
+read each caption in a canonical form that such copies share with their
+original:
 
-1. Unicode NFKC (full-width and mathematical letters, ligatures, superscripts
-   become plain ones);
-2. markup tags (``<b>``, ``</span>``) become blanks;
-3. case folded (the text encoder is uncased anyway);
-4. a letter that Unicode's confusables table (UTS #39, through the pinned
+1. only the first ``READ_CHARS`` (2,048) characters, runs of blanks counted
+   as one, far past the encoders' window;
+2. a character that Unicode's confusables table (UTS #39, through the pinned
    ``confusable-homoglyphs`` data) lists as a look-alike of an ASCII letter
-   or digit becomes that letter (Cyrillic U+0430 → ``a``);
-5. accents and other combining marks dropped (as the uncased tokenizer does),
+   or digit becomes that letter (Cyrillic U+0430 → ``a``), before and after
+   the steps below;
+3. Unicode NFKC (full-width and mathematical letters, ligatures, superscripts
+   become plain ones);
+4. markup tags (``<b>``, ``</span>``) become blanks;
+5. case folded (the text encoder is uncased anyway);
+6. accents and other combining marks dropped (as the uncased tokenizer does),
    format and control characters (zero-width spaces, bidi marks) deleted;
-6. everything else that is not a letter or a digit (punctuation, symbols,
+7. everything else that is not a letter or a digit (punctuation, symbols,
    emoji, blanks of any kind) becomes one blank; leading and trailing blanks
    go.
 
@@ -47,8 +51,10 @@ from importlib import resources
 CONFUSABLES_SHA256 = "2d8b4774cd9dc6f233a18681bc00423ae270037437f276fc6a8b80630941fe7d"
 """SHA-256 of ``confusable_homoglyphs/confusables.json`` (version 3.3.1)."""
 
-_TAG = re.compile(r"</?[A-Za-z][A-Za-z0-9-]{0,31}(?:\s+[^<>]{0,256}=[^<>]{0,256})?\s*/?>")
-"""A markup tag: ``<b>``, ``</span>``, ``<br/>``, ``<a href="…">``; not ``x<y and y>z``."""
+_TAG = re.compile(r"</?[A-Za-z][A-Za-z0-9-]{0,31}+(?:\s++[^<>=]{0,64}+=[^<>]{0,256}+)?+\s*+/?>")
+"""A markup tag: ``<b>``, ``</span>``, ``<br/>``, ``<a href="…">``; not ``x<y and y>z``.
+Possessive throughout: a scan never backtracks, so 64 KiB of ``<a ====…`` costs
+0.3 ms, where plain quantifiers took 160 ms of the event loop."""
 _LOCK = threading.Lock()
 _CONTROLS = frozenset(chr(code) for code in [*range(0x20), 0x7F] if not chr(code).isspace())
 
@@ -57,17 +63,31 @@ class CaptionDataError(RuntimeError):
     """The confusables data is missing or not the pinned file."""
 
 
+READ_CHARS = 2048
+"""Only a caption's first characters (blanks between words counted once) are read: the
+encoders' window (64 wordpieces for the shipped text tower, 77 for a CLIP) ends long
+before, and reading is then bounded work on the event loop whatever the caption holds
+(64 KiB of it, or one letter under 32,000 combining marks, which Unicode normalization
+reorders in quadratic time)."""
+READ_WORDS = 512
+"""At most this many blank-separated words are read (each is one wordpiece at least)."""
+
+
 def read_caption(text: str) -> str:
     """``text`` in the form the encoders read (see the module's docstring); ``""``
     when it holds no letter or digit."""
+    # Blanks in front or between words are not read as characters (the split stops
+    # after READ_WORDS words: C speed over 64 KiB of blanks).
+    text = " ".join(text.split(maxsplit=READ_WORDS)[:READ_WORDS])[:READ_CHARS]
     if text.isascii():
         text = _TAG.sub(" ", text).lower().translate(_ASCII)
         return " ".join(text.split())
-    folds, table = _tables()
-    # Look-alikes first (NFKC would turn some into letters that are not: the
-    # lunate sigma U+03F2, a look-alike of c, becomes sigma), then
-    # again after NFKC and case folding, which make look-alikes of their own.
-    text = unicodedata.normalize("NFKC", text.translate(folds))
+    early, table = _tables()
+    # Look-alikes first (NFKC would turn some into letters that are not: the lunate
+    # sigma U+03F2, a look-alike of c, becomes sigma), and marks and format characters
+    # out before any normalization reorders them; then the look-alikes again, after
+    # NFKC and case folding, which make look-alikes of their own.
+    text = unicodedata.normalize("NFKC", text.translate(early))[:READ_CHARS]  # grows up to 18-fold
     text = _TAG.sub(" ", text).casefold()
     text = unicodedata.normalize("NFD", text).translate(table)
     text = _FAR.sub(" ", text)
@@ -87,31 +107,56 @@ _DELETED = frozenset({"Mn", "Me", "Cf", "Cs"})
 _FAR = re.compile("[\U00040000-\U000dffff\U000e1000-\U0010ffff]")
 """Planes 4-13 (unassigned), the rest of 14 and the private-use planes 15-16: no
 letter of any script."""
+_REMEMBERED = 1 << 16
+"""Characters a table remembers (about 5 MiB each at most); past that it still answers."""
 
 
-def _tables() -> tuple[dict[int, str], dict[int, str | None]]:
+class _Table(dict[int, "str | None"]):
+    """A ``str.translate`` table that works each character out on first sight: deleted
+    (``None``), a blank, its ASCII look-alike, or itself. A full table up to plane 3
+    would take 21 MB in every process that reads captions; this one holds the
+    characters seen, at C speed after the first time."""
+
+    def __init__(self, folds: dict[int, str], *, blanks: bool) -> None:
+        super().__init__()
+        self._folds = folds
+        self._blanks = blanks  # False: look-alikes and deletions only (the raw text)
+
+    def __missing__(self, code: int) -> str | None:
+        char = chr(code)
+        category = unicodedata.category(char)
+        value: str | None = char
+        if category in _DELETED or (category == "Cc" and not char.isspace()):
+            value = None
+        elif code in self._folds:
+            value = self._folds[code]
+        elif self._blanks and category[0] not in "LN" and category != "Mc":
+            value = " "  # (a vowel sign, Mc, belongs to its word)
+        if len(self) < _REMEMBERED:
+            self[code] = value
+        return value
+
+
+def check_caption_data() -> None:
+    """Load the pinned look-alikes now; raises :class:`CaptionDataError` if they are
+    missing or not the pinned file (a node refuses to start, rather than refuse its
+    first non-ASCII caption)."""
+    _tables()
+
+
+def _tables() -> tuple[_Table, _Table]:
     with _LOCK:
         return _built()
 
 
 @functools.cache
-def _built() -> tuple[dict[int, str], dict[int, str | None]]:
-    """The look-alikes alone, and what each character up to plane 3 (and plane 14's
-    tags and selectors) becomes: deleted (``None``), a blank, an ASCII look-alike, or
-    (absent) itself. Built once per process, from the first non-ASCII caption (about
-    0.1 s)."""
+def _built() -> tuple[_Table, _Table]:
+    """The tables for the raw text (look-alikes and deletions) and for the normalized
+    one (blanks as well), from the pinned look-alikes (about 20 ms, once a process)."""
     folds = {ord(char): ascii_ for char, ascii_ in _ascii_lookalikes().items()}
-    table: dict[int, str | None] = dict(_ASCII)
-    for plane in (range(0x80, 0x40000), range(0xE0000, 0xE1000)):
-        for code in plane:
-            category = unicodedata.category(chr(code))
-            if category in _DELETED or (category == "Cc" and not chr(code).isspace()):
-                table[code] = None
-            elif code in folds:
-                table[code] = folds[code]
-            elif category[0] not in "LN" and category != "Mc":  # a vowel sign is a word's
-                table[code] = " "
-    return folds, table
+    table = _Table(folds, blanks=True)
+    table.update(_ASCII)
+    return _Table(folds, blanks=False), table
 
 
 def _ascii_lookalikes() -> dict[str, str]:

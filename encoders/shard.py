@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from encoders.caption import read_caption
+from encoders.caption import CaptionDataError, check_caption_data, read_caption
 from encoders.channels import Memo
 from encoders.embedding import EncodeRequest, ItemEmbedding
 from encoders.ensemble import EnsembleRule, combine_batch
@@ -95,8 +95,13 @@ class Shard:
         tau: float = 1.0,
         mask_count: int = 4,
     ) -> Shard:
-        """Verify every pinned file, then build the encoders from safetensors."""
+        """Verify every pinned file (the caption look-alikes too), then build the encoders
+        from safetensors."""
         manifest = read_manifest(manifest_path, manifest_sha256)
+        try:
+            check_caption_data()  # read captions alike, from the first one on
+        except CaptionDataError as error:
+            raise WeightsError(str(error)) from None
         encoders = []
         for entry in manifest.encoders:
             spec = EncoderSpec(entry.kind, entry.path, entry.config, manifest.files, device)

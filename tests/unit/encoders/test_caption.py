@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import unicodedata
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,10 +14,11 @@ from hypothesis import strategies as st
 from encoders import caption
 from encoders.caption import CaptionDataError, read_caption
 from encoders.embedding import EncodeRequest
+from encoders.errors import WeightsError
 from encoders.media import MediaLimits, decode_media
 from encoders.modality import Modality
 from encoders.shard import Shard
-from encoders.weights import DEFAULT_PREPROCESS
+from encoders.weights import DEFAULT_PREPROCESS, sha256_file
 
 ORIGINAL = "a red circle"
 COPIES = [
@@ -69,6 +71,21 @@ def test_marks_alone_read_as_nothing(text: str) -> None:
     assert read_caption(text) == ""
 
 
+def test_only_the_first_characters_are_read() -> None:
+    """The encoders' window (64 wordpieces) ends long before; past it nothing is read,
+    so a 64 KiB caption is bounded work however it is built."""
+    head = "a red circle " * (caption.READ_CHARS // 13 + 1)
+    assert read_caption(head + "and more") == read_caption(head + "or less")
+    # Blanks count once: padding in front does not push the words out of reach.
+    assert read_caption(" " * 60_000 + "a red  \n circle") == "a red circle"
+    # One letter under 64,000 combining marks (normalization reorders marks in
+    # quadratic time: 0.6 s of the event loop when they were read), markup that
+    # backtracked, and ligatures that grow eighteenfold under NFKC.
+    assert read_caption("a" + "\u0301\u0316" * 32_000) == "a"
+    assert set(read_caption(("<a " + "=" * 250) * 260).split()) == {"a"}  # not markup
+    assert len(read_caption("\ufdfa" * 20_000)) <= caption.READ_CHARS
+
+
 @given(st.text(max_size=200))
 def test_the_reading_is_a_fixed_point_of_words_and_single_blanks(text: str) -> None:
     read = read_caption(text)
@@ -77,13 +94,18 @@ def test_the_reading_is_a_fixed_point_of_words_and_single_blanks(text: str) -> N
     assert all(char == " " or char.isalnum() or unicodedata.category(char) == "Mc" for char in read)
 
 
-def test_the_confusables_data_is_the_pinned_file(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every member must read captions alike: another table would fold other letters."""
+def test_the_confusables_data_is_the_pinned_file(
+    monkeypatch: pytest.MonkeyPatch, shard_manifest: Path
+) -> None:
+    """Every member must read captions alike: another table would fold other letters,
+    so a shard (and so a node) with another table refuses to load."""
     monkeypatch.setattr(caption, "CONFUSABLES_SHA256", "0" * 64)
     caption._built.cache_clear()
     try:
         with pytest.raises(CaptionDataError, match="expected 0000"):
             read_caption("\u0430 red circle")
+        with pytest.raises(WeightsError, match="confusable-homoglyphs data has SHA-256"):
+            Shard.load(shard_manifest, sha256_file(shard_manifest))
     finally:
         monkeypatch.undo()
         caption._built.cache_clear()

@@ -9,6 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from encoders.caption import read_caption
 from encoders.embedding import EncodeRequest
 from encoders.masks import batch_token_masks, token_masks
 from encoders.media import MediaLimits, decode_media
@@ -183,7 +184,7 @@ def test_a_64_kib_caption_counts_as_the_longest_input(shard: Shard) -> None:
     # characters the tokenizer splits one by one count as the batch will pad them.
     for hidden in ("a" * 65536, "a," * 32768, "猫" * 21000):
         request = EncodeRequest(Modality.TEXT, hidden, bytes(32))
-        width = shard._backbone.tokenize([hidden]).attention.shape[1]
+        width = shard._backbone.tokenize([read_caption(hidden)]).attention.shape[1]
         assert shard.input_length(request) == width
 
 
