@@ -18,8 +18,6 @@ from encoders.errors import MediaTooLargeError, UndecodableError
 _PCM = 1
 _IEEE_FLOAT = 3
 _EXTENSIBLE = 0xFFFE
-_STREAMING_SIZE = 0xFFFFFFFF
-"""Size written by streaming encoders that never patch the header: read to the end."""
 _MAX_CHANNELS = 16
 _RATE_RANGE = (1000, 384_000)
 
@@ -47,19 +45,16 @@ class WavHeader:
 def read_wav(data: bytes, max_seconds: float) -> tuple[npt.NDArray[np.float64], int]:
     """Return mono samples in [-1, 1] and their sample rate.
 
-    Channels are averaged. A header whose duration exceeds ``max_seconds`` is
-    ``too_large``; a data chunk shorter than its header says is truncated.
+    Channels are averaged. Audio longer than ``max_seconds`` is ``too_large``,
+    judged from the header before any sample is converted.
     """
     header = parse_header(data)
     if header.seconds > max_seconds:
         raise MediaTooLargeError(
-            f"WAV header declares {header.seconds:.1f} s of audio, limit {max_seconds} s"
+            f"WAV holds {header.seconds:.3f} s of audio ({header.frames} sample frames at "
+            f"{header.sample_rate} Hz), limit {max_seconds:g} s"
         )
     payload = data[header.data_offset : header.data_offset + header.data_bytes]
-    if len(payload) < header.data_bytes:
-        raise UndecodableError(
-            f"WAV is truncated: data chunk declares {header.data_bytes} bytes, has {len(payload)}"
-        )
     frame_bytes = header.channels * header.bits // 8
     usable = len(payload) - len(payload) % frame_bytes
     if usable == 0:
@@ -73,8 +68,11 @@ def read_wav(data: bytes, max_seconds: float) -> tuple[npt.NDArray[np.float64], 
 def parse_header(data: bytes) -> WavHeader:
     """Walk the RIFF chunks up to ``data``; nothing after its header is read.
 
-    The returned size is the declared one (a truncated file keeps its claim,
-    so the duration limit judges what the header says).
+    The data chunk's size is the declared one, unless it runs past the end of
+    the bytes: then the data is what the bytes hold. Writers that cannot seek
+    back leave a placeholder there (``espeak-ng --stdout`` writes 0x7FFFF000,
+    others 0xFFFFFFFF or 0), and a cut file holds what it holds: every player
+    reads such a file to its end, and the duration limit judges that.
     """
     if len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
         raise UndecodableError("not a RIFF/WAVE file")
@@ -89,7 +87,7 @@ def parse_header(data: bytes) -> WavHeader:
         elif chunk_id == b"data":
             if fmt is None:
                 raise UndecodableError("WAV data chunk comes before its fmt chunk")
-            if size == _STREAMING_SIZE:
+            if size == 0 or body + size > len(data):  # a placeholder, or a cut file
                 size = len(data) - body
             return _header(fmt, body, size)
         offset = body + size + (size & 1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import struct
 import zlib
+from fractions import Fraction
 
 import av
 import numpy as np
@@ -80,8 +81,15 @@ def wav_header_claiming(data_bytes: int, rate: int = 8000) -> bytes:
     return header + b"data" + struct.pack("<I", data_bytes) + bytes(64)
 
 
-def mp4_bytes(codec: str = "libx264", frames: int = 12, fps: int = 10, size: int = 48) -> bytes:
-    """A small moving-gradient MP4 encoded with ``codec`` (libx264 or mpeg4)."""
+def mp4_bytes(
+    codec: str = "libx264",
+    frames: int = 12,
+    fps: int = 10,
+    size: int = 48,
+    sound_seconds: float | None = None,
+) -> bytes:
+    """A small moving-gradient MP4 encoded with ``codec`` (libx264 or mpeg4), with an
+    AAC sound track of ``sound_seconds`` (8 kHz) if given."""
     out = io.BytesIO()
     with av.open(out, "w", format="mp4") as container:
         stream = container.add_stream(codec, rate=fps)
@@ -89,6 +97,7 @@ def mp4_bytes(codec: str = "libx264", frames: int = 12, fps: int = 10, size: int
         stream.width = size
         stream.height = size
         stream.pix_fmt = "yuv420p"
+        sound = None if sound_seconds is None else container.add_stream("aac", rate=8000)
         for i in range(frames):
             pixels = np.zeros((size, size, 3), dtype=np.uint8)
             pixels[:, :, 0] = (np.arange(size)[None, :] * 4 + i * 10) % 256
@@ -98,4 +107,20 @@ def mp4_bytes(codec: str = "libx264", frames: int = 12, fps: int = 10, size: int
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
+        if sound is not None and sound_seconds is not None:
+            assert isinstance(sound, av.AudioStream)
+            total = int(8000 * sound_seconds)
+            for start in range(0, total, 1024):
+                count = min(1024, total - start)
+                wave = 0.3 * np.sin(np.arange(start, start + count) * (2 * np.pi * 440 / 8000))
+                chunk = av.AudioFrame.from_ndarray(
+                    wave.astype(np.float32)[None, :], format="fltp", layout="mono"
+                )
+                chunk.sample_rate = 8000
+                chunk.pts = start
+                chunk.time_base = Fraction(1, 8000)
+                for packet in sound.encode(chunk):
+                    container.mux(packet)
+            for packet in sound.encode():
+                container.mux(packet)
     return out.getvalue()

@@ -43,6 +43,16 @@ def test_too_long_is_too_large() -> None:
         decode(mp4_bytes(frames=30, fps=10), MediaLimits(video_seconds=2.0))
 
 
+def test_the_limit_is_the_pictures_length_not_the_sound_tracks() -> None:
+    """The container's duration is its longest track's; found from the outside: a
+    10.0 s clip whose sound ran 10.05 s was refused ``too_large``."""
+    limits = MediaLimits(video_seconds=2.0)
+    clip = mp4_bytes(frames=20, fps=10, sound_seconds=2.4)  # 2.0 s of pictures
+    assert decode(clip, limits).shape[0] == SPEC.video_frames
+    with pytest.raises(MediaTooLargeError, match=r"lasts 2\.10 s"):
+        decode(mp4_bytes(frames=21, fps=10, sound_seconds=1.0), limits)
+
+
 def test_resolution_over_pixel_limit_is_too_large() -> None:
     with pytest.raises(MediaTooLargeError, match="pixels"):
         decode(mp4_bytes(frames=2, size=64), MediaLimits(image_pixels=64 * 64 - 1))
