@@ -7,13 +7,14 @@ import warnings
 
 import numpy as np
 import numpy.typing as npt
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from encoders.canvas import fit_square, fitted_size
 from encoders.errors import EncoderError, MediaTooLargeError, UndecodableError
 
 _SIGNATURES = {"image/png": b"\x89PNG\r\n\x1a\n", "image/jpeg": b"\xff\xd8\xff"}
 _FORMATS = {"image/png": "PNG", "image/jpeg": "JPEG"}
+_ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
 _WIDE_MODES = {"I;16": 65535.0, "I;16L": 65535.0, "I;16B": 65535.0, "I": 65535.0, "F": 1.0}
 
 
@@ -49,8 +50,15 @@ def decode_image(
             if mime == "image/jpeg":
                 image.draft("RGB", (size, size))
             image.load()
-            rgb = _to_rgb(image)
-            resized = rgb.resize(fitted_size(width, height, size), Image.Resampling.BILINEAR)
+            ImageOps.exif_transpose(image, in_place=True)  # a phone's photo stands upright
+            picture = _to_rgb(image)
+            resized = picture.resize(
+                fitted_size(image.width, image.height, size), Image.Resampling.BILINEAR
+            )
+            if resized.mode == "RGBA":  # resized with its alpha premultiplied, then laid on white
+                resized = Image.alpha_composite(
+                    Image.new("RGBA", resized.size, (255, 255, 255, 255)), resized
+                ).convert("RGB")
     except Image.DecompressionBombError as exc:
         raise MediaTooLargeError(f"image rejected as a decompression bomb: {exc}") from exc
     except EncoderError:
@@ -67,7 +75,19 @@ def decode_image(
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
-    """Bring any mode to 8-bit RGB; Pillow clips 16-bit grey instead of scaling it."""
+    """Bring any mode to 8-bit RGB, or RGBA where the picture has transparency (it is
+    laid on white once small); Pillow clips 16-bit grey instead of scaling it.
+
+    Transparent pixels are white, not the colour stored under them: a copy of a
+    picture with noise hidden where it is transparent looks the same to anyone and
+    must read the same (and a logo on a transparent ground is drawn for a light page).
+    """
+    if image.mode == "RGBA":
+        return image  # (no copy: a 16-Mpixel picture is 64 MB)
+    if image.mode in _ALPHA_MODES or (
+        "transparency" in image.info and image.mode not in _WIDE_MODES
+    ):
+        return image.convert("RGBA")
     if image.mode in _WIDE_MODES:
         grey = np.asarray(image, dtype=np.float64) / _WIDE_MODES[image.mode]
         grey8 = np.clip(np.rint(grey * 255.0), 0, 255).astype(np.uint8)

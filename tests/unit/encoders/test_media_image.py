@@ -1,7 +1,10 @@
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
+from PIL import Image
 
 from encoders.errors import MediaTooLargeError, UndecodableError
 from encoders.media import MediaLimits, decode_media
@@ -137,3 +140,59 @@ def test_a_picture_one_pixel_thin_still_decodes_to_the_square(width: int, height
     out = decode("image/png", square_on_white(width, height))
     assert out.shape == (3, SIZE, SIZE) and np.isfinite(out).all()
     assert (out > 0.95).mean() > 0.95
+
+
+def _png(image: Image.Image, **params: object) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format="PNG", **params)
+    return out.getvalue()
+
+
+def _figure_on_transparent_ground(seed: int | None = None) -> Image.Image:
+    """A red disc on a transparent ground; with ``seed``, noise hidden under the ground."""
+    y, x = np.mgrid[0:96, 0:128]
+    inside = (x - 64) ** 2 + (y - 48) ** 2 < 30**2
+    pixels = np.zeros((96, 128, 4), dtype=np.uint8)
+    if seed is not None:
+        pixels[..., :3] = np.random.default_rng(seed).integers(0, 256, (96, 128, 3))
+    pixels[inside] = (220, 30, 30, 255)
+    pixels[~inside, 3] = 0
+    return Image.fromarray(pixels, "RGBA")
+
+
+def test_what_is_hidden_under_transparent_pixels_is_not_read() -> None:
+    """Found from the outside: transparent pixels were read as the colour stored under
+    them, so a copy with noise where nobody can see it read as another picture."""
+    plain = decode("image/png", _png(_figure_on_transparent_ground()))
+    for seed in (1, 2):
+        assert np.array_equal(decode("image/png", _png(_figure_on_transparent_ground(seed))), plain)
+    # The ground reads white (a transparent picture is drawn for a light page), in every
+    # mode that carries transparency.
+    assert np.all(plain[:, 0, 0] == 1.0) and plain[0, SIZE // 2, SIZE // 2] > 0.5
+    grey = _figure_on_transparent_ground(3).convert("LA")
+    assert np.all(decode("image/png", _png(grey))[:, 0, 0] == 1.0)
+    palette = Image.new("P", (40, 30), 0)
+    palette.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    palette.paste(1, (10, 10, 30, 20))
+    assert np.all(decode("image/png", _png(palette, transparency=0))[:, 0, 0] == 1.0)
+    assert np.all(decode("image/png", _png(palette))[:, 0, 0] == -1.0)  # opaque black
+
+
+@pytest.mark.parametrize(
+    ("orientation", "turn"),
+    [
+        (3, Image.Transpose.ROTATE_180),
+        (6, Image.Transpose.ROTATE_270),
+        (8, Image.Transpose.ROTATE_90),
+    ],
+)
+def test_a_photo_reads_upright_as_its_exif_orientation_says(
+    orientation: int, turn: Image.Transpose
+) -> None:
+    """A phone stores a portrait photo sideways, with an EXIF orientation to show it by."""
+    picture = _figure_on_transparent_ground(4).convert("RGB")
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    tagged = decode("image/png", _png(picture, exif=exif))
+    assert np.array_equal(tagged, decode("image/png", _png(picture.transpose(turn))))
+    assert not np.array_equal(tagged, decode("image/png", _png(picture)))
