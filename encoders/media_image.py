@@ -64,8 +64,9 @@ def decode_image(
     except EncoderError:
         raise
     except UnidentifiedImageError as exc:
-        # Pillow's own message names the BytesIO object by its address: no use to the
-        # submitter who reads it in a Result, and a pointer handed to anyone.
+        # Pillow's own message names the BytesIO object by its address: no use to an
+        # operator reading the log (a Result carries the reason code alone, §3), and a
+        # pointer written where anyone's bytes can put it.
         raise UndecodableError(f"cannot decode {mime}: not a {_FORMATS[mime]} image") from exc
     except Exception as exc:
         raise UndecodableError(f"cannot decode {mime}: {exc}") from exc
