@@ -20,7 +20,7 @@ from encoders.errors import MediaTooLargeError, UndecodableError
 from encoders.media_audio import decode_wav
 from encoders.media_image import decode_image
 from encoders.media_video import decode_mp4
-from encoders.modality import MEDIA_TYPES, Modality
+from encoders.modality import MEDIA_TYPES, Modality, media_type
 
 
 @dataclass(frozen=True)
@@ -79,9 +79,10 @@ def decode_media(
     wrong with the bytes, including a media type that does not carry
     ``modality``.
     """
-    carried = MEDIA_TYPES.get(mime)
-    if carried is None:
+    named = media_type(mime)
+    if named is None:
         raise UndecodableError(f"unsupported media type {mime!r}")
+    mime, carried = named, MEDIA_TYPES[named]
     if carried is not modality:
         raise UndecodableError(f"media type {mime!r} carries {carried}, not {modality}")
     if not data:

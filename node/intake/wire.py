@@ -15,7 +15,7 @@ from enum import StrEnum
 from functools import cached_property
 from typing import Any
 
-from encoders.modality import MEDIA_TYPES, Modality
+from encoders.modality import MEDIA_TYPES, Modality, media_type
 from node.errors import Reason, Rejected
 from node.intake.codec import CodecError, DecodeLimits, NonCanonicalError, pack, peek_field, unpack
 from node.intake.keys import verify_signature
@@ -217,14 +217,15 @@ def parse_submission(
                 named,
                 signed=True,
             ) from None
-        if MEDIA_TYPES.get(entry["mime"]) is not modality:
+        mime = media_type(entry["mime"])
+        if mime is None or MEDIA_TYPES[mime] is not modality:
             raise Rejected(
                 Reason.UNSUPPORTED_MODALITY,
                 f"items[{index}]: media type {entry['mime']!r} is not supported for {modality}",
                 named,
                 signed=True,
             )
-        items.append(Item(modality, entry["mime"], entry["data"], entry["sha256"]))
+        items.append(Item(modality, mime, entry["data"], entry["sha256"]))
     if len(items) == 2 and items[0].modality == items[1].modality:
         raise Rejected(
             Reason.SAME_MODALITY, f"both items are {items[0].modality}", named, signed=True

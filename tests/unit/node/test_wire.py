@@ -5,7 +5,7 @@ import hashlib
 import msgpack
 import pytest
 
-from encoders.modality import Modality
+from encoders.modality import MEDIA_TYPES, Modality
 from node.errors import Reason, Rejected
 from node.intake.keys import SigningKey
 from node.intake.signing import MessageSigner
@@ -108,6 +108,29 @@ def test_bad_commitment():
 def test_unsupported_modalities(item, reason):
     peer = Peer()
     assert reason_of(peer.submission([item]))[0] is reason
+
+
+@pytest.mark.parametrize(
+    "written,named",
+    [
+        ("IMAGE/PNG", "image/png"),
+        ("image/png; charset=binary", "image/png"),
+        (" Text/Plain ;charset=utf-8", "text/plain"),
+        ("image/jpg", "image/jpeg"),
+        ("audio/x-wav", "audio/wav"),
+        ("audio/wave", "audio/wav"),
+    ],
+)
+def test_media_types_are_read_as_rfc_2045_writes_them(written, named):
+    """Case-insensitive, parameters aside, with the common aliases (found from the
+    outside: each was refused ``unsupported_modality``)."""
+    modality = MEDIA_TYPES[named]
+    raw = Peer().submission([(str(modality), written, b"x")])
+    (item,) = parse_submission(raw).items
+    assert (item.modality, item.mime) == (modality, named)
+    assert reason_of(Peer().submission([("video", written, b"x")]))[0] is (
+        Reason.UNSUPPORTED_MODALITY
+    )
 
 
 def test_same_modality_pair():
