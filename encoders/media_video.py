@@ -72,7 +72,7 @@ def _check_header(
     max_frames: int,
     max_pixels: int,
 ) -> None:
-    codec = stream.codec_context.name
+    codec = stream.codec_context.codec.canonical_name  # the format, not the decoder (libdav1d)
     if codec not in _CODECS:
         raise UndecodableError(f"MP4 video codec {codec!r} is not H.264 nor MPEG-4 Part 2")
     width, height = stream.codec_context.width, stream.codec_context.height
