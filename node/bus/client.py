@@ -449,6 +449,7 @@ class Bus:
                             client._client.ack(message.mid, message.qos)
                         client.handled(len(payload))
                         client.on_cpu(time.thread_time() - started)
+                        del message, payload  # not kept (up to 8 MiB) while the bus is quiet
                         if client.deferring and client.held == 0:
                             # Everything held is handled: reconnect for the deferred ones.
                             await self._barrier(client)
