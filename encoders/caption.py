@@ -75,23 +75,25 @@ READ_WORDS = 512
 
 def read_caption(text: str) -> str:
     """``text`` in the form the encoders read (see the module's docstring); ``""``
-    when it holds no letter or digit."""
+    when it holds no letter or digit. Reading a reading gives it back."""
     # Blanks in front or between words are not read as characters (the split stops
     # after READ_WORDS words: C speed over 64 KiB of blanks).
     text = " ".join(text.split(maxsplit=READ_WORDS)[:READ_WORDS])[:READ_CHARS]
     if text.isascii():
-        text = _TAG.sub(" ", text).lower().translate(_ASCII)
-        return " ".join(text.split())
-    early, table = _tables()
-    # Look-alikes first (NFKC would turn some into letters that are not: the lunate
-    # sigma U+03F2, a look-alike of c, becomes sigma), and marks and format characters
-    # out before any normalization reorders them; then the look-alikes again, after
-    # NFKC and case folding, which make look-alikes of their own.
-    text = unicodedata.normalize("NFKC", text.translate(early))[:READ_CHARS]  # grows up to 18-fold
-    text = _TAG.sub(" ", text).casefold()
-    text = unicodedata.normalize("NFD", text).translate(table)
-    text = _FAR.sub(" ", text)
-    return " ".join(unicodedata.normalize("NFC", text).split())
+        text = _TAG.sub(" ", text.translate(_ASCII_CONTROLS)).lower().translate(_ASCII)
+    else:
+        early, table = _tables()
+        # Look-alikes first (NFKC would turn some into letters that are not: the lunate
+        # sigma U+03F2, a look-alike of c, becomes sigma), and marks and format
+        # characters out before any normalization reorders them; then the look-alikes
+        # again, after NFKC and case folding, which make look-alikes of their own.
+        text = unicodedata.normalize("NFKC", text.translate(early))[:READ_CHARS]  # ≤ 18-fold
+        text = _TAG.sub(" ", text).casefold()
+        text = unicodedata.normalize("NFD", text).translate(table)
+        text = unicodedata.normalize("NFC", _FAR.sub(" ", text))
+    # Punctuation split words and case folding grew some (ß is ss): cut to the same
+    # bounds again, so that the reading of a reading is itself.
+    return " ".join(text.split()[:READ_WORDS])[:READ_CHARS].rstrip()
 
 
 _ASCII: dict[int, str | None] = {
@@ -101,9 +103,13 @@ _ASCII: dict[int, str | None] = {
 is ``red``), and every other character that is not a letter or a digit becomes a blank."""
 
 
+_ASCII_CONTROLS: dict[int, str | None] = {ord(char): None for char in _CONTROLS}
 _DELETED = frozenset({"Mn", "Me", "Cf", "Cs"})
 """Combining marks (accents: the uncased tokenizer drops them too), format characters
 (zero-width spaces and joiners, bidi marks) and lone surrogates."""
+_INVISIBLE = frozenset({0x115F, 0x1160, 0x3164, 0xFFA0, 0x0640})
+"""Letters nobody sees: the Hangul fillers (default-ignorable code points of category
+Lo) and the Arabic tatweel, which only stretches a word."""
 _FAR = re.compile("[\U00040000-\U000dffff\U000e1000-\U0010ffff]")
 """Planes 4-13 (unassigned), the rest of 14 and the private-use planes 15-16: no
 letter of any script."""
@@ -117,30 +123,48 @@ class _Table(dict[int, "str | None"]):
     would take 21 MB in every process that reads captions; this one holds the
     characters seen, at C speed after the first time."""
 
-    def __init__(self, folds: dict[int, str], *, blanks: bool) -> None:
+    def __init__(self, folds: dict[int, str], *, early: bool) -> None:
         super().__init__()
         self._folds = folds
-        self._blanks = blanks  # False: look-alikes and deletions only (the raw text)
+        self._early = early  # the raw text: look-alikes and deletions only
 
     def __missing__(self, code: int) -> str | None:
         char = chr(code)
         category = unicodedata.category(char)
         value: str | None = char
-        if category in _DELETED or (category == "Cc" and not char.isspace()):
+        if category in _DELETED or code in _INVISIBLE or (category == "Cc" and not char.isspace()):
             value = None
-        elif code in self._folds:
+        elif code in self._folds and not (self._early and _plain_after_nfkc(char)):
             value = self._folds[code]
-        elif self._blanks and category[0] not in "LN" and category != "Mc":
+        elif not self._early and category[0] not in "LN" and category != "Mc":
             value = " "  # (a vowel sign, Mc, belongs to its word)
         if len(self) < _REMEMBERED:
             self[code] = value
         return value
 
 
+def _plain_after_nfkc(char: str) -> bool:
+    """NFKC already makes it an ASCII letter or digit (full-width I is I, not its
+    look-alike l); it is left to NFKC and case folding."""
+    plain = unicodedata.normalize("NFKC", char)
+    return plain.isascii() and plain.isalnum()
+
+
+UNICODE_VERSION = "14.0.0"
+"""The Unicode database captions are read with (Python 3.11's): a character unassigned
+in one version is a letter in the next (U+1E030, a Cyrillic modifier letter in 15.0),
+so members on two versions would read one caption two ways."""
+
+
 def check_caption_data() -> None:
-    """Load the pinned look-alikes now; raises :class:`CaptionDataError` if they are
-    missing or not the pinned file (a node refuses to start, rather than refuse its
-    first non-ASCII caption)."""
+    """Load the pinned look-alikes now, and check the Unicode database; raises
+    :class:`CaptionDataError` if either is not the pinned one (a node refuses to start,
+    rather than read its first non-ASCII caption unlike the rest of its committee)."""
+    if unicodedata.unidata_version != UNICODE_VERSION:
+        raise CaptionDataError(
+            f"captions are read with Unicode {UNICODE_VERSION} (Python 3.11); this Python "
+            f"has Unicode {unicodedata.unidata_version}: run the node on Python 3.11"
+        )
     _tables()
 
 
@@ -154,16 +178,19 @@ def _built() -> tuple[_Table, _Table]:
     """The tables for the raw text (look-alikes and deletions) and for the normalized
     one (blanks as well), from the pinned look-alikes (about 20 ms, once a process)."""
     folds = {ord(char): ascii_ for char, ascii_ in _ascii_lookalikes().items()}
-    table = _Table(folds, blanks=True)
+    table = _Table(folds, early=False)
     table.update(_ASCII)
-    return _Table(folds, blanks=False), table
+    return _Table(folds, early=True), table
 
 
 def _ascii_lookalikes() -> dict[str, str]:
-    """Each non-ASCII character that UTS #39 lists as confusable with an ASCII letter
-    or digit, and the lower-case letter (else the digit) it is read as; where several
-    qualify, a lower-case letter first, then an upper-case one, then a digit, each by
-    code point."""
+    """What each non-ASCII character that UTS #39 lists as confusable with ASCII is read
+    as: a letter as the ASCII letter it looks like (lower case), else as its upper
+    case's (Cyrillic em, U+043C, as its capital: m; a caption in capitals reads as in
+    small letters); a digit as an ASCII digit; a look-alike of ASCII punctuation alone
+    (the retroflex click U+01C3 for !, the modifier apostrophe U+02BC, the visarga for
+    a colon) as a blank. Where several qualify, a
+    lower-case letter first, then an upper-case one, each by code point."""
     package = resources.files("confusable_homoglyphs")
     try:
         raw = package.joinpath("confusables.json").read_bytes()
@@ -175,13 +202,35 @@ def _ascii_lookalikes() -> dict[str, str]:
             f"confusable-homoglyphs data has SHA-256 {digest}, expected {CONFUSABLES_SHA256}"
             " (install the pinned version)"
         )
+    table: dict[str, list[str]] = {
+        char: [g["c"] for g in glyphs if g["c"].isascii()]
+        for char, glyphs in json.loads(raw).items()
+        if len(char) == 1 and not char.isascii()
+    }
     folds: dict[str, str] = {}
-    for char, glyphs in json.loads(raw).items():
-        if len(char) != 1 or char.isascii():
-            continue
-        ascii_ = [g["c"] for g in glyphs if len(g["c"]) == 1 and g["c"].isascii()]
-        letters = sorted(c for c in ascii_ if c.isalnum())
-        if letters:
-            best = min(letters, key=lambda c: (not c.islower(), not c.isalpha(), c))
-            folds[char] = best.lower()
+    for char, looks in table.items():
+        target = _alike(char, looks)
+        upper = char.upper()
+        if target is None and len(upper) == 1 and upper != char and char.isalpha():
+            target = _alike(char, table.get(upper, []))
+        if target is not None:
+            folds[char] = target
+        elif looks and all(
+            not look.isspace() and not any(c.isalnum() for c in look) for look in looks
+        ):
+            folds[char] = " "
     return folds
+
+
+def _alike(char: str, looks: list[str]) -> str | None:
+    """The ASCII letter (for a letter) or digit (for a digit) among ``looks``."""
+    singles = [look for look in looks if len(look) == 1 and look.isalnum()]
+    if char.isalpha():
+        singles = [look for look in singles if look.isalpha()]
+    elif unicodedata.category(char)[0] == "N":
+        singles = [look for look in singles if look.isdigit()]
+    if not singles:
+        return None
+    best = min(singles, key=lambda c: (not c.islower(), c)).lower()
+    # UTS #39 reads I and l alike, as l; a capital that looks like l stands for an I.
+    return "i" if best == "l" and char.isupper() else best

@@ -85,12 +85,15 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     """
     if image.mode == "RGBA":
         return image  # (no copy: a 16-Mpixel picture is 64 MB)
-    if image.mode in _ALPHA_MODES or (
-        "transparency" in image.info and image.mode not in _WIDE_MODES
-    ):
-        return image.convert("RGBA")
     if image.mode in _WIDE_MODES:
-        grey = np.asarray(image, dtype=np.float64) / _WIDE_MODES[image.mode]
+        values = np.asarray(image)
+        grey = values.astype(np.float64) / _WIDE_MODES[image.mode]
         grey8 = np.clip(np.rint(grey * 255.0), 0, 255).astype(np.uint8)
-        return Image.fromarray(grey8).convert("RGB")
+        rgb = Image.fromarray(grey8).convert("RGB")
+        key = image.info.get("transparency")
+        if isinstance(key, int):  # a PNG's tRNS: this grey value is transparent
+            rgb.putalpha(Image.fromarray(np.where(values == key, 0, 255).astype(np.uint8)))
+        return rgb
+    if image.mode in _ALPHA_MODES or "transparency" in image.info:
+        return image.convert("RGBA")
     return image.convert("RGB")

@@ -83,7 +83,7 @@ def _check_header(
     # (found from the outside: a 10.0 s clip with 10.05 s of sound was refused). A
     # header that lies about it is caught while decoding, by the frames' timestamps.
     seconds = 0.0
-    if stream.duration is not None and stream.time_base is not None:
+    if stream.duration and stream.time_base is not None:
         seconds = float(stream.duration * stream.time_base)
     elif container.duration is not None:
         seconds = container.duration / av.time_base

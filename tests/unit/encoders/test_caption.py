@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from encoders import caption
@@ -41,6 +41,11 @@ COPIES = [
     "a re\u0301d circle",  # a combining accent
     "á réd círclé",
     "a red circle ¡¿…—",
+    "a red circle\u3164",  # a Hangul filler: a letter nobody sees
+    "\u02baa red circle\u02ba",  # modifier letters as quotes
+    "a red circle\u01c3",  # a click letter as an exclamation mark
+    "a re\u0640d circle",  # the Arabic tatweel stretching a word
+    "A RED CIRCLE\u0903",  # a vowel sign as a colon
 ]
 
 
@@ -66,6 +71,30 @@ def test_what_the_reading_keeps(text: str, read: str) -> None:
     assert read_caption(text) == read
 
 
+@pytest.mark.parametrize(
+    "copy, original",
+    [
+        ("\uff29n a box", "In a box"),  # full-width I is I (NFKC), not its look-alike l
+        ("\u0399n a box", "In a box"),  # a Greek capital iota stands for I
+        ("\U0001d7cf\U0001d7ce red circles", "10 red circles"),  # mathematical digits
+        ("\u041c\u041e\u0421\u041a\u0412\u0410", "\u043c\u043e\u0441\u043a\u0432\u0430"),
+        ("\u017fun", "sun"),  # the long s
+        ("<b\x01>red", "<b>red"),  # control characters go before markup, in both paths
+        ("<b\x01>red\u00e9", "<b>red\u00e9"),
+    ],
+)
+def test_look_alikes_read_as_what_they_look_like(copy: str, original: str) -> None:
+    assert read_caption(copy) == read_caption(original)
+
+
+@pytest.mark.parametrize("text", ["a." * 1000, "a-b " * 300, "\u00df" * 3000, "\ufdfa" * 300])
+def test_reading_a_reading_gives_it_back(text: str) -> None:
+    """The shard reads again what decoding read (``encoders.shard._text``): bounds cut
+    after punctuation split words or case folding grew them (ß is ss) too."""
+    read = read_caption(text)
+    assert read_caption(read) == read and len(read) <= caption.READ_CHARS
+
+
 @pytest.mark.parametrize("text", ["", "   ", "!!!", "\u200b", "\U0001f534 --", "<b></b>"])
 def test_marks_alone_read_as_nothing(text: str) -> None:
     assert read_caption(text) == ""
@@ -86,7 +115,8 @@ def test_only_the_first_characters_are_read() -> None:
     assert len(read_caption("\ufdfa" * 20_000)) <= caption.READ_CHARS
 
 
-@given(st.text(max_size=200))
+@settings(max_examples=300)
+@given(st.text(max_size=3000))
 def test_the_reading_is_a_fixed_point_of_words_and_single_blanks(text: str) -> None:
     read = read_caption(text)
     assert read_caption(read) == read
@@ -110,6 +140,12 @@ def test_the_confusables_data_is_the_pinned_file(
         monkeypatch.undo()
         caption._built.cache_clear()
     assert read_caption("\u0430 red circle") == ORIGINAL
+
+
+def test_another_unicode_database_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(caption, "UNICODE_VERSION", "15.0.0")
+    with pytest.raises(CaptionDataError, match=r"Unicode 15\.0\.0 .* this Python has Unicode 14"):
+        caption.check_caption_data()
 
 
 def test_the_package_data_override_is_ignored(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -176,6 +176,10 @@ def test_what_is_hidden_under_transparent_pixels_is_not_read() -> None:
     palette.paste(1, (10, 10, 30, 20))
     assert np.all(decode("image/png", _png(palette, transparency=0))[:, 0, 0] == 1.0)
     assert np.all(decode("image/png", _png(palette))[:, 0, 0] == -1.0)  # opaque black
+    wide = Image.fromarray(np.full((30, 40), 1000, dtype=np.uint16))  # 16-bit grey
+    wide.paste(40000, (10, 10, 30, 20))
+    assert np.all(decode("image/png", _png(wide, transparency=1000))[:, 0, 0] == 1.0)
+    assert np.all(decode("image/png", _png(wide))[:, 0, 0] < -0.9)
 
 
 @pytest.mark.parametrize(
