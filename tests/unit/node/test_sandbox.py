@@ -65,6 +65,19 @@ async def _a_clip_held(pool: DecoderPool):  # type: ignore[no-untyped-def]
     return slot, task
 
 
+def _track_new_slots(pool: DecoderPool) -> list:  # type: ignore[type-arg]
+    """The decoders the pool starts from now on, in order."""
+    created = []
+    make_slot = pool._new_slot
+
+    def tracked():  # type: ignore[no-untyped-def]
+        created.append(make_slot())
+        return created[-1]
+
+    pool._new_slot = tracked  # type: ignore[method-assign]
+    return created
+
+
 def test_a_hung_or_killed_decoder_costs_one_item_and_the_slot_is_replaced():
     async def scenario() -> None:
         failures: list[str] = []
@@ -82,14 +95,7 @@ def test_a_hung_or_killed_decoder_costs_one_item_and_the_slot_is_replaced():
             assert clip.shape[0] > 0
             assert failures == ["timeout", "crash"]  # poc_decoder_failures_total{kind}
             # Killed twice, holding the same item: stopped.
-            created = []
-            make_slot = pool._new_slot
-
-            def tracked():  # type: ignore[no-untyped-def]
-                created.append(make_slot())
-                return created[-1]
-
-            pool._new_slot = tracked  # type: ignore[method-assign]
+            created = _track_new_slots(pool)
             slot, task = await _a_clip_held(pool)
             slot.process.kill()
             while not (created and pool.busy):  # the item, on the slot that replaced it
@@ -142,14 +148,7 @@ def test_a_decoder_ended_by_its_cpu_cap_stops_the_item_without_a_second_try():
     async def scenario() -> None:
         failures: list[str] = []
         pool = DecoderPool(workers=1, timeout_s=30, memory_mb=350, on_failure=failures.append)
-        created = []
-        make_slot = pool._new_slot
-
-        def tracked():  # type: ignore[no-untyped-def]
-            created.append(make_slot())
-            return created[-1]
-
-        pool._new_slot = tracked  # type: ignore[method-assign]
+        created = _track_new_slots(pool)
         try:
             slot, task = await _a_clip_held(pool)
             os.kill(slot.process.pid, signal.SIGXCPU)  # what the kernel sends at the cap
