@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import io
+import struct
 from fractions import Fraction
 
 import av
 import numpy as np
 import numpy.typing as npt
+from av.buffer import Buffer
 from av.video.reformatter import VideoReformatter
 
 from encoders.canvas import fit_squares, fitted_size
@@ -35,7 +37,8 @@ def decode_mp4(
     window for the clip where a frame is more oblong than 2.5:1. Only the
     sampled frames are converted to RGB while the clip's decoded frames fit in
     ``HELD_PIXELS``; past it, every frame is scaled down as it is decoded (only
-    small RGB frames are kept): the same pixels either way.
+    small RGB frames are kept): the same pixels either way. A clip whose display
+    matrix turns it a quarter (a phone's portrait clip) is turned upright.
     """
     if data[4:8] != b"ftyp":
         raise UndecodableError("bytes are not an ISO BMFF (MP4) file")
@@ -55,6 +58,8 @@ def decode_mp4(
                 raise UndecodableError("MP4 video stream holds no decodable frame")
             picks = np.linspace(0, len(frames) - 1, n_frames).round().astype(np.int64)
             small = frames.small(picks)
+            if frames.turns:  # a phone's portrait clip, stored sideways
+                small = [np.ascontiguousarray(np.rot90(f, frames.turns)) for f in small]
     except EncoderError:
         raise
     except Exception as exc:
@@ -97,6 +102,29 @@ def _check_header(
         raise MediaTooLargeError(f"video has {declared} frames, limit {max_frames}")
 
 
+_TURNS = {
+    (0x10000, 0, 0, 0x10000): 0,
+    (0, 0x10000, -0x10000, 0): 3,
+    (0, -0x10000, 0x10000, 0): 1,
+    (-0x10000, 0, 0, -0x10000): 2,
+}
+"""A display matrix's rotation part (a, b, c, d in 16.16 fixed point) and the quarter
+turns counterclockwise (``numpy.rot90``'s k) a player gives the frame: a phone writes
+(0, 1, -1, 0) for a portrait clip, shown turned a quarter clockwise."""
+
+
+def _quarter_turns(frame: av.VideoFrame) -> int:
+    """How the clip's display matrix stands it upright. Only the four exact matrices of
+    a quarter turn count, read as integers: an angle from floating point would put a
+    knife edge between members (a crafted 45 degrees rounds either way)."""
+    data: object = frame.side_data.get("DISPLAYMATRIX")
+    raw = bytes(data) if isinstance(data, Buffer) else b""
+    if len(raw) < 36:
+        return 0
+    matrix = struct.unpack("=9i", raw[:36])
+    return _TURNS.get((matrix[0], matrix[1], matrix[3], matrix[4]), 0)
+
+
 HELD_PIXELS = 4_000_000
 """Decoded pixels a clip may hold unconverted (about 6 MB of 4:2:0 frames)."""
 
@@ -113,11 +141,14 @@ class _Frames:
         self._held: list[av.VideoFrame] = []
         self._held_pixels = 0
         self._small: list[npt.NDArray[np.uint8]] | None = None
+        self.turns = 0  # quarter turns counterclockwise that stand the clip upright
 
     def __len__(self) -> int:
         return len(self._held) if self._small is None else len(self._small)
 
     def add(self, frame: av.VideoFrame) -> None:
+        if not len(self):
+            self.turns = _quarter_turns(frame)
         if self._small is not None:
             self._small.append(self._scaled(frame))
             return

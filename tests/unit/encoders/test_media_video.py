@@ -1,5 +1,9 @@
 from __future__ import annotations
 
+import io
+import struct
+
+import av
 import numpy as np
 import pytest
 
@@ -51,6 +55,55 @@ def test_the_limit_is_the_pictures_length_not_the_sound_tracks() -> None:
     assert decode(clip, limits).shape[0] == SPEC.video_frames
     with pytest.raises(MediaTooLargeError, match=r"lasts 2\.10 s"):
         decode(mp4_bytes(frames=21, fps=10, sound_seconds=1.0), limits)
+
+
+def _with_display_matrix(clip: bytes, a: int, b: int, c: int, d: int) -> bytes:
+    """``clip`` with its track header's matrix set (16.16 fixed point), as a phone writes."""
+    at = clip.find(b"tkhd")
+    start = at + 8 + (20 if clip[at + 4] == 0 else 32) + 16  # past the times, to the matrix
+    matrix = struct.pack(">9i", a, b, 0, c, d, 0, 0, 0, 0x40000000)
+    return clip[:start] + matrix + clip[start + 36 :]
+
+
+def _left_half_bright(frames: int = 4) -> bytes:
+    out = io.BytesIO()
+    with av.open(out, "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=10)
+        assert isinstance(stream, av.VideoStream)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        pixels = np.zeros((48, 64, 3), dtype=np.uint8)
+        pixels[:, :32] = 255
+        for _ in range(frames):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("matrix", "bright"),
+    [
+        ((0x10000, 0, 0, 0x10000), "left"),  # as stored
+        ((0, 0x10000, -0x10000, 0), "top"),  # a phone's portrait clip: a quarter clockwise
+        ((0, -0x10000, 0x10000, 0), "bottom"),  # a quarter counterclockwise
+        ((-0x10000, 0, 0, -0x10000), "right"),  # upside down
+        ((0xB505, 0xB505, -0xB505, 0xB505), "left"),  # 45 degrees: not a quarter, ignored
+    ],
+)
+def test_a_clip_reads_upright_as_its_display_matrix_says(
+    matrix: tuple[int, int, int, int], bright: str
+) -> None:
+    """A phone stores a portrait clip sideways, with a matrix to show it by."""
+    frame = decode(_with_display_matrix(_left_half_bright(), *matrix))[0].mean(axis=0)
+    inner = frame[16:48, 16:48]  # the picture, inside the pad of a 4:3 frame
+    halves = {
+        "left": inner[:, :16].mean() - inner[:, 16:].mean(),
+        "right": inner[:, 16:].mean() - inner[:, :16].mean(),
+        "top": inner[:16].mean() - inner[16:].mean(),
+        "bottom": inner[16:].mean() - inner[:16].mean(),
+    }
+    assert max(halves, key=halves.__getitem__) == bright, halves
 
 
 def test_resolution_over_pixel_limit_is_too_large() -> None:
