@@ -15,13 +15,16 @@ original:
 2. a character that Unicode's confusables table (UTS #39, through the pinned
    ``confusable-homoglyphs`` data) lists as a look-alike of an ASCII letter
    or digit becomes that letter (Cyrillic U+0430 → ``a``), before and after
-   the steps below;
+   the steps below, and so does a Latin small capital; symbols, punctuation
+   and spacing modifier marks become blanks first, before NFKC can make
+   letters of them (the trade mark sign would be ``tm``);
 3. Unicode NFKC (full-width and mathematical letters, ligatures, superscripts
    become plain ones);
 4. markup tags (``<b>``, ``</span>``) become blanks;
 5. case folded (the text encoder is uncased anyway);
 6. accents and other combining marks dropped (as the uncased tokenizer does),
-   format and control characters (zero-width spaces, bidi marks) deleted;
+   format and control characters (zero-width spaces, bidi marks), invisible
+   fillers and default-ignorable code points deleted;
 7. everything else that is not a letter or a digit (punctuation, symbols,
    emoji, blanks of any kind) becomes one blank; leading and trailing blanks
    go.
@@ -111,6 +114,8 @@ _DELETED = frozenset({"Mn", "Me", "Cf", "Cs"})
 _INVISIBLE = frozenset({0x115F, 0x1160, 0x3164, 0xFFA0, 0x0640})
 """Letters nobody sees: the Hangul fillers (default-ignorable code points of category
 Lo) and the Arabic tatweel, which only stretches a word."""
+_IGNORABLE = ((0x2065, 0x2065), (0xFFF0, 0xFFF8), (0xE0000, 0xE0FFF))
+"""Default-ignorable code points unassigned in Unicode 14.0 (rendered as nothing)."""
 _FAR = re.compile("[\U00040000-\U000dffff\U000e1000-\U0010ffff]")
 """Planes 4-13 (unassigned), the rest of 14 and the private-use planes 15-16: no
 letter of any script."""
@@ -133,8 +138,20 @@ class _Table(dict[int, "str | None"]):
         char = chr(code)
         category = unicodedata.category(char)
         value: str | None = char
-        if category in _DELETED or code in _INVISIBLE or (category == "Cc" and not char.isspace()):
+        if (
+            category in _DELETED
+            or code in _INVISIBLE
+            or any(low <= code <= high for low, high in _IGNORABLE)
+            or (category == "Cc" and not char.isspace())
+        ):
             value = None
+        elif category[0] in "SP" or (category == "Lm" and 0x02B0 <= code <= 0x02FF):
+            # Symbols, punctuation and spacing modifier marks are blanks before NFKC can
+            # make letters of them (the trade mark sign is tm, a circled i is i) or a
+            # look-alike a letter (the divides sign U+2223 is l).
+            value = " "
+        elif (small := _small_capital(char)) is not None:
+            value = small  # "fancy text" in small capitals
         elif code in self._folds and not (self._early and _plain_after_nfkc(char)):
             value = self._folds[code]
         elif not self._early and category[0] not in "LN" and category != "Mc":
@@ -142,6 +159,15 @@ class _Table(dict[int, "str | None"]):
         if len(self) < _REMEMBERED:
             self[code] = value
         return value
+
+
+def _small_capital(char: str) -> str | None:
+    """The ASCII letter a LATIN LETTER SMALL CAPITAL stands for (U+1D00 is a), else None."""
+    name = unicodedata.name(char, "")
+    prefix = "LATIN LETTER SMALL CAPITAL "
+    if name.startswith(prefix) and len(name) == len(prefix) + 1:
+        return name[-1].lower()
+    return None
 
 
 def _plain_after_nfkc(char: str) -> bool:

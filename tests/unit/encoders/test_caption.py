@@ -46,6 +46,10 @@ COPIES = [
     "a red circle\u01c3",  # a click letter as an exclamation mark
     "a re\u0640d circle",  # the Arabic tatweel stretching a word
     "A RED CIRCLE\u0903",  # a vowel sign as a colon
+    "a red circle\u2122",  # the trade mark sign (NFKC makes it tm)
+    "a red circle \u24d8 \u02c7 \u02db",  # a circled i, spacing caron and ogonek
+    "a re\u2065d circ\U000e0002le",  # default-ignorable code points, unassigned
+    "\u1d00 \u0280\u1d07\u1d05 \u1d04\u026a\u0280\u1d04\u029f\u1d07",  # small capitals
 ]
 
 
@@ -79,6 +83,7 @@ def test_what_the_reading_keeps(text: str, read: str) -> None:
         ("\U0001d7cf\U0001d7ce red circles", "10 red circles"),  # mathematical digits
         ("\u041c\u041e\u0421\u041a\u0412\u0410", "\u043c\u043e\u0441\u043a\u0432\u0430"),
         ("\u017fun", "sun"),  # the long s
+        ("shape: cross \u2223 colour: blue", "shape: cross, colour: blue"),  # a bar, not l
         ("<b\x01>red", "<b>red"),  # control characters go before markup, in both paths
         ("<b\x01>red\u00e9", "<b>red\u00e9"),
     ],
