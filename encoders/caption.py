@@ -138,7 +138,9 @@ class _Table(dict[int, "str | None"]):
         char = chr(code)
         category = unicodedata.category(char)
         value: str | None = char
-        if (
+        if self._early and code < 0x80:  # ASCII marks wait for the markup pass
+            value = None if char in _CONTROLS else char
+        elif (
             category in _DELETED
             or code in _INVISIBLE
             or any(low <= code <= high for low, high in _IGNORABLE)

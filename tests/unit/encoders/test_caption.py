@@ -46,6 +46,7 @@ COPIES = [
     "a red circle\u01c3",  # a click letter as an exclamation mark
     "a re\u0640d circle",  # the Arabic tatweel stretching a word
     "A RED CIRCLE\u0903",  # a vowel sign as a colon
+    "<b>a red circle</b> \u2122",  # markup beside a non-ASCII mark
     "a red circle\u2122",  # the trade mark sign (NFKC makes it tm)
     "a red circle \u24d8 \u02c7 \u02db",  # a circled i, spacing caron and ogonek
     "a re\u2065d circ\U000e0002le",  # default-ignorable code points, unassigned
