@@ -196,7 +196,9 @@ def test_a_clip_decodes_on_the_calling_thread_alone(codec: str) -> None:
     for _ in range(10):
         decode(clip)
     waits = resource.getrusage(resource.RUSAGE_THREAD).ru_nvcsw - before
-    assert waits < 10, f"{waits} waits for 10 clips of 12 frames"
+    # FFmpeg's threads cost dozens of waits a clip; a few stray ones (the GIL taken by
+    # another thread of a busy test process) are not that.
+    assert waits < 30, f"{waits} waits for 10 clips of 12 frames"
 
 
 @pytest.mark.parametrize("codec", ["libx264", "mpeg4"])
