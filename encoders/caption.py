@@ -94,7 +94,7 @@ def read_caption(text: str) -> str:
         text = unicodedata.normalize("NFKC", text.translate(early))[:READ_CHARS]  # ≤ 18-fold
         text = _TAG.sub(" ", text).casefold()
         text = unicodedata.normalize("NFD", text).translate(table)
-        text = unicodedata.normalize("NFC", _FAR.sub(" ", text))
+        text = unicodedata.normalize("NFC", text)
     # Punctuation split words and case folding grew some (ß is ss): cut to the same
     # bounds again, so that the reading of a reading is itself.
     return " ".join(text.split()[:READ_WORDS])[:READ_CHARS].rstrip()
@@ -116,9 +116,6 @@ _INVISIBLE = frozenset({0x115F, 0x1160, 0x3164, 0xFFA0, 0x0640})
 Lo) and the Arabic tatweel, which only stretches a word."""
 _IGNORABLE = ((0x2065, 0x2065), (0xFFF0, 0xFFF8), (0xE0000, 0xE0FFF))
 """Default-ignorable code points unassigned in Unicode 14.0 (rendered as nothing)."""
-_FAR = re.compile("[\U00040000-\U000dffff\U000e1000-\U0010ffff]")
-"""Planes 4-13 (unassigned), the rest of 14 and the private-use planes 15-16: no
-letter of any script."""
 _REMEMBERED = 1 << 16
 """Characters a table remembers (about 5 MiB each at most); past that it still answers."""
 
